@@ -1,0 +1,215 @@
+//! The control region: one memfd that the supervisor creates and that the
+//! LWK (in the application process), the proxy and the supervisor all map.
+//! It carries the delegation channel, the log of address-space changes the
+//! proxy must mirror, and the statistics. Everything in it is plain data
+//! with atomics, because three processes read and write it concurrently.
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
+
+pub const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"LWKCTL01");
+
+/// System-call numbers are below this; statistics are kept per number.
+pub const NR_SLOTS: usize = 512;
+
+/// Requests on a channel that are not system calls (above any syscall nr).
+pub const REQ_SYNC: u64 = 0x1_0000;
+
+/// `Header::options` bits.
+pub const OPT_HUGE_OFF: u64 = 1 << 0;
+pub const OPT_HUGE_REQUIRE: u64 = 1 << 1;
+/// Print a note on stderr when huge pages cannot be had.
+pub const OPT_VERBOSE: u64 = 1 << 2;
+
+#[repr(C)]
+pub struct Header {
+    pub magic: AtomicU64,
+    pub options: AtomicU64,
+    /// How long either side of a channel spins before sleeping, in TSC cycles.
+    pub spin_cycles: AtomicU64,
+    pub app_pid: AtomicI32,
+    pub proxy_pid: AtomicI32,
+    /// The memfds backing application memory, as fd numbers in the
+    /// application process: [4 KiB pages, 2 MiB pages]; -1 when absent.
+    pub memfd: [AtomicI32; 2],
+    /// Set by the LWK when it fell back to 4 KiB pages.
+    pub huge_fallback: AtomicU32,
+    /// Set by the proxy when it failed to mirror a mapping (errno).
+    pub mirror_error: AtomicI32,
+    /// Set by the LWK when the application is about to run (entry reached).
+    pub started: AtomicU32,
+    pub _pad: u32,
+}
+
+pub const CH_IDLE: u32 = 0;
+pub const CH_REQUEST: u32 = 1;
+pub const CH_DONE: u32 = 2;
+
+/// One request slot: the LWK posts (nr, args), the proxy answers ret.
+/// `state` is also the futex word both sides sleep on.
+#[repr(C, align(64))]
+pub struct Channel {
+    pub state: AtomicU32,
+    pub client_sleeping: AtomicU32,
+    pub server_sleeping: AtomicU32,
+    pub _pad: u32,
+    pub nr: AtomicU64,
+    pub args: [AtomicU64; 6],
+    pub ret: AtomicI64,
+}
+
+/// Where a mirrored mapping's pages come from.
+pub const SRC_MEMFD_SMALL: u32 = 0;
+pub const SRC_MEMFD_HUGE: u32 = 1;
+/// A file descriptor of the application (which lives in the proxy).
+pub const SRC_APP_FD: u32 = 2;
+
+pub const OP_MAP: u32 = 1;
+pub const OP_UNMAP: u32 = 2;
+pub const OP_PROTECT: u32 = 3;
+/// Move [addr, addr+len) to `offset` (an address), keeping the pages.
+pub const OP_MOVE: u32 = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MapOp {
+    pub kind: u32,
+    pub prot: u32,
+    pub addr: u64,
+    pub len: u64,
+    pub source: u32,
+    pub fd: i32,
+    pub offset: u64,
+}
+
+pub const MAPLOG_LEN: usize = 4096;
+
+/// A single-producer ring of address-space changes. The LWK appends; the
+/// proxy applies everything up to `head` before it executes a request, so
+/// its view of the application's memory is current whenever it matters.
+#[repr(C)]
+pub struct MapLog {
+    pub head: AtomicU64,
+    pub tail: AtomicU64,
+    pub ops: [UnsafeCell<MapOp>; MAPLOG_LEN],
+}
+
+#[repr(C)]
+pub struct Counter {
+    pub count: AtomicU64,
+    pub cycles: AtomicU64,
+}
+
+#[repr(C)]
+pub struct Stats {
+    pub tsc_start: AtomicU64,
+    pub tsc_end: AtomicU64,
+    pub local: [Counter; NR_SLOTS],
+    pub delegated: [Counter; NR_SLOTS],
+    /// Application memory currently mapped and its high-water mark, bytes.
+    pub mem_current: AtomicU64,
+    pub mem_peak: AtomicU64,
+    /// Of which on 2 MiB pages.
+    pub huge_current: AtomicU64,
+    pub huge_peak: AtomicU64,
+}
+
+#[repr(C)]
+pub struct Control {
+    pub header: Header,
+    pub channel: Channel,
+    pub maplog: MapLog,
+    pub stats: Stats,
+}
+
+// SAFETY: every field is an atomic except the map-log entries, which have a
+// single writer (the LWK) and are published to the reader (the proxy) by a
+// release store of `head` and consumed only below an acquire load of it.
+unsafe impl Sync for Control {}
+
+/// Size of the control memfd, rounded to whole pages.
+pub const CONTROL_SIZE: usize = (core::mem::size_of::<Control>() + 4095) & !4095;
+
+impl Counter {
+    pub fn add(&self, cycles: u64) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.cycles.fetch_add(cycles, Ordering::Relaxed);
+    }
+}
+
+impl Stats {
+    pub fn add_memory(&self, bytes: u64, huge: bool) {
+        let now = self.mem_current.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.mem_peak.fetch_max(now, Ordering::Relaxed);
+        if huge {
+            let now = self.huge_current.fetch_add(bytes, Ordering::Relaxed) + bytes;
+            self.huge_peak.fetch_max(now, Ordering::Relaxed);
+        }
+    }
+    pub fn sub_memory(&self, bytes: u64, huge: bool) {
+        self.mem_current.fetch_sub(bytes, Ordering::Relaxed);
+        if huge {
+            self.huge_current.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+impl MapLog {
+    /// Append one op. Returns false when the ring is full (the caller must
+    /// make the proxy drain it first).
+    ///
+    /// # Safety
+    /// Only one writer at a time (the LWK holds its memory lock).
+    pub unsafe fn push(&self, op: MapOp) -> bool {
+        let head = self.head.load(Ordering::Relaxed);
+        if head - self.tail.load(Ordering::Acquire) >= MAPLOG_LEN as u64 {
+            return false;
+        }
+        // SAFETY: the slot is not visible to the reader until head moves.
+        unsafe { *self.ops[(head % MAPLOG_LEN as u64) as usize].get() = op };
+        self.head.store(head + 1, Ordering::Release);
+        true
+    }
+
+    /// Take every published op, oldest first.
+    ///
+    /// # Safety
+    /// Only one reader at a time.
+    pub unsafe fn drain(&self, mut apply: impl FnMut(&MapOp)) {
+        let head = self.head.load(Ordering::Acquire);
+        let mut tail = self.tail.load(Ordering::Relaxed);
+        while tail < head {
+            // SAFETY: slots below head are published and not rewritten
+            // until tail passes them.
+            let op = unsafe { *self.ops[(tail % MAPLOG_LEN as u64) as usize].get() };
+            apply(&op);
+            tail += 1;
+            self.tail.store(tail, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_fits_and_is_page_rounded() {
+        assert_eq!(CONTROL_SIZE % 4096, 0);
+        assert!(CONTROL_SIZE < 4 << 20);
+        assert!(crate::syscalls::NR_LIMIT <= NR_SLOTS);
+    }
+
+    #[test]
+    fn maplog_preserves_order_and_reports_full() {
+        let log: Box<MapLog> = unsafe { Box::new(core::mem::zeroed()) };
+        for i in 0..MAPLOG_LEN as u64 {
+            assert!(unsafe { log.push(MapOp { addr: i, ..Default::default() }) });
+        }
+        assert!(!unsafe { log.push(MapOp::default()) });
+        let mut seen = Vec::new();
+        unsafe { log.drain(|op| seen.push(op.addr)) };
+        assert_eq!(seen, (0..MAPLOG_LEN as u64).collect::<Vec<_>>());
+        assert!(unsafe { log.push(MapOp::default()) });
+    }
+}

@@ -1,0 +1,48 @@
+//! Address-space layout. Every fixed address lwk uses lives here.
+//!
+//! The lower 64 TiB of the user address space belong to the application:
+//! its program, libraries, heap, stacks and every mapping it makes. The LWK
+//! image, the shared control region and everything Linux places by itself
+//! (the initial stack, the vDSO) live in the upper half. The proxy maps the
+//! application's memory at the same addresses and has nothing else below
+//! `APP_END`, so a pointer outside the application's mappings faults there
+//! exactly as it would natively.
+
+/// Lowest address the application may map (Linux's default mmap_min_addr).
+pub const APP_START: u64 = 0x1_0000;
+/// End (exclusive) of the application's range: 64 TiB.
+pub const APP_END: u64 = 0x4000_0000_0000;
+
+/// Where the LWK places a position-independent program (Linux uses 2/3 of
+/// the address space, which is outside the application's range here).
+pub const PIE_BASE: u64 = 0x1555_5540_0000;
+/// Top of the region where non-fixed mmaps (and the interpreter) go; they
+/// grow down from here as on Linux.
+pub const MMAP_TOP: u64 = APP_END - STACK_GAP;
+/// Room kept free below the top of the range for the main thread's stack.
+pub const STACK_GAP: u64 = 0x100_0000_0000;
+/// Top of the main thread's stack.
+pub const STACK_TOP: u64 = APP_END - 0x1000;
+
+/// The LWK image is linked here (see crates/cli/build.rs).
+pub const IMAGE_BASE: u64 = 0x6f00_0000_0000;
+/// The control region shared by the LWK, the proxy and the supervisor.
+pub const CONTROL_ADDR: u64 = 0x6e00_0000_0000;
+/// A window the LWK uses for short-lived private mappings (copies when a
+/// huge page is split).
+pub const SCRATCH_ADDR: u64 = 0x6d00_0000_0000;
+
+pub const PAGE_SIZE: u64 = 4096;
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn regions_do_not_overlap() {
+        assert!(APP_START < PIE_BASE && PIE_BASE < MMAP_TOP && MMAP_TOP < STACK_TOP);
+        assert!(STACK_TOP < APP_END);
+        assert!(APP_END <= SCRATCH_ADDR && SCRATCH_ADDR < CONTROL_ADDR && CONTROL_ADDR < IMAGE_BASE);
+        assert_eq!(PIE_BASE % HUGE_PAGE_SIZE, 0);
+    }
+}

@@ -1,0 +1,47 @@
+//! The LWK image. `lwk run` starts it twice: once as the application
+//! process (`app`), where it becomes the lightweight kernel under the
+//! program, and once as the proxy (`proxy`), the Linux-side delegate.
+#![no_std]
+#![no_main]
+
+use core::arch::global_asm;
+
+use lwk_kernel::boot::{self, Startup};
+use lwk_rt::exit_group;
+
+// Linux enters with the stack pointer at argc; keep it and align.
+global_asm!(".globl _start", "_start:", "xor ebp, ebp", "mov rdi, rsp", "and rsp, -16", "call lwk_entry", "ud2");
+
+/// # Safety
+/// Called once by `_start` with the kernel's initial stack pointer.
+#[no_mangle]
+pub unsafe extern "C" fn lwk_entry(sp: *const u64) -> ! {
+    // SAFETY: sp is the initial stack pointer.
+    let st = unsafe { Startup::parse(sp) };
+    match (st.argc > 2).then(|| st.arg(1)) {
+        Some(b"app") => boot::app_main(&st),
+        Some(b"proxy") => {
+            let fd = boot::parse_int(st.arg(2)).unwrap_or(-1) as i32;
+            if let Err(e) = boot::map_control(fd) {
+                lwk_rt::diag!("proxy: {}", e);
+                exit_group(125);
+            }
+            lwk_proxy::run()
+        }
+        _ => {
+            lwk_rt::diag!("lwk-kernel is the LWK image; start programs with `lwk run -- PROGRAM`");
+            exit_group(2)
+        }
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    lwk_rt::diag!("internal error in the LWK: {}", info);
+    exit_group(125)
+}
+
+/// Never called: the image is built with panic=abort, but the prebuilt
+/// `core` still names the unwinding personality routine.
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}

@@ -1,0 +1,109 @@
+//! `lwk`: run unmodified Linux programs on the lightweight kernel.
+
+mod run;
+mod stats;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use lwk_abi::syscalls::{Class, TABLE};
+
+#[derive(Parser)]
+#[command(name = "lwk", version, about = "A Linux-compatible lightweight kernel in user space")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run PROGRAM on the LWK: memory, signals and identity handled in the
+    /// application process, everything else delegated to a proxy.
+    Run(RunArgs),
+    /// Print where each x86-64 system call runs under the LWK.
+    Syscalls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HugePages {
+    /// 2 MiB pages while the hugetlb pool has free ones, else 4 KiB.
+    Auto,
+    /// Fail if 2 MiB pages cannot be had.
+    #[value(name = "2M")]
+    Require,
+    /// Only 4 KiB pages.
+    #[value(name = "none")]
+    Off,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Print per-system-call statistics on stderr when the program exits.
+    #[arg(long)]
+    stats: bool,
+    /// Write the statistics as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    stats_json: Option<PathBuf>,
+    /// Page size for application memory.
+    #[arg(long, value_enum, default_value = "auto")]
+    hugepages: HugePages,
+    /// Notes from the LWK on stderr (e.g. falling back to 4 KiB pages).
+    #[arg(short, long)]
+    verbose: bool,
+    /// The program and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "PROGRAM")]
+    command: Vec<OsString>,
+}
+
+fn print_syscalls(json: bool) -> anyhow::Result<()> {
+    let class = |c: &Class| match c {
+        Class::Local => ("local", None),
+        Class::Delegated => ("delegated", None),
+        Class::Special(why) => ("special", Some(*why)),
+    };
+    if json {
+        let rows: Vec<_> = TABLE
+            .iter()
+            .map(|s| {
+                let (c, why) = class(&s.class);
+                serde_json::json!({ "nr": s.nr, "name": s.name, "class": c, "reason": why })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let mut counts = [0usize; 3];
+    println!("{:>4}  {:<24} {:<10} reason", "nr", "name", "class");
+    for s in TABLE {
+        let (c, why) = class(&s.class);
+        counts[match c {
+            "local" => 0,
+            "delegated" => 1,
+            _ => 2,
+        }] += 1;
+        println!("{:>4}  {:<24} {:<10} {}", s.nr, s.name, c, why.unwrap_or(""));
+    }
+    println!("{} system calls: {} local, {} delegated, {} special", TABLE.len(), counts[0], counts[1], counts[2]);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Syscalls { json } => print_syscalls(json).map(|()| 0),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("lwk: {e:#}");
+            ExitCode::from(125)
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! `lwk run`: the supervisor. It checks the program, creates the control
+//! region, starts the proxy and the application process from the LWK image,
+//! waits for them, and reports the application's exit exactly as a shell
+//! would see it natively (a death by signal is re-raised on itself).
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use lwk_abi::control::{Control, CONTROL_MAGIC, CONTROL_SIZE, OPT_HUGE_OFF, OPT_HUGE_REQUIRE, OPT_VERBOSE};
+
+use crate::stats::Report;
+use crate::{HugePages, RunArgs};
+
+/// Why a program cannot be started, with the status a shell would give.
+pub struct NotRunnable {
+    pub status: i32,
+    pub message: String,
+}
+
+fn not_runnable(status: i32, path: &OsStr, why: &str) -> NotRunnable {
+    NotRunnable { status, message: format!("{}: {}", path.to_string_lossy(), why) }
+}
+
+/// Find PROGRAM as execvp would and check that the LWK can run it.
+pub fn resolve(prog: &OsStr) -> Result<PathBuf, NotRunnable> {
+    if prog.is_empty() {
+        return Err(not_runnable(127, prog, "No such file or directory"));
+    }
+    let path = if prog.as_bytes().contains(&b'/') {
+        PathBuf::from(prog)
+    } else {
+        let search = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
+        let mut denied = None;
+        let mut found = None;
+        for dir in std::env::split_paths(&search) {
+            let cand = if dir.as_os_str().is_empty() { PathBuf::from(prog) } else { dir.join(prog) };
+            match std::fs::metadata(&cand) {
+                Ok(m) if m.is_file() && is_executable(&cand) => {
+                    found = Some(cand);
+                    break;
+                }
+                Ok(_) => denied = denied.or(Some(cand)),
+                Err(_) => {}
+            }
+        }
+        match (found, denied) {
+            (Some(p), _) => p,
+            (None, Some(p)) => p,
+            (None, None) => return Err(not_runnable(127, prog, "command not found")),
+        }
+    };
+    check(&path)?;
+    Ok(path)
+}
+
+fn is_executable(p: &Path) -> bool {
+    rustix::fs::access(p, rustix::fs::Access::EXEC_OK).is_ok()
+}
+
+fn check(path: &Path) -> Result<(), NotRunnable> {
+    let p = path.as_os_str();
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_runnable(127, p, "No such file or directory")),
+        Err(e) => return Err(not_runnable(126, p, &e.to_string())),
+    };
+    if meta.is_dir() {
+        return Err(not_runnable(126, p, "Is a directory"));
+    }
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 || !is_executable(path) {
+        return Err(not_runnable(126, p, "Permission denied"));
+    }
+    let mut head = [0u8; 64];
+    let n = File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|e| not_runnable(126, p, &e.to_string()))?;
+    let head = &head[..n];
+    if head.starts_with(b"#!") {
+        return Ok(());
+    }
+    if !head.starts_with(b"\x7fELF") {
+        return Err(not_runnable(126, p, "not an ELF executable and no #! line (Exec format error)"));
+    }
+    if head.get(4) == Some(&goblin::elf::header::ELFCLASS32) {
+        return Err(not_runnable(126, p, "32-bit ELF is not supported (x86-64 only)"));
+    }
+    let header = goblin::elf::Elf::parse_header(head).map_err(|e| not_runnable(126, p, &format!("bad ELF header: {e}")))?;
+    if header.e_machine != goblin::elf::header::EM_X86_64 {
+        let m = goblin::elf::header::machine_to_str(header.e_machine);
+        return Err(not_runnable(126, p, &format!("not an x86-64 ELF (machine {m})")));
+    }
+    if header.e_type != goblin::elf::header::ET_EXEC && header.e_type != goblin::elf::header::ET_DYN {
+        let t = goblin::elf::header::et_to_str(header.e_type);
+        return Err(not_runnable(126, p, &format!("not an executable ELF (type {t})")));
+    }
+    Ok(())
+}
+
+/// The LWK image: `lwk-kernel` next to this binary, or $LWK_KERNEL.
+fn kernel_image() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("LWK_KERNEL") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("cannot find the lwk binary's own path")?;
+    let img = exe.with_file_name("lwk-kernel");
+    if !img.exists() {
+        bail!("the LWK image {} is missing (build the whole workspace: cargo build)", img.display());
+    }
+    Ok(img)
+}
+
+/// The control region, mapped in the supervisor too.
+pub struct ControlRegion {
+    fd: OwnedFd,
+    ptr: *mut Control,
+}
+
+impl ControlRegion {
+    fn create(options: u64, spin_cycles: u64) -> Result<Self> {
+        use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
+        use rustix::mm::{mmap, MapFlags, ProtFlags};
+        let fd = memfd_create("lwk-control", MemfdFlags::CLOEXEC).context("memfd_create for the control region")?;
+        ftruncate(&fd, CONTROL_SIZE as u64).context("sizing the control region")?;
+        // SAFETY: a fresh shared mapping of our own memfd.
+        let ptr = unsafe {
+            mmap(std::ptr::null_mut(), CONTROL_SIZE, ProtFlags::READ | ProtFlags::WRITE, MapFlags::SHARED, &fd, 0)
+        }
+        .context("mapping the control region")? as *mut Control;
+        let region = ControlRegion { fd, ptr };
+        let h = &region.get().header;
+        h.options.store(options, Ordering::Relaxed);
+        h.spin_cycles.store(spin_cycles, Ordering::Relaxed);
+        h.memfd[0].store(-1, Ordering::Relaxed);
+        h.memfd[1].store(-1, Ordering::Relaxed);
+        h.magic.store(CONTROL_MAGIC, Ordering::Release);
+        Ok(region)
+    }
+
+    pub fn get(&self) -> &Control {
+        // SAFETY: mapped for the life of self; Control is all atomics.
+        unsafe { &*self.ptr }
+    }
+}
+
+impl Drop for ControlRegion {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping; no references outlive self.
+        unsafe { rustix::mm::munmap(self.ptr.cast(), CONTROL_SIZE).ok() };
+    }
+}
+
+/// Start the LWK image in `mode` with the control fd passed down.
+fn spawn(kernel: &Path, argv0: &OsStr, mode: &str, ctl: &OwnedFd, rest: &[&OsStr]) -> Result<Child> {
+    let fd = ctl.as_raw_fd();
+    let mut cmd = Command::new(kernel);
+    cmd.arg0(argv0).arg(mode).arg(fd.to_string()).args(rest);
+    // SAFETY: only async-signal-safe system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Both children die with the supervisor, whatever kills it.
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            let r = libc::fcntl(fd, libc::F_SETFD, 0);
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().with_context(|| format!("cannot start the LWK image {}", kernel.display()))
+}
+
+static APP_PID: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(sig: libc::c_int) {
+    let pid = APP_PID.load(Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// Terminal signals reach the application through its process group;
+/// the supervisor survives them to report the exit. Signals sent to the
+/// supervisor's pid are forwarded to the application.
+fn setup_signals() {
+    // SAFETY: installing dispositions at start-up, before any thread.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+        for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2] {
+            libc::signal(sig, forward_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+fn spin_cycles() -> u64 {
+    if let Some(v) = std::env::var("LWK_SPIN_CYCLES").ok().and_then(|v| v.parse().ok()) {
+        return v;
+    }
+    // Spinning only helps when the proxy has a CPU of its own.
+    match std::thread::available_parallelism() {
+        Ok(n) if n.get() > 1 => 300_000,
+        _ => 2_000,
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<i32> {
+    let (prog, rest) = args.command.split_first().context("no program given")?;
+    let path = match resolve(prog) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("lwk: {}", e.message);
+            return Ok(e.status);
+        }
+    };
+    let kernel = kernel_image()?;
+    let mut options = match args.hugepages {
+        HugePages::Auto => 0,
+        HugePages::Require => OPT_HUGE_REQUIRE,
+        HugePages::Off => OPT_HUGE_OFF,
+    };
+    if args.verbose {
+        options |= OPT_VERBOSE;
+    }
+    let region = ControlRegion::create(options, spin_cycles())?;
+    setup_signals();
+
+    let t0 = Instant::now();
+    let tsc0 = rdtsc();
+    let mut proxy = spawn(&kernel, OsStr::new("lwk-proxy"), "proxy", &region.fd, &[])?;
+    let mut app_args: Vec<&OsStr> = vec![path.as_os_str(), prog.as_os_str()];
+    app_args.extend(rest.iter().map(|s| s.as_os_str()));
+    let app = match spawn(&kernel, prog, "app", &region.fd, &app_args) {
+        Ok(c) => c,
+        Err(e) => {
+            proxy.kill().ok();
+            proxy.wait().ok();
+            return Err(e);
+        }
+    };
+    APP_PID.store(app.id() as i32, Ordering::Relaxed);
+    let outcome = wait_both(&app, &mut proxy)?;
+    let elapsed = t0.elapsed();
+    let tsc1 = rdtsc();
+    APP_PID.store(0, Ordering::Relaxed);
+
+    if args.stats || args.stats_json.is_some() {
+        let hz = tsc_hz(tsc0, tsc1, elapsed.as_secs_f64());
+        let report = Report::collect(region.get(), hz, elapsed, &path, outcome.status);
+        if args.stats {
+            eprint!("{}", report.text());
+        }
+        if let Some(file) = &args.stats_json {
+            std::fs::write(file, report.json()?).with_context(|| format!("writing statistics to {}", file.display()))?;
+        }
+    }
+    if let Some(e) = outcome.proxy_failure {
+        bail!("the proxy process failed ({e}); the application was stopped");
+    }
+    Ok(match outcome.status {
+        ExitStatus::Code(c) => c,
+        ExitStatus::Signal(sig) => reraise(sig),
+    })
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+struct Outcome {
+    status: ExitStatus,
+    proxy_failure: Option<String>,
+}
+
+fn decode(status: i32) -> ExitStatus {
+    if libc::WIFSIGNALED(status) {
+        ExitStatus::Signal(libc::WTERMSIG(status))
+    } else {
+        ExitStatus::Code(libc::WEXITSTATUS(status))
+    }
+}
+
+/// Wait for the application; the proxy goes when it goes. If the proxy dies
+/// first, the application cannot continue: stop it.
+fn wait_both(app: &Child, proxy: &mut Child) -> Result<Outcome> {
+    let (app_pid, proxy_pid) = (app.id() as i32, proxy.id() as i32);
+    let mut app_status = None;
+    let mut proxy_failure = None;
+    let mut proxy_alive = true;
+    while app_status.is_none() || proxy_alive {
+        let mut status = 0;
+        // SAFETY: plain waitpid on our own children.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("waiting for the application");
+        }
+        if pid == app_pid {
+            app_status = Some(decode(status));
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(proxy_pid, libc::SIGKILL) };
+        } else if pid == proxy_pid {
+            proxy_alive = false;
+            if app_status.is_none() {
+                proxy_failure = Some(match decode(status) {
+                    ExitStatus::Code(c) => format!("exited with status {c}"),
+                    ExitStatus::Signal(s) => format!("killed by signal {s}"),
+                });
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(app_pid, libc::SIGKILL) };
+            }
+        }
+    }
+    Ok(Outcome { status: app_status.unwrap_or(ExitStatus::Code(125)), proxy_failure })
+}
+
+/// Die of the same signal as the application, so the calling shell sees
+/// what it would see natively; without a core dump of our own.
+fn reraise(sig: i32) -> i32 {
+    // SAFETY: resetting our own dispositions and signalling ourselves.
+    unsafe {
+        let rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        libc::setrlimit(libc::RLIMIT_CORE, &rl);
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::kill(libc::getpid(), sig);
+    }
+    128 + sig
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no memory effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// TSC frequency from the run itself; short runs get a short calibration.
+fn tsc_hz(tsc0: u64, tsc1: u64, secs: f64) -> f64 {
+    if secs >= 0.05 {
+        return (tsc1 - tsc0) as f64 / secs;
+    }
+    let (t, c) = (Instant::now(), rdtsc());
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    (rdtsc() - c) as f64 / t.elapsed().as_secs_f64()
+}

@@ -1,0 +1,429 @@
+//! Start-up of the application process: map the control region, create the
+//! memory pools, load the program, build its stack, turn on the trap and
+//! jump. Runs on the stack Linux gave the LWK image, before any
+//! application code exists.
+
+use core::sync::atomic::Ordering::{Relaxed, Release};
+
+use lwk_abi::control::{CONTROL_MAGIC, CONTROL_SIZE, OPT_HUGE_OFF, OPT_HUGE_REQUIRE, OPT_VERBOSE};
+use lwk_abi::layout::{CONTROL_ADDR, STACK_TOP};
+use lwk_rt::mem::strlen;
+use lwk_rt::nr;
+use lwk_rt::*;
+
+use crate::elf::{self, Image, LoadError};
+use crate::mm::{page_up, MM};
+use crate::stack::*;
+use crate::{control, trap};
+
+/// What Linux put on the initial stack.
+pub struct Startup {
+    pub argc: usize,
+    pub argv: *const *const u8,
+    pub envp: *const *const u8,
+    pub auxv: *const [u64; 2],
+}
+
+impl Startup {
+    /// # Safety
+    /// `sp` is the initial stack pointer the kernel gave the process.
+    pub unsafe fn parse(sp: *const u64) -> Startup {
+        // SAFETY: the kernel's layout: argc, argv..., 0, envp..., 0, auxv.
+        unsafe {
+            let argc = *sp as usize;
+            let argv = sp.add(1) as *const *const u8;
+            let envp = argv.add(argc + 1);
+            let mut e = envp;
+            while !(*e).is_null() {
+                e = e.add(1);
+            }
+            Startup { argc, argv, envp, auxv: e.add(1) as *const [u64; 2] }
+        }
+    }
+
+    pub fn arg(&self, i: usize) -> &'static [u8] {
+        // SAFETY: i < argc is checked by the callers; strings are NUL-terminated.
+        unsafe { cstr(*self.argv.add(i)) }
+    }
+
+    pub fn aux(&self, key: u64) -> Option<u64> {
+        let mut p = self.auxv;
+        // SAFETY: the auxv ends with AT_NULL.
+        unsafe {
+            while (*p)[0] != AT_NULL {
+                if (*p)[0] == key {
+                    return Some((*p)[1]);
+                }
+                p = p.add(1);
+            }
+        }
+        None
+    }
+}
+
+/// # Safety
+/// `p` points to a NUL-terminated string that lives forever.
+pub unsafe fn cstr(p: *const u8) -> &'static [u8] {
+    // SAFETY: as documented.
+    unsafe { core::slice::from_raw_parts(p, strlen(p)) }
+}
+
+pub fn parse_int(s: &[u8]) -> Option<i64> {
+    if s.is_empty() {
+        return None;
+    }
+    let mut v: i64 = 0;
+    for &c in s {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add((c - b'0') as i64)?;
+    }
+    Some(v)
+}
+
+/// Map the control region from `fd` at its fixed address, then close `fd`.
+pub fn map_control(fd: i32) -> Result<(), &'static str> {
+    // SAFETY: CONTROL_ADDR is reserved for it and nothing is there yet.
+    let r = unsafe { mmap(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED_NOREPLACE, fd, 0) };
+    close(fd);
+    if r < 0 {
+        return Err("cannot map the control region");
+    }
+    if control().header.magic.load(Relaxed) != CONTROL_MAGIC {
+        return Err("control region has the wrong magic (lwk and lwk-kernel from different builds?)");
+    }
+    Ok(())
+}
+
+fn fail(path: &[u8], what: &str, e: LoadError) -> ! {
+    let p = core::str::from_utf8(path).unwrap_or("?");
+    if e.reason.is_empty() {
+        lwk_rt::diag!("{}: {}{}", p, what, errno_text(e.errno));
+    } else {
+        lwk_rt::diag!("{}: {}{}", p, what, e.reason);
+    }
+    exit_group(e.status)
+}
+
+pub fn errno_text(e: i64) -> &'static str {
+    match -e {
+        ENOENT => "No such file or directory",
+        EACCES => "Permission denied",
+        ENOEXEC => "Exec format error",
+        ENOMEM => "Cannot allocate memory",
+        EISDIR => "Is a directory",
+        ELOOP => "Too many levels of symbolic links",
+        E2BIG => "Argument list too long",
+        _ => "I/O error",
+    }
+}
+
+const MAX_SHEBANG: usize = 4;
+const MAX_PREFIX: usize = 3 * MAX_SHEBANG + 1;
+
+/// argv for the program: a prefix built by `#!` lines, then the
+/// original arguments from index `rest`.
+struct Argv<'a> {
+    prefix: [&'a [u8]; MAX_PREFIX],
+    n: usize,
+    rest: usize,
+}
+
+/// Entry of the application process: `lwk-kernel app CTLFD PATH ARGV0 ARGS...`.
+pub fn app_main(st: &Startup) -> ! {
+    if st.argc < 5 {
+        lwk_rt::diag!("lwk-kernel is started by `lwk run`, not by hand");
+        exit_group(2);
+    }
+    let ctl = parse_int(st.arg(2)).unwrap_or(-1) as i32;
+    if let Err(e) = map_control(ctl) {
+        lwk_rt::diag!("{}", e);
+        exit_group(125);
+    }
+    // The application's descriptors live in the proxy. Keep one private
+    // copy of stderr for the LWK's own messages and close the rest, so
+    // this process holds no pipe ends or files open behind the proxy.
+    // SAFETY: descriptor calls on our own table.
+    unsafe {
+        let diag = syscall3(nr::FCNTL, 2, F_DUPFD_CLOEXEC, 100);
+        if diag >= 0 {
+            lwk_rt::out::DIAG_FD.store(diag as i32, Relaxed);
+            syscall3(nr::CLOSE_RANGE, 0, diag as u64 - 1, 0);
+            syscall3(nr::CLOSE_RANGE, diag as u64 + 1, !0u32 as u64, 0);
+        }
+    }
+    let h = &control().header;
+    h.app_pid.store(getpid(), Release);
+    let opts = h.options.load(Relaxed);
+    let huge = opts & OPT_HUGE_OFF == 0 && huge_pages_available();
+    if opts & OPT_HUGE_REQUIRE != 0 && !huge {
+        lwk_rt::diag!("no free 2 MiB huge pages (--hugepages require): reserve some in /proc/sys/vm/nr_hugepages");
+        exit_group(125);
+    }
+    if let Err(e) = MM.lock().init(huge, opts & OPT_HUGE_REQUIRE != 0, opts & OPT_VERBOSE != 0) {
+        lwk_rt::diag!("cannot create the memory pool: {}", errno_text(e));
+        exit_group(125);
+    }
+    if !huge && opts & OPT_HUGE_OFF == 0 {
+        MM.lock().note_fallback();
+    }
+
+    let mut argv = Argv { prefix: [&[]; MAX_PREFIX], n: 1, rest: 5 };
+    argv.prefix[0] = st.arg(4);
+    let execfn = st.arg(3);
+    let mut path: &[u8] = execfn;
+    let mut bufs = [[0u8; 258]; MAX_SHEBANG];
+    let mut free_bufs = bufs.iter_mut();
+    let mut pathz = [0u8; 4096];
+    let mut depth = 0;
+    let (fd, main) = loop {
+        let fd = open_exec(path, &mut pathz).unwrap_or_else(|e| fail(path, "", e));
+        let mut head = [0u8; 258];
+        let n = pread(fd, &mut head[..256], 0);
+        if n >= 2 && &head[..2] == b"#!" {
+            if depth == MAX_SHEBANG {
+                fail(path, "", LoadError { status: 126, reason: "too many levels of #! interpreters", errno: -ELOOP });
+            }
+            close(fd);
+            let Some(buf) = free_bufs.next() else { exit_group(126) };
+            buf.copy_from_slice(&head);
+            let (interp, arg) = parse_shebang(buf, n as usize)
+                .unwrap_or_else(|| fail(path, "", LoadError { status: 126, reason: "bad #! line", errno: -ENOEXEC }));
+            // New argv: interpreter, optional argument, script path, old argv[1..].
+            let mut p: [&[u8]; MAX_PREFIX] = [&[]; MAX_PREFIX];
+            let mut k = 0;
+            p[k] = interp;
+            k += 1;
+            if let Some(a) = arg {
+                p[k] = a;
+                k += 1;
+            }
+            p[k] = path;
+            k += 1;
+            for i in 1..argv.n {
+                if k < MAX_PREFIX {
+                    p[k] = argv.prefix[i];
+                    k += 1;
+                }
+            }
+            argv.prefix = p;
+            argv.n = k;
+            path = interp;
+            depth += 1;
+            continue;
+        }
+        let mut mm = MM.lock();
+        match elf::load(&mut mm, fd, false) {
+            Ok(img) => break (fd, img),
+            Err(e) => {
+                drop(mm);
+                fail(path, "", e)
+            }
+        }
+    };
+    close(fd);
+    let mut base = 0;
+    let mut entry = main.entry;
+    if main.interp_len > 0 {
+        let ipath = &main.interp[..main.interp_len];
+        let ifd = open_exec(ipath, &mut pathz).unwrap_or_else(|e| fail(path, "cannot open ELF interpreter: ", e));
+        let interp = elf::load(&mut MM.lock(), ifd, true).unwrap_or_else(|e| fail(ipath, "ELF interpreter: ", e));
+        close(ifd);
+        base = interp.bias;
+        entry = interp.entry;
+    }
+    MM.lock().set_brk_start(main.end);
+
+    let sp = build_stack(st, &argv, execfn, &main, base).unwrap_or_else(|e| {
+        lwk_rt::diag!("cannot build the initial stack: {}", errno_text(e));
+        exit_group(125)
+    });
+    if let Err(e) = trap::enable() {
+        lwk_rt::diag!("cannot enable Syscall User Dispatch (needs Linux 5.11+): error {}", -e);
+        exit_group(125);
+    }
+    control().stats.tsc_start.store(rdtsc(), Relaxed);
+    h.started.store(1, Release);
+    // SAFETY: entry and sp describe a fully loaded program and its stack.
+    unsafe { jump(sp, entry) }
+}
+
+fn huge_pages_available() -> bool {
+    let mut buf = [0u8; 32];
+    let fd = open(b"/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages\0", O_RDONLY | O_CLOEXEC, 0);
+    if fd < 0 {
+        return false;
+    }
+    let n = pread(fd as i32, &mut buf, 0);
+    close(fd as i32);
+    n > 0 && parse_int(buf[..n as usize].trim_ascii()).unwrap_or(0) > 0
+}
+
+/// Open a program for loading, after checking it may be executed.
+fn open_exec(path: &[u8], z: &mut [u8; 4096]) -> Result<i32, LoadError> {
+    if path.len() >= z.len() {
+        return Err(LoadError::io(-ENOENT));
+    }
+    z[..path.len()].copy_from_slice(path);
+    z[path.len()] = 0;
+    const X_OK: u64 = 1;
+    // SAFETY: z is NUL-terminated.
+    let r = unsafe { syscall6(nr::FACCESSAT, (-100i64) as u64, z.as_ptr() as u64, X_OK, 0, 0, 0) };
+    if r < 0 {
+        return Err(LoadError::io(r));
+    }
+    let fd = open(&z[..=path.len()], O_RDONLY | O_CLOEXEC, 0);
+    if fd < 0 {
+        return Err(LoadError::io(fd));
+    }
+    let mut st = [0u64; 18];
+    // SAFETY: st is large enough for struct stat.
+    unsafe { syscall3(nr::FSTAT, fd as u64, st.as_mut_ptr() as u64, 0) };
+    const S_IFMT: u64 = 0o170000;
+    const S_IFREG: u64 = 0o100000;
+    if (st[3] & 0xffff_ffff) & S_IFMT != S_IFREG {
+        close(fd as i32);
+        return Err(LoadError { status: 126, reason: "", errno: -EACCES });
+    }
+    Ok(fd as i32)
+}
+
+/// Split "#!interp [arg]\n" as Linux does: one optional argument with the
+/// rest of the line.
+fn parse_shebang(buf: &mut [u8; 258], n: usize) -> Option<(&[u8], Option<&[u8]>)> {
+    let line_end = buf[2..n].iter().position(|&c| c == b'\n').map(|p| p + 2).unwrap_or(n);
+    let line = &buf[2..line_end];
+    let is_ws = |c: &u8| *c == b' ' || *c == b'\t';
+    let start = line.iter().position(|c| !is_ws(c))?;
+    let line = &line[start..];
+    let end = line.iter().rposition(|c| !is_ws(c))? + 1;
+    let line = &line[..end];
+    let split = line.iter().position(is_ws);
+    let (interp, arg) = match split {
+        None => (line, None),
+        Some(i) => {
+            let rest = &line[i..];
+            let a = rest.iter().position(|c| !is_ws(c)).map(|j| &rest[j..]);
+            (&line[..i], a)
+        }
+    };
+    if interp.is_empty() {
+        return None;
+    }
+    Some((interp, arg))
+}
+
+fn build_stack(st: &Startup, argv: &Argv, execfn: &[u8], main: &Image, base: u64) -> Result<u64, i64> {
+    let mut lim = [0u64; 2];
+    const RLIMIT_STACK: u64 = 3;
+    // SAFETY: lim is the LWK's own.
+    unsafe { syscall6(nr::PRLIMIT64, 0, RLIMIT_STACK, 0, lim.as_mut_ptr() as u64, 0, 0) };
+    let size = if lim[0] == u64::MAX || lim[0] == 0 { 8 << 20 } else { page_up(lim[0]).clamp(256 << 10, 1 << 30) };
+    let stack_top = STACK_TOP;
+    MM.lock().map_anon_fixed(stack_top - size, stack_top, (PROT_READ | PROT_WRITE) as u32)?;
+
+    let mut w = StackWriter::new();
+    let random = st.aux(AT_RANDOM).unwrap_or(0);
+    let mut rnd = [0u8; 16];
+    if random != 0 {
+        // SAFETY: AT_RANDOM points to 16 bytes on our own initial stack.
+        rnd.copy_from_slice(unsafe { core::slice::from_raw_parts(random as *const u8, 16) });
+    }
+    let at_random = w.push_bytes(&rnd);
+    let at_platform = w.push_cstr(b"x86_64");
+    let at_execfn = w.push_cstr(execfn);
+
+    let mut envc = 0;
+    // SAFETY: envp is NULL-terminated.
+    while unsafe { !(*st.envp.add(envc)).is_null() } {
+        envc += 1;
+    }
+    let nargs = argv.n + st.argc.saturating_sub(argv.rest);
+    // Strings first (highest), remember where the pointer arrays go.
+    for i in (0..envc).rev() {
+        // SAFETY: i < envc.
+        let s = unsafe { cstr(*st.envp.add(i)) };
+        w.push_cstr(s);
+    }
+    let env_strings = w.sp;
+    for i in (argv.rest..st.argc).rev() {
+        w.push_cstr(st.arg(i));
+    }
+    for i in (0..argv.n).rev() {
+        w.push_cstr(argv.prefix[i]);
+    }
+    let arg_strings = w.sp;
+
+    let mut aux: [[u64; 2]; 40] = [[0; 2]; 40];
+    let mut na = 0;
+    let mut put = |k: u64, v: u64| {
+        if na < aux.len() - 1 {
+            aux[na] = [k, v];
+            na += 1;
+        }
+    };
+    put(AT_PHDR, main.phdr);
+    put(AT_PHENT, main.phent);
+    put(AT_PHNUM, main.phnum);
+    put(AT_BASE, base);
+    put(AT_ENTRY, main.entry);
+    put(AT_RANDOM, at_random);
+    put(AT_PLATFORM, at_platform);
+    put(AT_EXECFN, at_execfn);
+    let mut p = st.auxv;
+    // SAFETY: the kernel's auxv ends with AT_NULL.
+    unsafe {
+        while (*p)[0] != AT_NULL {
+            let (k, v) = ((*p)[0], (*p)[1]);
+            if !matches!(k, AT_PHDR | AT_PHENT | AT_PHNUM | AT_BASE | AT_ENTRY | AT_RANDOM | AT_PLATFORM | AT_EXECFN) {
+                put(k, v);
+            }
+            p = p.add(1);
+        }
+    }
+    put(AT_NULL, 0);
+
+    let words = 1 + (nargs + 1) + (envc + 1) + 2 * na;
+    let sp = ((w.sp & !15) - 8 * words as u64) & !15;
+    let mut at = sp;
+    let mut put_word = |v: u64| {
+        // SAFETY: [sp, strings) is mapped stack memory below the strings.
+        unsafe { (at as *mut u64).write(v) };
+        at += 8;
+    };
+    put_word(nargs as u64);
+    for s in [(arg_strings, nargs), (env_strings, envc)] {
+        let (mut p, n) = s;
+        for _ in 0..n {
+            put_word(p);
+            // SAFETY: the strings were just written, each NUL-terminated.
+            p += unsafe { strlen(p as *const u8) } as u64 + 1;
+        }
+        put_word(0);
+    }
+    for pair in &aux[..na] {
+        put_word(pair[0]);
+        put_word(pair[1]);
+    }
+    Ok(sp)
+}
+
+/// Switch to the application's stack and enter it with clean registers.
+///
+/// # Safety
+/// `sp` and `entry` describe a loaded program.
+unsafe fn jump(sp: u64, entry: u64) -> ! {
+    // SAFETY: as documented; rdx = 0 means no exit handler for libc.
+    unsafe {
+        core::arch::asm!(
+            "mov rsp, rdi",
+            "xor eax, eax", "xor ebx, ebx", "xor ecx, ecx", "xor edx, edx",
+            "xor ebp, ebp", "xor esi, esi", "xor edi, edi",
+            "xor r8d, r8d", "xor r9d, r9d", "xor r10d, r10d", "xor r12d, r12d",
+            "xor r13d, r13d", "xor r14d, r14d", "xor r15d, r15d",
+            "jmp r11",
+            in("rdi") sp, in("r11") entry, options(noreturn)
+        )
+    }
+}

@@ -1,0 +1,886 @@
+//! The LWK memory manager.
+//!
+//! Every page of the application lives in one of two memfds owned by the
+//! LWK (4 KiB pages, and 2 MiB hugetlb pages when the pool has them), mapped
+//! MAP_SHARED into the application and, through the map log, at the same
+//! addresses into the proxy. "Private" memory is private because nobody else
+//! maps that part of the file. The exception is a MAP_SHARED mapping of a
+//! real file, which maps that file in both processes.
+//!
+//! Mappings are pre-faulted (MAP_POPULATE) unless the application asked for
+//! MAP_NORESERVE or PROT_NONE: the LWK's memory has no demand-paging noise.
+//! A huge page that an operation must split at a 4 KiB boundary is copied
+//! into 4 KiB pages first ("demoted").
+
+use lwk_abi::control::{MapOp, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, SRC_APP_FD, SRC_MEMFD_HUGE, SRC_MEMFD_SMALL};
+use lwk_abi::layout::{APP_END, APP_START, HUGE_PAGE_SIZE, MMAP_TOP, PAGE_SIZE, SCRATCH_ADDR};
+use lwk_rt::nr;
+use lwk_rt::*;
+
+use crate::sync::SpinLock;
+use crate::{control, delegate};
+
+pub const MAX_PIECES: usize = 16384;
+/// Address space of each memfd: sparse, only touched pages use memory.
+const MEMFD_SPACE: u64 = 1 << 40;
+const HUGE: u64 = HUGE_PAGE_SIZE;
+const PAGE: u64 = PAGE_SIZE;
+
+pub const fn page_up(x: u64) -> u64 {
+    (x + PAGE - 1) & !(PAGE - 1)
+}
+pub const fn huge_up(x: u64) -> u64 {
+    (x + HUGE - 1) & !(HUGE - 1)
+}
+pub const fn huge_down(x: u64) -> u64 {
+    x & !(HUGE - 1)
+}
+
+/// A contiguous part of the address space with one backing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Piece {
+    pub start: u64,
+    pub end: u64,
+    pub prot: u32,
+    /// SRC_MEMFD_SMALL, SRC_MEMFD_HUGE or SRC_APP_FD.
+    pub src: u32,
+    /// For SRC_APP_FD: the application's descriptor at mapping time.
+    pub fd: i32,
+    /// Not pre-faulted (MAP_NORESERVE).
+    pub lazy: bool,
+    /// Offset in the memfd or file.
+    pub off: u64,
+}
+
+impl Piece {
+    fn len(&self) -> u64 {
+        self.end - self.start
+    }
+    fn is_memfd(&self) -> bool {
+        self.src != SRC_APP_FD
+    }
+}
+
+/// First-fit allocator of memfd offsets with coalescing.
+pub struct Extents {
+    ext: [(u64, u64); 4096],
+    n: usize,
+}
+
+impl Extents {
+    const fn new() -> Self {
+        Extents { ext: [(0, 0); 4096], n: 0 }
+    }
+
+    fn init(&mut self, space: u64) {
+        self.ext[0] = (0, space);
+        self.n = 1;
+    }
+
+    fn alloc(&mut self, len: u64) -> Option<u64> {
+        let i = (0..self.n).find(|&i| self.ext[i].1 >= len)?;
+        let (off, l) = self.ext[i];
+        if l == len {
+            self.ext.copy_within(i + 1..self.n, i);
+            self.n -= 1;
+        } else {
+            self.ext[i] = (off + len, l - len);
+        }
+        Some(off)
+    }
+
+    fn free(&mut self, off: u64, len: u64) {
+        let i = (0..self.n).find(|&i| self.ext[i].0 > off).unwrap_or(self.n);
+        let merge_prev = i > 0 && self.ext[i - 1].0 + self.ext[i - 1].1 == off;
+        let merge_next = i < self.n && off + len == self.ext[i].0;
+        match (merge_prev, merge_next) {
+            (true, true) => {
+                self.ext[i - 1].1 += len + self.ext[i].1;
+                self.ext.copy_within(i + 1..self.n, i);
+                self.n -= 1;
+            }
+            (true, false) => self.ext[i - 1].1 += len,
+            (false, true) => self.ext[i] = (off, len + self.ext[i].1),
+            (false, false) => {
+                if self.n == self.ext.len() {
+                    return; // fragmented beyond bookkeeping: leak the offsets, not memory (punched)
+                }
+                self.ext.copy_within(i..self.n, i + 1);
+                self.ext[i] = (off, len);
+                self.n += 1;
+            }
+        }
+    }
+}
+
+pub struct Mm {
+    pieces: [Piece; MAX_PIECES],
+    n: usize,
+    extents: [Extents; 2],
+    memfd: [i32; 2],
+    huge_ok: bool,
+    require_huge: bool,
+    verbose: bool,
+    pub brk_start: u64,
+    brk_cur: u64,
+    brk_end: u64,
+    brk_dirty: u64,
+}
+
+pub static MM: SpinLock<Mm> = SpinLock::new(Mm::new());
+
+fn push(op: MapOp) {
+    // SAFETY: the LWK is the only writer and holds the MM lock.
+    if !unsafe { control().maplog.push(op) } {
+        delegate::sync();
+        // SAFETY: as above; the proxy just drained the ring.
+        unsafe { control().maplog.push(op) };
+    }
+}
+
+fn punch(fd: i32, off: u64, len: u64) {
+    // SAFETY: fallocate on our own memfd.
+    unsafe { syscall6(nr::FALLOCATE, fd as u64, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len, 0, 0) };
+}
+
+impl Mm {
+    const fn new() -> Self {
+        Mm {
+            pieces: [Piece { start: 0, end: 0, prot: 0, src: 0, fd: 0, lazy: false, off: 0 }; MAX_PIECES],
+            n: 0,
+            extents: [Extents::new(), Extents::new()],
+            memfd: [0, 0], // zero so the whole table is .bss; set by init
+            huge_ok: false,
+            require_huge: false,
+            verbose: false,
+            brk_start: 0,
+            brk_cur: 0,
+            brk_end: 0,
+            brk_dirty: 0,
+        }
+    }
+
+    /// Create the memfds. `huge` says whether to try 2 MiB pages.
+    pub fn init(&mut self, huge: bool, require_huge: bool, verbose: bool) -> Result<(), i64> {
+        self.verbose = verbose;
+        self.require_huge = require_huge;
+        self.memfd = [-1, -1];
+        // SAFETY: the name is NUL-terminated.
+        let fd = unsafe { syscall3(nr::MEMFD_CREATE, b"lwk-mem\0".as_ptr() as u64, MFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(fd);
+        }
+        // SAFETY: ftruncate on our new memfd.
+        let r = unsafe { syscall3(nr::FTRUNCATE, fd as u64, MEMFD_SPACE, 0) };
+        if r < 0 {
+            return Err(r);
+        }
+        self.memfd[0] = fd as i32;
+        self.extents[0].init(MEMFD_SPACE);
+        if huge {
+            // SAFETY: as above.
+            let hfd = unsafe {
+                syscall3(nr::MEMFD_CREATE, b"lwk-huge\0".as_ptr() as u64, MFD_CLOEXEC | MFD_HUGETLB | MFD_HUGE_2MB, 0)
+            };
+            if hfd >= 0 && unsafe { syscall3(nr::FTRUNCATE, hfd as u64, MEMFD_SPACE, 0) } >= 0 {
+                self.memfd[1] = hfd as i32;
+                self.extents[1].init(MEMFD_SPACE);
+                self.huge_ok = true;
+            } else {
+                self.note_fallback();
+            }
+        }
+        let h = &control().header;
+        h.memfd[0].store(self.memfd[0], core::sync::atomic::Ordering::Release);
+        h.memfd[1].store(self.memfd[1], core::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    pub fn note_fallback(&mut self) {
+        let h = &control().header;
+        if h.huge_fallback.swap(1, core::sync::atomic::Ordering::Relaxed) == 0 && self.verbose {
+            lwk_rt::diag!("no free 2 MiB huge pages: application memory falls back to 4 KiB pages");
+        }
+    }
+
+    /// Index of the first piece whose end is above `addr`.
+    fn find(&self, addr: u64) -> usize {
+        let (mut lo, mut hi) = (0, self.n);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.pieces[mid].end <= addr {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    pub fn is_free(&self, start: u64, end: u64) -> bool {
+        let i = self.find(start);
+        i == self.n || self.pieces[i].start >= end
+    }
+
+    /// Is [start, end) entirely mapped?
+    fn covered(&self, start: u64, end: u64) -> bool {
+        let mut at = start;
+        let mut i = self.find(start);
+        while at < end {
+            if i == self.n || self.pieces[i].start > at {
+                return false;
+            }
+            at = self.pieces[i].end;
+            i += 1;
+        }
+        true
+    }
+
+    /// May the LWK itself read (or write) [addr, addr+len) of the application?
+    pub fn accessible(&self, addr: u64, len: u64, write: bool) -> bool {
+        let Some(end) = addr.checked_add(len) else { return false };
+        if !self.covered(addr, end) {
+            return false;
+        }
+        let need = if write { PROT_WRITE } else { PROT_READ } as u32;
+        let mut i = self.find(addr);
+        while i < self.n && self.pieces[i].start < end {
+            if self.pieces[i].prot & need == 0 {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+
+    fn insert(&mut self, p: Piece) -> Result<(), i64> {
+        if self.n == MAX_PIECES {
+            return Err(-ENOMEM);
+        }
+        let i = self.find(p.start);
+        self.pieces.copy_within(i..self.n, i + 1);
+        self.pieces[i] = p;
+        self.n += 1;
+        Ok(())
+    }
+
+    fn remove_at(&mut self, i: usize) -> Piece {
+        let p = self.pieces[i];
+        self.pieces.copy_within(i + 1..self.n, i);
+        self.n -= 1;
+        p
+    }
+
+    /// Make `addr` a piece boundary.
+    fn split_at(&mut self, addr: u64) -> Result<(), i64> {
+        let i = self.find(addr);
+        if i == self.n || self.pieces[i].start >= addr {
+            return Ok(());
+        }
+        if self.pieces[i].src == SRC_MEMFD_HUGE && addr % HUGE != 0 {
+            self.demote(i, huge_down(addr))?;
+            return self.split_at(addr);
+        }
+        if self.n == MAX_PIECES {
+            return Err(-ENOMEM);
+        }
+        let mut tail = self.pieces[i];
+        tail.off += addr - tail.start;
+        tail.start = addr;
+        self.pieces[i].end = addr;
+        self.pieces.copy_within(i + 1..self.n, i + 2);
+        self.pieces[i + 1] = tail;
+        self.n += 1;
+        Ok(())
+    }
+
+    /// Replace the 2 MiB page at `at` of huge piece `i` with 4 KiB pages
+    /// holding the same bytes.
+    fn demote(&mut self, i: usize, at: u64) -> Result<(), i64> {
+        let p = self.pieces[i];
+        let off_h = p.off + (at - p.start);
+        let off_s = self.extents[0].alloc(HUGE).ok_or(-ENOMEM)?;
+        // SAFETY: the scratch window is the LWK's own, outside the
+        // application's range; both mappings are removed before returning.
+        unsafe {
+            let a = mmap(SCRATCH_ADDR, HUGE, PROT_READ, MAP_SHARED | MAP_FIXED, self.memfd[1], off_h);
+            let b = mmap(SCRATCH_ADDR + HUGE, HUGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, self.memfd[0], off_s);
+            if a < 0 || b < 0 {
+                munmap(SCRATCH_ADDR, 2 * HUGE);
+                self.extents[0].free(off_s, HUGE);
+                return Err(if a < 0 { a } else { b });
+            }
+            core::ptr::copy_nonoverlapping(SCRATCH_ADDR as *const u8, (SCRATCH_ADDR + HUGE) as *mut u8, HUGE as usize);
+            munmap(SCRATCH_ADDR, 2 * HUGE);
+            let r = mmap(at, HUGE, p.prot as u64, MAP_SHARED | MAP_FIXED | populate(&p), self.memfd[0], off_s);
+            if r < 0 {
+                self.extents[0].free(off_s, HUGE);
+                return Err(r);
+            }
+        }
+        self.pieces[i].end = at;
+        let small = Piece { start: at, end: at + HUGE, src: SRC_MEMFD_SMALL, off: off_s, ..p };
+        let after = Piece { start: at + HUGE, off: off_h + HUGE, ..p };
+        let mut idx = i;
+        if self.pieces[i].start == at {
+            self.pieces[i] = small;
+        } else {
+            idx += 1;
+            self.insert(small)?;
+        }
+        if after.start < after.end {
+            self.insert(after)?;
+        }
+        let _ = idx;
+        self.release_extent(SRC_MEMFD_HUGE, off_h, HUGE);
+        control().stats.sub_memory(HUGE, true);
+        control().stats.add_memory(HUGE, false);
+        push(MapOp { kind: OP_MAP, prot: p.prot, addr: at, len: HUGE, source: SRC_MEMFD_SMALL, fd: -1, offset: off_s });
+        Ok(())
+    }
+
+    fn release_extent(&mut self, src: u32, off: u64, len: u64) {
+        let k = src as usize;
+        punch(self.memfd[k], off, len);
+        self.extents[k].free(off, len);
+    }
+
+    /// Forget every piece inside [start, end), giving back its memory.
+    /// The caller unmaps or maps over the range in the kernel.
+    fn forget(&mut self, start: u64, end: u64) -> Result<(), i64> {
+        self.split_at(start)?;
+        self.split_at(end)?;
+        let i = self.find(start);
+        while i < self.n && self.pieces[i].start < end {
+            let p = self.remove_at(i);
+            if p.is_memfd() {
+                self.release_extent(p.src, p.off, p.len());
+                control().stats.sub_memory(p.len(), p.src == SRC_MEMFD_HUGE);
+            }
+        }
+        Ok(())
+    }
+
+    /// Back [start, end) with fresh zeroed memory: huge pages for the
+    /// 2 MiB-aligned middle when possible, 4 KiB pages around it.
+    fn map_fresh(&mut self, start: u64, end: u64, prot: u32, lazy: bool) -> Result<(), i64> {
+        let (hs, he) = (huge_up(start), huge_down(end));
+        if self.huge_ok && !lazy && prot != 0 && hs < he {
+            match self.map_extent(hs, he, prot, lazy, SRC_MEMFD_HUGE) {
+                Ok(()) => {
+                    if start < hs {
+                        self.map_extent(start, hs, prot, lazy, SRC_MEMFD_SMALL)?;
+                    }
+                    if he < end {
+                        self.map_extent(he, end, prot, lazy, SRC_MEMFD_SMALL)?;
+                    }
+                    return Ok(());
+                }
+                Err(e) if e == -ENOMEM && !self.require_huge => self.note_fallback(),
+                Err(e) => return Err(e),
+            }
+        }
+        self.map_extent(start, end, prot, lazy, SRC_MEMFD_SMALL)
+    }
+
+    fn map_extent(&mut self, start: u64, end: u64, prot: u32, lazy: bool, src: u32) -> Result<(), i64> {
+        let len = end - start;
+        let k = src as usize;
+        let off = self.extents[k].alloc(len).ok_or(-ENOMEM)?;
+        let p = Piece { start, end, prot, src, fd: -1, lazy, off };
+        // SAFETY: [start, end) is in the application's range and was
+        // forgotten by the caller; mapping over it is what the call asks.
+        let r = unsafe { mmap(start, len, prot as u64, MAP_SHARED | MAP_FIXED | populate(&p), self.memfd[k], off) };
+        if r < 0 {
+            self.extents[k].free(off, len);
+            return Err(r);
+        }
+        if let Err(e) = self.insert(p) {
+            // SAFETY: undo the mapping we just made.
+            unsafe { munmap(start, len) };
+            self.release_extent(src, off, len);
+            return Err(e);
+        }
+        control().stats.add_memory(len, src == SRC_MEMFD_HUGE);
+        push(MapOp { kind: OP_MAP, prot, addr: start, len, source: src, fd: -1, offset: off });
+        Ok(())
+    }
+
+    /// Highest free, aligned gap of `len` bytes below MMAP_TOP; the start
+    /// is congruent to `phase` modulo `align`.
+    fn find_gap(&self, len: u64, align: u64, phase: u64) -> Option<u64> {
+        let fit = |lo: u64, hi: u64| -> Option<u64> {
+            let s = hi.checked_sub(len)?;
+            let s = (s & !(align - 1)) + phase;
+            let s = if s + len > hi { s.checked_sub(align)? } else { s };
+            (s >= lo).then_some(s)
+        };
+        let mut hi = MMAP_TOP;
+        for i in (0..self.n).rev() {
+            let p = &self.pieces[i];
+            if p.start >= hi {
+                continue;
+            }
+            if p.end < hi {
+                if let Some(s) = fit(p.end, hi) {
+                    return Some(s);
+                }
+            }
+            hi = p.start;
+        }
+        fit(APP_START.max(self.brk_start + (1 << 30)), hi)
+    }
+
+    fn in_app_range(start: u64, len: u64) -> bool {
+        start >= APP_START && start.checked_add(len).is_some_and(|e| e <= APP_END)
+    }
+
+    pub fn mmap(&mut self, addr: u64, len: u64, prot: u64, flags: u64, fd: i64, off: u64) -> i64 {
+        match self.mmap_inner(addr, len, prot, flags, fd as i32, off) {
+            Ok(a) => a as i64,
+            Err(e) => e,
+        }
+    }
+
+    fn mmap_inner(&mut self, addr: u64, len: u64, prot: u64, flags: u64, fd: i32, off: u64) -> Result<u64, i64> {
+        if len == 0 || off % PAGE != 0 {
+            return Err(-EINVAL);
+        }
+        let len = if len > APP_END { return Err(-ENOMEM) } else { page_up(len) };
+        let typ = flags & MAP_TYPE;
+        if typ != MAP_SHARED && typ != MAP_PRIVATE && typ != MAP_SHARED_VALIDATE {
+            return Err(-EINVAL);
+        }
+        if prot & !(PROT_READ | PROT_WRITE | PROT_EXEC) != 0 {
+            return Err(-EINVAL);
+        }
+        let anon = flags & MAP_ANONYMOUS != 0;
+        let lazy = flags & MAP_NORESERVE != 0 || prot == PROT_NONE;
+        let start = if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0 {
+            if addr % PAGE != 0 {
+                return Err(-EINVAL);
+            }
+            if !Self::in_app_range(addr, len) {
+                return Err(-ENOMEM);
+            }
+            if flags & MAP_FIXED == 0 && !self.is_free(addr, addr + len) {
+                return Err(-EEXIST);
+            }
+            addr
+        } else if addr != 0 && addr % PAGE == 0 && Self::in_app_range(addr, len) && self.is_free(addr, addr + len) {
+            addr
+        } else {
+            let align = if anon && typ == MAP_PRIVATE && !lazy && self.huge_ok && len >= HUGE { HUGE } else { PAGE };
+            self.find_gap(len, align, 0).ok_or(-ENOMEM)?
+        };
+        let end = start + len;
+        if anon {
+            self.forget(start, end)?;
+            self.map_fresh(start, end, prot as u32, lazy)?;
+        } else if typ == MAP_PRIVATE {
+            self.map_private_file(start, end, prot as u32, fd, off)?;
+        } else {
+            self.map_shared_file(start, end, prot as u32, flags, fd, off)?;
+        }
+        Ok(start)
+    }
+
+    /// The application's file descriptor flags, from the proxy.
+    fn fd_flags(fd: i32) -> Result<u64, i64> {
+        let fl = delegate::call(nr::FCNTL, [fd as u64, F_GETFL, 0, 0, 0, 0]);
+        if fl < 0 {
+            Err(-EBADF)
+        } else {
+            Ok(fl as u64)
+        }
+    }
+
+    /// MAP_PRIVATE of a file: a private copy of its contents in LWK memory.
+    /// Differs from Linux only in that later writes to the file by others
+    /// are not seen through pages the application has not written.
+    fn map_private_file(&mut self, start: u64, end: u64, prot: u32, fd: i32, off: u64) -> Result<(), i64> {
+        if Self::fd_flags(fd)? & O_ACCMODE == O_WRONLY {
+            return Err(-EACCES);
+        }
+        self.forget(start, end)?;
+        self.map_fresh(start, end, (PROT_READ | PROT_WRITE) as u32, false)?;
+        let len = end - start;
+        let mut done = 0;
+        while done < len {
+            let r = delegate::call(nr::PREAD64, [fd as u64, start + done, len - done, off + done, 0, 0]);
+            if r == -EINTR {
+                continue;
+            }
+            if r < 0 {
+                let _ = self.munmap(start, len);
+                return Err(if r == -EISDIR || r == -ESPIPE || r == -EINVAL { -ENODEV } else { r });
+            }
+            if r == 0 {
+                break;
+            }
+            done += r as u64;
+        }
+        if prot != (PROT_READ | PROT_WRITE) as u32 {
+            self.protect(start, end, prot)?;
+        }
+        Ok(())
+    }
+
+    /// MAP_SHARED of a file: the real file, opened again through the
+    /// proxy's descriptor, in both processes.
+    fn map_shared_file(&mut self, start: u64, end: u64, prot: u32, flags: u64, fd: i32, off: u64) -> Result<(), i64> {
+        let acc = Self::fd_flags(fd)? & O_ACCMODE;
+        if acc == O_WRONLY || (prot as u64 & PROT_WRITE != 0 && acc != O_RDWR) {
+            return Err(-EACCES);
+        }
+        let mut path = [0u8; 64];
+        let proxy = control().header.proxy_pid.load(core::sync::atomic::Ordering::Relaxed);
+        let n = fmt_proc_fd(&mut path, proxy, fd);
+        let lfd = open(&path[..n], if acc == O_RDWR { O_RDWR } else { O_RDONLY } | O_CLOEXEC, 0);
+        if lfd < 0 {
+            return Err(if lfd == -ENXIO { -ENODEV } else { lfd });
+        }
+        self.forget(start, end)?;
+        let keep = flags & (MAP_LOCKED | MAP_POPULATE | MAP_NONBLOCK | MAP_SYNC | MAP_NORESERVE);
+        // SAFETY: the range is the application's and was forgotten above.
+        let r = unsafe { mmap(start, end - start, prot as u64, MAP_SHARED | MAP_FIXED | keep, lfd as i32, off) };
+        close(lfd as i32);
+        if r < 0 {
+            return Err(r);
+        }
+        self.insert(Piece { start, end, prot, src: SRC_APP_FD, fd, lazy: true, off })?;
+        push(MapOp { kind: OP_MAP, prot, addr: start, len: end - start, source: SRC_APP_FD, fd, offset: off });
+        Ok(())
+    }
+
+    pub fn munmap(&mut self, addr: u64, len: u64) -> i64 {
+        if addr % PAGE != 0 || len == 0 {
+            return -EINVAL;
+        }
+        let start = addr.max(APP_START);
+        let end = addr.saturating_add(page_up(len)).min(APP_END);
+        if start >= end {
+            return 0;
+        }
+        if let Err(e) = self.forget(start, end) {
+            return e;
+        }
+        // SAFETY: the range is inside the application's range.
+        unsafe { munmap(start, end - start) };
+        push(MapOp { kind: OP_UNMAP, addr: start, len: end - start, ..Default::default() });
+        0
+    }
+
+    pub fn mprotect(&mut self, addr: u64, len: u64, prot: u64) -> i64 {
+        if addr % PAGE != 0 {
+            return -EINVAL;
+        }
+        if prot & !(PROT_READ | PROT_WRITE | PROT_EXEC) != 0 {
+            // PROT_GROWSUP/DOWN: not supported on LWK memory.
+            return -EINVAL;
+        }
+        let len = page_up(len);
+        if len == 0 {
+            return 0;
+        }
+        let Some(end) = addr.checked_add(len) else { return -ENOMEM };
+        if !self.covered(addr, end) {
+            return -ENOMEM;
+        }
+        match self.protect(addr, end, prot as u32) {
+            Ok(()) => 0,
+            Err(e) => e,
+        }
+    }
+
+    fn protect(&mut self, start: u64, end: u64, prot: u32) -> Result<(), i64> {
+        self.split_at(start)?;
+        self.split_at(end)?;
+        // SAFETY: the range is covered by application pieces.
+        let r = unsafe { mprotect(start, end - start, prot as u64) };
+        if r < 0 {
+            return Err(r);
+        }
+        let mut i = self.find(start);
+        while i < self.n && self.pieces[i].start < end {
+            let p = &mut self.pieces[i];
+            if p.prot == 0 && prot != 0 && p.is_memfd() {
+                p.lazy = false;
+                let advice = if prot as u64 & PROT_WRITE != 0 { MADV_POPULATE_WRITE } else { MADV_POPULATE_READ };
+                // SAFETY: pre-faulting our own mapping.
+                unsafe { syscall3(nr::MADVISE, p.start, p.end - p.start, advice) };
+            }
+            p.prot = prot;
+            i += 1;
+        }
+        push(MapOp { kind: OP_PROTECT, prot, addr: start, len: end - start, ..Default::default() });
+        Ok(())
+    }
+
+    pub fn mremap(&mut self, old: u64, old_len: u64, new_len: u64, flags: u64, new_addr: u64) -> i64 {
+        match self.mremap_inner(old, old_len, new_len, flags, new_addr) {
+            Ok(a) => a as i64,
+            Err(e) => e,
+        }
+    }
+
+    fn mremap_inner(&mut self, old: u64, old_len: u64, new_len: u64, flags: u64, new_addr: u64) -> Result<u64, i64> {
+        if old % PAGE != 0 || flags & !(MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP) != 0 {
+            return Err(-EINVAL);
+        }
+        if flags & MREMAP_FIXED != 0 && flags & MREMAP_MAYMOVE == 0 {
+            return Err(-EINVAL);
+        }
+        if flags & MREMAP_DONTUNMAP != 0 {
+            return Err(-EINVAL); // not supported on LWK memory
+        }
+        let (old_len, new_len) = (page_up(old_len), page_up(new_len));
+        if new_len == 0 || old_len == 0 || new_len > APP_END {
+            return Err(-EINVAL);
+        }
+        let old_end = old.checked_add(old_len).ok_or(-EINVAL)?;
+        if !self.covered(old, old_end) {
+            return Err(-EFAULT);
+        }
+        if flags & MREMAP_FIXED != 0 {
+            if new_addr % PAGE != 0 || !Self::in_app_range(new_addr, new_len) {
+                return Err(-EINVAL);
+            }
+            if new_addr < old_end && old < new_addr + new_len {
+                return Err(-EINVAL);
+            }
+            let keep = old_len.min(new_len);
+            if keep < old_len {
+                self.munmap(old + keep, old_len - keep);
+            }
+            self.munmap(new_addr, new_len);
+            self.move_range(old, old + keep, new_addr)?;
+            if keep < new_len {
+                self.grow_tail(new_addr + keep, new_addr + new_len)?;
+            }
+            return Ok(new_addr);
+        }
+        if new_len <= old_len {
+            if new_len < old_len {
+                self.munmap(old + new_len, old_len - new_len);
+            }
+            return Ok(old);
+        }
+        let new_end = old.checked_add(new_len).ok_or(-ENOMEM)?;
+        if new_end <= APP_END && self.is_free(old_end, new_end) {
+            self.grow_tail(old_end, new_end)?;
+            return Ok(old);
+        }
+        if flags & MREMAP_MAYMOVE == 0 {
+            return Err(-ENOMEM);
+        }
+        let dst = self.find_gap(new_len, HUGE, old % HUGE).ok_or(-ENOMEM)?;
+        self.move_range(old, old_end, dst)?;
+        self.grow_tail(dst + old_len, dst + new_len)?;
+        Ok(dst)
+    }
+
+    /// New memory after a growing mremap: the protection of the last piece.
+    fn grow_tail(&mut self, start: u64, end: u64) -> Result<(), i64> {
+        let i = self.find(start - 1);
+        let (prot, lazy) = (self.pieces[i].prot, self.pieces[i].lazy);
+        self.map_fresh(start, end, prot, lazy)
+    }
+
+    /// Move the pieces of [start, end) to `dst`, keeping their pages.
+    fn move_range(&mut self, start: u64, end: u64, dst: u64) -> Result<(), i64> {
+        self.split_at(start)?;
+        self.split_at(end)?;
+        // SAFETY: kernel mremap of whole application pieces to a free,
+        // suitably aligned part of the application's range.
+        let r = unsafe { syscall6(nr::MREMAP, start, end - start, end - start, MREMAP_MAYMOVE | MREMAP_FIXED, dst, 0) };
+        if r < 0 {
+            return Err(r);
+        }
+        push(MapOp { kind: OP_MOVE, addr: start, len: end - start, offset: dst, ..Default::default() });
+        let mut moved = [Piece::default(); 64];
+        let mut k = 0;
+        while let Some(i) = (self.find(start) < self.n && self.pieces[self.find(start)].start < end).then(|| self.find(start)) {
+            let mut p = self.remove_at(i);
+            p.end = p.end - start + dst;
+            p.start = p.start - start + dst;
+            if k == moved.len() {
+                self.insert(p)?;
+            } else {
+                moved[k] = p;
+                k += 1;
+            }
+        }
+        for p in &moved[..k] {
+            self.insert(*p)?;
+        }
+        Ok(())
+    }
+
+    pub fn madvise(&mut self, addr: u64, len: u64, advice: u64) -> i64 {
+        const MADV_FREE: u64 = 8;
+        if addr % PAGE != 0 {
+            return -EINVAL;
+        }
+        let end = addr.saturating_add(page_up(len));
+        match advice {
+            MADV_DONTNEED | MADV_REMOVE => {
+                if !self.covered(addr, end) {
+                    return -ENOMEM;
+                }
+                self.zero(addr, end);
+                0
+            }
+            // Keeping the contents is a valid MADV_FREE.
+            MADV_FREE => {
+                if self.covered(addr, end) {
+                    0
+                } else {
+                    -ENOMEM
+                }
+            }
+            // SAFETY: other advice does not change contents or mappings.
+            _ => unsafe { syscall3(nr::MADVISE, addr, len, advice) },
+        }
+    }
+
+    /// Give [start, end) fresh zero pages, as MADV_DONTNEED does for
+    /// private anonymous memory on Linux.
+    fn zero(&mut self, start: u64, end: u64) {
+        let mut i = self.find(start);
+        while i < self.n && self.pieces[i].start < end {
+            let p = self.pieces[i];
+            let (s, e) = (p.start.max(start), p.end.min(end));
+            match p.src {
+                SRC_APP_FD => {
+                    // SAFETY: same as native: drops page-table entries.
+                    unsafe { syscall3(nr::MADVISE, s, e - s, MADV_DONTNEED) };
+                }
+                SRC_MEMFD_SMALL => punch(self.memfd[0], p.off + (s - p.start), e - s),
+                _ => {
+                    let (hs, he) = (huge_up(s), huge_down(e));
+                    if hs < he {
+                        punch(self.memfd[1], p.off + (hs - p.start), he - hs);
+                    }
+                    for (a, b) in [(s, hs.min(e)), (he.max(s), e)] {
+                        if a < b {
+                            self.fill_zero(p, a, b);
+                        }
+                    }
+                }
+            }
+            i += 1;
+        }
+    }
+
+    fn fill_zero(&self, p: Piece, a: u64, b: u64) {
+        if p.prot as u64 & PROT_WRITE == 0 {
+            // SAFETY: briefly writable to clear, then restored.
+            unsafe { mprotect(a, b - a, PROT_READ | PROT_WRITE) };
+        }
+        // SAFETY: [a, b) is mapped application memory of piece p.
+        unsafe { core::ptr::write_bytes(a as *mut u8, 0, (b - a) as usize) };
+        if p.prot as u64 & PROT_WRITE == 0 {
+            // SAFETY: restore the application's protection.
+            unsafe { mprotect(a, b - a, p.prot as u64) };
+        }
+    }
+
+    /// Set the start of the heap (end of the program's image).
+    pub fn set_brk_start(&mut self, at: u64) {
+        self.brk_start = page_up(at);
+        self.brk_cur = at;
+        self.brk_end = page_up(at);
+        self.brk_dirty = at;
+    }
+
+    pub fn brk(&mut self, new: u64) -> i64 {
+        if new < self.brk_start || new > APP_END {
+            return self.brk_cur as i64;
+        }
+        let need = page_up(new);
+        if need > self.brk_end {
+            // Grow in whole 2 MiB steps once aligned, so the heap can sit on
+            // huge pages.
+            let to = if self.huge_ok { huge_up(need) } else { need };
+            let to = if self.is_free(self.brk_end, to) { to } else { need };
+            if !self.is_free(self.brk_end, to) || self.map_fresh(self.brk_end, to, (PROT_READ | PROT_WRITE) as u32, false).is_err() {
+                return self.brk_cur as i64;
+            }
+            self.brk_end = to;
+        }
+        if new > self.brk_cur && self.brk_dirty > self.brk_cur {
+            let z = new.min(self.brk_dirty);
+            // SAFETY: [brk_cur, z) is mapped heap memory.
+            unsafe { core::ptr::write_bytes(self.brk_cur as *mut u8, 0, (z - self.brk_cur) as usize) };
+        }
+        if new < self.brk_cur {
+            self.brk_dirty = self.brk_dirty.max(self.brk_cur);
+        }
+        self.brk_cur = new;
+        new as i64
+    }
+
+    /// Map [start, end) as a private copy filled by `fill`, then set `prot`.
+    /// Used by the loader for program segments.
+    pub fn map_copy(&mut self, start: u64, end: u64, prot: u32, fill: impl FnOnce() -> Result<(), i64>) -> Result<(), i64> {
+        self.forget(start, end)?;
+        self.map_extent(start, end, (PROT_READ | PROT_WRITE) as u32, false, SRC_MEMFD_SMALL)?;
+        fill()?;
+        if prot != (PROT_READ | PROT_WRITE) as u32 {
+            self.protect(start, end, prot)?;
+        }
+        Ok(())
+    }
+
+    /// Map fresh anonymous memory at a fixed place (the stack).
+    pub fn map_anon_fixed(&mut self, start: u64, end: u64, prot: u32) -> Result<(), i64> {
+        self.forget(start, end)?;
+        self.map_fresh(start, end, prot, false)
+    }
+
+    /// Reserve a free range for an image of `len` bytes (the interpreter).
+    pub fn find_free(&self, len: u64) -> Option<u64> {
+        self.find_gap(page_up(len), HUGE, 0)
+    }
+
+    pub fn pieces(&self) -> &[Piece] {
+        &self.pieces[..self.n]
+    }
+}
+
+fn populate(p: &Piece) -> u64 {
+    if p.lazy || p.prot == 0 {
+        0
+    } else {
+        MAP_POPULATE
+    }
+}
+
+/// "/proc/PID/fd/FD\0" into `buf`; returns the length with the NUL.
+pub fn fmt_proc_fd(buf: &mut [u8; 64], pid: i32, fd: i32) -> usize {
+    let mut n = 0;
+    let mut put = |s: &[u8], n: &mut usize| {
+        buf[*n..*n + s.len()].copy_from_slice(s);
+        *n += s.len();
+    };
+    put(b"/proc/", &mut n);
+    put(fmt_u64(&mut [0; 20], pid as u64), &mut n);
+    put(b"/fd/", &mut n);
+    put(fmt_u64(&mut [0; 20], fd as u64), &mut n);
+    put(b"\0", &mut n);
+    n
+}
+
+pub fn fmt_u64(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}

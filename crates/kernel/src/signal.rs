@@ -1,0 +1,162 @@
+//! Signals of the application. The LWK keeps SIGSYS for itself: the
+//! application's view of SIGSYS is virtual, it can never block it, and
+//! every handler it installs returns through the LWK's restorer (inside the
+//! allowed region), so rt_sigreturn never traps.
+//!
+//! Inside the SIGSYS handler every other signal is blocked; the mask the
+//! application sees is the one saved in the signal frame, which is what
+//! rt_sigprocmask reads and changes.
+
+use lwk_rt::nr;
+use lwk_rt::*;
+
+use crate::mm::MM;
+use crate::sync::SpinLock;
+use crate::trap::{restorer_addr, UContext, SIGSYS};
+
+const SIG_DFL: u64 = 0;
+const SIG_IGN: u64 = 1;
+const SA_RESTORER: u64 = 0x0400_0000;
+const SIGSYS_BIT: u64 = 1 << (SIGSYS - 1);
+const UNBLOCKABLE: u64 = (1 << 8) | (1 << 18) | SIGSYS_BIT; // SIGKILL, SIGSTOP, SIGSYS
+
+/// What the application asked for that the kernel does not hold:
+/// the SIGSYS action, and each signal's own restorer and flags.
+struct Saved {
+    sigsys: [u64; 4],
+    restorer: [(u64, u64); 65],
+}
+
+static SAVED: SpinLock<Saved> = SpinLock::new(Saved { sigsys: [0; 4], restorer: [(0, 0); 65] });
+
+fn read_app<const N: usize>(addr: u64) -> Result<[u64; N], i64> {
+    if !MM.lock().accessible(addr, 8 * N as u64, false) {
+        return Err(-EFAULT);
+    }
+    // SAFETY: the range is mapped readable application memory.
+    Ok(unsafe { core::ptr::read_unaligned(addr as *const [u64; N]) })
+}
+
+fn write_app<const N: usize>(addr: u64, v: [u64; N]) -> Result<(), i64> {
+    if !MM.lock().accessible(addr, 8 * N as u64, true) {
+        return Err(-EFAULT);
+    }
+    // SAFETY: the range is mapped writable application memory.
+    unsafe { core::ptr::write_unaligned(addr as *mut [u64; N], v) };
+    Ok(())
+}
+
+pub fn rt_sigaction(sig: u64, act: u64, oact: u64, size: u64) -> i64 {
+    match sigaction(sig, act, oact, size) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}
+
+fn sigaction(sig: u64, act: u64, oact: u64, size: u64) -> Result<(), i64> {
+    if size != 8 || sig == 0 || sig > 64 {
+        return Err(-EINVAL);
+    }
+    let new: Option<[u64; 4]> = if act != 0 { Some(read_app(act)?) } else { None };
+    if sig == SIGSYS {
+        let mut s = SAVED.lock();
+        let old = s.sigsys;
+        if let Some(n) = new {
+            s.sigsys = n;
+        }
+        drop(s);
+        if oact != 0 {
+            write_app(oact, old)?;
+        }
+        return Ok(());
+    }
+    let mut k = new.unwrap_or_default();
+    if new.is_some() && k[0] != SIG_DFL && k[0] != SIG_IGN {
+        SAVED.lock().restorer[sig as usize] = (k[1] & SA_RESTORER, k[2]);
+        k[1] |= SA_RESTORER;
+        k[2] = restorer_addr();
+    }
+    k[3] &= !SIGSYS_BIT;
+    let mut old = [0u64; 4];
+    // SAFETY: both buffers are the LWK's own.
+    let r = unsafe {
+        syscall6(
+            nr::RT_SIGACTION,
+            sig,
+            if new.is_some() { k.as_ptr() as u64 } else { 0 },
+            old.as_mut_ptr() as u64,
+            8,
+            0,
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(r);
+    }
+    if old[2] == restorer_addr() {
+        let (flag, restorer) = SAVED.lock().restorer[sig as usize];
+        old[1] = (old[1] & !SA_RESTORER) | flag;
+        old[2] = restorer;
+    }
+    if oact != 0 {
+        write_app(oact, old)?;
+    }
+    Ok(())
+}
+
+pub fn rt_sigprocmask(how: u64, set: u64, oset: u64, size: u64, uc: &mut UContext) -> i64 {
+    if size != 8 {
+        return -EINVAL;
+    }
+    let old = uc.sigmask;
+    if set != 0 {
+        let s = match read_app::<1>(set) {
+            Ok(v) => v[0],
+            Err(e) => return e,
+        };
+        let m = match how {
+            0 => old | s,
+            1 => old & !s,
+            2 => s,
+            _ => return -EINVAL,
+        };
+        uc.sigmask = m & !UNBLOCKABLE;
+    }
+    if oset != 0 {
+        if let Err(e) = write_app(oset, [old]) {
+            return e;
+        }
+    }
+    0
+}
+
+pub fn rt_sigsuspend(set: u64, size: u64) -> i64 {
+    if size != 8 {
+        return -EINVAL;
+    }
+    let m = match read_app::<1>(set) {
+        Ok(v) => v[0] & !UNBLOCKABLE,
+        Err(e) => return e,
+    };
+    // SAFETY: m is the LWK's own.
+    unsafe { syscall3(nr::RT_SIGSUSPEND, &m as *const u64 as u64, 8, 0) }
+}
+
+pub fn pause(uc: &UContext) -> i64 {
+    let m = uc.sigmask & !UNBLOCKABLE;
+    // SAFETY: m is the LWK's own.
+    unsafe { syscall3(nr::RT_SIGSUSPEND, &m as *const u64 as u64, 8, 0) }
+}
+
+/// Run a blocking call with the application's signal mask, so a signal
+/// interrupts it with EINTR after its handler ran, as natively.
+pub fn with_app_mask(uc: &UContext, f: impl FnOnce() -> i64) -> i64 {
+    let app = uc.sigmask & !UNBLOCKABLE;
+    let mut saved = 0u64;
+    // SAFETY: masks are the LWK's own words.
+    unsafe { syscall6(nr::RT_SIGPROCMASK, 2, &app as *const u64 as u64, &mut saved as *mut u64 as u64, 8, 0, 0) };
+    let r = f();
+    // SAFETY: as above.
+    unsafe { syscall6(nr::RT_SIGPROCMASK, 2, &saved as *const u64 as u64, 0, 8, 0, 0) };
+    r
+}

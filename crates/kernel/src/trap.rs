@@ -1,0 +1,213 @@
+//! System-call entry: Syscall User Dispatch sends every system call the
+//! application makes from outside the LWK's text as SIGSYS to
+//! [`lwk_sigsys`], which routes it by the one syscall table.
+
+use core::arch::global_asm;
+use core::sync::atomic::Ordering::Relaxed;
+
+use lwk_abi::control::NR_SLOTS;
+use lwk_abi::syscalls::{self, Class};
+use lwk_rt::nr;
+use lwk_rt::*;
+
+use crate::mm::MM;
+use crate::{control, delegate, signal};
+
+pub const REG_R8: usize = 0;
+pub const REG_R9: usize = 1;
+pub const REG_R10: usize = 2;
+pub const REG_RDI: usize = 8;
+pub const REG_RSI: usize = 9;
+pub const REG_RDX: usize = 12;
+pub const REG_RAX: usize = 13;
+pub const REG_RSP: usize = 15;
+pub const REG_RIP: usize = 16;
+
+/// The kernel's `struct ucontext` on x86-64 (the parts we touch).
+#[repr(C)]
+pub struct UContext {
+    pub flags: u64,
+    pub link: u64,
+    pub ss_sp: u64,
+    pub ss_flags: u32,
+    pub _pad: u32,
+    pub ss_size: u64,
+    pub gregs: [u64; 23],
+    pub fpregs: u64,
+    pub reserved: [u64; 8],
+    /// The signal mask restored by rt_sigreturn: the application's mask.
+    pub sigmask: u64,
+}
+
+const _: () = assert!(core::mem::offset_of!(UContext, sigmask) == 296);
+
+pub const SIGSYS: u64 = 31;
+const SA_SIGINFO: u64 = 4;
+const SA_RESTORER: u64 = 0x0400_0000;
+const PR_SET_SYSCALL_USER_DISPATCH: u64 = 59;
+const PR_SYS_DISPATCH_ON: u64 = 1;
+const SYSCALL_DISPATCH_FILTER_BLOCK: u8 = 1;
+
+// The signal return path must be inside the allowed region, or the
+// rt_sigreturn would itself trap.
+global_asm!(
+    ".globl lwk_restorer",
+    "lwk_restorer:",
+    "mov eax, 15",
+    "syscall",
+    "ud2",
+);
+
+extern "C" {
+    fn lwk_restorer();
+    static __ehdr_start: u8;
+    static etext: u8;
+}
+
+pub fn restorer_addr() -> u64 {
+    lwk_restorer as *const () as u64
+}
+
+/// Read by the kernel on every system call of this thread.
+static SELECTOR: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(SYSCALL_DISPATCH_FILTER_BLOCK);
+
+/// Install the SIGSYS handler and switch dispatch on for this thread.
+pub fn enable() -> Result<(), i64> {
+    let act: [u64; 4] = [lwk_sigsys as *const () as u64, SA_SIGINFO | SA_RESTORER, restorer_addr(), !0];
+    // SAFETY: act is a valid kernel sigaction for SIGSYS.
+    let r = unsafe { syscall6(nr::RT_SIGACTION, SIGSYS, act.as_ptr() as u64, 0, 8, 0, 0) };
+    if r < 0 {
+        return Err(r);
+    }
+    // SAFETY: linker-defined symbols; only their addresses are used.
+    let (start, end) = unsafe { (&__ehdr_start as *const u8 as u64, &etext as *const u8 as u64) };
+    // SAFETY: SELECTOR is static and lives as long as the process.
+    let r = unsafe {
+        syscall6(nr::PRCTL, PR_SET_SYSCALL_USER_DISPATCH, PR_SYS_DISPATCH_ON, start, end - start, SELECTOR.as_ptr() as u64, 0)
+    };
+    if r < 0 {
+        return Err(r);
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ran {
+    Local,
+    Delegated,
+}
+
+/// The SIGSYS handler: one trapped system call.
+///
+/// # Safety
+/// Called by the kernel with a valid ucontext.
+#[no_mangle]
+pub unsafe extern "C" fn lwk_sigsys(_sig: i32, _info: *mut u8, ctx: *mut UContext) {
+    // SAFETY: the kernel passes the frame it built for this signal.
+    let uc = unsafe { &mut *ctx };
+    let g = &uc.gregs;
+    let nr = g[REG_RAX];
+    let a = [g[REG_RDI], g[REG_RSI], g[REG_RDX], g[REG_R10], g[REG_R8], g[REG_R9]];
+    let t0 = rdtsc();
+    let (ret, ran) = dispatch(nr, a, uc);
+    let dt = rdtsc().wrapping_sub(t0);
+    if (nr as usize) < NR_SLOTS {
+        let s = &control().stats;
+        let c = if ran == Ran::Local { &s.local[nr as usize] } else { &s.delegated[nr as usize] };
+        c.add(dt);
+    }
+    uc.gregs[REG_RAX] = ret as u64;
+}
+
+fn passthrough(nr: u64, a: [u64; 6]) -> i64 {
+    // SAFETY: the application asked for exactly this call on its own
+    // process; its pointers are checked by the kernel as natively.
+    unsafe { syscall6(nr, a[0], a[1], a[2], a[3], a[4], a[5]) }
+}
+
+fn unsupported(nr: u64, why: &str) -> i64 {
+    lwk_rt::diag!("{} is not supported yet ({}): returning ENOSYS", syscalls::name(nr as usize), why);
+    -ENOSYS
+}
+
+const RLIMIT_NOFILE: u64 = 7;
+const SIGPIPE: u64 = 13;
+const MSG_NOSIGNAL: u64 = 0x4000;
+
+fn dispatch(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
+    use Ran::*;
+    let local = |r: i64| (r, Local);
+    match nr {
+        nr::MMAP => local(MM.lock().mmap(a[0], a[1], a[2], a[3], a[4] as i64, a[5])),
+        nr::MUNMAP => local(MM.lock().munmap(a[0], a[1])),
+        nr::MPROTECT => local(MM.lock().mprotect(a[0], a[1], a[2])),
+        nr::MREMAP => local(MM.lock().mremap(a[0], a[1], a[2], a[3], a[4])),
+        nr::BRK => local(MM.lock().brk(a[0])),
+        nr::MADVISE => local(MM.lock().madvise(a[0], a[1], a[2])),
+        nr::RT_SIGACTION => local(signal::rt_sigaction(a[0], a[1], a[2], a[3])),
+        nr::RT_SIGPROCMASK => local(signal::rt_sigprocmask(a[0], a[1], a[2], a[3], uc)),
+        nr::RT_SIGSUSPEND => local(signal::rt_sigsuspend(a[0], a[1])),
+        nr::PAUSE => local(signal::pause(uc)),
+        nr::NANOSLEEP | nr::CLOCK_NANOSLEEP | nr::RT_SIGTIMEDWAIT => {
+            local(signal::with_app_mask(uc, || passthrough(nr, a)))
+        }
+        nr::RT_SIGRETURN => {
+            lwk_rt::diag!("rt_sigreturn from application code is not supported yet");
+            exit_group(128 + SIGSYS as i32)
+        }
+        nr::EXIT_GROUP | nr::EXIT => {
+            control().stats.tsc_end.store(rdtsc(), Relaxed);
+            local(passthrough(nr, a))
+        }
+        nr::GETRLIMIT | nr::SETRLIMIT if a[0] == RLIMIT_NOFILE => (delegate::call(nr, a), Delegated),
+        nr::PRLIMIT64 if a[1] == RLIMIT_NOFILE && (a[0] == 0 || a[0] as i32 == getpid()) => {
+            (delegate::call(nr, [0, a[1], a[2], a[3], 0, 0]), Delegated)
+        }
+        nr::GETRLIMIT | nr::SETRLIMIT | nr::PRLIMIT64 => local(passthrough(nr, a)),
+        // Credentials: the proxy opens files for the application, the
+        // application process sends signals; both must change.
+        105 | 106 | 113 | 114 | 116 | 117 | 119 | 122 | 123 | 126 => {
+            let r = delegate::call(nr, a);
+            if r < 0 {
+                return (r, Delegated);
+            }
+            (passthrough(nr, a), Delegated)
+        }
+        // Job control and children act on the application process itself.
+        nr::WAIT4 | nr::WAITID | 109 | 112 => local(passthrough(nr, a)),
+        // Calls whose pid argument names the application process, which
+        // is this process: correct when done here.
+        434 | 424 | 438 | 310 | 311 | 312 | 440 | 448 | 172 | 173 | 335 | 336 => local(passthrough(nr, a)),
+        _ => match syscalls::class(nr as usize) {
+            None => local(-ENOSYS),
+            Some(Class::Local) => local(passthrough(nr, a)),
+            Some(Class::Special(why)) => local(unsupported(nr, why)),
+            Some(Class::Delegated) => {
+                let r = delegate::call(nr, a);
+                if r == -EPIPE && raises_sigpipe(nr, a) {
+                    // The proxy ignores SIGPIPE; the application gets it
+                    // as it would natively (delivered when we return).
+                    // SAFETY: signals this process's own thread.
+                    unsafe { syscall3(nr::TGKILL, getpid() as u64, gettid() as u64, SIGPIPE) };
+                }
+                (r, Delegated)
+            }
+        },
+    }
+}
+
+fn raises_sigpipe(nr: u64, a: [u64; 6]) -> bool {
+    match nr {
+        nr::SENDTO | nr::SENDMSG | nr::SENDMMSG => {
+            let flags = if nr == nr::SENDTO { a[3] } else { a[2] };
+            flags & MSG_NOSIGNAL == 0
+        }
+        nr::WRITE | nr::WRITEV | nr::PWRITE64 | nr::PWRITEV | nr::PWRITEV2 | nr::SPLICE | nr::VMSPLICE | nr::SENDFILE => true,
+        _ => false,
+    }
+}
+
+pub fn gettid() -> i32 {
+    // SAFETY: no arguments.
+    unsafe { syscall3(nr::GETTID, 0, 0, 0) as i32 }
+}

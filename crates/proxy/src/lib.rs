@@ -1,0 +1,185 @@
+//! The proxy: the Linux side of delegation (McKernel's mcexec).
+//!
+//! It is a freestanding process, started from the same image as the LWK,
+//! whose lower address space holds nothing but the application's memory,
+//! mapped at the same addresses from the LWK's memfds. It owns every file
+//! descriptor of the application and executes each delegated system call
+//! with the application's raw arguments. Because nothing of the proxy's own
+//! lives in the application's range, a bad pointer faults here exactly as it
+//! would in the application: EFAULT, never a read of proxy memory.
+#![cfg_attr(not(test), no_std)]
+
+use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+
+use lwk_abi::control::{
+    Control, MapOp, CH_DONE, CH_IDLE, CH_REQUEST, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, REQ_SYNC, SRC_APP_FD,
+};
+use lwk_abi::layout::CONTROL_ADDR;
+use lwk_rt::nr;
+use lwk_rt::*;
+
+fn control() -> &'static Control {
+    // SAFETY: mapped by `run`'s caller before anything else.
+    unsafe { &*(CONTROL_ADDR as *const Control) }
+}
+
+const SIGINT: u64 = 2;
+const SIGQUIT: u64 = 3;
+const SIGPIPE: u64 = 13;
+const SIGTSTP: u64 = 20;
+const SIG_IGN: u64 = 1;
+
+/// Serve the application until it is gone. The supervisor kills the proxy
+/// when the application exits.
+pub fn run() -> ! {
+    // Terminal signals are for the application (same process group); a
+    // broken pipe becomes EPIPE here and SIGPIPE in the application.
+    for sig in [SIGINT, SIGQUIT, SIGPIPE, SIGTSTP] {
+        let act = [SIG_IGN, 0, 0, 0u64];
+        // SAFETY: act is a valid kernel sigaction.
+        unsafe { syscall6(nr::RT_SIGACTION, sig, act.as_ptr() as u64, 0, 8, 0, 0) };
+    }
+    let ctl = control();
+    ctl.header.proxy_pid.store(getpid(), Release);
+    let ch = &ctl.channel;
+    loop {
+        wait_request(ctl);
+        apply_map_log(ctl);
+        let nr = ch.nr.load(Relaxed);
+        let a: [u64; 6] = core::array::from_fn(|i| ch.args[i].load(Relaxed));
+        let ret = if nr == REQ_SYNC {
+            0
+        } else {
+            // SAFETY: the generic path: the application's own call with its
+            // raw arguments, in a process whose only user memory below
+            // APP_END is the application's.
+            unsafe { syscall6(nr, a[0], a[1], a[2], a[3], a[4], a[5]) }
+        };
+        ch.ret.store(ret, Relaxed);
+        ch.state.store(CH_DONE, SeqCst);
+        if ch.client_sleeping.load(SeqCst) != 0 {
+            futex_wake(&ch.state, 1);
+        }
+    }
+}
+
+fn wait_request(ctl: &Control) {
+    let ch = &ctl.channel;
+    let spin = ctl.header.spin_cycles.load(Relaxed);
+    let start = rdtsc();
+    loop {
+        if ch.state.load(Acquire) == CH_REQUEST {
+            return;
+        }
+        if rdtsc().wrapping_sub(start) > spin {
+            ch.server_sleeping.store(1, SeqCst);
+            if ch.state.load(SeqCst) != CH_REQUEST {
+                futex_wait(&ch.state, CH_IDLE);
+                // A DONE state means the client has not consumed the last
+                // answer yet: let it run.
+                if ch.state.load(Acquire) == CH_DONE {
+                    // SAFETY: no arguments.
+                    unsafe { syscall3(24, 0, 0, 0) }; // sched_yield
+                }
+            }
+            ch.server_sleeping.store(0, Relaxed);
+            continue;
+        }
+        cpu_relax();
+    }
+}
+
+/// Mirror every address-space change the LWK made since the last request.
+fn apply_map_log(ctl: &Control) {
+    let mut memfd = [-1i32; 2];
+    // SAFETY: the proxy is the only reader of the map log.
+    unsafe {
+        ctl.maplog.drain(|op| {
+            let r = apply(ctl, op, &mut memfd);
+            if r < 0 {
+                ctl.header.mirror_error.store(-r as i32, Relaxed);
+                lwk_rt::diag!(
+                    "proxy: cannot mirror application memory at {:#x}+{:#x} (op {}): error {}",
+                    op.addr,
+                    op.len,
+                    op.kind,
+                    -r
+                );
+            }
+        })
+    };
+    for fd in memfd {
+        if fd >= 0 {
+            close(fd);
+        }
+    }
+}
+
+/// # Safety
+/// `op` comes from the LWK and names application memory only.
+unsafe fn apply(ctl: &Control, op: &MapOp, memfd: &mut [i32; 2]) -> i64 {
+    // SAFETY: every range is inside the application's range, where the
+    // proxy has nothing of its own.
+    unsafe {
+        match op.kind {
+            OP_MAP => {
+                let fd = if op.source == SRC_APP_FD {
+                    op.fd
+                } else {
+                    let k = op.source as usize;
+                    if memfd[k] < 0 {
+                        // Opened per batch and closed after it: the
+                        // application's fd table never sees it.
+                        let mut path = [0u8; 64];
+                        let app = ctl.header.app_pid.load(Acquire);
+                        let fd_in_app = ctl.header.memfd[k].load(Acquire);
+                        let n = proc_fd_path(&mut path, app, fd_in_app);
+                        let r = open(&path[..n], O_RDWR | O_CLOEXEC, 0);
+                        if r < 0 {
+                            return r;
+                        }
+                        memfd[k] = r as i32;
+                    }
+                    memfd[op.source as usize]
+                };
+                mmap(op.addr, op.len, op.prot as u64, MAP_SHARED | MAP_FIXED, fd, op.offset)
+            }
+            OP_UNMAP => munmap(op.addr, op.len),
+            OP_PROTECT => mprotect(op.addr, op.len, op.prot as u64),
+            OP_MOVE => syscall6(nr::MREMAP, op.addr, op.len, op.len, MREMAP_MAYMOVE | MREMAP_FIXED, op.offset, 0),
+            _ => -EINVAL,
+        }
+    }
+}
+
+fn proc_fd_path(buf: &mut [u8; 64], pid: i32, fd: i32) -> usize {
+    let mut n = 0;
+    for part in [b"/proc/".as_slice(), itoa(pid as u64).as_bytes_of(), b"/fd/", itoa(fd as u64).as_bytes_of(), b"\0"] {
+        buf[n..n + part.len()].copy_from_slice(part);
+        n += part.len();
+    }
+    n
+}
+
+struct Digits {
+    buf: [u8; 20],
+    at: usize,
+}
+
+impl Digits {
+    fn as_bytes_of(&self) -> &[u8] {
+        &self.buf[self.at..]
+    }
+}
+
+fn itoa(mut v: u64) -> Digits {
+    let mut d = Digits { buf: [0; 20], at: 20 };
+    loop {
+        d.at -= 1;
+        d.buf[d.at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return d;
+        }
+    }
+}

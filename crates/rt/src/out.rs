@@ -1,0 +1,52 @@
+//! Formatted output without an allocator: `eprintln!`-like macros that
+//! format into a stack buffer and write it with one system call.
+
+use core::fmt;
+
+/// The descriptor the LWK writes its own messages to. In the application
+/// process this is a private duplicate of the original stderr, because the
+/// application's fd 2 lives in the proxy.
+pub static DIAG_FD: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(2);
+
+pub struct StackBuf<const N: usize> {
+    pub buf: [u8; N],
+    pub len: usize,
+}
+
+impl<const N: usize> StackBuf<N> {
+    pub const fn new() -> Self {
+        StackBuf { buf: [0; N], len: 0 }
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl<const N: usize> Default for StackBuf<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> fmt::Write for StackBuf<N> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let n = s.len().min(N - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+pub fn print_diag(args: fmt::Arguments) {
+    let mut b = StackBuf::<512>::new();
+    let _ = fmt::write(&mut b, args);
+    crate::sys::write_all(DIAG_FD.load(core::sync::atomic::Ordering::Relaxed), b.as_bytes());
+}
+
+/// Print a line on the LWK's diagnostic descriptor, prefixed with "lwk: ".
+#[macro_export]
+macro_rules! diag {
+    ($($arg:tt)*) => {
+        $crate::out::print_diag(format_args!("lwk: {}\n", format_args!($($arg)*)))
+    };
+}

@@ -1,0 +1,193 @@
+//! Raw x86-64 system calls and the few wrappers the LWK and proxy share.
+//! Every function returns the kernel's raw result: negative errno on error.
+
+use core::arch::asm;
+
+use crate::nr;
+
+/// # Safety
+/// The caller makes sure the arguments are what the kernel expects for `n`.
+#[inline(always)]
+pub unsafe fn syscall6(n: u64, a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: a raw syscall; rcx and r11 are clobbered by the instruction.
+    unsafe {
+        asm!("syscall",
+            inlateout("rax") n as i64 => ret,
+            in("rdi") a, in("rsi") b, in("rdx") c, in("r10") d, in("r8") e, in("r9") f,
+            lateout("rcx") _, lateout("r11") _,
+            options(nostack));
+    }
+    ret
+}
+
+/// # Safety
+/// See [`syscall6`].
+#[inline(always)]
+pub unsafe fn syscall3(n: u64, a: u64, b: u64, c: u64) -> i64 {
+    unsafe { syscall6(n, a, b, c, 0, 0, 0) }
+}
+
+pub fn write(fd: i32, buf: &[u8]) -> i64 {
+    // SAFETY: buf is a valid slice.
+    unsafe { syscall3(nr::WRITE, fd as u64, buf.as_ptr() as u64, buf.len() as u64) }
+}
+
+pub fn write_all(fd: i32, mut buf: &[u8]) {
+    while !buf.is_empty() {
+        let n = write(fd, buf);
+        if n == -4 {
+            continue; // EINTR
+        }
+        if n <= 0 {
+            return;
+        }
+        buf = &buf[n as usize..];
+    }
+}
+
+pub fn close(fd: i32) -> i64 {
+    // SAFETY: closing a descriptor touches no memory.
+    unsafe { syscall3(nr::CLOSE, fd as u64, 0, 0) }
+}
+
+pub fn getpid() -> i32 {
+    // SAFETY: no arguments.
+    unsafe { syscall3(nr::GETPID, 0, 0, 0) as i32 }
+}
+
+pub fn exit_group(code: i32) -> ! {
+    loop {
+        // SAFETY: terminates the process.
+        unsafe { syscall3(nr::EXIT_GROUP, code as u64, 0, 0) };
+    }
+}
+
+/// Open a NUL-terminated path.
+pub fn open(path: &[u8], flags: u64, mode: u64) -> i64 {
+    debug_assert!(path.last() == Some(&0));
+    // SAFETY: path is NUL-terminated.
+    unsafe { syscall6(nr::OPENAT, (-100i64) as u64, path.as_ptr() as u64, flags, mode, 0, 0) }
+}
+
+pub fn pread(fd: i32, buf: &mut [u8], off: u64) -> i64 {
+    // SAFETY: buf is a valid writable slice.
+    unsafe { syscall6(nr::PREAD64, fd as u64, buf.as_mut_ptr() as u64, buf.len() as u64, off, 0, 0) }
+}
+
+/// # Safety
+/// Mapping at a fixed address replaces whatever was there.
+pub unsafe fn mmap(addr: u64, len: u64, prot: u64, flags: u64, fd: i32, off: u64) -> i64 {
+    unsafe { syscall6(nr::MMAP, addr, len, prot, flags, fd as i64 as u64, off) }
+}
+
+/// # Safety
+/// The range must not hold memory anyone still uses.
+pub unsafe fn munmap(addr: u64, len: u64) -> i64 {
+    unsafe { syscall3(nr::MUNMAP, addr, len, 0) }
+}
+
+/// # Safety
+/// Changing protection can make live memory inaccessible.
+pub unsafe fn mprotect(addr: u64, len: u64, prot: u64) -> i64 {
+    unsafe { syscall3(nr::MPROTECT, addr, len, prot) }
+}
+
+pub const FUTEX_WAIT: u64 = 0;
+pub const FUTEX_WAKE: u64 = 1;
+
+/// Sleep while `*word == val`. Not FUTEX_PRIVATE: the word is in memory
+/// shared with another process.
+pub fn futex_wait(word: &core::sync::atomic::AtomicU32, val: u32) -> i64 {
+    // SAFETY: word is a valid u32 for the duration of the call.
+    unsafe { syscall6(nr::FUTEX, word.as_ptr() as u64, FUTEX_WAIT, val as u64, 0, 0, 0) }
+}
+
+pub fn futex_wake(word: &core::sync::atomic::AtomicU32, n: u32) -> i64 {
+    // SAFETY: as above.
+    unsafe { syscall6(nr::FUTEX, word.as_ptr() as u64, FUTEX_WAKE, n as u64, 0, 0, 0) }
+}
+
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no memory effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+#[inline(always)]
+pub fn cpu_relax() {
+    core::hint::spin_loop();
+}
+
+// Constants the LWK and the proxy use, written out because Debian's headers
+// are older than the kernel and there is no libc here.
+pub const PROT_NONE: u64 = 0;
+pub const PROT_READ: u64 = 1;
+pub const PROT_WRITE: u64 = 2;
+pub const PROT_EXEC: u64 = 4;
+pub const MAP_SHARED: u64 = 0x01;
+pub const MAP_PRIVATE: u64 = 0x02;
+pub const MAP_SHARED_VALIDATE: u64 = 0x03;
+pub const MAP_TYPE: u64 = 0x0f;
+pub const MAP_FIXED: u64 = 0x10;
+pub const MAP_ANONYMOUS: u64 = 0x20;
+pub const MAP_GROWSDOWN: u64 = 0x100;
+pub const MAP_DENYWRITE: u64 = 0x800;
+pub const MAP_EXECUTABLE: u64 = 0x1000;
+pub const MAP_LOCKED: u64 = 0x2000;
+pub const MAP_NORESERVE: u64 = 0x4000;
+pub const MAP_POPULATE: u64 = 0x8000;
+pub const MAP_NONBLOCK: u64 = 0x10000;
+pub const MAP_STACK: u64 = 0x20000;
+pub const MAP_HUGETLB: u64 = 0x40000;
+pub const MAP_SYNC: u64 = 0x80000;
+pub const MAP_FIXED_NOREPLACE: u64 = 0x100000;
+pub const MAP_UNINITIALIZED: u64 = 0x4000000;
+pub const MREMAP_MAYMOVE: u64 = 1;
+pub const MREMAP_FIXED: u64 = 2;
+pub const MREMAP_DONTUNMAP: u64 = 4;
+pub const O_RDONLY: u64 = 0;
+pub const O_WRONLY: u64 = 1;
+pub const O_RDWR: u64 = 2;
+pub const O_ACCMODE: u64 = 3;
+pub const O_CLOEXEC: u64 = 0o2000000;
+pub const MFD_CLOEXEC: u64 = 1;
+pub const MFD_HUGETLB: u64 = 4;
+pub const MFD_HUGE_2MB: u64 = 21 << 26;
+pub const FALLOC_FL_KEEP_SIZE: u64 = 1;
+pub const FALLOC_FL_PUNCH_HOLE: u64 = 2;
+pub const MADV_DONTNEED: u64 = 4;
+pub const MADV_REMOVE: u64 = 9;
+pub const MADV_POPULATE_READ: u64 = 22;
+pub const MADV_POPULATE_WRITE: u64 = 23;
+pub const F_GETFL: u64 = 3;
+
+pub const EPERM: i64 = 1;
+pub const ENOENT: i64 = 2;
+pub const ESRCH: i64 = 3;
+pub const EINTR: i64 = 4;
+pub const EIO: i64 = 5;
+pub const E2BIG: i64 = 7;
+pub const ENXIO: i64 = 6;
+pub const ENOEXEC: i64 = 8;
+pub const ECHILD: i64 = 10;
+pub const EBADF: i64 = 9;
+pub const EAGAIN: i64 = 11;
+pub const ENOMEM: i64 = 12;
+pub const EACCES: i64 = 13;
+pub const EFAULT: i64 = 14;
+pub const EEXIST: i64 = 17;
+pub const ENODEV: i64 = 19;
+pub const EISDIR: i64 = 21;
+pub const EINVAL: i64 = 22;
+pub const ENFILE: i64 = 23;
+pub const ENOTTY: i64 = 25;
+pub const ESPIPE: i64 = 29;
+pub const EPIPE: i64 = 32;
+pub const ENOSYS: i64 = 38;
+pub const ELOOP: i64 = 40;
+pub const EOVERFLOW: i64 = 75;
+pub const ELIBBAD: i64 = 80;
+pub const F_DUPFD_CLOEXEC: u64 = 1030;
+pub const F_SETFD: u64 = 2;
+pub const F_GETFD: u64 = 1;
