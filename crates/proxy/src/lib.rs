@@ -18,6 +18,8 @@ use lwk_abi::layout::CONTROL_ADDR;
 use lwk_rt::nr;
 use lwk_rt::*;
 
+mod guard;
+
 fn control() -> &'static Control {
     // SAFETY: mapped by `run`'s caller before anything else.
     unsafe { &*(CONTROL_ADDR as *const Control) }
@@ -32,6 +34,21 @@ const SIG_IGN: u64 = 1;
 /// Serve the application until it is gone. The supervisor kills the proxy
 /// when the application exits.
 pub fn run() -> ! {
+    let protect = guard::protect_own_memory();
+    if let Err(why) = protect {
+        if ctl_verbose() {
+            lwk_rt::diag!("proxy: no memory protection keys ({}): pointers into the upper half reach proxy memory", why);
+        }
+    }
+    // SAFETY: guard gave us a fresh stack (or none); serve never returns.
+    unsafe { guard::switch_stack(serve) }
+}
+
+fn ctl_verbose() -> bool {
+    control().header.options.load(Relaxed) & lwk_abi::control::OPT_VERBOSE != 0
+}
+
+extern "C" fn serve() -> ! {
     // Terminal signals are for the application (same process group); a
     // broken pipe becomes EPIPE here and SIGPIPE in the application.
     for sig in [SIGINT, SIGQUIT, SIGPIPE, SIGTSTP] {
@@ -52,8 +69,9 @@ pub fn run() -> ! {
         } else {
             // SAFETY: the generic path: the application's own call with its
             // raw arguments, in a process whose only user memory below
-            // APP_END is the application's.
-            unsafe { syscall6(nr, a[0], a[1], a[2], a[3], a[4], a[5]) }
+            // APP_END is the application's, and whose own memory is locked
+            // by its protection key for the duration of the call.
+            unsafe { guard::guarded_syscall(nr, a) }
         };
         ch.ret.store(ret, Relaxed);
         ch.state.store(CH_DONE, SeqCst);
