@@ -61,8 +61,15 @@ pub struct Channel {
 /// Where a mirrored mapping's pages come from.
 pub const SRC_MEMFD_SMALL: u32 = 0;
 pub const SRC_MEMFD_HUGE: u32 = 1;
-/// A file descriptor of the application (which lives in the proxy).
+/// A file descriptor of the application (which lives in the proxy),
+/// mapped MAP_SHARED.
 pub const SRC_APP_FD: u32 = 2;
+/// A file descriptor of the application, mapped MAP_PRIVATE (read-only
+/// file mappings: program text and data that is never written).
+pub const SRC_APP_FD_PRIVATE: u32 = 3;
+/// A file the LWK itself has open in the application process (the program
+/// and its interpreter), mapped MAP_PRIVATE; `fd` is the LWK's descriptor.
+pub const SRC_LWK_FD_PRIVATE: u32 = 4;
 
 pub const OP_MAP: u32 = 1;
 pub const OP_UNMAP: u32 = 2;

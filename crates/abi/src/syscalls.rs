@@ -42,30 +42,24 @@ const LOCAL: Class = Class::Local;
 const DELEGATED: Class = Class::Delegated;
 
 // Why each special call cannot simply run in one of the two processes.
-const NEW_TASK: Class =
-    Class::Special("process/thread creation: needs LWK threads (issue 3); ENOSYS for now");
-const EXEC: Class =
-    Class::Special("replaces the image: LWK must reload itself around the new program");
+const NEW_TASK: Class = Class::Special("process/thread creation: needs LWK threads (issue 3); ENOSYS for now");
+const EXEC: Class = Class::Special("replaces the image: LWK must reload itself around the new program");
 const WAIT: Class = Class::Special("children are LWK processes: their proxies must be reaped too");
 const SIGNALFD: Class = Class::Special("reads the app's signals, which live in the LWK");
 const OTHER_PID: Class = Class::Special("pid argument: app pid vs proxy pid");
 const TRACE: Class = Class::Special("acts on a process: app process vs its proxy");
-const FILTER: Class =
-    Class::Special("acts on the calling process: app and proxy both issue its calls");
-const RLIMIT: Class =
-    Class::Special("limits split: NOFILE belongs to the proxy, the rest to the app");
+const FILTER: Class = Class::Special("acts on the calling process: app and proxy both issue its calls");
+const RLIMIT: Class = Class::Special("limits split: NOFILE belongs to the proxy, the rest to the app");
 const CREDS: Class = Class::Special("credentials must change in both processes");
 const JOB: Class = Class::Special("job control: app process and proxy");
 const NAMESPACE: Class = Class::Special("namespace of which process: app and proxy must agree");
 const SYSV_MAP: Class = Class::Special("maps SysV memory into the address space: LWK must own it");
 const RINGS: Class = Class::Special("shared rings mapped into the address space");
 const UFFD: Class = Class::Special("watches the app's memory: must be created in the app process");
-const SECRET: Class =
-    Class::Special("secret memory mapped into the address space: LWK must own it");
+const SECRET: Class = Class::Special("secret memory mapped into the address space: LWK must own it");
 const REMAP: Class = Class::Special("rearranges a file mapping: LWK must own the address space");
 const PORT_IO: Class = Class::Special("port I/O privilege of the app process");
-const UPROBE: Class =
-    Class::Special("uprobe trampoline: valid only at the kernel's trampoline address");
+const UPROBE: Class = Class::Special("uprobe trampoline: valid only at the kernel's trampoline address");
 
 const fn e(nr: u32, name: &'static str, class: Class) -> Syscall {
     Syscall { nr, name, class }
@@ -510,20 +504,10 @@ mod tests {
     #[test]
     fn sorted_strictly_by_number() {
         for w in TABLE.windows(2) {
-            assert!(
-                w[0].nr < w[1].nr,
-                "{} ({}) before {} ({})",
-                w[0].name,
-                w[0].nr,
-                w[1].name,
-                w[1].nr
-            );
+            assert!(w[0].nr < w[1].nr, "{} ({}) before {} ({})", w[0].name, w[0].nr, w[1].name, w[1].nr);
         }
         assert_eq!(NR_LIMIT, TABLE[TABLE.len() - 1].nr as usize + 1);
-        assert!(
-            TABLE.iter().all(|s| s.nr < 512),
-            "x32 entries do not belong here"
-        );
+        assert!(TABLE.iter().all(|s| s.nr < 512), "x32 entries do not belong here");
     }
 
     #[test]
@@ -578,11 +562,7 @@ mod tests {
         for s in TABLE {
             if let Class::Special(why) = s.class {
                 assert!(!why.is_empty() && why.len() <= 70, "{}: {why:?}", s.name);
-                assert!(
-                    !why.starts_with(|c: char| c.is_ascii_uppercase()),
-                    "{}",
-                    s.name
-                );
+                assert!(!why.starts_with(|c: char| c.is_ascii_uppercase()), "{}", s.name);
             }
         }
     }

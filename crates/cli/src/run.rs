@@ -71,7 +71,9 @@ fn check(path: &Path) -> Result<(), NotRunnable> {
     let p = path.as_os_str();
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_runnable(127, p, "No such file or directory")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(not_runnable(127, p, "No such file or directory"))
+        }
         Err(e) => return Err(not_runnable(126, p, &e.to_string())),
     };
     if meta.is_dir() {
@@ -81,9 +83,7 @@ fn check(path: &Path) -> Result<(), NotRunnable> {
         return Err(not_runnable(126, p, "Permission denied"));
     }
     let mut head = [0u8; 64];
-    let n = File::open(path)
-        .and_then(|mut f| f.read(&mut head))
-        .map_err(|e| not_runnable(126, p, &e.to_string()))?;
+    let n = File::open(path).and_then(|mut f| f.read(&mut head)).map_err(|e| not_runnable(126, p, &e.to_string()))?;
     let head = &head[..n];
     if head.starts_with(b"#!") {
         return Ok(());
@@ -94,7 +94,8 @@ fn check(path: &Path) -> Result<(), NotRunnable> {
     if head.get(4) == Some(&goblin::elf::header::ELFCLASS32) {
         return Err(not_runnable(126, p, "32-bit ELF is not supported (x86-64 only)"));
     }
-    let header = goblin::elf::Elf::parse_header(head).map_err(|e| not_runnable(126, p, &format!("bad ELF header: {e}")))?;
+    let header =
+        goblin::elf::Elf::parse_header(head).map_err(|e| not_runnable(126, p, &format!("bad ELF header: {e}")))?;
     if header.e_machine != goblin::elf::header::EM_X86_64 {
         let m = goblin::elf::header::machine_to_str(header.e_machine);
         return Err(not_runnable(126, p, &format!("not an x86-64 ELF (machine {m})")));
@@ -261,7 +262,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
             eprint!("{}", report.text());
         }
         if let Some(file) = &args.stats_json {
-            std::fs::write(file, report.json()?).with_context(|| format!("writing statistics to {}", file.display()))?;
+            std::fs::write(file, report.json()?)
+                .with_context(|| format!("writing statistics to {}", file.display()))?;
         }
     }
     if let Some(e) = outcome.proxy_failure {

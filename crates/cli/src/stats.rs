@@ -48,7 +48,14 @@ impl Report {
                 let count = c.count.load(Relaxed);
                 if count > 0 {
                     let total = ns(c.cycles.load(Relaxed));
-                    rows.push(Row { nr, name: syscalls::name(nr), place, count, total_ns: total, mean_ns: total / count });
+                    rows.push(Row {
+                        nr,
+                        name: syscalls::name(nr),
+                        place,
+                        count,
+                        total_ns: total,
+                        mean_ns: total / count,
+                    });
                 }
             }
         }
@@ -94,7 +101,8 @@ impl Report {
             self.memory_huge_peak_bytes / 1024,
             self.huge_pages
         );
-        let _ = writeln!(s, "{:<22} {:<10} {:>10} {:>14} {:>10}", "syscall", "where", "count", "total (us)", "mean (us)");
+        let _ =
+            writeln!(s, "{:<22} {:<10} {:>10} {:>14} {:>10}", "syscall", "where", "count", "total (us)", "mean (us)");
         for r in &self.syscalls {
             let _ = writeln!(
                 s,

@@ -14,7 +14,7 @@ use lwk_rt::*;
 use crate::elf::{self, Image, LoadError};
 use crate::mm::{page_up, MM};
 use crate::stack::*;
-use crate::{control, trap};
+use crate::{control, delegate, trap};
 
 /// What Linux put on the initial stack.
 pub struct Startup {
@@ -85,7 +85,9 @@ pub fn parse_int(s: &[u8]) -> Option<i64> {
 /// Map the control region from `fd` at its fixed address, then close `fd`.
 pub fn map_control(fd: i32) -> Result<(), &'static str> {
     // SAFETY: CONTROL_ADDR is reserved for it and nothing is there yet.
-    let r = unsafe { mmap(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED_NOREPLACE, fd, 0) };
+    let r = unsafe {
+        mmap(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED_NOREPLACE, fd, 0)
+    };
     close(fd);
     if r < 0 {
         return Err("cannot map the control region");
@@ -222,16 +224,22 @@ pub fn app_main(st: &Startup) -> ! {
             }
         }
     };
-    close(fd);
     let mut base = 0;
     let mut entry = main.entry;
+    let mut ifd = -1;
     if main.interp_len > 0 {
         let ipath = &main.interp[..main.interp_len];
-        let ifd = open_exec(ipath, &mut pathz).unwrap_or_else(|e| fail(path, "cannot open ELF interpreter: ", e));
+        ifd = open_exec(ipath, &mut pathz).unwrap_or_else(|e| fail(path, "cannot open ELF interpreter: ", e));
         let interp = elf::load(&mut MM.lock(), ifd, true).unwrap_or_else(|e| fail(ipath, "ELF interpreter: ", e));
-        close(ifd);
         base = interp.bias;
         entry = interp.entry;
+    }
+    // The proxy maps the read-only segments from our descriptors: let it
+    // do so before they close.
+    delegate::sync();
+    close(fd);
+    if ifd >= 0 {
+        close(ifd);
     }
     MM.lock().set_brk_start(main.end);
 
@@ -320,8 +328,18 @@ fn build_stack(st: &Startup, argv: &Argv, execfn: &[u8], main: &Image, base: u64
     // SAFETY: lim is the LWK's own.
     unsafe { syscall6(nr::PRLIMIT64, 0, RLIMIT_STACK, 0, lim.as_mut_ptr() as u64, 0, 0) };
     let size = if lim[0] == u64::MAX || lim[0] == 0 { 8 << 20 } else { page_up(lim[0]).clamp(256 << 10, 1 << 30) };
-    let stack_top = STACK_TOP;
-    MM.lock().map_anon_fixed(stack_top - size, stack_top, (PROT_READ | PROT_WRITE) as u32)?;
+    // The top of the stack is pre-faulted; the rest of the rlimit (8 MiB
+    // by default, which few programs use) is faulted in when touched:
+    // pre-faulting all of it cost more than the rest of start-up together.
+    const HOT: u64 = 256 << 10;
+    let rw = (PROT_READ | PROT_WRITE) as u32;
+    let hot = size.min(HOT);
+    let mut mm = MM.lock();
+    if size > hot {
+        mm.map_anon_fixed(STACK_TOP - size, STACK_TOP - hot, rw, true)?;
+    }
+    mm.map_anon_fixed(STACK_TOP - hot, STACK_TOP, rw, false)?;
+    drop(mm);
 
     let mut w = StackWriter::new();
     let random = st.aux(AT_RANDOM).unwrap_or(0);

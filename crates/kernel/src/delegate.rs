@@ -21,21 +21,15 @@ pub fn call(nr: u64, args: [u64; 6]) -> i64 {
     if ch.server_sleeping.load(SeqCst) != 0 {
         rt::futex_wake(&ch.state, 1);
     }
-    let spin = ctl.header.spin_cycles.load(Relaxed);
-    let start = rt::rdtsc();
-    loop {
-        if ch.state.load(Acquire) == CH_DONE {
-            break;
-        }
-        if rt::rdtsc().wrapping_sub(start) > spin {
+    let mut wait = rt::SpinWait::new(ctl.header.spin_cycles.load(Relaxed));
+    while ch.state.load(Acquire) != CH_DONE {
+        if !wait.spin() {
             ch.client_sleeping.store(1, SeqCst);
             if ch.state.load(SeqCst) != CH_DONE {
                 rt::futex_wait(&ch.state, CH_REQUEST);
             }
             ch.client_sleeping.store(0, Relaxed);
-            continue;
         }
-        rt::cpu_relax();
     }
     let ret = ch.ret.load(Relaxed);
     ch.state.store(CH_IDLE, Release);

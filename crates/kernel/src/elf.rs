@@ -129,7 +129,8 @@ pub fn load(mm: &mut Mm, fd: i32, interp: bool) -> Result<Image, LoadError> {
     } else if !interp {
         PIE_BASE - lo
     } else {
-        mm.find_free(hi - lo).ok_or(LoadError { status: 126, reason: "no room for the interpreter", errno: -ENOMEM })? - lo
+        mm.find_free(hi - lo).ok_or(LoadError { status: 126, reason: "no room for the interpreter", errno: -ENOMEM })?
+            - lo
     };
     if lo.wrapping_add(bias) < APP_START || hi.wrapping_add(bias) > APP_END {
         return Err(LoadError::exec("ELF segments lie outside the application's address range"));
@@ -159,12 +160,27 @@ pub fn load(mm: &mut Mm, fd: i32, interp: bool) -> Result<Image, LoadError> {
                 let lead = vaddr & 4095;
                 // Linux maps PF_R/W/X as PROT_READ/WRITE/EXEC (bits reversed).
                 let prot = ((flags & 4) >> 2) | (flags & 2) | ((flags & 1) << 2);
-                mm.map_copy(start, end, prot, || {
-                    // SAFETY: [start, end) was just mapped read-write for us.
-                    let dst = unsafe { core::slice::from_raw_parts_mut(start as *mut u8, (lead + filesz) as usize) };
-                    pread_exact(fd, dst, off - lead).map_err(|e| e.errno)
-                })
-                .map_err(|e| LoadError { status: 126, reason: "cannot map ELF segment", errno: e })?;
+                let lwk_fd = lwk_abi::control::SRC_LWK_FD_PRIVATE;
+                if flags & 2 == 0 && filesz == memsz {
+                    // Read-only: the file itself, shared with the page cache.
+                    mm.map_file(start, end, prot, fd, off - lead, lwk_fd, fd).map_err(|e| LoadError {
+                        status: 126,
+                        reason: "cannot map ELF segment",
+                        errno: e,
+                    })?;
+                } else {
+                    mm.map_copy(start, end, prot, || {
+                        // SAFETY: [start, end) was just mapped read-write for us.
+                        let dst =
+                            unsafe { core::slice::from_raw_parts_mut(start as *mut u8, (lead + filesz) as usize) };
+                        pread_exact(fd, dst, off - lead).map_err(|e| e.errno)
+                    })
+                    .map_err(|e| LoadError {
+                        status: 126,
+                        reason: "cannot map ELF segment",
+                        errno: e,
+                    })?;
+                }
                 img.end = img.end.max(end);
                 if phoff >= off && phoff < off + filesz {
                     img.phdr = vaddr + (phoff - off) + bias;

@@ -12,7 +12,10 @@
 //! A huge page that an operation must split at a 4 KiB boundary is copied
 //! into 4 KiB pages first ("demoted").
 
-use lwk_abi::control::{MapOp, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, SRC_APP_FD, SRC_MEMFD_HUGE, SRC_MEMFD_SMALL};
+use lwk_abi::control::{
+    MapOp, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, SRC_APP_FD, SRC_APP_FD_PRIVATE, SRC_LWK_FD_PRIVATE, SRC_MEMFD_HUGE,
+    SRC_MEMFD_SMALL,
+};
 use lwk_abi::layout::{APP_END, APP_START, HUGE_PAGE_SIZE, MMAP_TOP, PAGE_SIZE, SCRATCH_ADDR};
 use lwk_rt::nr;
 use lwk_rt::*;
@@ -42,9 +45,10 @@ pub struct Piece {
     pub start: u64,
     pub end: u64,
     pub prot: u32,
-    /// SRC_MEMFD_SMALL, SRC_MEMFD_HUGE or SRC_APP_FD.
+    /// SRC_MEMFD_SMALL, SRC_MEMFD_HUGE, or a file (SRC_APP_FD,
+    /// SRC_APP_FD_PRIVATE, SRC_LWK_FD_PRIVATE).
     pub src: u32,
-    /// For SRC_APP_FD: the application's descriptor at mapping time.
+    /// For a file: the descriptor it was mapped from.
     pub fd: i32,
     /// Not pre-faulted (MAP_NORESERVE).
     pub lazy: bool,
@@ -57,7 +61,10 @@ impl Piece {
         self.end - self.start
     }
     fn is_memfd(&self) -> bool {
-        self.src != SRC_APP_FD
+        self.src == SRC_MEMFD_SMALL || self.src == SRC_MEMFD_HUGE
+    }
+    fn is_private_file(&self) -> bool {
+        self.src == SRC_APP_FD_PRIVATE || self.src == SRC_LWK_FD_PRIVATE
     }
 }
 
@@ -238,7 +245,9 @@ impl Mm {
 
     /// May the LWK itself read (or write) [addr, addr+len) of the application?
     pub fn accessible(&self, addr: u64, len: u64, write: bool) -> bool {
-        let Some(end) = addr.checked_add(len) else { return false };
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
         if !self.covered(addr, end) {
             return false;
         }
@@ -304,7 +313,8 @@ impl Mm {
         // application's range; both mappings are removed before returning.
         unsafe {
             let a = mmap(SCRATCH_ADDR, HUGE, PROT_READ, MAP_SHARED | MAP_FIXED, self.memfd[1], off_h);
-            let b = mmap(SCRATCH_ADDR + HUGE, HUGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, self.memfd[0], off_s);
+            let b =
+                mmap(SCRATCH_ADDR + HUGE, HUGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, self.memfd[0], off_s);
             if a < 0 || b < 0 {
                 munmap(SCRATCH_ADDR, 2 * HUGE);
                 self.extents[0].free(off_s, HUGE);
@@ -446,7 +456,11 @@ impl Mm {
         if len == 0 || off % PAGE != 0 {
             return Err(-EINVAL);
         }
-        let len = if len > APP_END { return Err(-ENOMEM) } else { page_up(len) };
+        let len = if len > APP_END {
+            return Err(-ENOMEM);
+        } else {
+            page_up(len)
+        };
         let typ = flags & MAP_TYPE;
         if typ != MAP_SHARED && typ != MAP_PRIVATE && typ != MAP_SHARED_VALIDATE {
             return Err(-EINVAL);
@@ -495,12 +509,22 @@ impl Mm {
         }
     }
 
-    /// MAP_PRIVATE of a file: a private copy of its contents in LWK memory.
-    /// Differs from Linux only in that later writes to the file by others
-    /// are not seen through pages the application has not written.
+    /// MAP_PRIVATE of a file. Read-only: the file itself, as natively (the
+    /// page cache is shared, nothing is copied). Writable: a private copy of
+    /// its contents in LWK memory, which differs from Linux only in that
+    /// later writes to the file by others are not seen through pages the
+    /// application has not written. A read-only one made writable later is
+    /// copied then (see `privatize`).
     fn map_private_file(&mut self, start: u64, end: u64, prot: u32, fd: i32, off: u64) -> Result<(), i64> {
-        if Self::fd_flags(fd)? & O_ACCMODE == O_WRONLY {
+        let acc = Self::fd_flags(fd)? & O_ACCMODE;
+        if acc == O_WRONLY {
             return Err(-EACCES);
+        }
+        if prot as u64 & PROT_WRITE == 0 {
+            let lfd = Self::reopen(fd, O_RDONLY)?;
+            let r = self.map_file(start, end, prot, lfd, off, SRC_APP_FD_PRIVATE, fd);
+            close(lfd);
+            return r;
         }
         self.forget(start, end)?;
         self.map_fresh(start, end, (PROT_READ | PROT_WRITE) as u32, false)?;
@@ -533,23 +557,85 @@ impl Mm {
         if acc == O_WRONLY || (prot as u64 & PROT_WRITE != 0 && acc != O_RDWR) {
             return Err(-EACCES);
         }
-        let mut path = [0u8; 64];
-        let proxy = control().header.proxy_pid.load(core::sync::atomic::Ordering::Relaxed);
-        let n = fmt_proc_fd(&mut path, proxy, fd);
-        let lfd = open(&path[..n], if acc == O_RDWR { O_RDWR } else { O_RDONLY } | O_CLOEXEC, 0);
-        if lfd < 0 {
-            return Err(if lfd == -ENXIO { -ENODEV } else { lfd });
-        }
+        let lfd = Self::reopen(fd, if acc == O_RDWR { O_RDWR } else { O_RDONLY })?;
         self.forget(start, end)?;
         let keep = flags & (MAP_LOCKED | MAP_POPULATE | MAP_NONBLOCK | MAP_SYNC | MAP_NORESERVE);
         // SAFETY: the range is the application's and was forgotten above.
-        let r = unsafe { mmap(start, end - start, prot as u64, MAP_SHARED | MAP_FIXED | keep, lfd as i32, off) };
-        close(lfd as i32);
+        let r = unsafe { mmap(start, end - start, prot as u64, MAP_SHARED | MAP_FIXED | keep, lfd, off) };
+        close(lfd);
         if r < 0 {
             return Err(r);
         }
         self.insert(Piece { start, end, prot, src: SRC_APP_FD, fd, lazy: true, off })?;
         push(MapOp { kind: OP_MAP, prot, addr: start, len: end - start, source: SRC_APP_FD, fd, offset: off });
+        Ok(())
+    }
+
+    /// Open, in this process, the file behind the application's `fd` (which
+    /// lives in the proxy) through /proc.
+    fn reopen(fd: i32, flags: u64) -> Result<i32, i64> {
+        let mut path = [0u8; 64];
+        let proxy = control().header.proxy_pid.load(core::sync::atomic::Ordering::Acquire);
+        let n = lwk_rt::out::proc_fd_path(&mut path, proxy, fd);
+        let lfd = open(&path[..n], flags | O_CLOEXEC, 0);
+        if lfd < 0 {
+            return Err(if lfd == -ENXIO { -ENODEV } else { lfd });
+        }
+        Ok(lfd as i32)
+    }
+
+    /// Map a file MAP_PRIVATE, read-only, from `lfd` (open in this
+    /// process); the proxy maps the same file from `src`/`fd`.
+    pub fn map_file(
+        &mut self,
+        start: u64,
+        end: u64,
+        prot: u32,
+        lfd: i32,
+        off: u64,
+        src: u32,
+        fd: i32,
+    ) -> Result<(), i64> {
+        self.forget(start, end)?;
+        let p = Piece { start, end, prot, src, fd, lazy: false, off };
+        // SAFETY: the range is the application's and was forgotten above.
+        let r = unsafe { mmap(start, end - start, prot as u64, MAP_PRIVATE | MAP_FIXED | populate(&p), lfd, off) };
+        if r < 0 {
+            return Err(r);
+        }
+        self.insert(p)?;
+        push(MapOp { kind: OP_MAP, prot, addr: start, len: end - start, source: src, fd, offset: off });
+        Ok(())
+    }
+
+    /// Turn read-only file piece `i` into LWK memory with the same bytes,
+    /// before it becomes writable: every writable page is the LWK's.
+    fn privatize(&mut self, i: usize) -> Result<(), i64> {
+        let p = self.pieces[i];
+        let len = p.len();
+        let off = self.extents[0].alloc(len).ok_or(-ENOMEM)?;
+        // SAFETY: the scratch window is the LWK's own; the piece is mapped
+        // application memory, made readable for the copy if it was not.
+        unsafe {
+            let a = mmap(SCRATCH_ADDR, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, self.memfd[0], off);
+            if a < 0 {
+                self.extents[0].free(off, len);
+                return Err(a);
+            }
+            if p.prot as u64 & PROT_READ == 0 {
+                mprotect(p.start, len, PROT_READ);
+            }
+            core::ptr::copy_nonoverlapping(p.start as *const u8, SCRATCH_ADDR as *mut u8, len as usize);
+            munmap(SCRATCH_ADDR, len);
+            let r = mmap(p.start, len, p.prot as u64, MAP_SHARED | MAP_FIXED | MAP_POPULATE, self.memfd[0], off);
+            if r < 0 {
+                self.release_extent(SRC_MEMFD_SMALL, off, len);
+                return Err(r);
+            }
+        }
+        self.pieces[i] = Piece { src: SRC_MEMFD_SMALL, off, fd: 0, lazy: false, ..p };
+        control().stats.add_memory(len, false);
+        push(MapOp { kind: OP_MAP, prot: p.prot, addr: p.start, len, source: SRC_MEMFD_SMALL, fd: -1, offset: off });
         Ok(())
     }
 
@@ -583,7 +669,9 @@ impl Mm {
         if len == 0 {
             return 0;
         }
-        let Some(end) = addr.checked_add(len) else { return -ENOMEM };
+        let Some(end) = addr.checked_add(len) else {
+            return -ENOMEM;
+        };
         if !self.covered(addr, end) {
             return -ENOMEM;
         }
@@ -596,6 +684,15 @@ impl Mm {
     fn protect(&mut self, start: u64, end: u64, prot: u32) -> Result<(), i64> {
         self.split_at(start)?;
         self.split_at(end)?;
+        if prot as u64 & PROT_WRITE != 0 {
+            let mut i = self.find(start);
+            while i < self.n && self.pieces[i].start < end {
+                if self.pieces[i].is_private_file() {
+                    self.privatize(i)?;
+                }
+                i += 1;
+            }
+        }
         // SAFETY: the range is covered by application pieces.
         let r = unsafe { mprotect(start, end - start, prot as u64) };
         if r < 0 {
@@ -700,7 +797,9 @@ impl Mm {
         push(MapOp { kind: OP_MOVE, addr: start, len: end - start, offset: dst, ..Default::default() });
         let mut moved = [Piece::default(); 64];
         let mut k = 0;
-        while let Some(i) = (self.find(start) < self.n && self.pieces[self.find(start)].start < end).then(|| self.find(start)) {
+        while let Some(i) =
+            (self.find(start) < self.n && self.pieces[self.find(start)].start < end).then(|| self.find(start))
+        {
             let mut p = self.remove_at(i);
             p.end = p.end - start + dst;
             p.start = p.start - start + dst;
@@ -752,12 +851,8 @@ impl Mm {
             let p = self.pieces[i];
             let (s, e) = (p.start.max(start), p.end.min(end));
             match p.src {
-                SRC_APP_FD => {
-                    // SAFETY: same as native: drops page-table entries.
-                    unsafe { syscall3(nr::MADVISE, s, e - s, MADV_DONTNEED) };
-                }
                 SRC_MEMFD_SMALL => punch(self.memfd[0], p.off + (s - p.start), e - s),
-                _ => {
+                SRC_MEMFD_HUGE => {
                     let (hs, he) = (huge_up(s), huge_down(e));
                     if hs < he {
                         punch(self.memfd[1], p.off + (hs - p.start), he - hs);
@@ -767,6 +862,12 @@ impl Mm {
                             self.fill_zero(p, a, b);
                         }
                     }
+                }
+                _ => {
+                    // A file: same as native (shared pages stay, private
+                    // ones refault from the file).
+                    // SAFETY: drops page-table entries of application memory.
+                    unsafe { syscall3(nr::MADVISE, s, e - s, MADV_DONTNEED) };
                 }
             }
             i += 1;
@@ -804,7 +905,9 @@ impl Mm {
             // huge pages.
             let to = if self.huge_ok { huge_up(need) } else { need };
             let to = if self.is_free(self.brk_end, to) { to } else { need };
-            if !self.is_free(self.brk_end, to) || self.map_fresh(self.brk_end, to, (PROT_READ | PROT_WRITE) as u32, false).is_err() {
+            if !self.is_free(self.brk_end, to)
+                || self.map_fresh(self.brk_end, to, (PROT_READ | PROT_WRITE) as u32, false).is_err()
+            {
                 return self.brk_cur as i64;
             }
             self.brk_end = to;
@@ -823,7 +926,13 @@ impl Mm {
 
     /// Map [start, end) as a private copy filled by `fill`, then set `prot`.
     /// Used by the loader for program segments.
-    pub fn map_copy(&mut self, start: u64, end: u64, prot: u32, fill: impl FnOnce() -> Result<(), i64>) -> Result<(), i64> {
+    pub fn map_copy(
+        &mut self,
+        start: u64,
+        end: u64,
+        prot: u32,
+        fill: impl FnOnce() -> Result<(), i64>,
+    ) -> Result<(), i64> {
         self.forget(start, end)?;
         self.map_extent(start, end, (PROT_READ | PROT_WRITE) as u32, false, SRC_MEMFD_SMALL)?;
         fill()?;
@@ -833,10 +942,11 @@ impl Mm {
         Ok(())
     }
 
-    /// Map fresh anonymous memory at a fixed place (the stack).
-    pub fn map_anon_fixed(&mut self, start: u64, end: u64, prot: u32) -> Result<(), i64> {
+    /// Map fresh anonymous memory at a fixed place (the stack); `lazy`
+    /// leaves it to be faulted in on first touch.
+    pub fn map_anon_fixed(&mut self, start: u64, end: u64, prot: u32, lazy: bool) -> Result<(), i64> {
         self.forget(start, end)?;
-        self.map_fresh(start, end, prot, false)
+        self.map_fresh(start, end, prot, lazy)
     }
 
     /// Reserve a free range for an image of `len` bytes (the interpreter).
@@ -855,32 +965,4 @@ fn populate(p: &Piece) -> u64 {
     } else {
         MAP_POPULATE
     }
-}
-
-/// "/proc/PID/fd/FD\0" into `buf`; returns the length with the NUL.
-pub fn fmt_proc_fd(buf: &mut [u8; 64], pid: i32, fd: i32) -> usize {
-    let mut n = 0;
-    let mut put = |s: &[u8], n: &mut usize| {
-        buf[*n..*n + s.len()].copy_from_slice(s);
-        *n += s.len();
-    };
-    put(b"/proc/", &mut n);
-    put(fmt_u64(&mut [0; 20], pid as u64), &mut n);
-    put(b"/fd/", &mut n);
-    put(fmt_u64(&mut [0; 20], fd as u64), &mut n);
-    put(b"\0", &mut n);
-    n
-}
-
-pub fn fmt_u64(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    &buf[i..]
 }

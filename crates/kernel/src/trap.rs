@@ -50,13 +50,7 @@ const SYSCALL_DISPATCH_FILTER_BLOCK: u8 = 1;
 
 // The signal return path must be inside the allowed region, or the
 // rt_sigreturn would itself trap.
-global_asm!(
-    ".globl lwk_restorer",
-    "lwk_restorer:",
-    "mov eax, 15",
-    "syscall",
-    "ud2",
-);
+global_asm!(".globl lwk_restorer", "lwk_restorer:", "mov eax, 15", "syscall", "ud2",);
 
 extern "C" {
     fn lwk_restorer();
@@ -83,7 +77,15 @@ pub fn enable() -> Result<(), i64> {
     let (start, end) = unsafe { (&__ehdr_start as *const u8 as u64, &etext as *const u8 as u64) };
     // SAFETY: SELECTOR is static and lives as long as the process.
     let r = unsafe {
-        syscall6(nr::PRCTL, PR_SET_SYSCALL_USER_DISPATCH, PR_SYS_DISPATCH_ON, start, end - start, SELECTOR.as_ptr() as u64, 0)
+        syscall6(
+            nr::PRCTL,
+            PR_SET_SYSCALL_USER_DISPATCH,
+            PR_SYS_DISPATCH_ON,
+            start,
+            end - start,
+            SELECTOR.as_ptr() as u64,
+            0,
+        )
     };
     if r < 0 {
         return Err(r);
@@ -202,7 +204,14 @@ fn raises_sigpipe(nr: u64, a: [u64; 6]) -> bool {
             let flags = if nr == nr::SENDTO { a[3] } else { a[2] };
             flags & MSG_NOSIGNAL == 0
         }
-        nr::WRITE | nr::WRITEV | nr::PWRITE64 | nr::PWRITEV | nr::PWRITEV2 | nr::SPLICE | nr::VMSPLICE | nr::SENDFILE => true,
+        nr::WRITE
+        | nr::WRITEV
+        | nr::PWRITE64
+        | nr::PWRITEV
+        | nr::PWRITEV2
+        | nr::SPLICE
+        | nr::VMSPLICE
+        | nr::SENDFILE => true,
         _ => false,
     }
 }

@@ -69,8 +69,12 @@ pub fn protect_own_memory() -> Result<(), &'static str> {
         let phnum = core::ptr::read_unaligned(base.add(56) as *const u16) as usize;
         for i in 0..phnum {
             let ph = base.add(phoff as usize + i * 56);
-            let (ptype, flags) = (core::ptr::read_unaligned(ph as *const u32), core::ptr::read_unaligned(ph.add(4) as *const u32));
-            let (vaddr, memsz) = (core::ptr::read_unaligned(ph.add(16) as *const u64), core::ptr::read_unaligned(ph.add(40) as *const u64));
+            let (ptype, flags) =
+                (core::ptr::read_unaligned(ph as *const u32), core::ptr::read_unaligned(ph.add(4) as *const u32));
+            let (vaddr, memsz) = (
+                core::ptr::read_unaligned(ph.add(16) as *const u64),
+                core::ptr::read_unaligned(ph.add(40) as *const u64),
+            );
             if ptype == 1 {
                 // Every segment, code included: PKRU stops data reads and
                 // writes, never instruction fetches.
@@ -100,7 +104,9 @@ pub unsafe fn switch_stack(f: extern "C" fn() -> !) -> ! {
         f()
     }
     // SAFETY: top is the 16-aligned end of a fresh read-write mapping.
-    unsafe { asm!("mov rsp, {top}", "xor ebp, ebp", "call {f}", "ud2", top = in(reg) top, f = in(reg) f, options(noreturn)) }
+    unsafe {
+        asm!("mov rsp, {top}", "xor ebp, ebp", "call {f}", "ud2", top = in(reg) top, f = in(reg) f, options(noreturn))
+    }
 }
 
 /// A system call with the proxy's own memory locked away: PKRU denies the

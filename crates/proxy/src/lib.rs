@@ -12,7 +12,8 @@
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
 use lwk_abi::control::{
-    Control, MapOp, CH_DONE, CH_IDLE, CH_REQUEST, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, REQ_SYNC, SRC_APP_FD,
+    Control, MapOp, CH_DONE, CH_REQUEST, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, REQ_SYNC, SRC_APP_FD,
+    SRC_APP_FD_PRIVATE, SRC_LWK_FD_PRIVATE,
 };
 use lwk_abi::layout::CONTROL_ADDR;
 use lwk_rt::nr;
@@ -37,7 +38,10 @@ pub fn run() -> ! {
     let protect = guard::protect_own_memory();
     if let Err(why) = protect {
         if ctl_verbose() {
-            lwk_rt::diag!("proxy: no memory protection keys ({}): pointers into the upper half reach proxy memory", why);
+            lwk_rt::diag!(
+                "proxy: no memory protection keys ({}): pointers into the upper half reach proxy memory",
+                why
+            );
         }
     }
     // SAFETY: guard gave us a fresh stack (or none); serve never returns.
@@ -83,27 +87,16 @@ extern "C" fn serve() -> ! {
 
 fn wait_request(ctl: &Control) {
     let ch = &ctl.channel;
-    let spin = ctl.header.spin_cycles.load(Relaxed);
-    let start = rdtsc();
-    loop {
-        if ch.state.load(Acquire) == CH_REQUEST {
-            return;
-        }
-        if rdtsc().wrapping_sub(start) > spin {
+    let mut wait = SpinWait::new(ctl.header.spin_cycles.load(Relaxed));
+    while ch.state.load(Acquire) != CH_REQUEST {
+        if !wait.spin() {
             ch.server_sleeping.store(1, SeqCst);
             if ch.state.load(SeqCst) != CH_REQUEST {
-                futex_wait(&ch.state, CH_IDLE);
-                // A DONE state means the client has not consumed the last
-                // answer yet: let it run.
-                if ch.state.load(Acquire) == CH_DONE {
-                    // SAFETY: no arguments.
-                    unsafe { syscall3(24, 0, 0, 0) }; // sched_yield
-                }
+                futex_wait(&ch.state, ch.state.load(SeqCst));
             }
             ch.server_sleeping.store(0, Relaxed);
-            continue;
+            wait.restart();
         }
-        cpu_relax();
     }
 }
 
@@ -140,28 +133,32 @@ unsafe fn apply(ctl: &Control, op: &MapOp, memfd: &mut [i32; 2]) -> i64 {
     // proxy has nothing of its own.
     unsafe {
         match op.kind {
-            OP_MAP => {
-                let fd = if op.source == SRC_APP_FD {
-                    op.fd
-                } else {
-                    let k = op.source as usize;
+            OP_MAP => match op.source {
+                SRC_APP_FD => mmap(op.addr, op.len, op.prot as u64, MAP_SHARED | MAP_FIXED, op.fd, op.offset),
+                SRC_APP_FD_PRIVATE => mmap(op.addr, op.len, op.prot as u64, MAP_PRIVATE | MAP_FIXED, op.fd, op.offset),
+                SRC_LWK_FD_PRIVATE => {
+                    let fd = open_in_app(ctl, op.fd, O_RDONLY);
+                    if fd < 0 {
+                        return fd;
+                    }
+                    let r = mmap(op.addr, op.len, op.prot as u64, MAP_PRIVATE | MAP_FIXED, fd as i32, op.offset);
+                    close(fd as i32);
+                    r
+                }
+                k => {
+                    let k = k as usize;
                     if memfd[k] < 0 {
                         // Opened per batch and closed after it: the
                         // application's fd table never sees it.
-                        let mut path = [0u8; 64];
-                        let app = ctl.header.app_pid.load(Acquire);
-                        let fd_in_app = ctl.header.memfd[k].load(Acquire);
-                        let n = proc_fd_path(&mut path, app, fd_in_app);
-                        let r = open(&path[..n], O_RDWR | O_CLOEXEC, 0);
-                        if r < 0 {
-                            return r;
+                        let fd = open_in_app(ctl, ctl.header.memfd[k].load(Acquire), O_RDWR);
+                        if fd < 0 {
+                            return fd;
                         }
-                        memfd[k] = r as i32;
+                        memfd[k] = fd as i32;
                     }
-                    memfd[op.source as usize]
-                };
-                mmap(op.addr, op.len, op.prot as u64, MAP_SHARED | MAP_FIXED, fd, op.offset)
-            }
+                    mmap(op.addr, op.len, op.prot as u64, MAP_SHARED | MAP_FIXED, memfd[k], op.offset)
+                }
+            },
             OP_UNMAP => munmap(op.addr, op.len),
             OP_PROTECT => mprotect(op.addr, op.len, op.prot as u64),
             OP_MOVE => syscall6(nr::MREMAP, op.addr, op.len, op.len, MREMAP_MAYMOVE | MREMAP_FIXED, op.offset, 0),
@@ -170,34 +167,9 @@ unsafe fn apply(ctl: &Control, op: &MapOp, memfd: &mut [i32; 2]) -> i64 {
     }
 }
 
-fn proc_fd_path(buf: &mut [u8; 64], pid: i32, fd: i32) -> usize {
-    let mut n = 0;
-    for part in [b"/proc/".as_slice(), itoa(pid as u64).as_bytes_of(), b"/fd/", itoa(fd as u64).as_bytes_of(), b"\0"] {
-        buf[n..n + part.len()].copy_from_slice(part);
-        n += part.len();
-    }
-    n
-}
-
-struct Digits {
-    buf: [u8; 20],
-    at: usize,
-}
-
-impl Digits {
-    fn as_bytes_of(&self) -> &[u8] {
-        &self.buf[self.at..]
-    }
-}
-
-fn itoa(mut v: u64) -> Digits {
-    let mut d = Digits { buf: [0; 20], at: 20 };
-    loop {
-        d.at -= 1;
-        d.buf[d.at] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            return d;
-        }
-    }
+/// Open a descriptor of the application process through /proc.
+fn open_in_app(ctl: &Control, fd: i32, flags: u64) -> i64 {
+    let mut path = [0u8; 64];
+    let n = lwk_rt::out::proc_fd_path(&mut path, ctl.header.app_pid.load(Acquire), fd);
+    open(&path[..n], flags | O_CLOEXEC, 0)
 }

@@ -50,3 +50,29 @@ macro_rules! diag {
         $crate::out::print_diag(format_args!("lwk: {}\n", format_args!($($arg)*)))
     };
 }
+
+/// Decimal digits of `v`, written at the end of `buf`.
+pub fn fmt_u64(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// "/proc/PID/fd/FD" with a NUL into `buf`; returns the length with the NUL.
+pub fn proc_fd_path(buf: &mut [u8; 64], pid: i32, fd: i32) -> usize {
+    let mut n = 0;
+    for part in
+        [b"/proc/".as_slice(), fmt_u64(&mut [0; 20], pid as u64), b"/fd/", fmt_u64(&mut [0; 20], fd as u64), b"\0"]
+    {
+        buf[n..n + part.len()].copy_from_slice(part);
+        n += part.len();
+    }
+    n
+}
