@@ -20,6 +20,8 @@ pub const OPT_HUGE_OFF: u64 = 1 << 0;
 pub const OPT_HUGE_REQUIRE: u64 = 1 << 1;
 /// Print a note on stderr when huge pages cannot be had.
 pub const OPT_VERBOSE: u64 = 1 << 2;
+/// Pre-fault 4 KiB-page memory too, not only huge pages.
+pub const OPT_PREFAULT_ALL: u64 = 1 << 3;
 
 #[repr(C)]
 pub struct Header {

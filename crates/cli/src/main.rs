@@ -46,19 +46,23 @@ pub enum HugePages {
 pub struct RunArgs {
     /// Print per-system-call statistics on stderr when the program exits.
     #[arg(long)]
-    stats: bool,
+    pub stats: bool,
     /// Write the statistics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
-    stats_json: Option<PathBuf>,
+    pub stats_json: Option<PathBuf>,
     /// Page size for application memory.
     #[arg(long, value_enum, default_value = "auto")]
-    hugepages: HugePages,
+    pub hugepages: HugePages,
+    /// Pre-fault 4 KiB-page memory at mmap time too (huge-page memory
+    /// always is).
+    #[arg(long)]
+    pub prefault_all: bool,
     /// Notes from the LWK on stderr (e.g. falling back to 4 KiB pages).
     #[arg(short, long)]
-    verbose: bool,
+    pub verbose: bool,
     /// The program and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "PROGRAM")]
-    command: Vec<OsString>,
+    pub command: Vec<OsString>,
 }
 
 fn print_syscalls(json: bool) -> anyhow::Result<()> {

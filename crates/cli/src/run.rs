@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use lwk_abi::control::{Control, CONTROL_MAGIC, CONTROL_SIZE, OPT_HUGE_OFF, OPT_HUGE_REQUIRE, OPT_VERBOSE};
+use lwk_abi::control::{
+    Control, CONTROL_MAGIC, CONTROL_SIZE, OPT_HUGE_OFF, OPT_HUGE_REQUIRE, OPT_PREFAULT_ALL, OPT_VERBOSE,
+};
 
 use crate::stats::Report;
 use crate::{HugePages, RunArgs};
@@ -232,6 +234,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
     };
     if args.verbose {
         options |= OPT_VERBOSE;
+    }
+    if args.prefault_all {
+        options |= OPT_PREFAULT_ALL;
     }
     let region = ControlRegion::create(options, spin_cycles())?;
     setup_signals();

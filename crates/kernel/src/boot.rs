@@ -5,7 +5,7 @@
 
 use core::sync::atomic::Ordering::{Relaxed, Release};
 
-use lwk_abi::control::{CONTROL_MAGIC, CONTROL_SIZE, OPT_HUGE_OFF, OPT_HUGE_REQUIRE, OPT_VERBOSE};
+use lwk_abi::control::{CONTROL_MAGIC, CONTROL_SIZE, OPT_HUGE_OFF, OPT_HUGE_REQUIRE, OPT_PREFAULT_ALL, OPT_VERBOSE};
 use lwk_abi::layout::{CONTROL_ADDR, STACK_TOP};
 use lwk_rt::mem::strlen;
 use lwk_rt::nr;
@@ -163,7 +163,9 @@ pub fn app_main(st: &Startup) -> ! {
         lwk_rt::diag!("no free 2 MiB huge pages (--hugepages require): reserve some in /proc/sys/vm/nr_hugepages");
         exit_group(125);
     }
-    if let Err(e) = MM.lock().init(huge, opts & OPT_HUGE_REQUIRE != 0, opts & OPT_VERBOSE != 0) {
+    if let Err(e) =
+        MM.lock().init(huge, opts & OPT_HUGE_REQUIRE != 0, opts & OPT_PREFAULT_ALL != 0, opts & OPT_VERBOSE != 0)
+    {
         lwk_rt::diag!("cannot create the memory pool: {}", errno_text(e));
         exit_group(125);
     }

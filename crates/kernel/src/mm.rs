@@ -7,8 +7,9 @@
 //! maps that part of the file. The exception is a MAP_SHARED mapping of a
 //! real file, which maps that file in both processes.
 //!
-//! Mappings are pre-faulted (MAP_POPULATE) unless the application asked for
-//! MAP_NORESERVE or PROT_NONE: the LWK's memory has no demand-paging noise.
+//! Huge-page memory is pre-faulted (MAP_POPULATE) unless the application
+//! asked for MAP_NORESERVE or PROT_NONE: it has no demand-paging noise.
+//! 4 KiB pages are pre-faulted only with `lwk run --prefault-all`.
 //! A huge page that an operation must split at a 4 KiB boundary is copied
 //! into 4 KiB pages first ("demoted").
 
@@ -127,6 +128,7 @@ pub struct Mm {
     memfd: [i32; 2],
     huge_ok: bool,
     require_huge: bool,
+    prefault_all: bool,
     verbose: bool,
     pub brk_start: u64,
     brk_cur: u64,
@@ -159,6 +161,7 @@ impl Mm {
             memfd: [0, 0], // zero so the whole table is .bss; set by init
             huge_ok: false,
             require_huge: false,
+            prefault_all: false,
             verbose: false,
             brk_start: 0,
             brk_cur: 0,
@@ -168,8 +171,9 @@ impl Mm {
     }
 
     /// Create the memfds. `huge` says whether to try 2 MiB pages.
-    pub fn init(&mut self, huge: bool, require_huge: bool, verbose: bool) -> Result<(), i64> {
+    pub fn init(&mut self, huge: bool, require_huge: bool, prefault_all: bool, verbose: bool) -> Result<(), i64> {
         self.verbose = verbose;
+        self.prefault_all = prefault_all;
         self.require_huge = require_huge;
         self.memfd = [-1, -1];
         // SAFETY: the name is NUL-terminated.
@@ -201,6 +205,18 @@ impl Mm {
         h.memfd[0].store(self.memfd[0], core::sync::atomic::Ordering::Release);
         h.memfd[1].store(self.memfd[1], core::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// Pre-fault a piece now? Huge-page memory always (the pool has paid
+    /// for it, and it makes first touch cheap); 4 KiB pages only with
+    /// --prefault-all, because pre-faulting memory a program never touches
+    /// costs more than it saves (CPython maps 1 MiB arenas it barely uses).
+    fn populate(&self, p: &Piece) -> u64 {
+        if p.lazy || p.prot == 0 || !(p.src == SRC_MEMFD_HUGE || self.prefault_all) {
+            0
+        } else {
+            MAP_POPULATE
+        }
     }
 
     pub fn note_fallback(&mut self) {
@@ -322,7 +338,7 @@ impl Mm {
             }
             core::ptr::copy_nonoverlapping(SCRATCH_ADDR as *const u8, (SCRATCH_ADDR + HUGE) as *mut u8, HUGE as usize);
             munmap(SCRATCH_ADDR, 2 * HUGE);
-            let r = mmap(at, HUGE, p.prot as u64, MAP_SHARED | MAP_FIXED | populate(&p), self.memfd[0], off_s);
+            let r = mmap(at, HUGE, p.prot as u64, MAP_SHARED | MAP_FIXED | self.populate(&p), self.memfd[0], off_s);
             if r < 0 {
                 self.extents[0].free(off_s, HUGE);
                 return Err(r);
@@ -400,7 +416,8 @@ impl Mm {
         let p = Piece { start, end, prot, src, fd: -1, lazy, off };
         // SAFETY: [start, end) is in the application's range and was
         // forgotten by the caller; mapping over it is what the call asks.
-        let r = unsafe { mmap(start, len, prot as u64, MAP_SHARED | MAP_FIXED | populate(&p), self.memfd[k], off) };
+        let r =
+            unsafe { mmap(start, len, prot as u64, MAP_SHARED | MAP_FIXED | self.populate(&p), self.memfd[k], off) };
         if r < 0 {
             self.extents[k].free(off, len);
             return Err(r);
@@ -469,7 +486,7 @@ impl Mm {
             return Err(-EINVAL);
         }
         let anon = flags & MAP_ANONYMOUS != 0;
-        let lazy = flags & MAP_NORESERVE != 0 || prot == PROT_NONE;
+        let lazy = flags & MAP_NORESERVE != 0;
         let start = if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0 {
             if addr % PAGE != 0 {
                 return Err(-EINVAL);
@@ -599,7 +616,7 @@ impl Mm {
         self.forget(start, end)?;
         let p = Piece { start, end, prot, src, fd, lazy: false, off };
         // SAFETY: the range is the application's and was forgotten above.
-        let r = unsafe { mmap(start, end - start, prot as u64, MAP_PRIVATE | MAP_FIXED | populate(&p), lfd, off) };
+        let r = unsafe { mmap(start, end - start, prot as u64, MAP_PRIVATE | MAP_FIXED | self.populate(&p), lfd, off) };
         if r < 0 {
             return Err(r);
         }
@@ -627,7 +644,8 @@ impl Mm {
             }
             core::ptr::copy_nonoverlapping(p.start as *const u8, SCRATCH_ADDR as *mut u8, len as usize);
             munmap(SCRATCH_ADDR, len);
-            let r = mmap(p.start, len, p.prot as u64, MAP_SHARED | MAP_FIXED | MAP_POPULATE, self.memfd[0], off);
+            let q = Piece { src: SRC_MEMFD_SMALL, ..p };
+            let r = mmap(p.start, len, p.prot as u64, MAP_SHARED | MAP_FIXED | self.populate(&q), self.memfd[0], off);
             if r < 0 {
                 self.release_extent(SRC_MEMFD_SMALL, off, len);
                 return Err(r);
@@ -700,9 +718,10 @@ impl Mm {
         }
         let mut i = self.find(start);
         while i < self.n && self.pieces[i].start < end {
+            let now = Piece { prot, ..self.pieces[i] };
+            let fault_in = self.pieces[i].prot == 0 && prot != 0 && now.is_memfd() && self.populate(&now) != 0;
             let p = &mut self.pieces[i];
-            if p.prot == 0 && prot != 0 && p.is_memfd() {
-                p.lazy = false;
+            if fault_in {
                 let advice = if prot as u64 & PROT_WRITE != 0 { MADV_POPULATE_WRITE } else { MADV_POPULATE_READ };
                 // SAFETY: pre-faulting our own mapping.
                 unsafe { syscall3(nr::MADVISE, p.start, p.end - p.start, advice) };
@@ -956,13 +975,5 @@ impl Mm {
 
     pub fn pieces(&self) -> &[Piece] {
         &self.pieces[..self.n]
-    }
-}
-
-fn populate(p: &Piece) -> u64 {
-    if p.lazy || p.prot == 0 {
-        0
-    } else {
-        MAP_POPULATE
     }
 }

@@ -1,0 +1,698 @@
+#!/usr/bin/env python3
+"""lwk benchmark suite: native versus `lwk run`, measured in the same run.
+
+    python3 bench/run.py                 # full run, writes bench/RESULTS.md
+    python3 bench/run.py --quick         # smoke run (CI): small sizes, few reps
+    python3 bench/run.py --only getpid   # one benchmark (or a comma list)
+
+Builds lwk (cargo build --release) and the C microbenchmarks in bench/src
+(gcc -O2, into bench/build/, git-ignored), then runs every benchmark natively
+and under lwk, interleaved round by round, several repetitions, and reports
+medians. Ratios are always lwk / native from this very run.
+
+Only the full run (no --quick, no --only) writes bench/RESULTS.md; other runs
+write bench/build/RESULTS-partial.md unless --output says otherwise. A block
+between the analysis markers in the existing output file is kept across runs
+(it is written by hand, after looking at the numbers).
+
+The first-touch benchmark with 2 MiB pages reserves a hugetlb pool (as an
+lwk partition would) by writing /proc/sys/vm/nr_hugepages, and always puts
+the original value back, also on Ctrl-C or SIGTERM.
+
+Standard library only. Exit status: 0 when every benchmark ran (missed aims
+are not failures), 1 when a run failed (lwk crashed, wrong output, ...).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+SRC = BENCH / "src"
+BUILD = BENCH / "build"
+LWK = ROOT / "target" / "release" / "lwk"
+RESULTS = BENCH / "RESULTS.md"
+PARTIAL = BUILD / "RESULTS-partial.md"
+ANALYSIS_BEGIN = "<!-- analysis:begin (kept across runs by bench/run.py) -->"
+ANALYSIS_END = "<!-- analysis:end -->"
+
+MIB = 1 << 20
+GIB = 1 << 30
+HUGE_PAGE = 2 * MIB
+HUGE_HEADROOM = 64 * MIB  # the program's own text, heap, stack on 2 MiB pages
+
+C_PROGRAMS = ["getppid_loop", "getpid_loop", "delegated_loop", "first_touch"]
+
+# name -> one-line description (also the order of the table)
+BENCHMARKS = {
+    "getppid": "syscall(SYS_getppid) loop, ns per call",
+    "delegated": "syscall(SYS_fcntl, fd, F_GETFD) loop, ns per call (truly delegated)",
+    "getpid": "syscall(SYS_getpid) loop, ns per call (local in the LWK)",
+    "first_touch": "mmap 1 GiB anonymous + write one byte per 4 KiB page",
+    "true": "/bin/true: lwk start-up and tear-down cost (information, no aim)",
+    "python": "/usr/bin/python3 -c pass start-up",
+    "sha256sum": "sha256sum of a 256 MiB file",
+}
+
+
+class RunFailed(Exception):
+    pass
+
+
+def log(msg=""):
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+def sh(argv, **kw):
+    return subprocess.run(argv, check=False, **kw)
+
+
+def tail(text, n=12):
+    lines = (text or "").strip().splitlines()
+    return "\n".join(lines[-n:])
+
+
+def run_checked(argv, timeout, what):
+    """Run argv, capture output; raise RunFailed with details on failure."""
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise RunFailed(f"{what}: timed out after {timeout} s: {shlex.join(argv)}\n"
+                        f"stderr: {tail(e.stderr if isinstance(e.stderr, str) else '')}")
+    if p.returncode != 0:
+        sig = ""
+        if p.returncode < 0:
+            sig = f" (killed by signal {signal.Signals(-p.returncode).name})"
+        raise RunFailed(f"{what}: exit status {p.returncode}{sig}: {shlex.join(argv)}\n"
+                        f"stdout: {tail(p.stdout, 4)}\nstderr: {tail(p.stderr)}")
+    return p
+
+
+def parse_kv(stdout, key, what):
+    for line in reversed(stdout.splitlines()):
+        if f"{key}=" in line:
+            return {k: v for k, v in (tok.split("=", 1) for tok in line.split() if "=" in tok)}
+    raise RunFailed(f"{what}: no '{key}=' line in output:\n{tail(stdout)}")
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def fmt_ns(ns):
+    if ns is None:
+        return "-"
+    return f"{ns:,.0f} ns" if ns >= 100 else f"{ns:.1f} ns"
+
+
+def fmt_s(s):
+    if s is None:
+        return "-"
+    if s < 1.0:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s:.3f} s"
+
+
+def read_int(path):
+    return int(Path(path).read_text().strip())
+
+
+# --------------------------------------------------------------------------
+# hugetlb pool
+
+
+def hugepage_paths():
+    """(nr_hugepages file to write, free_hugepages file) for 2 MiB pages."""
+    sysfs = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+    default_kb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("Hugepagesize:"):
+                default_kb = int(line.split()[1])
+    except OSError:
+        pass
+    nr = Path("/proc/sys/vm/nr_hugepages") if default_kb == 2048 else sysfs / "nr_hugepages"
+    return nr, sysfs / "free_hugepages"
+
+
+class HugePool:
+    """Reserve `need` free 2 MiB pages for the duration of a `with` block.
+
+    Always writes the original nr_hugepages back on exit (normal, exception,
+    KeyboardInterrupt); signals are held off while restoring. `skip` is set
+    to a reason when the pool could not be had.
+    """
+
+    def __init__(self, need):
+        self.need = need
+        self.nr_path, self.free_path = hugepage_paths()
+        self.orig = None
+        self.changed = False
+        self.skip = None
+        self.got_free = None
+
+    def __enter__(self):
+        try:
+            self.orig = read_int(self.nr_path)
+            free = read_int(self.free_path)
+        except OSError as e:
+            self.skip = f"no 2 MiB hugetlb pool on this kernel ({e})"
+            return self
+        if free >= self.need:
+            self.got_free = free
+            return self
+        if os.geteuid() != 0:
+            self.skip = (f"not root: cannot reserve {self.need} 2 MiB pages in {self.nr_path} "
+                         f"(free: {free})")
+            return self
+        target = self.orig + (self.need - free)
+        try:
+            self.changed = True  # from here on, restore whatever happens
+            self.nr_path.write_text(f"{target}\n")
+        except OSError as e:
+            self.skip = f"writing {target} to {self.nr_path} failed: {e}"
+            return self
+        self.got_free = read_int(self.free_path)
+        if self.got_free < self.need:
+            self.skip = (f"the kernel gave fewer pages than asked: {self.got_free} free 2 MiB pages, "
+                         f"{self.need} needed (nr_hugepages {read_int(self.nr_path)} of {target} asked)")
+        log(f"  hugetlb pool: nr_hugepages {self.orig} -> {read_int(self.nr_path)}, "
+            f"{self.got_free} free (need {self.need})")
+        return self
+
+    def __exit__(self, *exc):
+        if not self.changed:
+            return False
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            for attempt in range(50):
+                try:
+                    self.nr_path.write_text(f"{self.orig}\n")
+                except OSError as e:
+                    log(f"  WARNING: restoring {self.nr_path} to {self.orig}: {e}")
+                now = read_int(self.nr_path)
+                if now == self.orig:
+                    break
+                time.sleep(0.1)  # pages still held by a dying child
+            log(f"  hugetlb pool: nr_hugepages restored to {read_int(self.nr_path)} (was {self.orig})")
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+        return False
+
+
+# --------------------------------------------------------------------------
+# build
+
+
+def build(args):
+    if not args.no_build:
+        log("building lwk: cargo build --release")
+        t = time.perf_counter()
+        p = sh(["cargo", "build", "--release"], cwd=ROOT, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"cargo build --release failed:\n{tail(p.stderr, 40)}")
+        log(f"  done in {time.perf_counter() - t:.1f} s")
+    if not LWK.exists():
+        sys.exit(f"{LWK} missing (build lwk first)")
+    BUILD.mkdir(exist_ok=True)
+    for prog in C_PROGRAMS:
+        out = BUILD / prog
+        argv = ["gcc", "-O2", "-Wall", "-o", str(out), str(SRC / f"{prog}.c")]
+        p = sh(argv, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"{shlex.join(argv)} failed:\n{p.stderr}")
+    log(f"built {', '.join(C_PROGRAMS)} into {BUILD.relative_to(ROOT)}/ (gcc -O2)")
+
+
+def lwk_cmd(argv, hugepages=None, stats_json=None):
+    cmd = [str(LWK), "run"]
+    if hugepages:
+        cmd += ["--hugepages", hugepages]
+    if stats_json:
+        cmd += ["--stats-json", str(stats_json)]
+    return cmd + ["--"] + list(argv)
+
+
+def rotated(items, r):
+    r %= len(items)
+    return items[r:] + items[:r]
+
+
+# --------------------------------------------------------------------------
+# benchmarks. Each returns a list of result rows (dicts).
+
+
+def row(bench, label, native, lwk, unit, aim=None, aim_text="-", note="", **extra):
+    ratio = lwk / native if (native and lwk is not None) else None
+    met = None if (aim is None or ratio is None) else ratio <= aim
+    return dict(bench=bench, label=label, native=native, lwk=lwk, unit=unit, ratio=ratio,
+                aim=aim, aim_text=aim_text, met=met, note=note, **extra)
+
+
+def bench_micro(name, prog, label, aim, aim_text, cfg, note=""):
+    """ns per call of a syscall loop, native vs lwk, interleaved."""
+    n_native, n_lwk = cfg["micro_n_native"], cfg["micro_n_lwk"]
+    variants = {
+        "native": [str(BUILD / prog), str(n_native)],
+        "lwk": lwk_cmd([str(BUILD / prog), str(n_lwk)]),
+    }
+    samples = {k: [] for k in variants}
+    for r in range(-1, cfg["reps"]):  # round -1 is a discarded warm-up
+        for v in rotated(list(variants), max(r, 0)):
+            out = run_checked(variants[v], 600, f"{name} ({v})").stdout
+            ns = float(parse_kv(out, "ns_per_op", f"{name} ({v})")["ns_per_op"])
+            if r >= 0:
+                samples[v].append(ns)
+        if r >= 0:
+            log(f"  round {r + 1}: native {samples['native'][-1]:.1f} ns, lwk {samples['lwk'][-1]:.1f} ns")
+    return [row(name, label, median(samples["native"]), median(samples["lwk"]), "ns", aim, aim_text,
+                note=note, samples=samples,
+                detail=f"iterations per run: native {n_native:,}, lwk {n_lwk:,}")]
+
+
+def bench_first_touch(cfg):
+    size = cfg["touch_bytes"]
+    need = -(-(size + HUGE_HEADROOM) // HUGE_PAGE)
+    prog = [str(BUILD / "first_touch"), str(size)]
+    size_txt = f"{size // GIB} GiB" if size >= GIB else f"{size // MIB} MiB"
+    rows = []
+    with HugePool(need) as pool:
+        variants = {"native": prog}
+        if pool.skip is None:
+            variants["lwk 2M"] = lwk_cmd(prog, hugepages="2M")
+        variants["lwk none"] = lwk_cmd(prog, hugepages="none")
+        samples = {v: [] for v in variants}
+        for r in range(-1, cfg["reps"]):
+            for v in rotated(list(variants), max(r, 0)):
+                out = run_checked(variants[v], 600, f"first_touch ({v})").stdout
+                kv = parse_kv(out, "mmap_touch_s", f"first_touch ({v})")
+                if r >= 0:
+                    samples[v].append({k: float(kv[k]) for k in ("mmap_touch_s", "mmap_s", "touch_s", "munmap_s")})
+            if r >= 0:
+                log("  round %d: " % (r + 1) + ", ".join(
+                    f"{v} {samples[v][-1]['mmap_touch_s']:.3f} s" for v in variants))
+    med = {v: {k: median([s[k] for s in samples[v]]) for k in samples[v][0]} for v in samples}
+    nat = med["native"]["mmap_touch_s"]
+    breakdown = {v: med[v] for v in med}
+    if pool.skip is None:
+        rows.append(row("first_touch", f"first touch {size_txt}, lwk --hugepages 2M", nat,
+                        med["lwk 2M"]["mmap_touch_s"], "s", 0.5, "<= 0.5x (2x faster)",
+                        samples={v: [s["mmap_touch_s"] for s in samples[v]] for v in ("native", "lwk 2M")},
+                        breakdown=breakdown, pool_pages=need))
+    else:
+        rows.append(row("first_touch", f"first touch {size_txt}, lwk --hugepages 2M", nat, None, "s",
+                        0.5, "<= 0.5x (2x faster)", note=f"SKIPPED: {pool.skip}", skipped=True,
+                        breakdown=breakdown))
+    rows.append(row("first_touch", f"first touch {size_txt}, lwk --hugepages none (4 KiB memfd)", nat,
+                    med["lwk none"]["mmap_touch_s"], "s", None, "(reported beside)",
+                    samples={v: [s["mmap_touch_s"] for s in samples[v]] for v in ("native", "lwk none")},
+                    breakdown=breakdown))
+    return rows
+
+
+def time_whole(name, argv, cfg, rounds, runs, warmup):
+    """Wall-clock seconds of native argv vs lwk argv, interleaved by rounds.
+
+    hyperfine (-N, no shell) when installed, else time.perf_counter. Returns
+    (samples by variant, cpu seconds per run by variant, tool)."""
+    variants = {"native": list(argv), "lwk": lwk_cmd(argv)}
+    samples = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
+    hyperfine = shutil.which("hyperfine")
+    tool = "hyperfine -N" if hyperfine else "time.perf_counter"
+    with tempfile.TemporaryDirectory(prefix="lwk-bench-hf-") as td:
+        for r in range(rounds):
+            w = warmup if (r == 0 or cfg["warmup_every_round"].get(name, False)) else 0
+            for v in rotated(list(variants), r):
+                cmd = variants[v]
+                if hyperfine:
+                    js = Path(td) / "hf.json"
+                    hf = [hyperfine, "-N", "--style", "none", "--warmup", str(w), "--runs", str(runs),
+                          "--export-json", str(js), "--", shlex.join(cmd)]
+                    run_checked(hf, 1800, f"{name} ({v}) under hyperfine")
+                    res = json.loads(js.read_text())["results"][0]
+                    samples[v] += res["times"]
+                    cpu[v].append(res["user"] + res["system"])
+                else:
+                    for _ in range(w):
+                        run_checked(cmd, 600, f"{name} ({v}) warm-up")
+                    for _ in range(runs):
+                        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                        t = time.perf_counter()
+                        p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                           timeout=600)
+                        dt = time.perf_counter() - t
+                        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                        if p.returncode != 0:
+                            raise RunFailed(f"{name} ({v}): exit status {p.returncode}: {shlex.join(cmd)}\n"
+                                            f"stderr: {tail(p.stderr)}")
+                        samples[v].append(dt)
+                        cpu[v].append((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
+            log(f"  round {r + 1}: native {fmt_s(median(samples['native'][-runs:]))}, "
+                f"lwk {fmt_s(median(samples['lwk'][-runs:]))}")
+    return samples, cpu, tool
+
+
+def lwk_stats(name, argv, expect_stdout=None):
+    """One extra lwk run with --stats-json; check its output if asked."""
+    with tempfile.TemporaryDirectory(prefix="lwk-bench-st-") as td:
+        js = Path(td) / "stats.json"
+        p = run_checked(lwk_cmd(argv, stats_json=js), 600, f"{name} (lwk --stats-json)")
+        if expect_stdout is not None and p.stdout != expect_stdout:
+            raise RunFailed(f"{name}: output under lwk differs from native:\n"
+                            f"native: {expect_stdout!r}\nlwk:    {p.stdout!r}")
+        if not js.exists():
+            raise RunFailed(f"{name}: lwk wrote no --stats-json file")
+        return json.loads(js.read_text())
+
+
+def bench_whole(name, label, argv, cfg, rounds, runs, warmup, aim=1.5, aim_text="<= 1.5x", expect=None, note=""):
+    native_out = run_checked(argv, 600, f"{name} (native check)").stdout
+    if expect is not None and native_out != expect:
+        raise RunFailed(f"{name}: native output {native_out!r}, expected {expect!r}")
+    samples, cpu, tool = time_whole(name, argv, cfg, rounds, runs, warmup)
+    stats = lwk_stats(name, argv, expect_stdout=native_out)
+    return [row(name, label, median(samples["native"]), median(samples["lwk"]), "s", aim, aim_text,
+                note=note, samples=samples, stats=stats, tool=tool,
+                cpu={v: median(c) for v, c in cpu.items()},
+                detail=f"{len(samples['native'])} runs each, {tool}")]
+
+
+def bench_sha256(cfg):
+    size = cfg["sha_bytes"]
+    td = tempfile.mkdtemp(prefix="lwk-bench-sha-")
+    try:
+        path = Path(td) / "data.bin"
+        # deterministic content: a 1 MiB block from SHAKE-256, its index mixed in
+        import hashlib
+        base = hashlib.shake_256(b"lwk bench sha256sum input").digest(MIB)
+        h = hashlib.sha256()
+        with open(path, "wb") as f:
+            for i in range(size // MIB):
+                blk = i.to_bytes(8, "little") + base[8:]
+                f.write(blk)
+                h.update(blk)
+        expect = f"{h.hexdigest()}  {path}\n"
+        size_txt = f"{size // MIB} MiB"
+        return bench_whole("sha256sum", f"sha256sum of a {size_txt} file", ["/usr/bin/sha256sum", str(path)], cfg,
+                           rounds=cfg["reps"], runs=1, warmup=1, expect=expect)
+    finally:
+        shutil.rmtree(td, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# report
+
+
+def machine_info():
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = f"{int(line.split()[1]) / (1 << 20):.1f} GiB"
+    except OSError:
+        pass
+    commit = sh(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = sh(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+               capture_output=True, text=True).stdout.strip()
+    hf = shutil.which("hyperfine")
+    hfv = sh([hf, "--version"], capture_output=True, text=True).stdout.strip() if hf else "not installed"
+    nr, free = hugepage_paths()
+    try:
+        pool = f"{read_int(nr)} pages, {read_int(free)} free"
+    except OSError:
+        pool = "?"
+    return {
+        "nproc": os.cpu_count(),
+        "model": model,
+        "kernel": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "memory": mem,
+        "lwk": f"{commit}{' (with uncommitted changes)' if dirty else ''}",
+        "hyperfine": hfv,
+        "pool": pool,
+    }
+
+
+def fmt_val(v, unit):
+    if v is None:
+        return "-"
+    return fmt_ns(v) if unit == "ns" else fmt_s(v)
+
+
+def table(rows):
+    out = ["| benchmark | native | lwk | ratio (lwk/native) | aim | met? |",
+           "|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        if r.get("failed"):
+            out.append(f"| {r['label']} | - | - | - | {r['aim_text']} | FAILED (see below) |")
+            continue
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        if r.get("skipped"):
+            met = "skipped"
+        elif r["met"] is None:
+            met = "-"
+        else:
+            met = "yes" if r["met"] else "**no**"
+        out.append(f"| {r['label']} | {fmt_val(r['native'], r['unit'])} | {fmt_val(r['lwk'], r['unit'])} "
+                   f"| {ratio} | {r['aim_text']} | {met} |")
+    return "\n".join(out)
+
+
+def details(rows, cfg):
+    out = []
+    for r in rows:
+        if r.get("failed"):
+            out.append(f"* **{r['label']}: FAILED**\n\n```\n{r['error']}\n```")
+            continue
+        bits = []
+        if r.get("note"):
+            bits.append(r["note"])
+        if r.get("detail"):
+            bits.append(r["detail"])
+        if r.get("samples"):
+            for v, xs in r["samples"].items():
+                bits.append(f"{v}: " + ", ".join(fmt_val(x, r["unit"]) for x in xs[:12])
+                            + (" ..." if len(xs) > 12 else ""))
+        if r.get("cpu"):
+            bits.append("CPU time (user+sys) per run: " + ", ".join(
+                f"{v} {fmt_s(c)}" for v, c in r["cpu"].items()))
+        out.append(f"* **{r['label']}**: " + "; ".join(bits))
+    bd = next((r["breakdown"] for r in rows if r.get("breakdown")), None)
+    if bd:
+        out.append("")
+        out.append("First-touch breakdown (medians; under lwk mmap pre-faults, so the cost moves from "
+                   "touch into mmap):")
+        out.append("")
+        out.append("| variant | mmap | touch | mmap+touch | munmap |")
+        out.append("|---|---:|---:|---:|---:|")
+        for v, m in bd.items():
+            out.append(f"| {v} | {fmt_s(m['mmap_s'])} | {fmt_s(m['touch_s'])} | {fmt_s(m['mmap_touch_s'])} "
+                       f"| {fmt_s(m['munmap_s'])} |")
+        pool_row = next((r for r in rows if r.get("pool_pages")), None)
+        if pool_row:
+            out.append("")
+            out.append(f"The 2 MiB run had a hugetlb pool of {pool_row['pool_pages']} pages reserved for it "
+                       f"(1 GiB + 64 MiB headroom); nr_hugepages was restored afterwards.")
+    return "\n".join(out)
+
+
+def where_time_goes(rows):
+    out = []
+    trap = next((r for r in rows if r["bench"] == "getpid" and not r.get("failed")), None)
+    for r in rows:
+        st = r.get("stats")
+        if not st:
+            continue
+        out.append(f"**{r['label']}** under lwk (`--stats-json`, one extra run): "
+                   f"{st['syscalls_total']} system calls, {st['syscalls_local']} local, "
+                   f"{st['syscalls_delegated']} delegated; wall {fmt_s(st['wall_ns'] / 1e9)} as seen by lwk; "
+                   f"memory peak {st['memory_peak_bytes'] // 1024} KiB; pages {st['huge_pages']}.")
+        if trap and trap["lwk"]:
+            est = st["syscalls_total"] * trap["lwk"] * 1e-9
+            out.append(f"Trap cost alone at the measured local-call price ({fmt_ns(trap['lwk'])}): "
+                       f"about {fmt_s(est)}.")
+        out.append("")
+        out.append("| syscall | where | count | total | mean |")
+        out.append("|---|---|---:|---:|---:|")
+        for s in st["syscalls"][:5]:
+            out.append(f"| {s['name']} | {s['where']} | {s['count']} | {fmt_s(s['total_ns'] / 1e9)} "
+                       f"| {s['mean_ns'] / 1e3:.2f} µs |")
+        out.append("")
+    if out:
+        out.insert(0, "Top 5 system calls by total time in the LWK's handler (the trap entry/exit itself, "
+                      "~2-3 µs each, is not in these totals).\n")
+    return "\n".join(out)
+
+
+def old_analysis(path):
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    a, b = text.find(ANALYSIS_BEGIN), text.find(ANALYSIS_END)
+    if a < 0 or b < a:
+        return None
+    return text[a + len(ANALYSIS_BEGIN):b].strip("\n")
+
+
+def report(rows, info, cfg, command, elapsed, out_path):
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    parts = [
+        "# lwk benchmark results",
+        "",
+        f"Produced by `{command}` on {now}; the whole run took {elapsed:.0f} s."
+        + (" **Quick mode: smoke-test sizes, not comparable with a full run.**" if cfg["quick"] else ""),
+        "",
+        "Machine: "
+        f"{info['nproc']} CPUs, {info['model']}, {info['memory']}, {info['kernel']}. "
+        f"lwk commit {info['lwk']}; hyperfine: {info['hyperfine']}; "
+        f"2 MiB hugetlb pool outside the first-touch benchmark: {info['pool']}.",
+        "",
+        "Every benchmark runs natively and under `lwk run` in the same run, interleaved round by round "
+        f"({cfg['reps']} rounds after a discarded warm-up; values are medians). Ratio = lwk / native. "
+        "lwk runs other than first touch use the default `--hugepages auto`.",
+        "",
+        "## Results",
+        "",
+        table(rows),
+        "",
+        "## Details",
+        "",
+        details(rows, cfg),
+        "",
+        "## Where the time goes: system calls of the whole programs",
+        "",
+        where_time_goes(rows) or "_(no whole-program benchmark in this run)_",
+        "",
+        "## Where the time goes: analysis",
+        "",
+        ANALYSIS_BEGIN,
+        old_analysis(out_path) or "_Not written yet: look at the numbers above and write it here._",
+        ANALYSIS_END,
+        "",
+    ]
+    text = "\n".join(parts)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(text)
+    return text
+
+
+# --------------------------------------------------------------------------
+
+
+def config(args):
+    q = args.quick
+    reps = args.reps or (3 if q else 5)
+    return {
+        "quick": q,
+        "reps": reps,
+        "micro_n_native": 200_000 if q else 2_000_000,
+        "micro_n_lwk": 20_000 if q else 200_000,
+        "touch_bytes": 256 * MIB if q else GIB,
+        "sha_bytes": 32 * MIB if q else 256 * MIB,
+        "python_runs": 3 if q else 10,
+        "true_runs": 3 if q else 10,
+        "warmup_every_round": {"python": True, "true": True},
+    }
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="benchmarks: " + ", ".join(BENCHMARKS))
+    ap.add_argument("--quick", action="store_true", help="small sizes and few repetitions (CI smoke run)")
+    ap.add_argument("--only", action="append", default=[], metavar="NAME",
+                    help="run only these benchmarks (repeat or comma-separate): " + ", ".join(BENCHMARKS))
+    ap.add_argument("--reps", type=int, default=0, help="rounds per benchmark (default 5, quick 3)")
+    ap.add_argument("--no-build", action="store_true", help="skip cargo build (still compiles the C programs)")
+    ap.add_argument("--output", type=Path, help="report file (default bench/RESULTS.md for a full run, "
+                                                 "else bench/build/RESULTS-partial.md)")
+    args = ap.parse_args()
+    only = [n.strip() for o in args.only for n in o.split(",") if n.strip()]
+    for n in only:
+        if n not in BENCHMARKS:
+            ap.error(f"unknown benchmark {n!r}; known: {', '.join(BENCHMARKS)}")
+    selected = [n for n in BENCHMARKS if not only or n in only]
+    cfg = config(args)
+    out_path = args.output or (RESULTS if not (args.quick or only) else PARTIAL)
+    script = os.path.relpath(__file__)
+    command = shlex.join(["python3", script] + sys.argv[1:])
+
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    t_start = time.perf_counter()
+    build(args)
+    info = machine_info()
+
+    plan = {
+        "getppid": lambda: bench_micro(
+            "getppid", "getppid_loop", "getppid round trip (issue's 'delegated' call; **local** in lwk)",
+            30, "<= 30x", cfg,
+            note="`lwk syscalls` lists getppid as local: this measures a trap + LWK handler, not delegation"),
+        "delegated": lambda: bench_micro(
+            "delegated", "delegated_loop", "delegated round trip: fcntl(F_GETFD)", 30, "<= 30x", cfg,
+            note="fcntl is delegated to the proxy (the fd table lives there)"),
+        "getpid": lambda: bench_micro("getpid", "getpid_loop", "local call: getpid", 13, "<= 13x", cfg),
+        "first_touch": lambda: bench_first_touch(cfg),
+        "true": lambda: bench_whole("true", "/bin/true (start-up cost, information)", ["/bin/true"], cfg,
+                                    rounds=cfg["reps"], runs=cfg["true_runs"], warmup=1, aim=None, aim_text="-"),
+        "python": lambda: bench_whole("python", "`python3 -c pass` start-up", ["/usr/bin/python3", "-c", "pass"],
+                                      cfg, rounds=cfg["reps"], runs=cfg["python_runs"], warmup=1),
+        "sha256sum": lambda: bench_sha256(cfg),
+    }
+    rows = []
+    failed = False
+    try:
+        for name in selected:
+            log(f"== {name}: {BENCHMARKS[name]}")
+            t = time.perf_counter()
+            try:
+                rows += plan[name]()
+            except RunFailed as e:
+                failed = True
+                log(f"  FAILED: {e}")
+                rows.append(dict(bench=name, label=name, failed=True, error=str(e), aim_text="-"))
+            log(f"  ({time.perf_counter() - t:.1f} s)")
+    except KeyboardInterrupt:
+        log("\ninterrupted: report not written")
+        return 130
+    elapsed = time.perf_counter() - t_start
+    report(rows, info, cfg, command, elapsed, out_path)
+    log("")
+    log(table(rows))
+    log("")
+    log(f"total time {elapsed:.0f} s; report written to {out_path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
