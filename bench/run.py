@@ -61,10 +61,10 @@ BENCHMARKS = {
     "getppid": "syscall(SYS_getppid) loop, ns per call",
     "delegated": "syscall(SYS_fcntl, fd, F_GETFD) loop, ns per call (truly delegated)",
     "getpid": "syscall(SYS_getpid) loop, ns per call (local in the LWK)",
-    "first_touch": "mmap 1 GiB anonymous + write one byte per 4 KiB page",
+    "first_touch": "mmap 1 GiB (quick: 256 MiB) anonymous + write one byte per 4 KiB page",
     "true": "/bin/true: lwk start-up and tear-down cost (information, no aim)",
     "python": "/usr/bin/python3 -c pass start-up",
-    "sha256sum": "sha256sum of a 256 MiB file",
+    "sha256sum": "sha256sum of a 256 MiB (quick: 32 MiB) file",
 }
 
 
@@ -125,6 +125,8 @@ def fmt_ns(ns):
 def fmt_s(s):
     if s is None:
         return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} µs"
     if s < 1.0:
         return f"{s * 1e3:.1f} ms"
     return f"{s:.3f} s"
@@ -655,7 +657,7 @@ def main():
 
     plan = {
         "getppid": lambda: bench_micro(
-            "getppid", "getppid_loop", "getppid round trip (issue's 'delegated' call; **local** in lwk)",
+            "getppid", "getppid_loop", "getppid round trip (the issue's 'delegated' call; LOCAL in lwk)",
             30, "<= 30x", cfg,
             note="`lwk syscalls` lists getppid as local: this measures a trap + LWK handler, not delegation"),
         "delegated": lambda: bench_micro(

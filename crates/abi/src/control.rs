@@ -31,6 +31,8 @@ pub struct Header {
     pub spin_cycles: AtomicU64,
     pub app_pid: AtomicI32,
     pub proxy_pid: AtomicI32,
+    /// The parent of `lwk run`: the application's parent as the user sees it.
+    pub parent_pid: AtomicI32,
     /// The memfds backing application memory, as fd numbers in the
     /// application process: [4 KiB pages, 2 MiB pages]; -1 when absent.
     pub memfd: [AtomicI32; 2],
@@ -40,7 +42,6 @@ pub struct Header {
     pub mirror_error: AtomicI32,
     /// Set by the LWK when the application is about to run (entry reached).
     pub started: AtomicU32,
-    pub _pad: u32,
 }
 
 pub const CH_IDLE: u32 = 0;

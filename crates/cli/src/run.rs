@@ -143,6 +143,7 @@ impl ControlRegion {
         let h = &region.get().header;
         h.options.store(options, Ordering::Relaxed);
         h.spin_cycles.store(spin_cycles, Ordering::Relaxed);
+        h.parent_pid.store(rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get()), Ordering::Relaxed);
         h.memfd[0].store(-1, Ordering::Relaxed);
         h.memfd[1].store(-1, Ordering::Relaxed);
         h.magic.store(CONTROL_MAGIC, Ordering::Release);

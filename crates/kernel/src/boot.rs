@@ -447,3 +447,31 @@ unsafe fn jump(sp: u64, entry: u64) -> ! {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shebang(line: &[u8]) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+        let mut buf = [0u8; 258];
+        buf[..line.len()].copy_from_slice(line);
+        parse_shebang(&mut buf, line.len()).map(|(i, a)| (i.to_vec(), a.map(|a| a.to_vec())))
+    }
+
+    #[test]
+    fn shebang_lines_split_as_linux_does() {
+        assert_eq!(shebang(b"#!/bin/sh\necho"), Some((b"/bin/sh".to_vec(), None)));
+        assert_eq!(shebang(b"#! /bin/sh -e \n"), Some((b"/bin/sh".to_vec(), Some(b"-e".to_vec()))));
+        // Linux passes everything after the interpreter as one argument.
+        assert_eq!(shebang(b"#!/usr/bin/env python3 -u\n"), Some((b"/usr/bin/env".to_vec(), Some(b"python3 -u".to_vec()))));
+        assert_eq!(shebang(b"#!   \n"), None);
+    }
+
+    #[test]
+    fn integers_parse_strictly() {
+        assert_eq!(parse_int(b"42"), Some(42));
+        assert_eq!(parse_int(b""), None);
+        assert_eq!(parse_int(b"4x"), None);
+        assert_eq!(parse_int(b"99999999999999999999999"), None);
+    }
+}

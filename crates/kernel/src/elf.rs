@@ -205,3 +205,32 @@ pub fn load(mm: &mut Mm, fd: i32, interp: bool) -> Result<Image, LoadError> {
     }
     Ok(img)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(class: u8, machine: u16, ty: u16) -> [u8; 64] {
+        let mut h = [0u8; 64];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[4] = class;
+        h[5] = 1;
+        h[16..18].copy_from_slice(&ty.to_le_bytes());
+        h[18..20].copy_from_slice(&machine.to_le_bytes());
+        h[54..56].copy_from_slice(&56u16.to_le_bytes());
+        h[56..58].copy_from_slice(&3u16.to_le_bytes());
+        h
+    }
+
+    #[test]
+    fn header_checks_name_the_reason() {
+        assert!(check_header(&header(2, EM_X86_64, ET_DYN)).is_ok());
+        assert!(check_header(&header(1, EM_X86_64, ET_EXEC)).unwrap_err().reason.contains("32-bit"));
+        assert!(check_header(&header(2, 183, ET_EXEC)).unwrap_err().reason.contains("x86-64"));
+        assert!(check_header(&header(2, EM_X86_64, 1)).unwrap_err().reason.contains("not an executable"));
+        let mut h = header(2, EM_X86_64, ET_EXEC);
+        h[0] = b'#';
+        let e = check_header(&h).unwrap_err();
+        assert_eq!((e.status, e.reason), (126, "not an ELF executable"));
+    }
+}

@@ -977,3 +977,36 @@ impl Mm {
         &self.pieces[..self.n]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_allocate_first_fit_and_coalesce() {
+        let mut e = Box::new(Extents::new());
+        e.init(1 << 20);
+        let a = e.alloc(4096).unwrap();
+        let b = e.alloc(8192).unwrap();
+        let c = e.alloc(4096).unwrap();
+        assert_eq!((a, b, c), (0, 4096, 12288));
+        e.free(b, 8192);
+        // The hole is reused first.
+        assert_eq!(e.alloc(4096), Some(4096));
+        e.free(4096, 4096);
+        e.free(a, 4096);
+        e.free(c, 4096);
+        // Everything merged back into one extent.
+        assert_eq!(e.n, 1);
+        assert_eq!(e.ext[0], (0, 1 << 20));
+        assert_eq!(e.alloc(2 << 20), None);
+    }
+
+    #[test]
+    fn page_rounding() {
+        assert_eq!(page_up(1), 4096);
+        assert_eq!(page_up(4096), 4096);
+        assert_eq!(huge_up(1), 2 << 20);
+        assert_eq!(huge_down((2 << 20) + 5), 2 << 20);
+    }
+}

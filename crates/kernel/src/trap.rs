@@ -161,6 +161,8 @@ fn dispatch(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
             control().stats.tsc_end.store(rdtsc(), Relaxed);
             local(passthrough(nr, a))
         }
+        // The process that ran `lwk run` is the application's parent.
+        nr::GETPPID => local(control().header.parent_pid.load(Relaxed) as i64),
         nr::GETRLIMIT | nr::SETRLIMIT if a[0] == RLIMIT_NOFILE => (delegate::call(nr, a), Delegated),
         nr::PRLIMIT64 if a[1] == RLIMIT_NOFILE && (a[0] == 0 || a[0] as i32 == getpid()) => {
             (delegate::call(nr, [0, a[1], a[2], a[3], 0, 0]), Delegated)
