@@ -169,6 +169,7 @@ class HugePool:
         self.changed = False
         self.skip = None
         self.got_free = None
+        self.topups = 0
 
     def __enter__(self):
         try:
@@ -198,6 +199,28 @@ class HugePool:
         log(f"  hugetlb pool: nr_hugepages {self.orig} -> {read_int(self.nr_path)}, "
             f"{self.got_free} free (need {self.need})")
         return self
+
+    def ensure(self):
+        """Top the pool up again if someone else took free pages meanwhile
+
+        (any concurrent `lwk run --hugepages auto` does: the pool is global).
+        Returns a note when it had to, else None."""
+        if self.skip is not None:
+            return None
+        free = read_int(self.free_path)
+        if free >= self.need:
+            return None
+        if os.geteuid() != 0:
+            return f"only {free} free 2 MiB pages left (taken by other processes), cannot top up: not root"
+        cur = read_int(self.nr_path)
+        self.changed = True
+        self.nr_path.write_text(f"{cur + self.need - free}\n")
+        got = read_int(self.free_path)
+        self.topups += 1
+        msg = (f"pool topped up: {free} free 2 MiB pages left (others took them), "
+               f"nr_hugepages {cur} -> {read_int(self.nr_path)}, {got} free")
+        log("  " + msg)
+        return None if got >= self.need else msg
 
     def __exit__(self, *exc):
         if not self.changed:
@@ -305,6 +328,10 @@ def bench_first_touch(cfg):
         samples = {v: [] for v in variants}
         for r in range(-1, cfg["reps"]):
             for v in rotated(list(variants), max(r, 0)):
+                if v == "lwk 2M":
+                    short = pool.ensure()
+                    if short:
+                        raise RunFailed(f"first_touch ({v}): {short}")
                 out = run_checked(variants[v], 600, f"first_touch ({v})").stdout
                 kv = parse_kv(out, "mmap_touch_s", f"first_touch ({v})")
                 if r >= 0:
@@ -319,7 +346,7 @@ def bench_first_touch(cfg):
         rows.append(row("first_touch", f"first touch {size_txt}, lwk --hugepages 2M", nat,
                         med["lwk 2M"]["mmap_touch_s"], "s", 0.5, "<= 0.5x (2x faster)",
                         samples={v: [s["mmap_touch_s"] for s in samples[v]] for v in ("native", "lwk 2M")},
-                        breakdown=breakdown, pool_pages=need))
+                        breakdown=breakdown, pool_pages=need, pool_topups=pool.topups))
     else:
         rows.append(row("first_touch", f"first touch {size_txt}, lwk --hugepages 2M", nat, None, "s",
                         0.5, "<= 0.5x (2x faster)", note=f"SKIPPED: {pool.skip}", skipped=True,
@@ -459,7 +486,15 @@ def machine_info():
         "lwk": f"{commit}{' (with uncommitted changes)' if dirty else ''}",
         "hyperfine": hfv,
         "pool": pool,
+        "load": load_text(),
     }
+
+
+def load_text():
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def fmt_val(v, unit):
@@ -521,7 +556,11 @@ def details(rows, cfg):
         if pool_row:
             out.append("")
             out.append(f"The 2 MiB run had a hugetlb pool of {pool_row['pool_pages']} pages reserved for it "
-                       f"(1 GiB + 64 MiB headroom); nr_hugepages was restored afterwards.")
+                       f"(size + 64 MiB headroom); nr_hugepages was restored afterwards.")
+            if pool_row.get("pool_topups"):
+                out.append(f"Other processes took free pages from the pool during the run (any `lwk run` with "
+                           f"the default `--hugepages auto` does); it was topped up {pool_row['pool_topups']} "
+                           f"time(s) before a 2 MiB run.")
     return "\n".join(out)
 
 
@@ -575,7 +614,9 @@ def report(rows, info, cfg, command, elapsed, out_path):
         "Machine: "
         f"{info['nproc']} CPUs, {info['model']}, {info['memory']}, {info['kernel']}. "
         f"lwk commit {info['lwk']}; hyperfine: {info['hyperfine']}; "
-        f"2 MiB hugetlb pool outside the first-touch benchmark: {info['pool']}.",
+        f"2 MiB hugetlb pool outside the first-touch benchmark: {info['pool']}. "
+        f"Load average (1, 5, 15 min) at start: {info['load']}, at end: {load_text()} "
+        f"(anything well above 0 means other work shared the {info['nproc']} CPUs).",
         "",
         "Every benchmark runs natively and under `lwk run` in the same run, interleaved round by round "
         f"({cfg['reps']} rounds after a discarded warm-up; values are medians). Ratio = lwk / native. "

@@ -184,25 +184,37 @@ fn spawn(kernel: &Path, argv0: &OsStr, mode: &str, ctl: &OwnedFd, rest: &[&OsStr
 }
 
 static APP_PID: AtomicI32 = AtomicI32::new(0);
+static PROXY_PID: AtomicI32 = AtomicI32::new(0);
 
+/// Forward a signal to the application, then nudge the proxy (SIGWINCH,
+/// which only interrupts) so that a delegated call the application is
+/// blocked in returns and the signal is delivered as natively.
 extern "C" fn forward_signal(sig: libc::c_int) {
-    let pid = APP_PID.load(Ordering::Relaxed);
-    if pid > 0 {
+    let (app, proxy) = (APP_PID.load(Ordering::Relaxed), PROXY_PID.load(Ordering::Relaxed));
+    if app > 0 {
         // SAFETY: kill is async-signal-safe.
-        unsafe { libc::kill(pid, sig) };
+        unsafe { libc::kill(app, sig) };
+        if proxy > 0 {
+            // SAFETY: as above.
+            unsafe { libc::kill(proxy, libc::SIGWINCH) };
+        }
     }
 }
 
 /// Terminal signals reach the application through its process group;
 /// the supervisor survives them to report the exit. Signals sent to the
-/// supervisor's pid are forwarded to the application.
+/// supervisor's pid are forwarded to the application. Called after both
+/// children exist, so they inherit the dispositions `lwk run` was started
+/// with (a shell ignores SIGINT for background jobs, and so must they).
 fn setup_signals() {
-    // SAFETY: installing dispositions at start-up, before any thread.
+    // SAFETY: changing our own dispositions; no other thread exists.
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
         for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2] {
-            libc::signal(sig, forward_signal as *const () as libc::sighandler_t);
+            if libc::signal(sig, forward_signal as *const () as libc::sighandler_t) == libc::SIG_IGN {
+                libc::signal(sig, libc::SIG_IGN); // ignored on entry: stays ignored
+            }
         }
     }
 }
@@ -240,7 +252,6 @@ pub fn run(args: RunArgs) -> Result<i32> {
         options |= OPT_PREFAULT_ALL;
     }
     let region = ControlRegion::create(options, spin_cycles())?;
-    setup_signals();
 
     let t0 = Instant::now();
     let tsc0 = rdtsc();
@@ -255,11 +266,14 @@ pub fn run(args: RunArgs) -> Result<i32> {
             return Err(e);
         }
     };
+    PROXY_PID.store(proxy.id() as i32, Ordering::Relaxed);
     APP_PID.store(app.id() as i32, Ordering::Relaxed);
+    setup_signals();
     let outcome = wait_both(&app, &mut proxy)?;
     let elapsed = t0.elapsed();
     let tsc1 = rdtsc();
     APP_PID.store(0, Ordering::Relaxed);
+    PROXY_PID.store(0, Ordering::Relaxed);
 
     if args.stats || args.stats_json.is_some() {
         let hz = tsc_hz(tsc0, tsc1, elapsed.as_secs_f64());

@@ -463,7 +463,10 @@ mod tests {
         assert_eq!(shebang(b"#!/bin/sh\necho"), Some((b"/bin/sh".to_vec(), None)));
         assert_eq!(shebang(b"#! /bin/sh -e \n"), Some((b"/bin/sh".to_vec(), Some(b"-e".to_vec()))));
         // Linux passes everything after the interpreter as one argument.
-        assert_eq!(shebang(b"#!/usr/bin/env python3 -u\n"), Some((b"/usr/bin/env".to_vec(), Some(b"python3 -u".to_vec()))));
+        assert_eq!(
+            shebang(b"#!/usr/bin/env python3 -u\n"),
+            Some((b"/usr/bin/env".to_vec(), Some(b"python3 -u".to_vec())))
+        );
         assert_eq!(shebang(b"#!   \n"), None);
     }
 

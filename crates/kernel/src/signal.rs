@@ -160,3 +160,22 @@ pub fn with_app_mask(uc: &UContext, f: impl FnOnce() -> i64) -> i64 {
     unsafe { syscall6(nr::RT_SIGPROCMASK, 2, &saved as *const u64 as u64, 0, 8, 0, 0) };
     r
 }
+
+/// Signals pending for this thread or process.
+pub fn pending() -> u64 {
+    let mut set = 0u64;
+    // SAFETY: set is the LWK's own.
+    unsafe { syscall3(nr::RT_SIGPENDING, &mut set as *mut u64 as u64, 8, 0) };
+    set
+}
+
+/// Will any signal of `set` run a handler installed without SA_RESTART?
+pub fn any_without_restart(set: u64) -> bool {
+    const SA_RESTART: u64 = 0x1000_0000;
+    (1..=64u64).filter(|s| set & (1 << (s - 1)) != 0).any(|sig| {
+        let mut old = [0u64; 4];
+        // SAFETY: queries the disposition into our own buffer.
+        unsafe { syscall6(nr::RT_SIGACTION, sig, 0, old.as_mut_ptr() as u64, 8, 0, 0) };
+        old[0] != SIG_DFL && old[0] != SIG_IGN && old[1] & SA_RESTART == 0
+    })
+}

@@ -187,7 +187,7 @@ fn dispatch(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
             Some(Class::Local) => local(passthrough(nr, a)),
             Some(Class::Special(why)) => local(unsupported(nr, why)),
             Some(Class::Delegated) => {
-                let r = delegate::call(nr, a);
+                let r = delegate_interruptible(nr, a, uc);
                 if r == -EPIPE && raises_sigpipe(nr, a) {
                     // The proxy ignores SIGPIPE; the application gets it
                     // as it would natively (delivered when we return).
@@ -197,6 +197,36 @@ fn dispatch(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
                 (r, Delegated)
             }
         },
+    }
+}
+
+/// Calls Linux never restarts after a signal handler (signal(7)).
+fn never_restarted(nr: u64) -> bool {
+    matches!(nr, 7 | 23 | 270 | 271 | 232 | 281 | 441 | 35 | 230 | 69 | 70 | 65 | 220 | 208 | 128 | 34 | 130)
+}
+
+/// A delegated call that a signal may interrupt. The proxy's call returns
+/// EINTR when a terminal signal (or the supervisor's nudge) arrives; the
+/// application's own copy of the signal is pending here, blocked while the
+/// LWK runs. As Linux does: if a handler without SA_RESTART will run (or
+/// the call is never restarted), the application gets EINTR; otherwise the
+/// call is restarted after the signal, by returning to the `syscall`
+/// instruction. An EINTR for no signal of the application's is repeated.
+fn delegate_interruptible(nr: u64, a: [u64; 6], uc: &mut UContext) -> i64 {
+    loop {
+        let r = delegate::call(nr, a);
+        if r != -EINTR {
+            return r;
+        }
+        let pending = signal::pending() & !uc.sigmask;
+        if pending == 0 {
+            continue;
+        }
+        if never_restarted(nr) || signal::any_without_restart(pending) {
+            return -EINTR;
+        }
+        uc.gregs[REG_RIP] -= 2; // back onto the 2-byte `syscall`
+        return nr as i64; // rax must hold the number again
     }
 }
 

@@ -30,7 +30,48 @@ const SIGINT: u64 = 2;
 const SIGQUIT: u64 = 3;
 const SIGPIPE: u64 = 13;
 const SIGTSTP: u64 = 20;
+const SIGTTIN: u64 = 21;
+const SIGTTOU: u64 = 22;
+const SIGWINCH: u64 = 28;
 const SIG_IGN: u64 = 1;
+const SA_ONSTACK: u64 = 0x0800_0000;
+const SA_RESTORER: u64 = 0x0400_0000;
+
+extern "C" {
+    /// `mov eax, 15; syscall`, defined by the LWK (crates/kernel/src/trap.rs).
+    fn lwk_restorer();
+}
+
+/// Interrupts a blocking call; nothing else.
+extern "C" fn interrupt(_sig: i32) {}
+
+/// Signal set-up of the proxy. A broken pipe becomes EPIPE here and
+/// SIGPIPE in the application. Terminal signals (the proxy shares the
+/// application's process group) and SIGWINCH, which the supervisor sends
+/// after forwarding a signal to the application, only interrupt the call in
+/// progress: the LWK then lets the application's own signal run and restarts
+/// or fails the call as Linux would. The handler runs on an alternate stack
+/// outside the protection key, because the kernel enters handlers with the
+/// default PKRU, which denies the proxy's key.
+fn setup_signals() {
+    let ign = [SIG_IGN, 0, 0, 0u64];
+    // SAFETY: a valid kernel sigaction.
+    unsafe { syscall6(nr::RT_SIGACTION, SIGPIPE, ign.as_ptr() as u64, 0, 8, 0, 0) };
+    const ALT_SIZE: u64 = 64 << 10;
+    // SAFETY: a fresh anonymous mapping for the alternate stack.
+    let alt = unsafe { mmap(0, ALT_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) };
+    if alt < 0 {
+        return;
+    }
+    let ss = [alt as u64, 0, ALT_SIZE];
+    // SAFETY: ss describes the mapping above.
+    unsafe { syscall3(nr::SIGALTSTACK, ss.as_ptr() as u64, 0, 0) };
+    let act = [interrupt as *const () as u64, SA_ONSTACK | SA_RESTORER, lwk_restorer as *const () as u64, !0u64];
+    for sig in [SIGINT, SIGQUIT, SIGTSTP, SIGTTIN, SIGTTOU, SIGWINCH] {
+        // SAFETY: a valid kernel sigaction with a restorer in our text.
+        unsafe { syscall6(nr::RT_SIGACTION, sig, act.as_ptr() as u64, 0, 8, 0, 0) };
+    }
+}
 
 /// Serve the application until it is gone. The supervisor kills the proxy
 /// when the application exits.
@@ -53,13 +94,7 @@ fn ctl_verbose() -> bool {
 }
 
 extern "C" fn serve() -> ! {
-    // Terminal signals are for the application (same process group); a
-    // broken pipe becomes EPIPE here and SIGPIPE in the application.
-    for sig in [SIGINT, SIGQUIT, SIGPIPE, SIGTSTP] {
-        let act = [SIG_IGN, 0, 0, 0u64];
-        // SAFETY: act is a valid kernel sigaction.
-        unsafe { syscall6(nr::RT_SIGACTION, sig, act.as_ptr() as u64, 0, 8, 0, 0) };
-    }
+    setup_signals();
     let ctl = control();
     ctl.header.proxy_pid.store(getpid(), Release);
     let ch = &ctl.channel;

@@ -66,3 +66,4 @@ pub const CLOCK_NANOSLEEP: u64 = 230;
 pub const RT_SIGSUSPEND: u64 = 130;
 pub const RT_SIGTIMEDWAIT: u64 = 128;
 pub const GETRANDOM: u64 = 318;
+pub const RT_SIGPENDING: u64 = 127;
