@@ -158,7 +158,10 @@ fn dispatch(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
             exit_group(128 + SIGSYS as i32)
         }
         nr::EXIT_GROUP | nr::EXIT => {
-            control().stats.tsc_end.store(rdtsc(), Relaxed);
+            // Counted here: the call does not return to lwk_sigsys.
+            let s = &control().stats;
+            s.local[nr as usize].add(0);
+            s.tsc_end.store(rdtsc(), Relaxed);
             local(passthrough(nr, a))
         }
         // The process that ran `lwk run` is the application's parent.
