@@ -22,7 +22,7 @@ const PROGRAMS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs");
 const TMP_ROOT: &str = env!("CARGO_TARGET_TMPDIR");
 /// No single run of these tests takes more than a few seconds; a hang
 /// must fail the test, not the whole CI run.
-const TIMEOUT: Duration = Duration::from_secs(60);
+const TIMEOUT: Duration = Duration::from_secs(30);
 const BUSYBOX: &str = "/bin/busybox";
 
 // ---------------------------------------------------------------------------
@@ -84,20 +84,28 @@ fn apply(c: &mut Command, setup: &Setup) {
     }
 }
 
-/// Wait for `child` at most TIMEOUT; kill it (and fail) after that.
-fn wait_deadline(child: &mut Child, what: &str) -> ExitStatus {
+/// Wait for `child` at most TIMEOUT; kill it after that (None).
+fn wait_deadline(child: &mut Child) -> Option<ExitStatus> {
     let start = Instant::now();
     loop {
         if let Some(s) = child.try_wait().expect("waiting for a child") {
-            return s;
+            return Some(s);
         }
         if start.elapsed() > TIMEOUT {
+            // lwk's proxy and application die with it (PR_SET_PDEATHSIG).
             child.kill().ok();
             child.wait().ok();
-            panic!("{what}: still running after {TIMEOUT:?}, killed");
+            return None;
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// The last few lines of an output, for a report.
+fn tail(b: &[u8]) -> String {
+    let text = String::from_utf8_lossy(b);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
 }
 
 fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
@@ -122,11 +130,19 @@ fn execute(mut c: Command, stdin: Option<&[u8]>, what: &str) -> Output {
     });
     let out = reader(child.stdout.take().unwrap());
     let err = reader(child.stderr.take().unwrap());
-    let status = wait_deadline(&mut child, what);
+    let status = wait_deadline(&mut child);
     if let Some(w) = writer {
         w.join().unwrap();
     }
-    Output { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() }
+    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
+    let Some(status) = status else {
+        panic!(
+            "{what}: still running after {TIMEOUT:?}, killed; last stdout:\n{}\nlast stderr:\n{}",
+            tail(&stdout),
+            tail(&stderr)
+        );
+    };
+    Output { status, stdout, stderr }
 }
 
 fn run_native(cmd: &[&str], setup: &Setup) -> Output {
@@ -326,6 +342,8 @@ fn busybox_present() -> bool {
     if Path::new(BUSYBOX).exists() {
         return true;
     }
+    // .ci/run installs busybox-static: in CI the test must not be skipped.
+    assert!(std::env::var_os("CI").is_none(), "{BUSYBOX} is missing in CI (Debian package busybox-static)");
     eprintln!("note: {BUSYBOX} is missing (Debian package busybox-static): test skipped");
     false
 }
@@ -612,18 +630,41 @@ fn abort_kills_both_with_sigabrt() {
     }
 }
 
+// The bad addresses (see bad_pointers.c) include the places where lwk keeps
+// its own things in the upper half of the user address space, mapped in the
+// application process and in the proxy but not in a native process: the LWK
+// image (0x6f0000000000), the control region (0x6e0000000000) and the
+// scratch window (0x6d0000000000).
+
+fn has_line(text: &str, line: &str) -> bool {
+    text.lines().any(|l| l == line)
+}
+
 #[test]
-fn bad_pointers_give_native_errnos() {
+fn bad_pointers_to_delegated_calls_give_native_errnos() {
     let dir = tempdir();
     let file = dir.path().join("readable");
     std::fs::write(&file, "0123456789abcdef0123456789abcdef").unwrap();
     for link in [Link::Static, Link::Pie] {
-        let o = compare(&[&program("bad_pointers", link), path_str(&file)], None);
+        let o = compare(&[&program("bad_pointers", link), "delegated", path_str(&file)], None);
         assert_exit_code(&o, 0);
         let text = String::from_utf8_lossy(&o.stdout);
-        assert!(text.contains("read   NULL                       -> -1 EFAULT"), "{text}");
-        assert!(text.contains("open   kernel 0xffff800000000000  -> -1 EFAULT"), "{text}");
-        assert!(text.lines().count() > 90, "{text}");
+        assert!(has_line(&text, "read              NULL                       -> -1 EFAULT"), "{text}");
+        assert!(has_line(&text, "writev            0x6e0000000000             -> -1 EFAULT"), "{text}");
+        assert!(has_line(&text, "open              kernel 0xffff800000000000  -> -1 EFAULT"), "{text}");
+        assert!(text.lines().count() > 150, "{text}");
+    }
+}
+
+#[test]
+#[ignore = "lwk bug: local pass-through calls reach the LWK's own memory: writes to 0x6e0000000000 succeed and corrupt the control region, nanosleep(0x6f0000000000) sleeps forever"]
+fn bad_pointers_to_local_calls_give_native_errnos() {
+    for link in [Link::Static, Link::Pie] {
+        let o = compare(&[&program("bad_pointers", link), "local"], None);
+        assert_exit_code(&o, 0);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(has_line(&text, "clock_gettime     0x6e0000000000             -> -1 EFAULT"), "{text}");
+        assert!(text.lines().count() > 200, "{text}");
     }
 }
 
@@ -776,7 +817,7 @@ fn closed_pipe_status(mut c: Command, what: &str) -> ExitStatus {
     assert!(buf.starts_with(b"y\ny\n"), "{what}: {:?}", String::from_utf8_lossy(&buf));
     drop(out);
     let err = reader(child.stderr.take().unwrap());
-    let status = wait_deadline(&mut child, what);
+    let status = wait_deadline(&mut child).unwrap_or_else(|| panic!("{what}: still running after {TIMEOUT:?}, killed"));
     let err = err.join().unwrap();
     assert!(err.is_empty(), "{what} stderr: {}", String::from_utf8_lossy(&err));
     status
@@ -925,7 +966,6 @@ fn stats_prints_table_on_stderr() {
 }
 
 #[test]
-#[ignore = "lwk bug: exit_group/exit never return to lwk_sigsys, which counts a call only after dispatch returns"]
 fn stats_table_names_exit_group() {
     let o = lwk_output(&["run", "--stats", "--", "true"]);
     assert_exit_code(&o, 0);
