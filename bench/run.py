@@ -43,7 +43,10 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 SRC = BENCH / "src"
 BUILD = BENCH / "build"
-LWK = ROOT / "target" / "release" / "lwk"
+# The binaries the benchmarks run: copied here after the build, so that a
+# rebuild of target/release by someone else during the run cannot change them.
+BIN = BUILD / "bin"
+LWK = BIN / "lwk"
 RESULTS = BENCH / "RESULTS.md"
 PARTIAL = BUILD / "RESULTS-partial.md"
 ANALYSIS_BEGIN = "<!-- analysis:begin (kept across runs by bench/run.py) -->"
@@ -52,9 +55,10 @@ ANALYSIS_END = "<!-- analysis:end -->"
 MIB = 1 << 20
 GIB = 1 << 30
 HUGE_PAGE = 2 * MIB
-HUGE_HEADROOM = 64 * MIB  # the program's own text, heap, stack on 2 MiB pages
+HUGE_HEADROOM = 64 * MIB
+OTHER_LOAD_WARN = 0.10  # share of all CPUs used by other work that makes a result unreliable  # the program's own text, heap, stack on 2 MiB pages
 
-C_PROGRAMS = ["getppid_loop", "getpid_loop", "delegated_loop", "first_touch"]
+C_PROGRAMS = ["getppid_loop", "getpid_loop", "delegated_loop", "first_touch", "sud_floor"]
 
 # name -> one-line description (also the order of the table)
 BENCHMARKS = {
@@ -249,16 +253,53 @@ class HugePool:
 
 
 def build(args):
-    if not args.no_build:
-        log("building lwk: cargo build --release")
-        t = time.perf_counter()
-        p = sh(["cargo", "build", "--release"], cwd=ROOT, capture_output=True, text=True)
-        if p.returncode != 0:
-            sys.exit(f"cargo build --release failed:\n{tail(p.stderr, 40)}")
-        log(f"  done in {time.perf_counter() - t:.1f} s")
-    if not LWK.exists():
-        sys.exit(f"{LWK} missing (build lwk first)")
+    """Build lwk (the work tree, or --rev REV from git), snapshot the binaries
+    into bench/build/bin/, and compile the C programs. Returns a description
+    of what is being measured."""
+    if args.rev:
+        sha = sh(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{args.rev}^{{commit}}"],
+                 capture_output=True, text=True).stdout.strip()
+        if not sha:
+            sys.exit(f"--rev {args.rev}: not a commit")
+        src = BUILD / f"rev-{sha[:12]}"
+        if not src.exists():
+            tmp = BUILD / f"rev-{sha[:12]}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", sha], stdout=subprocess.PIPE)
+            tar = subprocess.run(["tar", "-x", "-C", str(tmp)], stdin=archive.stdout)
+            archive.stdout.close()
+            if archive.wait() != 0 or tar.returncode != 0:
+                sys.exit(f"git archive {sha} failed")
+            tmp.rename(src)
+        target = BUILD / "target-rev"
+        cargo = ["cargo", "build", "--release", "--target-dir", str(target)]
+        built = target / "release"
+        what = f"commit {sha[:12]} (`--rev {args.rev}`, built from git archive)"
+    else:
+        src, built = ROOT, ROOT / "target" / "release"
+        cargo = ["cargo", "build", "--release"]
+        commit = sh(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+                    capture_output=True, text=True).stdout.strip()
+        dirty = sh(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--", ":!bench"],
+                   capture_output=True, text=True).stdout.strip()
+        what = f"work tree at commit {commit}" + (" **with uncommitted changes outside bench/**" if dirty else "")
     BUILD.mkdir(exist_ok=True)
+    if not args.no_build:
+        log(f"building lwk: {shlex.join(cargo)} (in {src})")
+        t = time.perf_counter()
+        p = sh(cargo, cwd=src, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"{shlex.join(cargo)} failed:\n{tail(p.stderr, 40)}")
+        log(f"  done in {time.perf_counter() - t:.1f} s")
+    BIN.mkdir(exist_ok=True)
+    for name in ("lwk", "lwk-kernel"):
+        if not (built / name).exists():
+            sys.exit(f"{built / name} missing (build lwk first)")
+        tmp = BIN / f".{name}.tmp"
+        shutil.copy2(built / name, tmp)
+        os.replace(tmp, BIN / name)
+    log(f"lwk binaries ({what}) snapshot in {BIN.relative_to(ROOT)}/")
     for prog in C_PROGRAMS:
         out = BUILD / prog
         argv = ["gcc", "-O2", "-Wall", "-o", str(out), str(SRC / f"{prog}.c")]
@@ -266,6 +307,7 @@ def build(args):
         if p.returncode != 0:
             sys.exit(f"{shlex.join(argv)} failed:\n{p.stderr}")
     log(f"built {', '.join(C_PROGRAMS)} into {BUILD.relative_to(ROOT)}/ (gcc -O2)")
+    return what
 
 
 def lwk_cmd(argv, hugepages=None, stats_json=None):
@@ -275,6 +317,42 @@ def lwk_cmd(argv, hugepages=None, stats_json=None):
     if stats_json:
         cmd += ["--stats-json", str(stats_json)]
     return cmd + ["--"] + list(argv)
+
+
+class OtherLoad:
+    """How much CPU other work (not this script and its children) used.
+
+    System-wide busy time from /proc/stat minus the CPU time of our own
+    waited-for descendants, as a share of all CPUs over the wall time."""
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+        self.busy = self._busy()
+        self.own = self._own()
+        self.share = None
+        return self
+
+    @staticmethod
+    def _busy():
+        try:
+            f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = f[3] + (f[4] if len(f) > 4 else 0)
+        return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own():
+        c, s = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
+        return c.ru_utime + c.ru_stime + s.ru_utime + s.ru_stime
+
+    def __exit__(self, *exc):
+        busy = self._busy()
+        wall = time.perf_counter() - self.t
+        if busy is not None and self.busy is not None and wall > 0:
+            other = (busy - self.busy) - (self._own() - self.own)
+            self.share = max(0.0, other / (wall * (os.cpu_count() or 1)))
+        return False
 
 
 def rotated(items, r):
@@ -293,13 +371,18 @@ def row(bench, label, native, lwk, unit, aim=None, aim_text="-", note="", **extr
                 aim=aim, aim_text=aim_text, met=met, note=note, **extra)
 
 
-def bench_micro(name, prog, label, aim, aim_text, cfg, note=""):
-    """ns per call of a syscall loop, native vs lwk, interleaved."""
+def bench_micro(name, prog, label, aim, aim_text, cfg, note="", extra=None):
+    """ns per call of a syscall loop, native vs lwk, interleaved.
+
+    `extra` maps more variant names to a program in bench/build run natively
+    with the lwk iteration count (reported in the details, not the ratio)."""
     n_native, n_lwk = cfg["micro_n_native"], cfg["micro_n_lwk"]
     variants = {
         "native": [str(BUILD / prog), str(n_native)],
         "lwk": lwk_cmd([str(BUILD / prog), str(n_lwk)]),
     }
+    for v, p in (extra or {}).items():
+        variants[v] = [str(BUILD / p), str(n_lwk)]
     samples = {k: [] for k in variants}
     for r in range(-1, cfg["reps"]):  # round -1 is a discarded warm-up
         for v in rotated(list(variants), max(r, 0)):
@@ -308,9 +391,9 @@ def bench_micro(name, prog, label, aim, aim_text, cfg, note=""):
             if r >= 0:
                 samples[v].append(ns)
         if r >= 0:
-            log(f"  round {r + 1}: native {samples['native'][-1]:.1f} ns, lwk {samples['lwk'][-1]:.1f} ns")
+            log(f"  round {r + 1}: " + ", ".join(f"{v} {samples[v][-1]:.1f} ns" for v in variants))
     return [row(name, label, median(samples["native"]), median(samples["lwk"]), "ns", aim, aim_text,
-                note=note, samples=samples,
+                note=note, samples=samples, medians={v: median(xs) for v, xs in samples.items()},
                 detail=f"iterations per run: native {n_native:,}, lwk {n_lwk:,}")]
 
 
@@ -468,9 +551,6 @@ def machine_info():
                 mem = f"{int(line.split()[1]) / (1 << 20):.1f} GiB"
     except OSError:
         pass
-    commit = sh(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = sh(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-               capture_output=True, text=True).stdout.strip()
     hf = shutil.which("hyperfine")
     hfv = sh([hf, "--version"], capture_output=True, text=True).stdout.strip() if hf else "not installed"
     nr, free = hugepage_paths()
@@ -483,7 +563,6 @@ def machine_info():
         "model": model,
         "kernel": f"{platform.system()} {platform.release()} {platform.machine()}",
         "memory": mem,
-        "lwk": f"{commit}{' (with uncommitted changes)' if dirty else ''}",
         "hyperfine": hfv,
         "pool": pool,
         "load": load_text(),
@@ -517,6 +596,8 @@ def table(rows):
             met = "-"
         else:
             met = "yes" if r["met"] else "**no**"
+        if (r.get("other_load") or 0) > OTHER_LOAD_WARN:
+            met += " (disturbed)"
         out.append(f"| {r['label']} | {fmt_val(r['native'], r['unit'])} | {fmt_val(r['lwk'], r['unit'])} "
                    f"| {ratio} | {r['aim_text']} | {met} |")
     return "\n".join(out)
@@ -537,9 +618,15 @@ def details(rows, cfg):
             for v, xs in r["samples"].items():
                 bits.append(f"{v}: " + ", ".join(fmt_val(x, r["unit"]) for x in xs[:12])
                             + (" ..." if len(xs) > 12 else ""))
+        if r.get("medians") and len(r["medians"]) > 2:
+            bits.append("medians: " + ", ".join(f"{v} {fmt_val(x, r['unit'])}" for v, x in r["medians"].items()))
         if r.get("cpu"):
             bits.append("CPU time (user+sys) per run: " + ", ".join(
                 f"{v} {fmt_s(c)}" for v, c in r["cpu"].items()))
+        if r.get("other_load") is not None:
+            ol = r["other_load"]
+            bits.append(f"other work on the machine meanwhile: {ol:.0%} of the CPUs"
+                        + (" (**disturbed: unreliable**)" if ol > OTHER_LOAD_WARN else ""))
         out.append(f"* **{r['label']}**: " + "; ".join(bits))
     bd = next((r["breakdown"] for r in rows if r.get("breakdown")), None)
     if bd:
@@ -613,7 +700,7 @@ def report(rows, info, cfg, command, elapsed, out_path):
         "",
         "Machine: "
         f"{info['nproc']} CPUs, {info['model']}, {info['memory']}, {info['kernel']}. "
-        f"lwk commit {info['lwk']}; hyperfine: {info['hyperfine']}; "
+        f"lwk measured: {info['lwk']}; hyperfine: {info['hyperfine']}; "
         f"2 MiB hugetlb pool outside the first-touch benchmark: {info['pool']}. "
         f"Load average (1, 5, 15 min) at start: {info['load']}, at end: {load_text()} "
         f"(anything well above 0 means other work shared the {info['nproc']} CPUs).",
@@ -678,6 +765,9 @@ def main():
                     help="run only these benchmarks (repeat or comma-separate): " + ", ".join(BENCHMARKS))
     ap.add_argument("--reps", type=int, default=0, help="rounds per benchmark (default 5, quick 3)")
     ap.add_argument("--no-build", action="store_true", help="skip cargo build (still compiles the C programs)")
+    ap.add_argument("--rev", metavar="REV",
+                    help="measure this git commit (git archive into bench/build/, own target dir) instead of "
+                         "the work tree; useful while others edit the work tree")
     ap.add_argument("--output", type=Path, help="report file (default bench/RESULTS.md for a full run, "
                                                  "else bench/build/RESULTS-partial.md)")
     args = ap.parse_args()
@@ -691,10 +781,15 @@ def main():
     script = os.path.relpath(__file__)
     command = shlex.join(["python3", script] + sys.argv[1:])
 
-    signal.signal(signal.SIGTERM, raise_interrupt)
+    # Ctrl-C, kill, a closed terminal: all end the run through the finally
+    # blocks (the hugetlb pool is restored). SIGINT explicitly too, since a
+    # background job starts with it ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, raise_interrupt)
     t_start = time.perf_counter()
-    build(args)
+    what = build(args)
     info = machine_info()
+    info["lwk"] = what
 
     plan = {
         "getppid": lambda: bench_micro(
@@ -704,7 +799,11 @@ def main():
         "delegated": lambda: bench_micro(
             "delegated", "delegated_loop", "delegated round trip: fcntl(F_GETFD)", 30, "<= 30x", cfg,
             note="fcntl is delegated to the proxy (the fd table lives there)"),
-        "getpid": lambda: bench_micro("getpid", "getpid_loop", "local call: getpid", 13, "<= 13x", cfg),
+        "getpid": lambda: bench_micro(
+            "getpid", "getpid_loop", "local call: getpid", 13, "<= 13x", cfg,
+            note="also run: sud_floor, Syscall User Dispatch with an empty SIGSYS handler and no lwk "
+                 "(the floor of any SUD-based design)",
+            extra={"SUD floor (no lwk)": "sud_floor"}),
         "first_touch": lambda: bench_first_touch(cfg),
         "true": lambda: bench_whole("true", "/bin/true (start-up cost, information)", ["/bin/true"], cfg,
                                     rounds=cfg["reps"], runs=cfg["true_runs"], warmup=1, aim=None, aim_text="-"),
@@ -718,13 +817,21 @@ def main():
         for name in selected:
             log(f"== {name}: {BENCHMARKS[name]}")
             t = time.perf_counter()
-            try:
-                rows += plan[name]()
-            except RunFailed as e:
-                failed = True
-                log(f"  FAILED: {e}")
-                rows.append(dict(bench=name, label=name, failed=True, error=str(e), aim_text="-"))
-            log(f"  ({time.perf_counter() - t:.1f} s)")
+            new = []
+            with OtherLoad() as load:
+                try:
+                    new = plan[name]()
+                except RunFailed as e:
+                    failed = True
+                    log(f"  FAILED: {e}")
+                    new = [dict(bench=name, label=name, failed=True, error=str(e), aim_text="-")]
+            for r in new:
+                r["other_load"] = load.share
+            rows += new
+            other = "" if load.share is None else f"; other work used {load.share:.0%} of the CPUs"
+            if load.share is not None and load.share > OTHER_LOAD_WARN:
+                other += " -- DISTURBED, numbers unreliable"
+            log(f"  ({time.perf_counter() - t:.1f} s{other})")
     except KeyboardInterrupt:
         log("\ninterrupted: report not written")
         return 130

@@ -657,7 +657,6 @@ fn bad_pointers_to_delegated_calls_give_native_errnos() {
 }
 
 #[test]
-#[ignore = "lwk bug: local pass-through calls reach the LWK's own memory: writes to 0x6e0000000000 succeed and corrupt the control region, nanosleep(0x6f0000000000) sleeps forever"]
 fn bad_pointers_to_local_calls_give_native_errnos() {
     for link in [Link::Static, Link::Pie] {
         let o = compare(&[&program("bad_pointers", link), "local"], None);

@@ -157,6 +157,11 @@ pub fn app_main(st: &Startup) -> ! {
     }
     let h = &control().header;
     h.app_pid.store(getpid(), Release);
+    if let Err(why) = crate::guard::protect() {
+        if h.options.load(Relaxed) & OPT_VERBOSE != 0 {
+            lwk_rt::diag!("LWK memory is not protected from the application: {}", why);
+        }
+    }
     let opts = h.options.load(Relaxed);
     let huge = opts & OPT_HUGE_OFF == 0 && huge_pages_available();
     if opts & OPT_HUGE_REQUIRE != 0 && !huge {
@@ -256,7 +261,7 @@ pub fn app_main(st: &Startup) -> ! {
     control().stats.tsc_start.store(rdtsc(), Relaxed);
     h.started.store(1, Release);
     // SAFETY: entry and sp describe a fully loaded program and its stack.
-    unsafe { jump(sp, entry) }
+    unsafe { jump(sp, entry, crate::guard::app_pkru()) }
 }
 
 fn huge_pages_available() -> bool {
@@ -433,7 +438,25 @@ fn build_stack(st: &Startup, argv: &Argv, execfn: &[u8], main: &Image, base: u64
 ///
 /// # Safety
 /// `sp` and `entry` describe a loaded program.
-unsafe fn jump(sp: u64, entry: u64) -> ! {
+unsafe fn jump(sp: u64, entry: u64, pkru: Option<u32>) -> ! {
+    if let Some(v) = pkru {
+        // From here on no LWK memory is touched: sp and entry are in
+        // registers, and the stack below is the application's.
+        // SAFETY: v denies only the LWK's key.
+        unsafe {
+            core::arch::asm!(
+                "wrpkru",
+                "mov rsp, rdi",
+                "xor eax, eax", "xor ebx, ebx", "xor ecx, ecx", "xor edx, edx",
+                "xor ebp, ebp", "xor esi, esi", "xor edi, edi",
+                "xor r8d, r8d", "xor r9d, r9d", "xor r10d, r10d", "xor r12d, r12d",
+                "xor r13d, r13d", "xor r14d, r14d", "xor r15d, r15d",
+                "jmp r11",
+                in("eax") v, in("ecx") 0, in("edx") 0,
+                in("rdi") sp, in("r11") entry, options(noreturn)
+            )
+        }
+    }
     // SAFETY: as documented; rdx = 0 means no exit handler for libc.
     unsafe {
         core::arch::asm!(

@@ -67,7 +67,8 @@ static SELECTOR: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::ne
 
 /// Install the SIGSYS handler and switch dispatch on for this thread.
 pub fn enable() -> Result<(), i64> {
-    let act: [u64; 4] = [lwk_sigsys as *const () as u64, SA_SIGINFO | SA_RESTORER, restorer_addr(), !0];
+    let entry = crate::guard::sigsys_entry(lwk_sigsys as *const () as u64);
+    let act: [u64; 4] = [entry, SA_SIGINFO | SA_RESTORER, restorer_addr(), !0];
     // SAFETY: act is a valid kernel sigaction for SIGSYS.
     let r = unsafe { syscall6(nr::RT_SIGACTION, SIGSYS, act.as_ptr() as u64, 0, 8, 0, 0) };
     if r < 0 {
@@ -75,17 +76,17 @@ pub fn enable() -> Result<(), i64> {
     }
     // SAFETY: linker-defined symbols; only their addresses are used.
     let (start, end) = unsafe { (&__ehdr_start as *const u8 as u64, &etext as *const u8 as u64) };
-    // SAFETY: SELECTOR is static and lives as long as the process.
+    let selector = match crate::guard::selector() {
+        0 => SELECTOR.as_ptr() as u64,
+        page => {
+            // SAFETY: the guard's selector page is ours and stays mapped.
+            unsafe { (page as *mut u8).write(SYSCALL_DISPATCH_FILTER_BLOCK) };
+            page
+        }
+    };
+    // SAFETY: the selector lives as long as the process.
     let r = unsafe {
-        syscall6(
-            nr::PRCTL,
-            PR_SET_SYSCALL_USER_DISPATCH,
-            PR_SYS_DISPATCH_ON,
-            start,
-            end - start,
-            SELECTOR.as_ptr() as u64,
-            0,
-        )
+        syscall6(nr::PRCTL, PR_SET_SYSCALL_USER_DISPATCH, PR_SYS_DISPATCH_ON, start, end - start, selector, 0)
     };
     if r < 0 {
         return Err(r);
@@ -123,8 +124,9 @@ pub unsafe extern "C" fn lwk_sigsys(_sig: i32, _info: *mut u8, ctx: *mut UContex
 
 fn passthrough(nr: u64, a: [u64; 6]) -> i64 {
     // SAFETY: the application asked for exactly this call on its own
-    // process; its pointers are checked by the kernel as natively.
-    unsafe { syscall6(nr, a[0], a[1], a[2], a[3], a[4], a[5]) }
+    // process; its pointers are checked by the kernel as natively, with the
+    // LWK's memory out of reach.
+    unsafe { crate::guard::syscall_for_app(nr, a) }
 }
 
 fn unsupported(nr: u64, why: &str) -> i64 {

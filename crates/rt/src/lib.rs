@@ -11,6 +11,7 @@
 pub mod mem;
 pub mod nr;
 pub mod out;
+pub mod pkey;
 pub mod sys;
 
 pub use sys::*;
