@@ -33,6 +33,8 @@ pub struct Header {
     pub proxy_pid: AtomicI32,
     /// The parent of `lwk run`: the application's parent as the user sees it.
     pub parent_pid: AtomicI32,
+    /// `lwk run` itself: both children die with it.
+    pub supervisor_pid: AtomicI32,
     /// The memfds backing application memory, as fd numbers in the
     /// application process: [4 KiB pages, 2 MiB pages]; -1 when absent.
     pub memfd: [AtomicI32; 2],

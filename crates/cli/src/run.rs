@@ -144,6 +144,7 @@ impl ControlRegion {
         h.options.store(options, Ordering::Relaxed);
         h.spin_cycles.store(spin_cycles, Ordering::Relaxed);
         h.parent_pid.store(rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get()), Ordering::Relaxed);
+        h.supervisor_pid.store(rustix::process::getpid().as_raw_nonzero().get(), Ordering::Relaxed);
         h.memfd[0].store(-1, Ordering::Relaxed);
         h.memfd[1].store(-1, Ordering::Relaxed);
         h.magic.store(CONTROL_MAGIC, Ordering::Release);
@@ -163,23 +164,12 @@ impl Drop for ControlRegion {
     }
 }
 
-/// Start the LWK image in `mode` with the control fd passed down.
-fn spawn(kernel: &Path, argv0: &OsStr, mode: &str, ctl: &OwnedFd, rest: &[&OsStr]) -> Result<Child> {
-    let fd = ctl.as_raw_fd();
+/// Start the LWK image in `mode`, passing down `ctl_fd` (a descriptor
+/// without close-on-exec). No code runs between fork and exec, so std can
+/// use posix_spawn; the image itself arranges to die with the supervisor.
+fn spawn(kernel: &Path, argv0: &OsStr, mode: &str, ctl_fd: i32, rest: &[&OsStr]) -> Result<Child> {
     let mut cmd = Command::new(kernel);
-    cmd.arg0(argv0).arg(mode).arg(fd.to_string()).args(rest);
-    // SAFETY: only async-signal-safe system calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Both children die with the supervisor, whatever kills it.
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
-            let r = libc::fcntl(fd, libc::F_SETFD, 0);
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    cmd.arg0(argv0).arg(mode).arg(ctl_fd.to_string()).args(rest);
     cmd.spawn().with_context(|| format!("cannot start the LWK image {}", kernel.display()))
 }
 
@@ -253,12 +243,20 @@ pub fn run(args: RunArgs) -> Result<i32> {
     }
     let region = ControlRegion::create(options, spin_cycles())?;
 
+    // The children's copy of the control descriptor: not close-on-exec.
+    // SAFETY: duplicating our own descriptor; closed after both spawns.
+    let ctl_fd = unsafe { libc::fcntl(region.fd.as_raw_fd(), libc::F_DUPFD, 3) };
+    if ctl_fd < 0 {
+        bail!("cannot pass the control region on: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: ctl_fd is ours alone from here.
+    let ctl_fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ctl_fd) };
     let t0 = Instant::now();
     let tsc0 = rdtsc();
-    let mut proxy = spawn(&kernel, OsStr::new("lwk-proxy"), "proxy", &region.fd, &[])?;
+    let mut proxy = spawn(&kernel, OsStr::new("lwk-proxy"), "proxy", ctl_fd.as_raw_fd(), &[])?;
     let mut app_args: Vec<&OsStr> = vec![path.as_os_str(), prog.as_os_str()];
     app_args.extend(rest.iter().map(|s| s.as_os_str()));
-    let app = match spawn(&kernel, prog, "app", &region.fd, &app_args) {
+    let app = match spawn(&kernel, prog, "app", ctl_fd.as_raw_fd(), &app_args) {
         Ok(c) => c,
         Err(e) => {
             proxy.kill().ok();
@@ -266,6 +264,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
             return Err(e);
         }
     };
+    drop(ctl_fd);
     PROXY_PID.store(proxy.id() as i32, Ordering::Relaxed);
     APP_PID.store(app.id() as i32, Ordering::Relaxed);
     setup_signals();

@@ -92,8 +92,21 @@ pub fn map_control(fd: i32) -> Result<(), &'static str> {
     if r < 0 {
         return Err("cannot map the control region");
     }
-    if control().header.magic.load(Relaxed) != CONTROL_MAGIC {
+    let h = &control().header;
+    if h.magic.load(Relaxed) != CONTROL_MAGIC {
         return Err("control region has the wrong magic (lwk and lwk-kernel from different builds?)");
+    }
+    // Die with the supervisor, whatever kills it; if it is already gone,
+    // go now.
+    const PR_SET_PDEATHSIG: u64 = 1;
+    const SIGKILL: u64 = 9;
+    // SAFETY: plain prctl and getppid.
+    let parent = unsafe {
+        syscall3(nr::PRCTL, PR_SET_PDEATHSIG, SIGKILL, 0);
+        syscall3(nr::GETPPID, 0, 0, 0)
+    };
+    if parent as i32 != h.supervisor_pid.load(Relaxed) {
+        return Err("lwk run is gone");
     }
     Ok(())
 }
