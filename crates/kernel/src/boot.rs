@@ -452,33 +452,25 @@ fn build_stack(st: &Startup, argv: &Argv, execfn: &[u8], main: &Image, base: u64
 /// # Safety
 /// `sp` and `entry` describe a loaded program.
 unsafe fn jump(sp: u64, entry: u64, pkru: Option<u32>) -> ! {
-    if let Some(v) = pkru {
-        // From here on no LWK memory is touched: sp and entry are in
-        // registers, and the stack below is the application's.
-        // SAFETY: v denies only the LWK's key.
-        unsafe {
-            core::arch::asm!(
-                "wrpkru",
-                "mov rsp, rdi",
-                "xor eax, eax", "xor ebx, ebx", "xor ecx, ecx", "xor edx, edx",
-                "xor ebp, ebp", "xor esi, esi", "xor edi, edi",
-                "xor r8d, r8d", "xor r9d, r9d", "xor r10d, r10d", "xor r12d, r12d",
-                "xor r13d, r13d", "xor r14d, r14d", "xor r15d, r15d",
-                "jmp r11",
-                in("eax") v, in("ecx") 0, in("edx") 0,
-                in("rdi") sp, in("r11") entry, options(noreturn)
-            )
-        }
-    }
-    // SAFETY: as documented; rdx = 0 means no exit handler for libc.
+    // With protection keys, PKRU denies the LWK's key from the jump on; no
+    // LWK memory is touched after it (sp and entry are in registers, the
+    // stack is the application's).
+    let (has_pkru, v) = (pkru.is_some() as u64, pkru.unwrap_or(0));
+    // SAFETY: as documented; v denies only the LWK's key; rdx = 0 means no
+    // exit handler for libc.
     unsafe {
         core::arch::asm!(
+            "test r8, r8",
+            "jz 2f",
+            "wrpkru",
+            "2:",
             "mov rsp, rdi",
             "xor eax, eax", "xor ebx, ebx", "xor ecx, ecx", "xor edx, edx",
             "xor ebp, ebp", "xor esi, esi", "xor edi, edi",
             "xor r8d, r8d", "xor r9d, r9d", "xor r10d, r10d", "xor r12d, r12d",
             "xor r13d, r13d", "xor r14d, r14d", "xor r15d, r15d",
             "jmp r11",
+            in("eax") v, in("ecx") 0, in("edx") 0, in("r8") has_pkru,
             in("rdi") sp, in("r11") entry, options(noreturn)
         )
     }
