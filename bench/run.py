@@ -267,11 +267,16 @@ def build(args):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", sha], stdout=subprocess.PIPE)
-            tar = subprocess.run(["tar", "-x", "-C", str(tmp)], stdin=archive.stdout)
+            # -m: files get the time of extraction, so cargo never mistakes a changed
+            # file (whose commit time may be older than the last build) for fresh
+            tar = subprocess.run(["tar", "-x", "-m", "-C", str(tmp)], stdin=archive.stdout)
             archive.stdout.close()
             if archive.wait() != 0 or tar.returncode != 0:
                 sys.exit(f"git archive {sha} failed")
             tmp.rename(src)
+        for old in BUILD.glob("rev-*"):  # keep only the revision measured now
+            if old != src:
+                shutil.rmtree(old, ignore_errors=True)
         target = BUILD / "target-rev"
         cargo = ["cargo", "build", "--release", "--target-dir", str(target)]
         built = target / "release"
