@@ -5,7 +5,7 @@
  * built on the user stack (with the FPU/xsave state), handler, rt_sigreturn
  * (a second syscall, from our own restorer inside the allowed region), state
  * restored. lwk's local calls cost this plus the LWK's own handler.
- * Run natively only. Prints: ns_per_op=<float> iters=<n> result=<fake> */
+ * Run natively only. */
 #define _GNU_SOURCE
 #include <signal.h>
 #include <stdint.h>
@@ -17,6 +17,7 @@
 #include <unistd.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
+#include "syscall_loop.h"
 
 #ifndef PR_SET_SYSCALL_USER_DISPATCH
 #define PR_SET_SYSCALL_USER_DISPATCH 59
@@ -56,15 +57,9 @@ struct k_sigaction {
     uint64_t mask;
 };
 
-static double now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
-}
-
 int main(int argc, char **argv) {
-    long n = argc > 1 ? atol(argv[1]) : 1000000;
-    if (n <= 0) n = 1;
+    long n = iterations(argc, argv), r;
+    double ns;
     struct k_sigaction ka = {on_sigsys, SA_SIGINFO | SA_RESTORER_FLAG, (void (*)(void))sud_begin, 0};
     if (syscall(SYS_rt_sigaction, SIGSYS, &ka, NULL, 8) != 0) {
         perror("rt_sigaction");
@@ -75,19 +70,13 @@ int main(int argc, char **argv) {
         perror("prctl(PR_SET_SYSCALL_USER_DISPATCH)");
         return 2;
     }
-    volatile long sink = 0;
-    long warm = n / 10 + 1;
     selector = SYSCALL_DISPATCH_FILTER_BLOCK;
-    for (long i = 0; i < warm; i++) sink += syscall(SYS_getpid);
-    double t0 = now_ns();
-    for (long i = 0; i < n; i++) sink += syscall(SYS_getpid);
-    double t1 = now_ns();
-    long r = syscall(SYS_getpid);
+    TIME_CALLS(n, syscall(SYS_getpid), &ns, &r);
     selector = SYSCALL_DISPATCH_FILTER_ALLOW;
     if (r != FAKE) {
         fprintf(stderr, "getpid returned %ld, not the handler's %d: dispatch not active\n", r, FAKE);
         return 3;
     }
-    printf("ns_per_op=%.1f iters=%ld result=%ld\n", (t1 - t0) / (double)n, n, r);
-    return sink == 42 ? 1 : 0;
+    report(ns, n, r);
+    return 0;
 }
