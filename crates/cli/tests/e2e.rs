@@ -1008,3 +1008,22 @@ fn exit_status_of_a_killed_program_is_reported_in_stats_json() {
     assert_eq!(v["exit_signal"], libc::SIGSEGV);
     assert!(v["exit_code"].is_null());
 }
+
+// ---------------------------------------------------------------------------
+// The delegation channel
+// ---------------------------------------------------------------------------
+
+/// Delegated calls separated by pauses around the proxy's spin budget, with
+/// budgets that make it fall asleep all the time: every wait and wake-up
+/// path of the channel, many times. A lost wake-up shows as a hang (the
+/// harness's timeout). A proxy that re-read the futex word before sleeping
+/// once hung sha256sum in the benchmarks this way.
+#[test]
+fn delegation_channel_survives_sleeping_sides() {
+    for spin in ["0", "3000", "20000"] {
+        let setup = Setup { env: vec![("LWK_SPIN_CYCLES", spin)], ..Setup::default() };
+        let o = compare_with(&[&program("delegate_stress", Link::Static), "30000"], &setup);
+        assert_exit_code(&o, 0);
+        assert!(String::from_utf8_lossy(&o.stdout).starts_with("calls=30000 sum="));
+    }
+}

@@ -126,8 +126,12 @@ fn wait_request(ctl: &Control) {
     while ch.state.load(Acquire) != CH_REQUEST {
         if !wait.spin() {
             ch.server_sleeping.store(1, SeqCst);
-            if ch.state.load(SeqCst) != CH_REQUEST {
-                futex_wait(&ch.state, ch.state.load(SeqCst));
+            // Sleep only on the value just seen: re-reading it here would
+            // miss a request posted in between (whose wake-up came before
+            // this wait) and sleep on it forever.
+            let seen = ch.state.load(SeqCst);
+            if seen != CH_REQUEST {
+                futex_wait(&ch.state, seen);
             }
             ch.server_sleeping.store(0, Relaxed);
             wait.restart();
