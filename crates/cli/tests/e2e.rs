@@ -1027,3 +1027,22 @@ fn delegation_channel_survives_sleeping_sides() {
         assert!(String::from_utf8_lossy(&o.stdout).starts_with("calls=30000 sum="));
     }
 }
+
+/// Threads, fork and execve come with the next issue; until then each
+/// attempt fails with ENOSYS, and the LWK names the call on stderr.
+#[test]
+fn thread_and_process_creation_fail_clearly_with_enosys() {
+    for link in [Link::Static, Link::Pie] {
+        let o = run_lwk(&[&program("unsupported", link)], &Setup::default());
+        assert_exit_code(&o, 0);
+        let out = String::from_utf8_lossy(&o.stdout);
+        let err = String::from_utf8_lossy(&o.stderr);
+        for line in ["pthread_create -> ENOSYS", "fork -> -1 ENOSYS", "execv -> -1 ENOSYS"] {
+            assert!(has_line(&out, line), "missing {line:?} in:\n{out}");
+        }
+        for call in ["clone", "execve"] {
+            let msg = format!("lwk: {call} is not supported yet");
+            assert!(err.lines().any(|l| l.starts_with(&msg)), "no {msg:?} on stderr:\n{err}");
+        }
+    }
+}
