@@ -13,7 +13,15 @@ pub const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"LWKCTL01");
 pub const NR_SLOTS: usize = 512;
 
 /// Requests on a channel that are not system calls (above any syscall nr).
+/// Apply the map log, nothing else.
 pub const REQ_SYNC: u64 = 0x1_0000;
+/// Start a proxy worker serving channel args[0] (a new application thread).
+pub const REQ_NEW_WORKER: u64 = 0x1_0001;
+/// Answer, then end the worker serving this channel (its thread exits).
+pub const REQ_WORKER_EXIT: u64 = 0x1_0002;
+
+/// One channel, and one proxy worker, per application thread.
+pub const MAX_CHANNELS: usize = 256;
 
 /// `Header::options` bits.
 pub const OPT_HUGE_OFF: u64 = 1 << 0;
@@ -129,7 +137,7 @@ pub struct Stats {
 #[repr(C)]
 pub struct Control {
     pub header: Header,
-    pub channel: Channel,
+    pub channels: [Channel; MAX_CHANNELS],
     pub maplog: MapLog,
     pub stats: Stats,
 }

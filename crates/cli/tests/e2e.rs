@@ -1028,16 +1028,16 @@ fn delegation_channel_survives_sleeping_sides() {
     }
 }
 
-/// Threads, fork and execve come with the next issue; until then each
-/// attempt fails with ENOSYS, and the LWK names the call on stderr.
+/// fork and execve come later; until then each attempt fails with ENOSYS,
+/// and the LWK names the call on stderr.
 #[test]
-fn thread_and_process_creation_fail_clearly_with_enosys() {
+fn process_creation_fails_clearly_with_enosys() {
     for link in [Link::Static, Link::Pie] {
         let o = run_lwk(&[&program("unsupported", link)], &Setup::default());
         assert_exit_code(&o, 0);
         let out = String::from_utf8_lossy(&o.stdout);
         let err = String::from_utf8_lossy(&o.stderr);
-        for line in ["pthread_create -> ENOSYS", "fork -> -1 ENOSYS", "execv -> -1 ENOSYS"] {
+        for line in ["fork -> -1 ENOSYS", "execv -> -1 ENOSYS"] {
             assert!(has_line(&out, line), "missing {line:?} in:\n{out}");
         }
         for call in ["clone", "execve"] {
@@ -1045,4 +1045,48 @@ fn thread_and_process_creation_fail_clearly_with_enosys() {
             assert!(err.lines().any(|l| l.starts_with(&msg)), "no {msg:?} on stderr:\n{err}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Threads
+// ---------------------------------------------------------------------------
+
+#[test]
+fn pthread_stress_with_mutex_and_condvar_matches_native() {
+    for link in [Link::Static, Link::Pie] {
+        let o = compare(&[&program("threads", link), "stress"], None);
+        assert_exit_code(&o, 0);
+        assert!(String::from_utf8_lossy(&o.stdout).starts_with("counter=4500000 joined=140 turns="));
+    }
+}
+
+#[test]
+fn a_thread_blocked_in_a_delegated_call_does_not_block_the_others() {
+    let o = compare(&[&program("threads", Link::Pie), "blocking"], None);
+    assert_exit_code(&o, 0);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(has_line(&out, "reader got 5 bytes: hello"), "{out}");
+    assert!(has_line(&out, "main made 2000 calls while the reader was blocked"), "{out}");
+}
+
+#[test]
+fn sigsegv_in_one_thread_kills_the_process_as_natively() {
+    let o = compare(&[&program("threads", Link::Static), "segv"], None);
+    assert_signal(&o, 11);
+}
+
+#[test]
+fn gnu_sort_with_threads_matches_native() {
+    let dir = tempdir();
+    let input = dir.path().join("in.txt");
+    let mut text = String::new();
+    let mut x: u64 = 88172645463325252;
+    for _ in 0..300_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        text.push_str(&format!("{}\n", x % 1_000_000_007));
+    }
+    std::fs::write(&input, text).unwrap();
+    compare(&["sort", "--parallel=4", "-S", "64M", path_str(&input)], None);
 }

@@ -168,6 +168,7 @@ pub fn app_main(st: &Startup) -> ! {
             syscall3(nr::CLOSE_RANGE, diag as u64 + 1, !0u32 as u64, 0);
         }
     }
+    crate::thread::init_main();
     let h = &control().header;
     h.app_pid.store(getpid(), Release);
     if let Err(why) = crate::guard::protect() {

@@ -10,9 +10,15 @@ use lwk_rt as rt;
 
 use crate::control;
 
+/// Delegate a call on the calling thread's channel.
 pub fn call(nr: u64, args: [u64; 6]) -> i64 {
+    call_on(crate::thread::current_slot(), nr, args)
+}
+
+/// Delegate a call on channel `slot` (owned by the calling thread).
+pub fn call_on(slot: usize, nr: u64, args: [u64; 6]) -> i64 {
     let ctl = control();
-    let ch = &ctl.channel;
+    let ch = &ctl.channels[slot];
     ch.nr.store(nr, Relaxed);
     for (slot, a) in ch.args.iter().zip(args) {
         slot.store(a, Relaxed);

@@ -16,6 +16,7 @@ pub mod mm;
 pub mod signal;
 pub mod stack;
 pub mod sync;
+pub mod thread;
 pub mod trap;
 
 use lwk_abi::control::Control;

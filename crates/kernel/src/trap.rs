@@ -11,7 +11,7 @@ use lwk_rt::nr;
 use lwk_rt::*;
 
 use crate::mm::MM;
-use crate::{control, delegate, signal};
+use crate::{control, delegate, signal, thread};
 
 pub const REG_R8: usize = 0;
 pub const REG_R9: usize = 1;
@@ -25,6 +25,7 @@ pub const REG_RIP: usize = 16;
 
 /// The kernel's `struct ucontext` on x86-64 (the parts we touch).
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct UContext {
     pub flags: u64,
     pub link: u64,
@@ -40,6 +41,21 @@ pub struct UContext {
 }
 
 const _: () = assert!(core::mem::offset_of!(UContext, sigmask) == 296);
+
+impl UContext {
+    pub const ZERO: UContext = UContext {
+        flags: 0,
+        link: 0,
+        ss_sp: 0,
+        ss_flags: 0,
+        _pad: 0,
+        ss_size: 0,
+        gregs: [0; 23],
+        fpregs: 0,
+        reserved: [0; 8],
+        sigmask: 0,
+    };
+}
 
 pub const SIGSYS: u64 = 31;
 const SA_SIGINFO: u64 = 4;
@@ -74,6 +90,12 @@ pub fn enable() -> Result<(), i64> {
     if r < 0 {
         return Err(r);
     }
+    enable_thread()
+}
+
+/// Switch Syscall User Dispatch on for the calling thread (the setting is
+/// per thread: every new thread must do it before running application code).
+pub fn enable_thread() -> Result<(), i64> {
     // SAFETY: linker-defined symbols; only their addresses are used.
     let (start, end) = unsafe { (&__ehdr_start as *const u8 as u64, &etext as *const u8 as u64) };
     let selector = match crate::guard::selector() {
@@ -164,7 +186,23 @@ fn dispatch(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
             let s = &control().stats;
             s.local[nr as usize].add(0);
             s.tsc_end.store(rdtsc(), Relaxed);
+            if nr == nr::EXIT {
+                thread::exit(a[0]);
+            }
             local(passthrough(nr, a))
+        }
+        nr::CLONE => match thread::clone(a[0], a[1], a[2], a[3], a[4], uc) {
+            Some(r) => local(r),
+            None => local(unsupported(nr, "new processes come with fork and exec support")),
+        },
+        nr::CLONE3 => match thread::clone3(a[0], a[1], uc) {
+            Some(r) => local(r),
+            None => local(unsupported(nr, "new processes come with fork and exec support")),
+        },
+        // GS is the LWK's: it finds each thread's slot through it.
+        nr::ARCH_PRCTL if a[0] == 0x1001 || a[0] == 0x1004 => {
+            lwk_rt::diag!("arch_prctl(ARCH_SET_GS/ARCH_GET_GS) is reserved by the LWK");
+            local(-EPERM)
         }
         // The process that ran `lwk run` is the application's parent.
         nr::GETPPID => local(control().header.parent_pid.load(Relaxed) as i64),

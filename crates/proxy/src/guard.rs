@@ -23,6 +23,8 @@ const STACK_SIZE: u64 = 256 << 10;
 static PKRU_ALLOW: AtomicU32 = AtomicU32::new(0);
 static PKRU_DENY: AtomicU32 = AtomicU32::new(0);
 static STACK_TOP: AtomicU64 = AtomicU64::new(0);
+/// The proxy's protection key (0: none).
+static KEY: AtomicU64 = AtomicU64::new(0);
 
 /// Tag the proxy's memory with a protection key and prepare a stack inside
 /// it. Returns why not when the CPU or kernel cannot.
@@ -50,7 +52,37 @@ pub fn protect_own_memory() -> Result<(), &'static str> {
     let allow = unsafe { pkey::rdpkru() };
     PKRU_ALLOW.store(allow, Relaxed);
     PKRU_DENY.store(allow | pkey::key_bits(key as u32), Relaxed);
+    KEY.store(k, Relaxed);
     Ok(())
+}
+
+/// An alternate signal stack for the calling thread, outside the
+/// protection key: the kernel enters handlers with its default PKRU.
+pub fn setup_altstack() {
+    const ALT_SIZE: u64 = 64 << 10;
+    // SAFETY: a fresh anonymous mapping for the alternate stack.
+    let alt = unsafe { mmap(0, ALT_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) };
+    if alt < 0 {
+        return;
+    }
+    let ss = [alt as u64, 0, ALT_SIZE];
+    // SAFETY: ss describes the mapping above.
+    unsafe { syscall3(lwk_rt::nr::SIGALTSTACK, ss.as_ptr() as u64, 0, 0) };
+}
+
+/// A stack for a worker thread, in memory carrying the proxy's key.
+/// Returns its (16-aligned) top.
+pub fn alloc_stack(size: u64) -> Result<u64, i64> {
+    // SAFETY: an anonymous mapping placed by the kernel, in the upper half.
+    let s = unsafe { mmap(0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) };
+    if s < 0 {
+        return Err(s);
+    }
+    let key = KEY.load(Relaxed);
+    if key > 0 {
+        pkey::mprotect(s as u64, size, PROT_READ | PROT_WRITE, key);
+    }
+    Ok(s as u64 + size)
 }
 
 /// Continue on the tagged stack (if there is one) in `f`.

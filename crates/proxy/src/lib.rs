@@ -9,17 +9,20 @@
 //! would in the application: EFAULT, never a read of proxy memory.
 #![cfg_attr(not(test), no_std)]
 
+use core::sync::atomic::AtomicBool;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
 use lwk_abi::control::{
-    Control, MapOp, CH_DONE, CH_REQUEST, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, REQ_SYNC, SRC_APP_FD,
-    SRC_APP_FD_PRIVATE, SRC_LWK_FD_PRIVATE,
+    Channel, Control, MapOp, CH_DONE, CH_REQUEST, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, REQ_NEW_WORKER, REQ_SYNC,
+    REQ_WORKER_EXIT, SRC_APP_FD, SRC_APP_FD_PRIVATE, SRC_LWK_FD_PRIVATE,
 };
 use lwk_abi::layout::CONTROL_ADDR;
 use lwk_rt::nr;
+use lwk_rt::thread::exit_thread;
 use lwk_rt::*;
 
 mod guard;
+mod workers;
 
 fn control() -> &'static Control {
     // SAFETY: mapped by `run`'s caller before anything else.
@@ -53,19 +56,11 @@ extern "C" fn interrupt(_sig: i32) {}
 /// or fails the call as Linux would. The handler runs on an alternate stack
 /// outside the protection key, because the kernel enters handlers with the
 /// default PKRU, which denies the proxy's key.
-fn setup_signals() {
+pub(crate) fn setup_signals() {
     let ign = [SIG_IGN, 0, 0, 0u64];
     // SAFETY: a valid kernel sigaction.
     unsafe { syscall6(nr::RT_SIGACTION, SIGPIPE, ign.as_ptr() as u64, 0, 8, 0, 0) };
-    const ALT_SIZE: u64 = 64 << 10;
-    // SAFETY: a fresh anonymous mapping for the alternate stack.
-    let alt = unsafe { mmap(0, ALT_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) };
-    if alt < 0 {
-        return;
-    }
-    let ss = [alt as u64, 0, ALT_SIZE];
-    // SAFETY: ss describes the mapping above.
-    unsafe { syscall3(nr::SIGALTSTACK, ss.as_ptr() as u64, 0, 0) };
+    guard::setup_altstack();
     let act = [interrupt as *const () as u64, SA_ONSTACK | SA_RESTORER, lwk_restorer as *const () as u64, !0u64];
     for sig in [SIGINT, SIGQUIT, SIGTSTP, SIGTTIN, SIGTTOU, SIGWINCH] {
         // SAFETY: a valid kernel sigaction with a restorer in our text.
@@ -86,43 +81,51 @@ pub fn run() -> ! {
         }
     }
     // SAFETY: guard gave us a fresh stack (or none); serve never returns.
-    unsafe { guard::switch_stack(serve) }
+    unsafe { guard::switch_stack(serve_main) }
 }
 
 fn ctl_verbose() -> bool {
     control().header.options.load(Relaxed) & lwk_abi::control::OPT_VERBOSE != 0
 }
 
-extern "C" fn serve() -> ! {
+extern "C" fn serve_main() -> ! {
     setup_signals();
+    control().header.proxy_pid.store(getpid(), Release);
+    serve(0)
+}
+
+/// Serve channel `slot` (one application thread) until told to stop.
+fn serve(slot: usize) -> ! {
     let ctl = control();
-    ctl.header.proxy_pid.store(getpid(), Release);
-    let ch = &ctl.channel;
+    let ch = &ctl.channels[slot];
     loop {
-        wait_request(ctl);
+        wait_request(ch, ctl.header.spin_cycles.load(Relaxed));
         apply_map_log(ctl);
         let nr = ch.nr.load(Relaxed);
         let a: [u64; 6] = core::array::from_fn(|i| ch.args[i].load(Relaxed));
-        let ret = if nr == REQ_SYNC {
-            0
-        } else {
+        let ret = match nr {
+            REQ_SYNC => 0,
+            REQ_NEW_WORKER => workers::spawn(a[0] as usize),
+            REQ_WORKER_EXIT => 0,
             // SAFETY: the generic path: the application's own call with its
             // raw arguments, in a process whose only user memory below
             // APP_END is the application's, and whose own memory is locked
             // by its protection key for the duration of the call.
-            unsafe { guard::guarded_syscall(nr, a) }
+            _ => unsafe { guard::guarded_syscall(nr, a) },
         };
         ch.ret.store(ret, Relaxed);
         ch.state.store(CH_DONE, SeqCst);
         if ch.client_sleeping.load(SeqCst) != 0 {
             futex_wake(&ch.state, 1);
         }
+        if nr == REQ_WORKER_EXIT {
+            exit_thread(0);
+        }
     }
 }
 
-fn wait_request(ctl: &Control) {
-    let ch = &ctl.channel;
-    let mut wait = SpinWait::new(ctl.header.spin_cycles.load(Relaxed));
+fn wait_request(ch: &Channel, spin: u64) {
+    let mut wait = SpinWait::new(spin);
     while ch.state.load(Acquire) != CH_REQUEST {
         if !wait.spin() {
             ch.server_sleeping.store(1, SeqCst);
@@ -139,8 +142,22 @@ fn wait_request(ctl: &Control) {
     }
 }
 
+/// Workers share the map log: one drains it at a time.
+static MAP_LOG_LOCK: AtomicBool = AtomicBool::new(false);
+
 /// Mirror every address-space change the LWK made since the last request.
 fn apply_map_log(ctl: &Control) {
+    if ctl.maplog.tail.load(Acquire) == ctl.maplog.head.load(Acquire) {
+        return;
+    }
+    while MAP_LOG_LOCK.compare_exchange_weak(false, true, Acquire, Relaxed).is_err() {
+        cpu_relax();
+    }
+    drain_map_log(ctl);
+    MAP_LOG_LOCK.store(false, Release);
+}
+
+fn drain_map_log(ctl: &Control) {
     let mut memfd = [-1i32; 2];
     // SAFETY: the proxy is the only reader of the map log.
     unsafe {

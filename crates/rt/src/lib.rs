@@ -13,5 +13,6 @@ pub mod nr;
 pub mod out;
 pub mod pkey;
 pub mod sys;
+pub mod thread;
 
 pub use sys::*;

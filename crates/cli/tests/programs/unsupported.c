@@ -1,22 +1,15 @@
-/* unsupported: calls that create threads or processes or replace the
- * program, which the LWK does not support yet. Each must fail with ENOSYS
+/* unsupported: calls that create processes or replace the program,
+ * which the LWK does not support yet. Each must fail with ENOSYS
  * (and the LWK must say which call on stderr), never hang or succeed
  * half-way. Prints one line per attempt. */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-static void *thread_main(void *arg) { return arg; }
-
 int main(void) {
-    pthread_t t;
-    int rc = pthread_create(&t, NULL, thread_main, NULL);
-    printf("pthread_create -> %s\n", rc ? strerrorname_np(rc) : "0");
-    fflush(stdout);
     errno = 0;
     pid_t pid = fork();
     if (pid == 0) _exit(0);

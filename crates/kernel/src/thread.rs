@@ -1,0 +1,192 @@
+//! Application threads.
+//!
+//! Each application thread has a slot: a delegation channel of its own, a
+//! proxy worker serving it (so one thread blocked in `read` never blocks
+//! another), and a small LWK stack for its first moments. The SIGSYS
+//! handler finds the slot of the thread it runs on through the GS base,
+//! which x86-64 Linux programs leave alone (TLS is FS).
+//!
+//! A new thread starts on its LWK stack, switches Syscall User Dispatch on
+//! for itself (the setting is per thread and not inherited), and enters the
+//! application with rt_sigreturn on a frame built from the parent's trapped
+//! context: all registers as the parent had them at its `syscall`, rax 0,
+//! the new stack, the application's signal mask, fresh FPU state, and
+//! the default PKRU, which denies the LWK's memory protection key.
+
+use core::arch::asm;
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicI32, AtomicU64, Ordering::*};
+
+use lwk_abi::control::{MAX_CHANNELS, REQ_NEW_WORKER, REQ_WORKER_EXIT};
+use lwk_rt::thread::*;
+use lwk_rt::*;
+
+use crate::delegate;
+use crate::trap::{self, UContext, REG_RAX, REG_RSP};
+
+const STACK_SIZE: usize = 16 << 10;
+const ARCH_SET_GS: u64 = 0x1001;
+
+/// What the GS base of an application thread points at.
+#[repr(C)]
+pub struct Thread {
+    /// The slot index; first, so `gs:[0]` reads it.
+    slot: u64,
+    tid: AtomicI32,
+}
+
+struct Slots {
+    threads: [Thread; MAX_CHANNELS],
+    used: [AtomicU64; MAX_CHANNELS / 64],
+    /// The parent's trapped context, for the child to start from.
+    start: [UnsafeCell<UContext>; MAX_CHANNELS],
+    stacks: [UnsafeCell<[u8; STACK_SIZE]>; MAX_CHANNELS],
+}
+
+// SAFETY: `start` and `stacks` of a slot are touched only by the thread
+// that owns the slot (the parent, until clone; then the child).
+unsafe impl Sync for Slots {}
+
+static SLOTS: Slots = Slots {
+    threads: [const { Thread { slot: 0, tid: AtomicI32::new(0) } }; MAX_CHANNELS],
+    used: [const { AtomicU64::new(0) }; MAX_CHANNELS / 64],
+    start: [const { UnsafeCell::new(UContext::ZERO) }; MAX_CHANNELS],
+    stacks: [const { UnsafeCell::new([0; STACK_SIZE]) }; MAX_CHANNELS],
+};
+
+/// The calling thread's slot.
+#[inline(always)]
+pub fn current_slot() -> usize {
+    let s: u64;
+    // SAFETY: every thread that runs LWK code has its GS base on its slot
+    // (set by `init_main` or `thread_start` before anything else).
+    unsafe { asm!("mov {}, qword ptr gs:[0]", out(reg) s, options(nostack, readonly, preserves_flags)) };
+    s as usize
+}
+
+fn set_gs(slot: usize) {
+    let t = &SLOTS.threads[slot] as *const Thread as *mut Thread;
+    // SAFETY: the slot field is written once here, before the thread uses it.
+    unsafe {
+        (*t).slot = slot as u64;
+        syscall3(lwk_rt::nr::ARCH_PRCTL, ARCH_SET_GS, t as u64, 0);
+    }
+}
+
+/// The main thread takes slot 0.
+pub fn init_main() {
+    SLOTS.used[0].fetch_or(1, SeqCst);
+    set_gs(0);
+    SLOTS.threads[0].tid.store(trap::gettid(), Relaxed);
+}
+
+fn alloc_slot() -> Option<usize> {
+    for (w, word) in SLOTS.used.iter().enumerate() {
+        let mut cur = word.load(Relaxed);
+        while cur != u64::MAX {
+            let bit = (!cur).trailing_zeros() as u64;
+            match word.compare_exchange(cur, cur | (1 << bit), SeqCst, Relaxed) {
+                Ok(_) => return Some(w * 64 + bit as usize),
+                Err(now) => cur = now,
+            }
+        }
+    }
+    None
+}
+
+fn free_slot(slot: usize) {
+    SLOTS.used[slot / 64].fetch_and(!(1 << (slot % 64)), SeqCst);
+}
+
+/// Flags glibc and musl pass for a pthread; anything without CLONE_VM and
+/// CLONE_THREAD is a new process, which comes later.
+const THREAD_FLAGS: u64 = CLONE_VM | CLONE_THREAD | CLONE_SIGHAND;
+
+/// clone(2) or clone3(2) of the application that makes a thread.
+/// Returns None when the call is not a thread creation.
+pub fn clone(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UContext) -> Option<i64> {
+    if flags & THREAD_FLAGS != THREAD_FLAGS || flags & CLONE_VFORK != 0 {
+        return None;
+    }
+    if newsp == 0 || flags & CLONE_PIDFD != 0 {
+        return Some(-EINVAL);
+    }
+    let Some(slot) = alloc_slot() else { return Some(-EAGAIN) };
+    let r = delegate::call(REQ_NEW_WORKER, [slot as u64, 0, 0, 0, 0, 0]);
+    if r < 0 {
+        free_slot(slot);
+        return Some(-EAGAIN);
+    }
+    let mut start = *uc;
+    start.gregs[REG_RSP] = newsp;
+    start.gregs[REG_RAX] = 0;
+    // SAFETY: the slot is ours until the child takes it over at clone.
+    unsafe { *SLOTS.start[slot].get() = start };
+    let top = (SLOTS.stacks[slot].get() as u64 + STACK_SIZE as u64) & !15;
+    // SAFETY: the slot's LWK stack is free (its previous thread left it
+    // before exiting); the kernel gets the application's own pointers.
+    let tid = unsafe { spawn(flags & !0xff, top, ptid, ctid, tls, thread_start, slot as u64) };
+    if tid < 0 {
+        delegate::call_on(slot, REQ_WORKER_EXIT, [0; 6]);
+        free_slot(slot);
+        return Some(tid);
+    }
+    SLOTS.threads[slot].tid.store(tid as i32, Relaxed);
+    Some(tid)
+}
+
+/// clone3(2): the same, from its argument structure.
+pub fn clone3(args: u64, size: u64, uc: &UContext) -> Option<i64> {
+    if size < 64 || !crate::mm::MM.lock().accessible(args, 64, false) {
+        return Some(-EFAULT);
+    }
+    // SAFETY: 64 readable bytes of application memory (checked above).
+    let a = unsafe { core::ptr::read_unaligned(args as *const [u64; 8]) };
+    let (flags, _pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls) =
+        (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+    if flags & THREAD_FLAGS == THREAD_FLAGS && exit_signal != 0 {
+        return Some(-EINVAL);
+    }
+    clone(flags, stack.wrapping_add(stack_size), parent_tid, child_tid, tls, uc)
+}
+
+/// A new application thread, on its slot's LWK stack, signals blocked.
+extern "C" fn thread_start(slot: u64) -> ! {
+    let slot = slot as usize;
+    set_gs(slot);
+    if let Err(e) = trap::enable_thread() {
+        lwk_rt::diag!("cannot enable Syscall User Dispatch in a new thread: error {}", -e);
+        exit_group(125);
+    }
+    // SAFETY: written by the parent before clone, ours now.
+    let start = unsafe { &*SLOTS.start[slot].get() };
+    enter(start)
+}
+
+/// Enter the application with `ctx` through rt_sigreturn.
+fn enter(ctx: &UContext) -> ! {
+    const SS_DISABLE: u32 = 2;
+    let mut uc = *ctx;
+    uc.fpregs = 0; // fresh FPU state (and the default PKRU)
+    uc.ss_sp = 0;
+    uc.ss_flags = SS_DISABLE;
+    uc.ss_size = 0;
+    // The frame goes below the new stack pointer, in application memory,
+    // with room for the return-address word the kernel skips.
+    let size = core::mem::size_of::<UContext>() as u64;
+    let at = (uc.gregs[REG_RSP] - 256 - size) & !15;
+    // SAFETY: below the application's fresh stack pointer nothing is in use.
+    unsafe {
+        (at as *mut UContext).write(uc);
+        asm!("mov rsp, {at}", "mov eax, 15", "syscall", "ud2", at = in(reg) at, options(noreturn));
+    }
+}
+
+/// exit(2) of one application thread: its proxy worker goes too.
+pub fn exit(code: u64) -> ! {
+    let slot = current_slot();
+    delegate::call(REQ_WORKER_EXIT, [0; 6]);
+    SLOTS.threads[slot].tid.store(0, Relaxed);
+    free_slot(slot);
+    exit_thread(code as i32)
+}
