@@ -174,7 +174,12 @@ fn dispatch(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
         nr::RT_SIGPROCMASK => local(signal::rt_sigprocmask(a[0], a[1], a[2], a[3], uc)),
         nr::RT_SIGSUSPEND => local(signal::rt_sigsuspend(a[0], a[1])),
         nr::PAUSE => local(signal::pause(uc)),
-        nr::NANOSLEEP | nr::CLOCK_NANOSLEEP | nr::RT_SIGTIMEDWAIT => {
+        // Blocking local calls: with the application's mask, so that a
+        // signal runs its handler and interrupts them as natively.
+        nr::NANOSLEEP | nr::CLOCK_NANOSLEEP | nr::RT_SIGTIMEDWAIT | 449 | 455 => {
+            local(signal::with_app_mask(uc, || passthrough(nr, a)))
+        }
+        nr::FUTEX if matches!(a[1] & 0x7f, 0 | 6 | 9 | 11 | 13) => {
             local(signal::with_app_mask(uc, || passthrough(nr, a)))
         }
         nr::RT_SIGRETURN => {
