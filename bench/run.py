@@ -58,7 +58,8 @@ HUGE_PAGE = 2 * MIB
 HUGE_HEADROOM = 64 * MIB
 OTHER_LOAD_WARN = 0.10  # share of all CPUs used by other work that makes a result unreliable  # the program's own text, heap, stack on 2 MiB pages
 
-C_PROGRAMS = ["getppid_loop", "getpid_loop", "delegated_loop", "first_touch", "sud_floor"]
+C_PROGRAMS = ["getppid_loop", "getpid_loop", "delegated_loop", "first_touch", "sud_floor", "thread_create",
+              "futex_pingpong"]
 
 # name -> one-line description (also the order of the table)
 BENCHMARKS = {
@@ -66,6 +67,8 @@ BENCHMARKS = {
     "delegated": "syscall(SYS_fcntl, fd, F_GETFD) loop, ns per call (truly delegated)",
     "getpid": "syscall(SYS_getpid) loop, ns per call (local in the LWK)",
     "first_touch": "mmap 1 GiB (quick: 256 MiB) anonymous + write one byte per 4 KiB page",
+    "thread_create": "pthread_create + pthread_join, one thread at a time, ns per thread",
+    "futex": "futex ping-pong between two threads, ns per round trip",
     "true": "/bin/true: lwk start-up and tear-down cost (information, no aim)",
     "python": "/usr/bin/python3 -c pass start-up",
     "sha256sum": "sha256sum of a 256 MiB (quick: 32 MiB) file",
@@ -307,7 +310,7 @@ def build(args):
     log(f"lwk binaries ({what}) snapshot in {BIN.relative_to(ROOT)}/")
     for prog in C_PROGRAMS:
         out = BUILD / prog
-        argv = ["gcc", "-O2", "-Wall", "-o", str(out), str(SRC / f"{prog}.c")]
+        argv = ["gcc", "-O2", "-Wall", "-pthread", "-o", str(out), str(SRC / f"{prog}.c")]
         p = sh(argv, capture_output=True, text=True)
         if p.returncode != 0:
             sys.exit(f"{shlex.join(argv)} failed:\n{p.stderr}")
@@ -810,6 +813,12 @@ def main():
                  "(the floor of any SUD-based design)",
             extra={"SUD floor (no lwk)": "sud_floor"}),
         "first_touch": lambda: bench_first_touch(cfg),
+        "thread_create": lambda: bench_micro(
+            "thread_create", "thread_create", "thread create + join", None, "-", cfg,
+            note="under lwk each thread also gets (and gives back) a proxy worker of its own"),
+        "futex": lambda: bench_micro(
+            "futex", "futex_pingpong", "futex ping-pong round trip (2 threads)", None, "-", cfg,
+            note="futex is local in the LWK: both threads are in the application process"),
         "true": lambda: bench_whole("true", "/bin/true (start-up cost, information)", ["/bin/true"], cfg,
                                     rounds=cfg["reps"], runs=cfg["true_runs"], warmup=1, aim=None, aim_text="-"),
         "python": lambda: bench_whole("python", "`python3 -c pass` start-up", ["/usr/bin/python3", "-c", "pass"],

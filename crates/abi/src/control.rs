@@ -15,10 +15,9 @@ pub const NR_SLOTS: usize = 512;
 /// Requests on a channel that are not system calls (above any syscall nr).
 /// Apply the map log, nothing else.
 pub const REQ_SYNC: u64 = 0x1_0000;
-/// Start a proxy worker serving channel args[0] (a new application thread).
+/// Make sure a proxy worker serves channel args[0] (a new application
+/// thread). Workers outlive their threads and serve the slot's next one.
 pub const REQ_NEW_WORKER: u64 = 0x1_0001;
-/// Answer, then end the worker serving this channel (its thread exits).
-pub const REQ_WORKER_EXIT: u64 = 0x1_0002;
 
 /// One channel, and one proxy worker, per application thread.
 pub const MAX_CHANNELS: usize = 256;

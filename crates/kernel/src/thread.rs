@@ -17,7 +17,7 @@ use core::arch::asm;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicI32, AtomicU64, Ordering::*};
 
-use lwk_abi::control::{MAX_CHANNELS, REQ_NEW_WORKER, REQ_WORKER_EXIT};
+use lwk_abi::control::{MAX_CHANNELS, REQ_NEW_WORKER};
 use lwk_rt::thread::*;
 use lwk_rt::*;
 
@@ -127,7 +127,6 @@ pub fn clone(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UConte
     // before exiting); the kernel gets the application's own pointers.
     let tid = unsafe { spawn(flags & !0xff, top, ptid, ctid, tls, thread_start, slot as u64) };
     if tid < 0 {
-        delegate::call_on(slot, REQ_WORKER_EXIT, [0; 6]);
         free_slot(slot);
         return Some(tid);
     }
@@ -182,10 +181,10 @@ fn enter(ctx: &UContext) -> ! {
     }
 }
 
-/// exit(2) of one application thread: its proxy worker goes too.
+/// exit(2) of one application thread. Its slot (and the proxy worker,
+/// which stays, idle, for the slot's next thread) is free again.
 pub fn exit(code: u64) -> ! {
     let slot = current_slot();
-    delegate::call(REQ_WORKER_EXIT, [0; 6]);
     SLOTS.threads[slot].tid.store(0, Relaxed);
     free_slot(slot);
     exit_thread(code as i32)

@@ -14,11 +14,10 @@ use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
 use lwk_abi::control::{
     Channel, Control, MapOp, CH_DONE, CH_REQUEST, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, REQ_NEW_WORKER, REQ_SYNC,
-    REQ_WORKER_EXIT, SRC_APP_FD, SRC_APP_FD_PRIVATE, SRC_LWK_FD_PRIVATE,
+    SRC_APP_FD, SRC_APP_FD_PRIVATE, SRC_LWK_FD_PRIVATE,
 };
 use lwk_abi::layout::CONTROL_ADDR;
 use lwk_rt::nr;
-use lwk_rt::thread::exit_thread;
 use lwk_rt::*;
 
 mod guard;
@@ -106,7 +105,6 @@ fn serve(slot: usize) -> ! {
         let ret = match nr {
             REQ_SYNC => 0,
             REQ_NEW_WORKER => workers::spawn(a[0] as usize),
-            REQ_WORKER_EXIT => 0,
             // SAFETY: the generic path: the application's own call with its
             // raw arguments, in a process whose only user memory below
             // APP_END is the application's, and whose own memory is locked
@@ -117,9 +115,6 @@ fn serve(slot: usize) -> ! {
         ch.state.store(CH_DONE, SeqCst);
         if ch.client_sleeping.load(SeqCst) != 0 {
             futex_wake(&ch.state, 1);
-        }
-        if nr == REQ_WORKER_EXIT {
-            exit_thread(0);
         }
     }
 }

@@ -1,8 +1,10 @@
-//! Proxy workers: one thread per application thread, each serving that
-//! thread's channel, so a call blocked for one thread blocks no other.
-//! They share the proxy's address space and its fd table (the
-//! application's); each has its own stack in protected memory and its own
-//! alternate signal stack.
+//! Proxy workers: one thread per application thread slot, each serving
+//! that slot's channel, so a call blocked for one thread blocks no other.
+//! A worker outlives its application thread and serves the slot's next one
+//! (starting a thread is most of the cost of creating one under lwk). They
+//! share the proxy's address space and its fd table (the application's);
+//! each has its own stack in protected memory and its own alternate signal
+//! stack.
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
@@ -16,8 +18,8 @@ const STACK_SIZE: u64 = 128 << 10;
 struct Worker {
     /// Top of this slot's stack, mapped on first use and kept for reuse.
     stack_top: AtomicU64,
-    /// The worker's tid while it runs; the kernel clears it (and wakes the
-    /// futex) when the thread is gone, so the stack can be reused.
+    /// The worker's tid while it runs (set and, should it ever end,
+    /// cleared by the kernel).
     tid: UnsafeCell<AtomicU32>,
 }
 
@@ -35,13 +37,9 @@ pub fn spawn(slot: usize) -> i64 {
     let w = &WORKERS[slot];
     // SAFETY: only read atomically.
     let tid = unsafe { &*w.tid.get() };
-    // A previous worker of this slot may still be leaving its stack.
-    loop {
-        let t = tid.load(Acquire);
-        if t == 0 {
-            break;
-        }
-        futex_wait(tid, t);
+    let running = tid.load(Acquire);
+    if running != 0 {
+        return running as i64;
     }
     let mut top = w.stack_top.load(Relaxed);
     if top == 0 {
@@ -59,7 +57,7 @@ pub fn spawn(slot: usize) -> i64 {
         | CLONE_SYSVSEM
         | CLONE_CHILD_SETTID
         | CLONE_CHILD_CLEARTID;
-    // SAFETY: the slot's stack is unused (its last worker is gone).
+    // SAFETY: the slot's stack is unused: no worker runs for this slot.
     unsafe { lwk_rt::thread::spawn(flags, top, 0, tid.as_ptr() as u64, 0, worker_main, slot as u64) }
 }
 
