@@ -18,6 +18,9 @@ pub const REQ_SYNC: u64 = 0x1_0000;
 /// Make sure a proxy worker serves channel args[0] (a new application
 /// thread). Workers outlive their threads and serve the slot's next one.
 pub const REQ_NEW_WORKER: u64 = 0x1_0001;
+/// The application's image was replaced (execve): drop every mirrored
+/// mapping and close the application's close-on-exec descriptors.
+pub const REQ_EXEC_RESET: u64 = 0x1_0002;
 
 /// One channel, and one proxy worker, per application thread.
 pub const MAX_CHANNELS: usize = 256;
@@ -42,6 +45,8 @@ pub struct Header {
     pub parent_pid: AtomicI32,
     /// `lwk run` itself: both children die with it.
     pub supervisor_pid: AtomicI32,
+    /// The signal mask the application had when it called execve.
+    pub exec_sigmask: AtomicU64,
     /// The memfds backing application memory, as fd numbers in the
     /// application process: [4 KiB pages, 2 MiB pages]; -1 when absent.
     pub memfd: [AtomicI32; 2],

@@ -254,7 +254,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let t0 = Instant::now();
     let tsc0 = rdtsc();
     let mut proxy = spawn(&kernel, OsStr::new("lwk-proxy"), "proxy", ctl_fd.as_raw_fd(), &[])?;
-    let mut app_args: Vec<&OsStr> = vec![path.as_os_str(), prog.as_os_str()];
+    let mut app_args: Vec<&OsStr> = vec![OsStr::new("-"), path.as_os_str(), prog.as_os_str()];
     app_args.extend(rest.iter().map(|s| s.as_os_str()));
     let app = match spawn(&kernel, prog, "app", ctl_fd.as_raw_fd(), &app_args) {
         Ok(c) => c,

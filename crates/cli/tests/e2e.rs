@@ -1028,8 +1028,8 @@ fn delegation_channel_survives_sleeping_sides() {
     }
 }
 
-/// fork and execve come later; until then each attempt fails with ENOSYS,
-/// and the LWK names the call on stderr.
+/// fork comes later; until then it fails with ENOSYS, and the LWK names
+/// the call on stderr.
 #[test]
 fn process_creation_fails_clearly_with_enosys() {
     for link in [Link::Static, Link::Pie] {
@@ -1037,10 +1037,10 @@ fn process_creation_fails_clearly_with_enosys() {
         assert_exit_code(&o, 0);
         let out = String::from_utf8_lossy(&o.stdout);
         let err = String::from_utf8_lossy(&o.stderr);
-        for line in ["fork -> -1 ENOSYS", "execv -> -1 ENOSYS"] {
+        for line in ["fork -> -1 ENOSYS"] {
             assert!(has_line(&out, line), "missing {line:?} in:\n{out}");
         }
-        for call in ["clone", "execve"] {
+        for call in ["clone"] {
             let msg = format!("lwk: {call} is not supported yet");
             assert!(err.lines().any(|l| l.starts_with(&msg)), "no {msg:?} on stderr:\n{err}");
         }
@@ -1089,4 +1089,55 @@ fn gnu_sort_with_threads_matches_native() {
     }
     std::fs::write(&input, text).unwrap();
     compare(&["sort", "--parallel=4", "-S", "64M", path_str(&input)], None);
+}
+
+// ---------------------------------------------------------------------------
+// execve
+// ---------------------------------------------------------------------------
+
+#[test]
+fn execve_keeps_fds_but_closes_close_on_exec_ones() {
+    let dir = tempdir();
+    let file = dir.path().join("data");
+    std::fs::write(&file, "xyz").unwrap();
+    for link in [Link::Static, Link::Pie] {
+        let o = compare(&[&program("exec", link), "fds", path_str(&file)], None);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(has_line(&out, "close-on-exec fd closed") && has_line(&out, "kept fd reads 'y' at offset 1"), "{out}");
+    }
+}
+
+#[test]
+fn execve_keeps_the_signal_mask() {
+    let o = compare(&[&program("exec", Link::Pie), "mask"], None);
+    assert!(has_line(&String::from_utf8_lossy(&o.stdout), "SIGUSR1 blocked, SIGUSR2 not blocked after exec"));
+}
+
+#[test]
+fn failing_execve_returns_the_native_errors_and_the_program_goes_on() {
+    let dir = tempdir();
+    std::fs::write(dir.path().join("not-executable"), "#!/bin/sh\n").unwrap();
+    std::fs::write(dir.path().join("not-elf"), "just text\n").unwrap();
+    std::fs::set_permissions(dir.path().join("not-elf"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir(dir.path().join("directory")).unwrap();
+    let o = compare(&[&program("exec", Link::Static), "errors", path_str(dir.path())], None);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(has_line(&out, "still running"), "{out}");
+    assert!(out.contains("missing                      -> -1 ENOENT"), "{out}");
+}
+
+#[test]
+fn execve_of_a_relative_path_follows_the_applications_cwd() {
+    let dir = tempdir();
+    std::fs::copy(program("exec", Link::Pie), dir.path().join("prog")).unwrap();
+    let o = compare(&[&program("exec", Link::Pie), "relative", path_str(dir.path())], None);
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("running as ./prog"));
+}
+
+#[test]
+fn execve_of_scripts_and_programs_through_env_and_sh() {
+    compare(&["/usr/bin/env", "echo", "through", "env"], None);
+    compare(&["/bin/sh", "-c", "exec ls -d /usr /nonexistent"], None);
+    compare(&[&program("exec", Link::Static), "argv0"], None);
+    compare(&["/usr/bin/python3", "-c", "import os; os.execv('/bin/echo', ['echo', 'from', 'python'])"], None);
 }

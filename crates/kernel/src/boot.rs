@@ -82,13 +82,13 @@ pub fn parse_int(s: &[u8]) -> Option<i64> {
     Some(v)
 }
 
-/// Map the control region from `fd` at its fixed address, then close `fd`.
+/// Map the control region from `fd` at its fixed address. The descriptor
+/// stays open (privately, in this process) for execve.
 pub fn map_control(fd: i32) -> Result<(), &'static str> {
     // SAFETY: CONTROL_ADDR is reserved for it and nothing is there yet.
     let r = unsafe {
         mmap(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED_NOREPLACE, fd, 0)
     };
-    close(fd);
     if r < 0 {
         return Err("cannot map the control region");
     }
@@ -145,30 +145,55 @@ struct Argv<'a> {
     rest: usize,
 }
 
-/// Entry of the application process: `lwk-kernel app CTLFD PATH ARGV0 ARGS...`.
+/// The LWK's own descriptors in the application process (the control
+/// region and a copy of the original stderr), kept across execve.
+pub static CTL_FD: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(-1);
+
+/// Entry of the application process:
+/// `lwk-kernel app|exec CTLFD DIAGFD|- PATH ARGV0 ARGS...`. `app` is the
+/// start by `lwk run` (DIAGFD `-`: stderr is copied); `exec` is the LWK
+/// starting again in the same process for the application's execve.
 pub fn app_main(st: &Startup) -> ! {
-    if st.argc < 5 {
+    if st.argc < 6 {
         lwk_rt::diag!("lwk-kernel is started by `lwk run`, not by hand");
         exit_group(2);
     }
+    let exec = st.arg(1) == b"exec";
     let ctl = parse_int(st.arg(2)).unwrap_or(-1) as i32;
     if let Err(e) = map_control(ctl) {
         lwk_rt::diag!("{}", e);
         exit_group(125);
     }
+    CTL_FD.store(ctl, Relaxed);
     // The application's descriptors live in the proxy. Keep one private
-    // copy of stderr for the LWK's own messages and close the rest, so
-    // this process holds no pipe ends or files open behind the proxy.
+    // copy of stderr for the LWK's own messages and the control region's,
+    // and close the rest, so this process holds no pipe ends or files open
+    // behind the proxy.
     // SAFETY: descriptor calls on our own table.
     unsafe {
-        let diag = syscall3(nr::FCNTL, 2, F_DUPFD_CLOEXEC, 100);
-        if diag >= 0 {
-            lwk_rt::out::DIAG_FD.store(diag as i32, Relaxed);
-            syscall3(nr::CLOSE_RANGE, 0, diag as u64 - 1, 0);
-            syscall3(nr::CLOSE_RANGE, diag as u64 + 1, !0u32 as u64, 0);
+        let diag = match parse_int(st.arg(3)) {
+            Some(fd) => fd,
+            None => syscall3(nr::FCNTL, 2, 0 /* F_DUPFD */, 100),
+        };
+        lwk_rt::out::DIAG_FD.store(diag as i32, Relaxed);
+        let (lo, hi) = if (diag as i32) < ctl { (diag as u64, ctl as u64) } else { (ctl as u64, diag as u64) };
+        if lo > 0 {
+            syscall3(nr::CLOSE_RANGE, 0, lo - 1, 0);
         }
+        if hi > lo + 1 {
+            syscall3(nr::CLOSE_RANGE, lo + 1, hi - 1, 0);
+        }
+        syscall3(nr::CLOSE_RANGE, hi + 1, !0u32 as u64, 0);
     }
     crate::thread::init_main();
+    if exec {
+        // The proxy drops the old image's memory and close-on-exec files.
+        let r = delegate::call(lwk_abi::control::REQ_EXEC_RESET, [0; 6]);
+        if r < 0 {
+            lwk_rt::diag!("the proxy could not reset for execve: {}", errno_text(r));
+            exit_group(125);
+        }
+    }
     let h = &control().header;
     h.app_pid.store(getpid(), Release);
     if let Err(why) = crate::guard::protect() {
@@ -192,9 +217,9 @@ pub fn app_main(st: &Startup) -> ! {
         MM.lock().note_fallback();
     }
 
-    let mut argv = Argv { prefix: [&[]; MAX_PREFIX], n: 1, rest: 5 };
-    argv.prefix[0] = st.arg(4);
-    let execfn = st.arg(3);
+    let mut argv = Argv { prefix: [&[]; MAX_PREFIX], n: 1, rest: 6 };
+    argv.prefix[0] = st.arg(5);
+    let execfn = st.arg(4);
     let mut path: &[u8] = execfn;
     let mut bufs = [[0u8; 258]; MAX_SHEBANG];
     let mut free_bufs = bufs.iter_mut();
@@ -274,6 +299,12 @@ pub fn app_main(st: &Startup) -> ! {
     }
     control().stats.tsc_start.store(rdtsc(), Relaxed);
     h.started.store(1, Release);
+    if exec {
+        // execve keeps the signal mask the application had.
+        let mask = h.exec_sigmask.load(Relaxed);
+        // SAFETY: mask is our own word.
+        unsafe { syscall6(nr::RT_SIGPROCMASK, 2, &mask as *const u64 as u64, 0, 8, 0, 0) };
+    }
     // SAFETY: entry and sp describe a fully loaded program and its stack.
     unsafe { jump(sp, entry, crate::guard::app_pkru()) }
 }

@@ -11,6 +11,7 @@
 pub mod boot;
 pub mod delegate;
 pub mod elf;
+pub mod exec;
 pub mod guard;
 pub mod mm;
 pub mod signal;

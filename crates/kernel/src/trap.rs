@@ -196,6 +196,8 @@ fn dispatch(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
             }
             local(passthrough(nr, a))
         }
+        nr::EXECVE => local(crate::exec::execve(a[0], a[1], a[2], uc)),
+        nr::EXECVEAT => local(crate::exec::execveat(a[0], a[1], a[2], a[3], a[4], uc)),
         nr::CLONE => match thread::clone(a[0], a[1], a[2], a[3], a[4], uc) {
             Some(r) => local(r),
             None => local(unsupported(nr, "new processes come with fork and exec support")),

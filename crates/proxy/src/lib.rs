@@ -13,8 +13,8 @@ use core::sync::atomic::AtomicBool;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
 use lwk_abi::control::{
-    Channel, Control, MapOp, CH_DONE, CH_REQUEST, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, REQ_NEW_WORKER, REQ_SYNC,
-    SRC_APP_FD, SRC_APP_FD_PRIVATE, SRC_LWK_FD_PRIVATE,
+    Channel, Control, MapOp, CH_DONE, CH_REQUEST, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, REQ_EXEC_RESET,
+    REQ_NEW_WORKER, REQ_SYNC, SRC_APP_FD, SRC_APP_FD_PRIVATE, SRC_LWK_FD_PRIVATE,
 };
 use lwk_abi::layout::CONTROL_ADDR;
 use lwk_rt::nr;
@@ -105,6 +105,7 @@ fn serve(slot: usize) -> ! {
         let ret = match nr {
             REQ_SYNC => 0,
             REQ_NEW_WORKER => workers::spawn(a[0] as usize),
+            REQ_EXEC_RESET => exec_reset(),
             // SAFETY: the generic path: the application's own call with its
             // raw arguments, in a process whose only user memory below
             // APP_END is the application's, and whose own memory is locked
@@ -133,6 +134,51 @@ fn wait_request(ch: &Channel, spin: u64) {
             }
             ch.server_sleeping.store(0, Relaxed);
             wait.restart();
+        }
+    }
+}
+
+/// The application ran execve: its old memory is gone, and so are its
+/// close-on-exec descriptors, which live here.
+fn exec_reset() -> i64 {
+    use lwk_abi::layout::{APP_END, APP_START};
+    // SAFETY: the application's range holds nothing of the proxy's own.
+    let r = unsafe { munmap(APP_START, APP_END - APP_START) };
+    if r < 0 {
+        return r;
+    }
+    close_cloexec_fds()
+}
+
+/// Close every descriptor marked close-on-exec, found in /proc/self/fd.
+fn close_cloexec_fds() -> i64 {
+    const FD_CLOEXEC: i64 = 1;
+    let dir = open(b"/proc/self/fd\0", O_RDONLY | O_CLOEXEC | 0o200000 /* O_DIRECTORY */, 0);
+    if dir < 0 {
+        return dir;
+    }
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: buf is ours.
+        let n = unsafe { syscall3(nr::GETDENTS64, dir as u64, buf.as_mut_ptr() as u64, buf.len() as u64) };
+        if n <= 0 {
+            close(dir as i32);
+            return n.min(0);
+        }
+        let mut at = 0usize;
+        while at < n as usize {
+            // linux_dirent64: ino u64, off i64, reclen u16, type u8, name.
+            let reclen = u16::from_le_bytes([buf[at + 16], buf[at + 17]]) as usize;
+            let name = &buf[at + 19..at + reclen];
+            let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
+            if let Some(fd) = lwk_rt::out::parse_u64(name) {
+                let fd = fd as i32;
+                // SAFETY: querying and closing descriptors of our own table.
+                if fd != dir as i32 && unsafe { syscall3(nr::FCNTL, fd as u64, F_GETFD, 0) } & FD_CLOEXEC != 0 {
+                    close(fd);
+                }
+            }
+            at += reclen;
         }
     }
 }

@@ -67,3 +67,5 @@ pub const RT_SIGSUSPEND: u64 = 130;
 pub const RT_SIGTIMEDWAIT: u64 = 128;
 pub const GETRANDOM: u64 = 318;
 pub const RT_SIGPENDING: u64 = 127;
+pub const GETDENTS64: u64 = 217;
+pub const CHDIR: u64 = 80;

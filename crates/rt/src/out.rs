@@ -76,3 +76,14 @@ pub fn proc_fd_path(buf: &mut [u8; 64], pid: i32, fd: i32) -> usize {
     }
     n
 }
+
+/// A decimal number, all digits.
+pub fn parse_u64(s: &[u8]) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    s.iter().try_fold(
+        0u64,
+        |v, &c| if c.is_ascii_digit() { v.checked_mul(10)?.checked_add((c - b'0') as u64) } else { None },
+    )
+}

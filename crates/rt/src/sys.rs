@@ -185,6 +185,7 @@ pub const ENOTTY: i64 = 25;
 pub const ESPIPE: i64 = 29;
 pub const EPIPE: i64 = 32;
 pub const ENOSYS: i64 = 38;
+pub const ENAMETOOLONG: i64 = 36;
 pub const ELOOP: i64 = 40;
 pub const EOVERFLOW: i64 = 75;
 pub const ELIBBAD: i64 = 80;

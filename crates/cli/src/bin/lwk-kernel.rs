@@ -19,7 +19,7 @@ pub unsafe extern "C" fn lwk_entry(sp: *const u64) -> ! {
     // SAFETY: sp is the initial stack pointer.
     let st = unsafe { Startup::parse(sp) };
     match (st.argc > 2).then(|| st.arg(1)) {
-        Some(b"app") => boot::app_main(&st),
+        Some(b"app") | Some(b"exec") => boot::app_main(&st),
         Some(b"proxy") => {
             let fd = boot::parse_int(st.arg(2)).unwrap_or(-1) as i32;
             if let Err(e) = boot::map_control(fd) {

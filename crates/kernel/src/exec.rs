@@ -1,0 +1,178 @@
+//! execve: the LWK starts again, in the same process (same pid, same
+//! proxy, same file descriptors), with the new program. It checks what the
+//! kernel would refuse first, so that a failing execve returns its error to
+//! the application instead of ending the process.
+
+use core::sync::atomic::Ordering::Relaxed;
+
+use lwk_rt::nr;
+use lwk_rt::*;
+
+use crate::boot::CTL_FD;
+use crate::mm::MM;
+use crate::sync::SpinLock;
+use crate::trap::UContext;
+use crate::{control, delegate, elf};
+
+const MAX_ARGS: usize = 1 << 16;
+const PATH_MAX: usize = 4096;
+
+/// The new image's argv: built here, read by the kernel's execve.
+struct ExecArgs {
+    argv: [u64; MAX_ARGS + 8],
+    path: [u8; PATH_MAX],
+    numbers: [[u8; 24]; 2],
+}
+
+static ARGS: SpinLock<ExecArgs> =
+    SpinLock::new(ExecArgs { argv: [0; MAX_ARGS + 8], path: [0; PATH_MAX], numbers: [[0; 24]; 2] });
+
+/// Copy a NUL-terminated string of the application into `buf` (with its
+/// NUL), checking each page is readable. Returns its length.
+fn read_cstr(addr: u64, buf: &mut [u8]) -> Result<usize, i64> {
+    let mm = MM.lock();
+    let mut i = 0;
+    while i < buf.len() {
+        let a = addr.checked_add(i as u64).ok_or(-EFAULT)?;
+        let page_left = (4096 - (a & 4095)) as usize;
+        let chunk = page_left.min(buf.len() - i);
+        if !mm.accessible(a, 1, false) {
+            return Err(-EFAULT);
+        }
+        // SAFETY: the page holding [a, a+chunk) is readable application memory.
+        let src = unsafe { core::slice::from_raw_parts(a as *const u8, chunk) };
+        if let Some(z) = src.iter().position(|&c| c == 0) {
+            buf[i..i + z + 1].copy_from_slice(&src[..z + 1]);
+            return Ok(i + z);
+        }
+        buf[i..i + chunk].copy_from_slice(src);
+        i += chunk;
+    }
+    Err(-ENAMETOOLONG)
+}
+
+fn read_ptr(addr: u64) -> Result<u64, i64> {
+    if !MM.lock().accessible(addr, 8, false) {
+        return Err(-EFAULT);
+    }
+    // SAFETY: 8 readable bytes of application memory.
+    Ok(unsafe { core::ptr::read_unaligned(addr as *const u64) })
+}
+
+/// Make this process's working directory the application's (which lives
+/// in the proxy), so relative paths mean the same here.
+fn follow_cwd() -> Result<(), i64> {
+    // On the application's stack (this handler runs there), which the
+    // proxy sees, so the delegated getcwd can fill it.
+    let mut cwd = [0u8; PATH_MAX];
+    let r = delegate::call(nr::GETCWD, [cwd.as_mut_ptr() as u64, cwd.len() as u64, 0, 0, 0, 0]);
+    if r < 0 {
+        return Err(r);
+    }
+    // SAFETY: cwd is NUL-terminated by getcwd.
+    let r = unsafe { syscall3(nr::CHDIR, cwd.as_ptr() as u64, 0, 0) };
+    if r < 0 {
+        Err(r)
+    } else {
+        Ok(())
+    }
+}
+
+/// What execve would say about `path` (NUL-terminated), checked here.
+fn check(path: &[u8]) -> Result<(), i64> {
+    const X_OK: u64 = 1;
+    // SAFETY: path is NUL-terminated.
+    let r = unsafe { syscall6(nr::FACCESSAT, (-100i64) as u64, path.as_ptr() as u64, X_OK, 0, 0, 0) };
+    if r < 0 {
+        return Err(r);
+    }
+    let fd = open(path, O_RDONLY | O_CLOEXEC, 0);
+    if fd < 0 {
+        return Err(fd);
+    }
+    let mut h = [0u8; 64];
+    let n = pread(fd as i32, &mut h, 0);
+    close(fd as i32);
+    if n == -EISDIR {
+        return Err(-EACCES);
+    }
+    if n >= 2 && &h[..2] == b"#!" {
+        return Ok(());
+    }
+    if n < 64 {
+        return Err(if n < 0 { n } else { -ENOEXEC });
+    }
+    elf::check_header(&h).map(|_| ()).map_err(|e| e.errno)
+}
+
+pub fn execveat(dirfd: u64, path: u64, argv: u64, envp: u64, flags: u64, uc: &UContext) -> i64 {
+    const AT_FDCWD: i32 = -100;
+    let mut first = [0u8; 2];
+    if read_cstr(path, &mut first).is_ok_and(|n| n > 0) && first[0] != b'/' && dirfd as i32 != AT_FDCWD || flags != 0 {
+        lwk_rt::diag!("execveat relative to a descriptor or with flags is not supported yet: returning ENOSYS");
+        return -ENOSYS;
+    }
+    execve(path, argv, envp, uc)
+}
+
+pub fn execve(path: u64, argv: u64, envp: u64, uc: &UContext) -> i64 {
+    let mut args = ARGS.lock();
+    let a = &mut *args;
+    let len = match read_cstr(path, &mut a.path) {
+        Ok(0) => return -ENOENT,
+        Ok(n) => n,
+        Err(e) => return e,
+    };
+    if let Err(e) = follow_cwd() {
+        return e;
+    }
+    if let Err(e) = check(&a.path[..=len]) {
+        return e;
+    }
+    // argv of the image: NAME exec CTLFD DIAGFD PATH ARGV0 ARGS...
+    let mut app_argc = 0;
+    if argv != 0 {
+        loop {
+            if app_argc == MAX_ARGS {
+                return -E2BIG;
+            }
+            match read_ptr(argv + 8 * app_argc as u64) {
+                Ok(0) => break,
+                Ok(p) => a.argv[5 + app_argc] = p,
+                Err(e) => return e,
+            }
+            app_argc += 1;
+        }
+    }
+    let fmt = |buf: &mut [u8; 24], v: u64| {
+        let mut d = [0u8; 20];
+        let s = lwk_rt::out::fmt_u64(&mut d, v);
+        buf[..s.len()].copy_from_slice(s);
+        buf[s.len()] = 0;
+    };
+    fmt(&mut a.numbers[0], CTL_FD.load(Relaxed) as u64);
+    fmt(&mut a.numbers[1], lwk_rt::out::DIAG_FD.load(Relaxed) as u64);
+    let empty = b"\0";
+    if app_argc == 0 {
+        // Linux gives a program started with no argv an empty argv[0].
+        a.argv[5] = empty.as_ptr() as u64;
+        app_argc = 1;
+    }
+    a.argv[0] = a.argv[5];
+    a.argv[1] = b"exec\0".as_ptr() as u64;
+    a.argv[2] = a.numbers[0].as_ptr() as u64;
+    a.argv[3] = a.numbers[1].as_ptr() as u64;
+    a.argv[4] = a.path.as_ptr() as u64;
+    a.argv[5 + app_argc] = 0;
+    // The new image restores the mask the application had; the proxy must
+    // have mirrored everything before this address space goes away.
+    control().header.exec_sigmask.store(uc.sigmask, Relaxed);
+    delegate::sync();
+    let s = &control().stats;
+    s.local[nr::EXECVE as usize].add(0);
+    // SAFETY: argv and its strings stay valid until the kernel has copied
+    // them; envp is the application's, checked by the kernel.
+    let r = unsafe { syscall3(nr::EXECVE, b"/proc/self/exe\0".as_ptr() as u64, a.argv.as_ptr() as u64, envp) };
+    // Only reached on failure (E2BIG, ENOMEM...): this process goes on.
+    r
+}
