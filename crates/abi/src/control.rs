@@ -21,6 +21,10 @@ pub const REQ_NEW_WORKER: u64 = 0x1_0001;
 /// The application's image was replaced (execve): drop every mirrored
 /// mapping and close the application's close-on-exec descriptors.
 pub const REQ_EXEC_RESET: u64 = 0x1_0002;
+/// The application forks: fork the proxy too, and let the child proxy take
+/// the control region args[0], a descriptor of application process args[1].
+/// Answers the child proxy's pid.
+pub const REQ_FORK: u64 = 0x1_0003;
 
 /// One channel, and one proxy worker, per application thread.
 pub const MAX_CHANNELS: usize = 256;
@@ -47,6 +51,9 @@ pub struct Header {
     pub supervisor_pid: AtomicI32,
     /// The signal mask the application had when it called execve.
     pub exec_sigmask: AtomicU64,
+    /// A child's control region: 0 while the child copies its memory, 1 when
+    /// done, 2 when it failed. The parent waits on it.
+    pub fork_state: AtomicU32,
     /// The memfds backing application memory, as fd numbers in the
     /// application process: [4 KiB pages, 2 MiB pages]; -1 when absent.
     pub memfd: [AtomicI32; 2],

@@ -337,7 +337,9 @@ fn wait_both(app: &Child, proxy: &mut Child) -> Result<Outcome> {
             unsafe { libc::kill(proxy_pid, libc::SIGKILL) };
         } else if pid == proxy_pid {
             proxy_alive = false;
-            if app_status.is_none() {
+            // The proxy ends itself when the application ends; only a proxy
+            // gone while the application still runs is a failure.
+            if app_status.is_none() && !has_terminated(app_pid) {
                 proxy_failure = Some(match decode(status) {
                     ExitStatus::Code(c) => format!("exited with status {c}"),
                     ExitStatus::Signal(s) => format!("killed by signal {s}"),
@@ -348,6 +350,16 @@ fn wait_both(app: &Child, proxy: &mut Child) -> Result<Outcome> {
         }
     }
     Ok(Outcome { status: app_status.unwrap_or(ExitStatus::Code(125)), proxy_failure })
+}
+
+/// Has `pid` (our child) terminated? Leaves it to be reaped.
+fn has_terminated(pid: i32) -> bool {
+    // SAFETY: waitid with WNOWAIT only looks; info is ours.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT);
+        r == 0 && info.si_pid() != 0
+    }
 }
 
 /// Die of the same signal as the application, so the calling shell sees

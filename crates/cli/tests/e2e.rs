@@ -1028,23 +1028,22 @@ fn delegation_channel_survives_sleeping_sides() {
     }
 }
 
-/// fork comes later; until then it fails with ENOSYS, and the LWK names
-/// the call on stderr.
 #[test]
-fn process_creation_fails_clearly_with_enosys() {
+fn fork_gives_the_child_its_own_memory_and_the_parent_its_status() {
     for link in [Link::Static, Link::Pie] {
-        let o = run_lwk(&[&program("unsupported", link)], &Setup::default());
-        assert_exit_code(&o, 0);
+        let o = compare(&[&program("fork", link)], None);
         let out = String::from_utf8_lossy(&o.stdout);
-        let err = String::from_utf8_lossy(&o.stderr);
-        for line in ["fork -> -1 ENOSYS"] {
-            assert!(has_line(&out, line), "missing {line:?} in:\n{out}");
-        }
-        for call in ["clone"] {
-            let msg = format!("lwk: {call} is not supported yet");
-            assert!(err.lines().any(|l| l.starts_with(&msg)), "no {msg:?} on stderr:\n{err}");
-        }
+        assert!(has_line(&out, "parent g=5 heap=parent data child exit=3"), "{out}");
     }
+}
+
+#[test]
+fn shells_pipelines_and_subprocesses_match_native() {
+    compare(&["bash", "-c", "ls / | wc -l; echo x | cat; (echo sub) ; /bin/echo done"], None);
+    compare(&["/bin/sh", "-c", "for i in 1 2 3; do echo $i; done | sort -r | head -2"], None);
+    let py = "import subprocess; print(subprocess.run(['echo', 'hi'], capture_output=True).stdout); \
+              print(subprocess.check_output('ls /usr | head -3', shell=True))";
+    compare(&["/usr/bin/python3", "-c", py], None);
 }
 
 // ---------------------------------------------------------------------------

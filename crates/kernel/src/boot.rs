@@ -92,12 +92,16 @@ pub fn map_control(fd: i32) -> Result<(), &'static str> {
     if r < 0 {
         return Err("cannot map the control region");
     }
-    let h = &control().header;
-    if h.magic.load(Relaxed) != CONTROL_MAGIC {
+    if control().header.magic.load(Relaxed) != CONTROL_MAGIC {
         return Err("control region has the wrong magic (lwk and lwk-kernel from different builds?)");
     }
-    // Die with the supervisor, whatever kills it; if it is already gone,
-    // go now.
+    Ok(())
+}
+
+/// Die with the supervisor, whatever kills it; if it is already gone, go
+/// now.
+fn die_with_supervisor() -> Result<(), &'static str> {
+    let h = &control().header;
     const PR_SET_PDEATHSIG: u64 = 1;
     const SIGKILL: u64 = 9;
     // SAFETY: plain prctl and getppid.
@@ -160,7 +164,10 @@ pub fn app_main(st: &Startup) -> ! {
     }
     let exec = st.arg(1) == b"exec";
     let ctl = parse_int(st.arg(2)).unwrap_or(-1) as i32;
-    if let Err(e) = map_control(ctl) {
+    // The first application process dies with `lwk run` (the setting
+    // survives its execs; its forked children are the application's own and
+    // outlive it as natively).
+    if let Err(e) = map_control(ctl).and_then(|()| if exec { Ok(()) } else { die_with_supervisor() }) {
         lwk_rt::diag!("{}", e);
         exit_group(125);
     }

@@ -84,6 +84,13 @@ pub fn protect() -> Result<(), &'static str> {
     Ok(())
 }
 
+/// After a fork the control region is a new mapping: tag it too.
+pub fn retag_control() {
+    if ON.load(Relaxed) {
+        pkey::mprotect(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, LWK_KEY as u64);
+    }
+}
+
 /// The SIGSYS handler to install: the stub when protection is on.
 pub fn sigsys_entry(plain: u64) -> u64 {
     if ON.load(Relaxed) {

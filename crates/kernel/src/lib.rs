@@ -12,6 +12,7 @@ pub mod boot;
 pub mod delegate;
 pub mod elf;
 pub mod exec;
+pub mod fork;
 pub mod guard;
 pub mod mm;
 pub mod signal;

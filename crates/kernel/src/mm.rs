@@ -175,7 +175,12 @@ impl Mm {
         self.verbose = verbose;
         self.prefault_all = prefault_all;
         self.require_huge = require_huge;
+        self.create_memfds(huge)
+    }
+
+    fn create_memfds(&mut self, huge: bool) -> Result<(), i64> {
         self.memfd = [-1, -1];
+        self.huge_ok = false;
         // SAFETY: the name is NUL-terminated.
         let fd = unsafe { syscall3(nr::MEMFD_CREATE, b"lwk-mem\0".as_ptr() as u64, MFD_CLOEXEC, 0) };
         if fd < 0 {
@@ -906,6 +911,71 @@ impl Mm {
         }
     }
 
+    /// In the child of a fork: the memory is still the parent's (the memfds
+    /// are shared); give every piece of LWK memory a private copy in new
+    /// memfds, at the same address, and have the (new) proxy mirror it.
+    /// The parent waits meanwhile, so its memory does not change under the
+    /// copy (its other threads excepted: see the README).
+    pub fn fork_copy(&mut self) -> Result<(), i64> {
+        let old = self.memfd;
+        let huge = old[1] >= 0;
+        self.create_memfds(huge)?;
+        for i in 0..self.n {
+            let p = self.pieces[i];
+            if !p.is_memfd() {
+                continue; // files: the kernel's fork already did the right thing
+            }
+            let len = p.len();
+            let mut src = p.src;
+            let off = match self.extents[src as usize].alloc(len) {
+                Some(o) if src == SRC_MEMFD_SMALL || self.huge_ok => o,
+                _ => {
+                    src = SRC_MEMFD_SMALL;
+                    self.extents[0].alloc(len).ok_or(-ENOMEM)?
+                }
+            };
+            let k = src as usize;
+            // SAFETY: the scratch window is the LWK's own; the old extent is
+            // read through its memfd, so the piece's protection does not
+            // matter; both scratch mappings go before the next piece.
+            unsafe {
+                let from = mmap(SCRATCH_ADDR, len, PROT_READ, MAP_SHARED | MAP_FIXED, old[p.src as usize], p.off);
+                let to_at = SCRATCH_ADDR + huge_up(len);
+                let to = mmap(to_at, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, self.memfd[k], off);
+                if from < 0 || to < 0 {
+                    munmap(SCRATCH_ADDR, huge_up(len) + len);
+                    return Err(if from < 0 { from } else { to });
+                }
+                copy_data(old[p.src as usize], p.off, len, SCRATCH_ADDR, to_at);
+                munmap(SCRATCH_ADDR, huge_up(len) + len);
+                let q = Piece { src, off, ..p };
+                let r =
+                    mmap(p.start, len, p.prot as u64, MAP_SHARED | MAP_FIXED | self.populate(&q), self.memfd[k], off);
+                if r < 0 {
+                    return Err(r);
+                }
+            }
+            self.pieces[i].src = src;
+            self.pieces[i].off = off;
+            control().stats.add_memory(len, src == SRC_MEMFD_HUGE);
+            push(MapOp {
+                kind: OP_MAP,
+                prot: p.prot,
+                addr: p.start,
+                len,
+                source: src,
+                fd: -1,
+                offset: self.pieces[i].off,
+            });
+        }
+        for fd in old {
+            if fd >= 0 {
+                close(fd);
+            }
+        }
+        Ok(())
+    }
+
     /// Set the start of the heap (end of the program's image).
     pub fn set_brk_start(&mut self, at: u64) {
         self.brk_start = page_up(at);
@@ -975,6 +1045,54 @@ impl Mm {
 
     pub fn pieces(&self) -> &[Piece] {
         &self.pieces[..self.n]
+    }
+}
+
+/// Copy the bytes of memfd range [off, off+len) from `from` to `to` (both
+/// mappings of `len` bytes), only where the file has data: holes are
+/// zero in the fresh destination already, and copying them would give the
+/// copy pages the original never had (arena reservations, stack tails).
+///
+/// # Safety
+/// `from` and `to` map `len` bytes, readable and writable respectively.
+unsafe fn copy_data(fd: i32, off: u64, len: u64, from: u64, to: u64) {
+    const SEEK_DATA: u64 = 3;
+    const SEEK_HOLE: u64 = 4;
+    let end = off + len;
+    let mut at = off;
+    while at < end {
+        // SAFETY: lseek on our own memfd.
+        let d = unsafe { syscall3(nr::LSEEK, fd as u64, at, SEEK_DATA) };
+        if d < 0 {
+            if d == -ENXIO {
+                return; // no data after `at`
+            }
+            // SEEK_DATA unsupported (hugetlbfs): copy everything.
+            // SAFETY: as documented.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    (from + (at - off)) as *const u8,
+                    (to + (at - off)) as *mut u8,
+                    (end - at) as usize,
+                )
+            };
+            return;
+        }
+        let d = (d as u64).min(end);
+        // SAFETY: as above.
+        let h = unsafe { syscall3(nr::LSEEK, fd as u64, d, SEEK_HOLE) };
+        let h = if h < 0 { end } else { (h as u64).min(end) };
+        if d < h {
+            // SAFETY: [d, h) is inside both mappings.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    (from + (d - off)) as *const u8,
+                    (to + (d - off)) as *mut u8,
+                    (h - d) as usize,
+                )
+            };
+        }
+        at = h.max(d + 1);
     }
 }
 

@@ -29,6 +29,13 @@ struct Saved {
 
 static SAVED: SpinLock<Saved> = SpinLock::new(Saved { sigsys: [0; 4], restorer: [(0, 0); 65] });
 
+/// # Safety
+/// Only in the single thread of a freshly forked child.
+pub unsafe fn force_unlock() {
+    // SAFETY: as documented.
+    unsafe { SAVED.force_unlock() };
+}
+
 fn read_app<const N: usize>(addr: u64) -> Result<[u64; N], i64> {
     if !MM.lock().accessible(addr, 8 * N as u64, false) {
         return Err(-EFAULT);

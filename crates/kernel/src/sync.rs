@@ -16,6 +16,15 @@ impl<T> SpinLock<T> {
         SpinLock { locked: AtomicBool::new(false), value: UnsafeCell::new(value) }
     }
 
+    /// In a child after fork, only the forking thread exists: a lock held
+    /// by another thread of the parent at that moment would never be freed.
+    ///
+    /// # Safety
+    /// Only in the single thread of a freshly forked child.
+    pub unsafe fn force_unlock(&self) {
+        self.locked.store(false, Ordering::Release);
+    }
+
     pub fn lock(&self) -> Guard<'_, T> {
         while self.locked.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             core::hint::spin_loop();

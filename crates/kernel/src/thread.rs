@@ -159,17 +159,30 @@ extern "C" fn thread_start(slot: u64) -> ! {
     }
     // SAFETY: written by the parent before clone, ours now.
     let start = unsafe { &*SLOTS.start[slot].get() };
-    enter(start)
+    enter(start, false)
 }
 
-/// Enter the application with `ctx` through rt_sigreturn.
-fn enter(ctx: &UContext) -> ! {
+/// In the child of a fork: only the forking thread exists, and it is the
+/// main thread (slot 0) of a new process.
+pub fn reset_for_fork() {
+    for w in &SLOTS.used {
+        w.store(0, SeqCst);
+    }
+    init_main();
+}
+
+/// Enter the application with `ctx` through rt_sigreturn: registers,
+/// signal mask and (with `keep_altstack`, as after fork) the alternate
+/// signal stack from `ctx`; fresh FPU state and the default PKRU.
+pub fn enter(ctx: &UContext, keep_altstack: bool) -> ! {
     const SS_DISABLE: u32 = 2;
     let mut uc = *ctx;
     uc.fpregs = 0; // fresh FPU state (and the default PKRU)
-    uc.ss_sp = 0;
-    uc.ss_flags = SS_DISABLE;
-    uc.ss_size = 0;
+    if !keep_altstack {
+        uc.ss_sp = 0;
+        uc.ss_flags = SS_DISABLE;
+        uc.ss_size = 0;
+    }
     // The frame goes below the new stack pointer, in application memory,
     // with room for the return-address word the kernel skips.
     let size = core::mem::size_of::<UContext>() as u64;

@@ -157,6 +157,7 @@ fn unsupported(nr: u64, why: &str) -> i64 {
 }
 
 const RLIMIT_NOFILE: u64 = 7;
+const CLONE_VM_VFORK: u64 = 0x100 | 0x4000;
 const SIGPIPE: u64 = 13;
 const MSG_NOSIGNAL: u64 = 0x4000;
 
@@ -200,12 +201,15 @@ fn dispatch(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
         nr::EXECVEAT => local(crate::exec::execveat(a[0], a[1], a[2], a[3], a[4], uc)),
         nr::CLONE => match thread::clone(a[0], a[1], a[2], a[3], a[4], uc) {
             Some(r) => local(r),
-            None => local(unsupported(nr, "new processes come with fork and exec support")),
+            None => local(crate::fork::fork(a[0], a[1], a[2], a[3], a[4], uc).unwrap_or(-ENOSYS)),
         },
-        nr::CLONE3 => match thread::clone3(a[0], a[1], uc) {
-            Some(r) => local(r),
-            None => local(unsupported(nr, "new processes come with fork and exec support")),
-        },
+        // clone3 for processes: glibc falls back to clone on ENOSYS.
+        nr::CLONE3 => local(thread::clone3(a[0], a[1], uc).unwrap_or(-ENOSYS)),
+        nr::FORK => local(crate::fork::fork(17 /* SIGCHLD */, 0, 0, 0, 0, uc).unwrap_or(-ENOSYS)),
+        nr::VFORK => {
+            let flags = CLONE_VM_VFORK | 17;
+            local(crate::fork::fork(flags, 0, 0, 0, 0, uc).unwrap_or(-ENOSYS))
+        }
         // GS is the LWK's: it finds each thread's slot through it.
         nr::ARCH_PRCTL if a[0] == 0x1001 || a[0] == 0x1004 => {
             lwk_rt::diag!("arch_prctl(ARCH_SET_GS/ARCH_GET_GS) is reserved by the LWK");

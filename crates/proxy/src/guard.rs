@@ -85,6 +85,14 @@ pub fn alloc_stack(size: u64) -> Result<u64, i64> {
     Ok(s as u64 + size)
 }
 
+/// After a fork the control region is a new mapping: tag it too.
+pub fn retag_control() {
+    let key = KEY.load(Relaxed);
+    if key > 0 {
+        pkey::mprotect(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, key);
+    }
+}
+
 /// Continue on the tagged stack (if there is one) in `f`.
 ///
 /// # Safety

@@ -12,8 +12,9 @@
 use core::sync::atomic::AtomicBool;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
+use lwk_abi::control::CONTROL_SIZE;
 use lwk_abi::control::{
-    Channel, Control, MapOp, CH_DONE, CH_REQUEST, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, REQ_EXEC_RESET,
+    Channel, Control, MapOp, CH_DONE, CH_REQUEST, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, REQ_EXEC_RESET, REQ_FORK,
     REQ_NEW_WORKER, REQ_SYNC, SRC_APP_FD, SRC_APP_FD_PRIVATE, SRC_LWK_FD_PRIVATE,
 };
 use lwk_abi::layout::CONTROL_ADDR;
@@ -57,8 +58,12 @@ extern "C" fn interrupt(_sig: i32) {}
 /// default PKRU, which denies the proxy's key.
 pub(crate) fn setup_signals() {
     let ign = [SIG_IGN, 0, 0, 0u64];
-    // SAFETY: a valid kernel sigaction.
-    unsafe { syscall6(nr::RT_SIGACTION, SIGPIPE, ign.as_ptr() as u64, 0, 8, 0, 0) };
+    // Forked proxies are reaped by the kernel: nobody waits for them.
+    const SIGCHLD: u64 = 17;
+    for sig in [SIGPIPE, SIGCHLD] {
+        // SAFETY: a valid kernel sigaction.
+        unsafe { syscall6(nr::RT_SIGACTION, sig, ign.as_ptr() as u64, 0, 8, 0, 0) };
+    }
     guard::setup_altstack();
     let act = [interrupt as *const () as u64, SA_ONSTACK | SA_RESTORER, lwk_restorer as *const () as u64, !0u64];
     for sig in [SIGINT, SIGQUIT, SIGTSTP, SIGTTIN, SIGTTOU, SIGWINCH] {
@@ -90,6 +95,7 @@ fn ctl_verbose() -> bool {
 extern "C" fn serve_main() -> ! {
     setup_signals();
     control().header.proxy_pid.store(getpid(), Release);
+    workers::spawn_watcher();
     serve(0)
 }
 
@@ -106,6 +112,7 @@ fn serve(slot: usize) -> ! {
             REQ_SYNC => 0,
             REQ_NEW_WORKER => workers::spawn(a[0] as usize),
             REQ_EXEC_RESET => exec_reset(),
+            REQ_FORK => fork_proxy(a[0] as i32, a[1] as i32),
             // SAFETY: the generic path: the application's own call with its
             // raw arguments, in a process whose only user memory below
             // APP_END is the application's, and whose own memory is locked
@@ -120,6 +127,16 @@ fn serve(slot: usize) -> ! {
     }
 }
 
+/// A proxy whose application is gone has nothing left to do. (The
+/// supervisor kills the first proxy; those of forked children notice here.)
+fn exit_if_orphaned() {
+    let app = control().header.app_pid.load(Acquire);
+    // SAFETY: a signal-0 probe.
+    if app > 0 && unsafe { syscall3(nr::KILL, app as u64, 0, 0) } == -ESRCH {
+        exit_group(0);
+    }
+}
+
 fn wait_request(ch: &Channel, spin: u64) {
     let mut wait = SpinWait::new(spin);
     while ch.state.load(Acquire) != CH_REQUEST {
@@ -129,13 +146,47 @@ fn wait_request(ch: &Channel, spin: u64) {
             // miss a request posted in between (whose wake-up came before
             // this wait) and sleep on it forever.
             let seen = ch.state.load(SeqCst);
-            if seen != CH_REQUEST {
-                futex_wait(&ch.state, seen);
+            if seen != CH_REQUEST && futex_wait_timeout(&ch.state, seen, 1_000_000_000) == -ETIMEDOUT {
+                exit_if_orphaned();
             }
             ch.server_sleeping.store(0, Relaxed);
             wait.restart();
         }
     }
+}
+
+/// The application forks: so does the proxy, here, in the worker of the
+/// forking thread (the only thread the child proxy will have). The child
+/// proxy holds a copy of the application's descriptor table, as the
+/// application's child must; it takes the child's control region and
+/// serves its main thread. The parent proxy answers the child's pid.
+fn fork_proxy(ctl_fd: i32, app_pid: i32) -> i64 {
+    const SIGCHLD: u64 = 17;
+    // SAFETY: a plain fork of this process.
+    let pid = unsafe { syscall6(nr::CLONE, SIGCHLD, 0, 0, 0, 0, 0) };
+    if pid != 0 {
+        return pid;
+    }
+    let mut path = [0u8; 64];
+    let n = lwk_rt::out::proc_fd_path(&mut path, app_pid, ctl_fd);
+    let fd = open(&path[..n], O_RDWR | O_CLOEXEC, 0);
+    let r = if fd < 0 {
+        fd
+    } else {
+        // SAFETY: replaces the inherited mapping of the parent's region.
+        unsafe { mmap(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd as i32, 0) }
+    };
+    if r < 0 {
+        exit_group(125);
+    }
+    close(fd as i32);
+    guard::retag_control();
+    // Only this thread exists here: no other worker, no lock holder.
+    MAP_LOG_LOCK.store(false, Release);
+    workers::reset_for_fork();
+    control().header.proxy_pid.store(getpid(), Release);
+    workers::spawn_watcher();
+    serve(0)
 }
 
 /// The application ran execve: its old memory is gone, and so are its

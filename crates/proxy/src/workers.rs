@@ -66,3 +66,66 @@ extern "C" fn worker_main(slot: u64) -> ! {
     crate::guard::setup_altstack();
     crate::serve(slot as usize)
 }
+
+/// In a forked proxy: no worker of the parent exists here. Their stacks
+/// (copies) are reused for the child's workers.
+pub fn reset_for_fork() {
+    for w in &WORKERS {
+        // SAFETY: only read and written atomically.
+        unsafe { &*w.tid.get() }.store(0, Release);
+    }
+}
+
+/// A thread that ends the proxy the moment its application process ends
+/// (exit, or death by a signal; a zombie counts as ended). Without it, the
+/// proxy of a finished child would keep the child's descriptors open, and a
+/// parent reading a pipe until EOF before it reaps the child would wait
+/// forever.
+pub fn spawn_watcher() {
+    const STACK: u64 = 64 << 10;
+    // SAFETY: an anonymous mapping for the watcher's stack; it never does
+    // an application's call, so it needs no protection key.
+    let stack = unsafe { mmap(0, STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) };
+    if stack < 0 {
+        return;
+    }
+    // Not CLONE_FILES: its pidfd must not take a number in the
+    // application's descriptor table (see `watch`).
+    let flags = CLONE_VM | CLONE_FS | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM;
+    // SAFETY: a fresh stack, used only by the new thread.
+    unsafe { lwk_rt::thread::spawn(flags, stack as u64 + STACK, 0, 0, 0, watch, 0) };
+}
+
+extern "C" fn watch(_: u64) -> ! {
+    // Its own descriptor table started as a copy of the application's:
+    // drop the copies, or they would keep pipes open behind the application.
+    // SAFETY: closes descriptors of this thread's private table only.
+    unsafe { syscall3(lwk_rt::nr::CLOSE_RANGE, 0, !0u32 as u64, 0) };
+    const SYS_PIDFD_OPEN: u64 = 434;
+    const SYS_POLL: u64 = 7;
+    const POLLIN: u64 = 1;
+    let h = &crate::control().header;
+    // The application writes its pid when it starts (or after its fork).
+    let pid = loop {
+        let p = h.app_pid.load(Acquire);
+        if p > 0 {
+            break p;
+        }
+        // SAFETY: the i32 pid word, read as the u32 futex word it is.
+        let word = unsafe { &*(h.app_pid.as_ptr() as *const AtomicU32) };
+        futex_wait_timeout(word, 0, 10_000_000);
+    };
+    // SAFETY: plain pidfd_open.
+    let fd = unsafe { syscall3(SYS_PIDFD_OPEN, pid as u64, 0, 0) };
+    if fd < 0 {
+        lwk_rt::thread::exit_thread(0); // the supervisor or the orphan check will do
+    }
+    let mut pfd = [fd as u64 | (POLLIN << 32)];
+    loop {
+        // SAFETY: pfd is one struct pollfd (fd i32, events i16, revents i16).
+        let r = unsafe { syscall3(SYS_POLL, pfd.as_mut_ptr() as u64, 1, -1i64 as u64) };
+        if r > 0 {
+            exit_group(0);
+        }
+    }
+}

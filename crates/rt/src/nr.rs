@@ -69,3 +69,4 @@ pub const GETRANDOM: u64 = 318;
 pub const RT_SIGPENDING: u64 = 127;
 pub const GETDENTS64: u64 = 217;
 pub const CHDIR: u64 = 80;
+pub const LSEEK: u64 = 8;

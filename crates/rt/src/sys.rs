@@ -103,6 +103,13 @@ pub fn futex_wait(word: &core::sync::atomic::AtomicU32, val: u32) -> i64 {
     unsafe { syscall6(nr::FUTEX, word.as_ptr() as u64, FUTEX_WAIT, val as u64, 0, 0, 0) }
 }
 
+/// As futex_wait, giving up after `ns` nanoseconds.
+pub fn futex_wait_timeout(word: &core::sync::atomic::AtomicU32, val: u32, ns: u64) -> i64 {
+    let ts = [ns / 1_000_000_000, ns % 1_000_000_000];
+    // SAFETY: word and ts are valid for the duration of the call.
+    unsafe { syscall6(nr::FUTEX, word.as_ptr() as u64, FUTEX_WAIT, val as u64, ts.as_ptr() as u64, 0, 0) }
+}
+
 pub fn futex_wake(word: &core::sync::atomic::AtomicU32, n: u32) -> i64 {
     // SAFETY: as above.
     unsafe { syscall6(nr::FUTEX, word.as_ptr() as u64, FUTEX_WAKE, n as u64, 0, 0, 0) }
@@ -184,6 +191,7 @@ pub const ENFILE: i64 = 23;
 pub const ENOTTY: i64 = 25;
 pub const ESPIPE: i64 = 29;
 pub const EPIPE: i64 = 32;
+pub const ETIMEDOUT: i64 = 110;
 pub const ENOSYS: i64 = 38;
 pub const ENAMETOOLONG: i64 = 36;
 pub const ELOOP: i64 = 40;

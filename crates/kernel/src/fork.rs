@@ -1,0 +1,211 @@
+//! fork, vfork, and clone without CLONE_THREAD: a new application process.
+//!
+//! The application's memory is shared memfd memory, so a plain kernel
+//! fork would leave parent and child sharing it. Instead:
+//! 1. the parent makes a control region for the child and asks its proxy
+//!    to fork too: the proxy's child holds a copy of the application's file
+//!    descriptor table, as the application's child must;
+//! 2. the parent forks itself; the child starts on an LWK stack (private
+//!    after the fork), takes the new control region, gives every piece of
+//!    LWK memory a private copy in new memfds (`Mm::fork_copy`), has its
+//!    proxy mirror them, and enters the application with fork's 0;
+//! 3. the parent waits until the child says the copy is done, so the
+//!    memory it copies does not change under it.
+//! vfork and clone(CLONE_VM|CLONE_VFORK) (posix_spawn) take the same path:
+//! the child gets a copy instead of sharing the parent's memory, which
+//! costs a copy but keeps every later exec or exit correct.
+
+use core::sync::atomic::Ordering::*;
+
+use lwk_abi::control::{Control, CONTROL_MAGIC, CONTROL_SIZE, REQ_FORK};
+use lwk_abi::layout::{CONTROL_ADDR, SCRATCH_ADDR};
+use lwk_rt::nr;
+use lwk_rt::thread::*;
+use lwk_rt::*;
+
+use crate::boot::CTL_FD;
+use crate::mm::MM;
+use crate::sync::SpinLock;
+use crate::trap::{UContext, REG_RAX, REG_RSP};
+use crate::{control, delegate, signal, thread};
+
+/// Where the parent maps the child's control region while preparing it.
+const CHILD_CONTROL_AT: u64 = SCRATCH_ADDR - (64 << 20);
+const STACK_SIZE: usize = 64 << 10;
+
+const FORK_DONE: u32 = 1;
+const FORK_FAILED: u32 = 2;
+
+struct ForkStart {
+    uc: UContext,
+    ctl_fd: i32,
+    stack: [u8; STACK_SIZE],
+}
+
+static START: SpinLock<ForkStart> = SpinLock::new(ForkStart { uc: UContext::ZERO, ctl_fd: -1, stack: [0; STACK_SIZE] });
+
+/// Flags this path understands (beyond the exit signal in the low byte).
+const OK_FLAGS: u64 =
+    CLONE_VM | CLONE_VFORK | CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | CLONE_PARENT_SETTID | CLONE_SETTLS;
+
+pub fn fork(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UContext) -> Option<i64> {
+    if flags & CLONE_THREAD != 0 {
+        return None;
+    }
+    if flags & !(OK_FLAGS | 0xff) != 0 {
+        lwk_rt::diag!("clone with flags {:#x} is not supported yet: returning ENOSYS", flags);
+        return Some(-ENOSYS);
+    }
+    Some(match fork_inner(flags, newsp, ptid, ctid, tls, uc) {
+        Ok(pid) => pid,
+        Err(e) => e,
+    })
+}
+
+fn fork_inner(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UContext) -> Result<i64, i64> {
+    // The child's control region, prepared here.
+    // SAFETY: the name is NUL-terminated; not close-on-exec: the child keeps
+    // it across its own execs.
+    let cfd = unsafe { syscall3(nr::MEMFD_CREATE, b"lwk-control\0".as_ptr() as u64, 0, 0) };
+    if cfd < 0 {
+        return Err(cfd);
+    }
+    let cfd = cfd as i32;
+    let r = prepare_child_control(cfd);
+    if let Err(e) = r {
+        close(cfd);
+        return Err(e);
+    }
+    // SAFETY: mapped by prepare_child_control, unmapped before returning.
+    let child_ctl = unsafe { &*(CHILD_CONTROL_AT as *const Control) };
+    let result = (|| {
+        let proxy = delegate::call(REQ_FORK, [cfd as u64, getpid() as u64, 0, 0, 0, 0]);
+        if proxy < 0 {
+            return Err(proxy);
+        }
+        child_ctl.header.proxy_pid.store(proxy as i32, Release);
+        let mut start = START.lock();
+        start.uc = *uc;
+        start.uc.gregs[REG_RAX] = 0;
+        if newsp != 0 {
+            start.uc.gregs[REG_RSP] = newsp;
+        }
+        start.ctl_fd = cfd;
+        let top = (start.stack.as_ptr() as u64 + STACK_SIZE as u64) & !15;
+        // The kernel's part: a plain fork (never CLONE_VM: the child
+        // gets copies), with the settid/cleartid/tls the caller asked for.
+        let kflags = flags & (CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | CLONE_PARENT_SETTID | CLONE_SETTLS | 0xff);
+        // SAFETY: the child starts on the LWK stack in START, which is
+        // private to it after the fork (LWK memory is the image's, not a
+        // shared memfd); the pointers are the application's own.
+        let pid = unsafe { spawn(kflags, top, ptid, ctid, tls, child_start, 0) };
+        drop(start);
+        if pid < 0 {
+            return Err(pid);
+        }
+        wait_for_child(child_ctl, pid as i32)?;
+        Ok(pid)
+    })();
+    // SAFETY: our own temporary mapping.
+    unsafe { munmap(CHILD_CONTROL_AT, CONTROL_SIZE as u64) };
+    close(cfd);
+    result
+}
+
+/// Size the child's control memfd, map it here and fill in its header
+/// from ours.
+fn prepare_child_control(cfd: i32) -> Result<(), i64> {
+    // SAFETY: ftruncate and a mapping of our own new memfd in the LWK's
+    // scratch area.
+    unsafe {
+        let r = syscall3(nr::FTRUNCATE, cfd as u64, CONTROL_SIZE as u64, 0);
+        if r < 0 {
+            return Err(r);
+        }
+        let r = mmap(CHILD_CONTROL_AT, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, cfd, 0);
+        if r < 0 {
+            return Err(r);
+        }
+    }
+    // SAFETY: just mapped.
+    let c = unsafe { &*(CHILD_CONTROL_AT as *const Control) };
+    let h = &control().header;
+    c.header.options.store(h.options.load(Relaxed), Relaxed);
+    c.header.spin_cycles.store(h.spin_cycles.load(Relaxed), Relaxed);
+    c.header.supervisor_pid.store(h.supervisor_pid.load(Relaxed), Relaxed);
+    // The child's parent is this process.
+    c.header.parent_pid.store(getpid(), Relaxed);
+    c.header.memfd[0].store(-1, Relaxed);
+    c.header.memfd[1].store(-1, Relaxed);
+    c.header.magic.store(CONTROL_MAGIC, Release);
+    Ok(())
+}
+
+/// Wait until the child has its own memory, or is gone.
+fn wait_for_child(c: &Control, pid: i32) -> Result<(), i64> {
+    let state = &c.header.fork_state;
+    loop {
+        let s = state.load(Acquire);
+        if s == FORK_DONE {
+            return Ok(());
+        }
+        if s == FORK_FAILED {
+            return Err(-ENOMEM);
+        }
+        futex_wait_timeout(state, s, 10_000_000);
+        // A child that died before it was done (killed, say).
+        let mut info = [0u64; 16];
+        const P_PID: u64 = 1;
+        const WEXITED: u64 = 4;
+        const WNOHANG: u64 = 1;
+        const WNOWAIT: u64 = 0x0100_0000;
+        // SAFETY: info is ours; WNOWAIT leaves the child to the application.
+        let r = unsafe {
+            syscall6(nr::WAITID, P_PID, pid as u64, info.as_mut_ptr() as u64, WEXITED | WNOHANG | WNOWAIT, 0, 0)
+        };
+        if r == 0 && info[1] as u32 != 0 && state.load(Acquire) != FORK_DONE {
+            // si_pid set: it has exited. fork succeeded as far as the
+            // application can tell; the child's exit status says the rest.
+            return Ok(());
+        }
+    }
+}
+
+/// The child, on the LWK fork stack, with every signal blocked.
+extern "C" fn child_start(_: u64) -> ! {
+    // SAFETY: this thread is the only one in the new process.
+    unsafe {
+        START.force_unlock();
+        MM.force_unlock();
+        signal::force_unlock();
+    }
+    let (uc, cfd) = {
+        let s = START.lock();
+        (s.uc, s.ctl_fd)
+    };
+    // Take the child's control region in place of the parent's.
+    // SAFETY: replaces the inherited mapping of the parent's region.
+    let r = unsafe { mmap(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, cfd, 0) };
+    if r < 0 {
+        exit_group(125);
+    }
+    crate::guard::retag_control();
+    let old = CTL_FD.swap(cfd, Relaxed);
+    if old >= 0 {
+        close(old);
+    }
+    thread::reset_for_fork();
+    let h = &control().header;
+    h.app_pid.store(getpid(), Release);
+    let state = &h.fork_state;
+    if crate::trap::enable_thread().is_err() || MM.lock().fork_copy().is_err() {
+        state.store(FORK_FAILED, Release);
+        futex_wake(state, 1);
+        exit_group(125);
+    }
+    // The new proxy mirrors the copies now, before the parent goes on.
+    delegate::sync();
+    state.store(FORK_DONE, Release);
+    futex_wake(state, 1);
+    thread::enter(&uc, true)
+}
