@@ -76,7 +76,8 @@ pub struct Channel {
     pub state: AtomicU32,
     pub client_sleeping: AtomicU32,
     pub server_sleeping: AtomicU32,
-    pub _pad: u32,
+    /// The proxy worker's thread id, for interrupting its call.
+    pub server_tid: AtomicI32,
     pub nr: AtomicU64,
     pub args: [AtomicU64; 6],
     pub ret: AtomicI64,

@@ -1140,3 +1140,47 @@ fn execve_of_scripts_and_programs_through_env_and_sh() {
     compare(&[&program("exec", Link::Static), "argv0"], None);
     compare(&["/usr/bin/python3", "-c", "import os; os.execv('/bin/echo', ['echo', 'from', 'python'])"], None);
 }
+
+// ---------------------------------------------------------------------------
+// Signals and blocking delegated calls; build tools
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_signal_interrupts_a_blocked_delegated_read_as_natively() {
+    let prog = program("signals", Link::Pie);
+    let o = compare(&[&prog, "alarm-eintr"], None);
+    assert!(has_line(&String::from_utf8_lossy(&o.stdout), "read -> -1 EINTR, handler ran 1 time(s), data ''"));
+    let o = compare(&[&prog, "alarm-restart"], None);
+    assert!(has_line(&String::from_utf8_lossy(&o.stdout), "read -> 4 , handler ran 1 time(s), data 'late'"));
+    let o = compare(&[&prog, "pselect"], None);
+    assert!(has_line(&String::from_utf8_lossy(&o.stdout), "pselect -> -1 EINTR, handler ran 1 time(s)"));
+}
+
+#[test]
+fn make_j2_builds_a_small_c_project_as_natively() {
+    let dir = tempdir();
+    for i in 1..=6 {
+        std::fs::write(dir.path().join(format!("f{i}.c")), format!("int f{i}(int x) {{ return x * {i}; }}\n")).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("main.c"),
+        "#include <stdio.h>\nint f1(int), f2(int), f3(int), f4(int), f5(int), f6(int);\n\
+         int main(void) { printf(\"%d\\n\", f1(1) + f2(2) + f3(3) + f4(4) + f5(5) + f6(6)); return 0; }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("Makefile"),
+        "OBJS = main.o f1.o f2.o f3.o f4.o f5.o f6.o\nprog: $(OBJS)\n\tgcc -o $@ $(OBJS)\n\
+         %.o: %.c\n\tgcc -O1 -c $< -o $@\nclean:\n\trm -f *.o prog\n",
+    )
+    .unwrap();
+    // Native first, then lwk from a clean tree; the outputs of make and of
+    // the program it built must be the same.
+    let setup = Setup { cwd: Some(dir.path()), ..Setup::default() };
+    let native = run_native(&["make", "-s", "-j2"], &setup);
+    run_native(&["make", "-s", "clean"], &setup);
+    let lwk = run_lwk(&["make", "-s", "-j2"], &setup);
+    assert_eq!((native.status.code(), &native.stdout), (lwk.status.code(), &lwk.stdout));
+    let out = run_native(&["./prog"], &setup);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "91\n");
+}

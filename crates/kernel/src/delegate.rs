@@ -12,11 +12,21 @@ use crate::control;
 
 /// Delegate a call on the calling thread's channel.
 pub fn call(nr: u64, args: [u64; 6]) -> i64 {
-    call_on(crate::thread::current_slot(), nr, args)
+    call_on(crate::thread::current_slot(), nr, args, None)
+}
+
+/// Delegate an application's call that a signal may interrupt: while it
+/// waits, a signal pending for the application and not blocked by
+/// `app_mask` makes the LWK interrupt the proxy worker's call (SIGWINCH,
+/// which the proxy only uses for that), which then returns EINTR here; the
+/// caller restarts it or fails it as Linux would. Signals are blocked while
+/// the LWK runs, so the wait checks for them every few milliseconds.
+pub fn call_interruptible(nr: u64, args: [u64; 6], app_mask: u64) -> i64 {
+    call_on(crate::thread::current_slot(), nr, args, Some(app_mask))
 }
 
 /// Delegate a call on channel `slot` (owned by the calling thread).
-pub fn call_on(slot: usize, nr: u64, args: [u64; 6]) -> i64 {
+pub fn call_on(slot: usize, nr: u64, args: [u64; 6], app_mask: Option<u64>) -> i64 {
     let ctl = control();
     let ch = &ctl.channels[slot];
     ch.nr.store(nr, Relaxed);
@@ -28,11 +38,27 @@ pub fn call_on(slot: usize, nr: u64, args: [u64; 6]) -> i64 {
         rt::futex_wake(&ch.state, 1);
     }
     let mut wait = rt::SpinWait::new(ctl.header.spin_cycles.load(Relaxed));
+    let mut sleeps = 0u32;
     while ch.state.load(Acquire) != CH_DONE {
         if !wait.spin() {
             ch.client_sleeping.store(1, SeqCst);
             if ch.state.load(SeqCst) != CH_DONE {
-                rt::futex_wait(&ch.state, CH_REQUEST);
+                match app_mask {
+                    None => {
+                        rt::futex_wait(&ch.state, CH_REQUEST);
+                    }
+                    Some(mask) => {
+                        rt::futex_wait_timeout(&ch.state, CH_REQUEST, 5_000_000);
+                        // Nudge at once, then every 50 ms while the signal
+                        // stays pending (a nudge can land just before the
+                        // worker enters its blocking call).
+                        if ch.state.load(SeqCst) != CH_DONE && crate::signal::pending() & !mask != 0 && sleeps % 10 == 0
+                        {
+                            nudge(ch);
+                        }
+                        sleeps += 1;
+                    }
+                }
             }
             ch.client_sleeping.store(0, Relaxed);
         }
@@ -40,6 +66,17 @@ pub fn call_on(slot: usize, nr: u64, args: [u64; 6]) -> i64 {
     let ret = ch.ret.load(Relaxed);
     ch.state.store(CH_IDLE, Release);
     ret
+}
+
+/// Interrupt the proxy worker serving `ch`.
+fn nudge(ch: &lwk_abi::control::Channel) {
+    const SIGWINCH: u64 = 28;
+    let proxy = control().header.proxy_pid.load(Relaxed);
+    let worker = ch.server_tid.load(Relaxed);
+    if proxy > 0 && worker > 0 {
+        // SAFETY: signals a thread of our own proxy.
+        unsafe { rt::syscall3(lwk_rt::nr::TGKILL, proxy as u64, worker as u64, SIGWINCH) };
+    }
 }
 
 /// Make the proxy apply every pending address-space change now.

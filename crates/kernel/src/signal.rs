@@ -186,3 +186,30 @@ pub fn any_without_restart(set: u64) -> bool {
         old[0] != SIG_DFL && old[0] != SIG_IGN && old[1] & SA_RESTART == 0
     })
 }
+
+/// The signal mask a call waits with, if it has its own: ppoll's and
+/// epoll_pwait's 4th argument, pselect6's through its 6th. None without one
+/// (or if it cannot be read: the proxy's call will say EFAULT).
+pub fn call_sigmask(nr: u64, a: [u64; 6]) -> Option<u64> {
+    let set = match nr {
+        271 | 281 | 441 => a[3],
+        270 if a[5] != 0 => read_app::<1>(a[5]).ok()?[0],
+        _ => return None,
+    };
+    if set == 0 {
+        return None;
+    }
+    read_app::<1>(set).ok().map(|m| m[0] & !UNBLOCKABLE)
+}
+
+/// Deliver the pending signals that `mask` does not block, now, with
+/// `mask` in force; the LWK's all-blocked mask is back afterwards.
+pub fn run_handlers_with(mask: u64) {
+    let mut saved = 0u64;
+    let m = mask & !UNBLOCKABLE;
+    // SAFETY: masks are the LWK's own words; handlers run on this stack.
+    unsafe {
+        syscall6(nr::RT_SIGPROCMASK, 2, &m as *const u64 as u64, &mut saved as *mut u64 as u64, 8, 0, 0);
+        syscall6(nr::RT_SIGPROCMASK, 2, &saved as *const u64 as u64, 0, 8, 0, 0);
+    }
+}

@@ -267,14 +267,23 @@ fn never_restarted(nr: u64) -> bool {
 /// call is restarted after the signal, by returning to the `syscall`
 /// instruction. An EINTR for no signal of the application's is repeated.
 fn delegate_interruptible(nr: u64, a: [u64; 6], uc: &mut UContext) -> i64 {
+    // ppoll, pselect6 and epoll_pwait(2) wait with a mask of their own.
+    let call_mask = signal::call_sigmask(nr, a);
+    let mask = call_mask.unwrap_or(uc.sigmask);
     loop {
-        let r = delegate::call(nr, a);
+        let r = delegate::call_interruptible(nr, a, mask);
         if r != -EINTR {
             return r;
         }
-        let pending = signal::pending() & !uc.sigmask;
+        let pending = signal::pending() & !mask;
         if pending == 0 {
             continue;
+        }
+        if let Some(m) = call_mask {
+            // As Linux does: the handlers run with the call's mask, and the
+            // application's own mask is back when they return.
+            signal::run_handlers_with(m);
+            return -EINTR;
         }
         if never_restarted(nr) || signal::any_without_restart(pending) {
             return -EINTR;

@@ -103,6 +103,8 @@ extern "C" fn serve_main() -> ! {
 fn serve(slot: usize) -> ! {
     let ctl = control();
     let ch = &ctl.channels[slot];
+    // SAFETY: no arguments.
+    ch.server_tid.store(unsafe { syscall3(nr::GETTID, 0, 0, 0) } as i32, Release);
     loop {
         wait_request(ch, ctl.header.spin_cycles.load(Relaxed));
         apply_map_log(ctl);
