@@ -59,7 +59,7 @@ HUGE_HEADROOM = 64 * MIB
 OTHER_LOAD_WARN = 0.10  # share of all CPUs used by other work that makes a result unreliable  # the program's own text, heap, stack on 2 MiB pages
 
 C_PROGRAMS = ["getppid_loop", "getpid_loop", "delegated_loop", "first_touch", "sud_floor", "thread_create",
-              "futex_pingpong"]
+              "futex_pingpong", "fork_exec"]
 
 # name -> one-line description (also the order of the table)
 BENCHMARKS = {
@@ -69,6 +69,8 @@ BENCHMARKS = {
     "first_touch": "mmap 1 GiB (quick: 256 MiB) anonymous + write one byte per 4 KiB page",
     "thread_create": "pthread_create + pthread_join, one thread at a time, ns per thread",
     "futex": "futex ping-pong between two threads, ns per round trip",
+    "fork_exec": "fork + execve /bin/true + waitpid, ns per process",
+    "make": "make -j2 of a small C project (7 files), wall time",
     "true": "/bin/true: lwk start-up and tear-down cost (information, no aim)",
     "python": "/usr/bin/python3 -c pass start-up",
     "sha256sum": "sha256sum of a 256 MiB (quick: 32 MiB) file",
@@ -517,6 +519,36 @@ def bench_whole(name, label, argv, cfg, rounds, runs, warmup, aim=1.5, aim_text=
                 detail=f"{len(samples['native'])} runs each, {tool}")]
 
 
+def bench_make(cfg):
+    """make -j2 of a small C project from a clean tree, native vs lwk."""
+    tmp = Path(tempfile.mkdtemp(prefix="lwk-bench-make-"))
+    try:
+        for i in range(1, 7):
+            (tmp / f"f{i}.c").write_text(f"int f{i}(int x) {{ return x * {i}; }}\n")
+        (tmp / "main.c").write_text(
+            "#include <stdio.h>\nint f1(int), f2(int), f3(int), f4(int), f5(int), f6(int);\n"
+            "int main(void) { printf(\"%d\\n\", f1(1) + f2(2) + f3(3) + f4(4) + f5(5) + f6(6)); return 0; }\n")
+        (tmp / "Makefile").write_text(
+            "OBJS = main.o f1.o f2.o f3.o f4.o f5.o f6.o\nprog: $(OBJS)\n\tgcc -o $@ $(OBJS)\n"
+            "%.o: %.c\n\tgcc -O1 -c $< -o $@\nclean:\n\trm -f *.o prog\n")
+        samples = {"native": [], "lwk": []}
+        variants = {"native": ["make", "-s", "-j2", "-C", str(tmp)], "lwk": lwk_cmd(["make", "-s", "-j2", "-C", str(tmp)])}
+        for r in range(-1, cfg["reps"]):
+            for v in rotated(list(variants), max(r, 0)):
+                subprocess.run(["make", "-s", "-C", str(tmp), "clean"], check=True)
+                t = time.perf_counter()
+                run_checked(variants[v], 600, f"make ({v})")
+                dt = time.perf_counter() - t
+                if r >= 0:
+                    samples[v].append(dt)
+            if r >= 0:
+                log(f"  round {r + 1}: native {samples['native'][-1] * 1e3:.0f} ms, lwk {samples['lwk'][-1] * 1e3:.0f} ms")
+        return [row("make", "make -j2 of a 7-file C project", median(samples["native"]), median(samples["lwk"]), "s",
+                    None, "-", samples=samples, medians={v: median(xs) for v, xs in samples.items()})]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def bench_sha256(cfg):
     size = cfg["sha_bytes"]
     td = tempfile.mkdtemp(prefix="lwk-bench-sha-")
@@ -816,6 +848,10 @@ def main():
         "thread_create": lambda: bench_micro(
             "thread_create", "thread_create", "thread create + join", None, "-", cfg,
             note="under lwk each thread also gets (and gives back) a proxy worker of its own"),
+        "fork_exec": lambda: bench_micro(
+            "fork_exec", "fork_exec", "fork + exec + wait of /bin/true", None, "-", cfg,
+            note="under lwk the child copies its memory at fork, its proxy forks too, /bin/true starts a new LWK image"),
+        "make": lambda: bench_make(cfg),
         "futex": lambda: bench_micro(
             "futex", "futex_pingpong", "futex ping-pong round trip (2 threads)", None, "-", cfg,
             note="futex is local in the LWK: both threads are in the application process"),

@@ -105,14 +105,67 @@ fn check(path: &[u8]) -> Result<(), i64> {
     elf::check_header(&h).map(|_| ()).map_err(|e| e.errno)
 }
 
+/// execveat: a path relative to a directory descriptor, or (AT_EMPTY_PATH,
+/// as fexecve) the file of a descriptor itself. The descriptors live in the
+/// proxy, so they are reached through /proc/PROXY/fd/N.
 pub fn execveat(dirfd: u64, path: u64, argv: u64, envp: u64, flags: u64, uc: &UContext) -> i64 {
     const AT_FDCWD: i32 = -100;
-    let mut first = [0u8; 2];
-    if read_cstr(path, &mut first).is_ok_and(|n| n > 0) && first[0] != b'/' && dirfd as i32 != AT_FDCWD || flags != 0 {
-        lwk_rt::diag!("execveat relative to a descriptor or with flags is not supported yet: returning ENOSYS");
-        return -ENOSYS;
+    const AT_EMPTY_PATH: u64 = 0x1000;
+    const AT_SYMLINK_NOFOLLOW: u64 = 0x100;
+    if flags & !(AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0 {
+        return -EINVAL;
     }
-    execve(path, argv, envp, uc)
+    let mut args = ARGS.lock();
+    let a = &mut *args;
+    let mut rel = [0u8; PATH_MAX];
+    let len = match read_cstr(path, &mut rel) {
+        Ok(n) => n,
+        Err(e) => return e,
+    };
+    if dirfd as i32 == AT_FDCWD || rel[0] == b'/' {
+        if len == 0 {
+            return -ENOENT;
+        }
+        a.path[..=len].copy_from_slice(&rel[..=len]);
+        return execve_at_path(a, len, argv, envp, uc);
+    }
+    if len == 0 && flags & AT_EMPTY_PATH == 0 {
+        return -ENOENT;
+    }
+    let mut via = [0u8; 64];
+    let proxy = control().header.proxy_pid.load(Relaxed);
+    let n = lwk_rt::out::proc_fd_path(&mut via, proxy, dirfd as i32) - 1; // without the NUL
+    let total = n + if len == 0 { 0 } else { 1 + len };
+    if total >= PATH_MAX {
+        return -ENAMETOOLONG;
+    }
+    a.path[..n].copy_from_slice(&via[..n]);
+    if len > 0 {
+        a.path[n] = b'/';
+        a.path[n + 1..=total].copy_from_slice(&rel[..=len]);
+    } else {
+        a.path[n] = 0;
+    }
+    // The proxy closes close-on-exec descriptors before the new image opens
+    // its program, so name the file by where it is, when it has a name.
+    let mut real = [0u8; PATH_MAX];
+    // SAFETY: both buffers are ours; readlink does not NUL-terminate.
+    let r = unsafe {
+        syscall6(
+            nr::READLINKAT,
+            (-100i64) as u64,
+            a.path.as_ptr() as u64,
+            real.as_mut_ptr() as u64,
+            PATH_MAX as u64 - 1,
+            0,
+            0,
+        )
+    };
+    if r > 0 && real[0] == b'/' && can_open(&real[..=r as usize]) {
+        a.path[..=r as usize].copy_from_slice(&real[..=r as usize]);
+        return execve_at_path(a, r as usize, argv, envp, uc);
+    }
+    execve_at_path(a, total, argv, envp, uc)
 }
 
 pub fn execve(path: u64, argv: u64, envp: u64, uc: &UContext) -> i64 {
@@ -123,6 +176,21 @@ pub fn execve(path: u64, argv: u64, envp: u64, uc: &UContext) -> i64 {
         Ok(n) => n,
         Err(e) => return e,
     };
+    execve_at_path(a, len, argv, envp, uc)
+}
+
+/// Can this process open `path` (NUL-terminated, possibly not: readlink's
+/// result gets its NUL from the zeroed buffer)?
+fn can_open(path: &[u8]) -> bool {
+    let fd = open(path, O_RDONLY | O_CLOEXEC, 0);
+    if fd >= 0 {
+        close(fd as i32);
+    }
+    fd >= 0
+}
+
+/// execve of `a.path` (length `len`, NUL-terminated).
+fn execve_at_path(a: &mut ExecArgs, len: usize, argv: u64, envp: u64, uc: &UContext) -> i64 {
     if let Err(e) = follow_cwd() {
         return e;
     }

@@ -70,3 +70,4 @@ pub const RT_SIGPENDING: u64 = 127;
 pub const GETDENTS64: u64 = 217;
 pub const CHDIR: u64 = 80;
 pub const LSEEK: u64 = 8;
+pub const READLINKAT: u64 = 267;
