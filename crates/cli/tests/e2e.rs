@@ -1184,3 +1184,14 @@ fn make_j2_builds_a_small_c_project_as_natively() {
     let out = run_native(&["./prog"], &setup);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "91\n");
 }
+
+#[test]
+fn proc_self_names_the_application_not_the_proxy_or_the_lwk() {
+    let py = "import os\n\
+              print(os.readlink('/proc/self/exe'), os.path.realpath('/proc/self/exe'))\n\
+              print(open('/proc/self/comm').read().strip(), open('/proc/thread-self/comm').read().strip())\n\
+              print(sorted(os.listdir('/proc/self/fd')))\n\
+              print(open('/proc/self/stat').read().split()[0] == str(os.getpid()))";
+    let o = compare(&["/usr/bin/python3", "-c", py], None);
+    assert!(String::from_utf8_lossy(&o.stdout).ends_with("True\n"));
+}

@@ -268,6 +268,7 @@ pub fn app_main(st: &Startup) -> ! {
             depth += 1;
             continue;
         }
+        crate::procfs::set_exe(fd, execfn);
         let mut mm = MM.lock();
         match elf::load(&mut mm, fd, false) {
             Ok(img) => break (fd, img),

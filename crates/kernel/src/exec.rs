@@ -29,7 +29,7 @@ static ARGS: SpinLock<ExecArgs> =
 
 /// Copy a NUL-terminated string of the application into `buf` (with its
 /// NUL), checking each page is readable. Returns its length.
-fn read_cstr(addr: u64, buf: &mut [u8]) -> Result<usize, i64> {
+pub fn read_cstr(addr: u64, buf: &mut [u8]) -> Result<usize, i64> {
     let mm = MM.lock();
     let mut i = 0;
     while i < buf.len() {

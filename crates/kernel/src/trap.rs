@@ -241,6 +241,14 @@ fn dispatch(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
             Some(Class::Local) => local(passthrough(nr, a)),
             Some(Class::Special(why)) => local(unsupported(nr, why)),
             Some(Class::Delegated) => {
+                // On this (the application's) stack, where the proxy sees it.
+                let mut path = crate::procfs::Rewrite { buf: [0; 4096] };
+                let mut a = a;
+                match crate::procfs::rewrite(nr, &a, &mut path) {
+                    crate::procfs::Outcome::Done(r) => return (r, Local),
+                    crate::procfs::Outcome::Path(i) => a[i] = path.buf.as_ptr() as u64,
+                    crate::procfs::Outcome::Unchanged => {}
+                }
                 let r = delegate_interruptible(nr, a, uc);
                 if r == -EPIPE && raises_sigpipe(nr, a) {
                     // The proxy ignores SIGPIPE; the application gets it
