@@ -22,7 +22,11 @@ pub unsafe extern "C" fn lwk_entry(sp: *const u64) -> ! {
         Some(b"app") | Some(b"exec") => boot::app_main(&st),
         Some(b"proxy") => {
             let fd = boot::parse_int(st.arg(2)).unwrap_or(-1) as i32;
-            if let Err(e) = boot::map_control(fd) {
+            let mapped = boot::map_control(fd);
+            // The proxy's descriptor table is the application's: nothing of
+            // the LWK's may stay in it.
+            lwk_rt::close(fd);
+            if let Err(e) = mapped {
                 lwk_rt::diag!("proxy: {}", e);
                 exit_group(125);
             }
