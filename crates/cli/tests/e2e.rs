@@ -298,7 +298,9 @@ fn program(name: &str, link: Link) -> String {
             Link::Static => &["-static", "-no-pie"],
             Link::Pie => &["-pie", "-fPIE"],
         };
+        let openmp: &[&str] = if name == "openmp" { &["-fopenmp"] } else { &[] };
         let o = Command::new("gcc")
+            .args(openmp)
             .args(["-O1", "-Wall", "-o"])
             .arg(&out)
             .arg(&src)
@@ -1194,4 +1196,10 @@ fn proc_self_names_the_application_not_the_proxy_or_the_lwk() {
               print(open('/proc/self/stat').read().split()[0] == str(os.getpid()))";
     let o = compare(&["/usr/bin/python3", "-c", py], None);
     assert!(String::from_utf8_lossy(&o.stdout).ends_with("True\n"));
+}
+
+#[test]
+fn openmp_with_four_threads_matches_native() {
+    let o = compare(&[&program("openmp", Link::Pie)], None);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "threads=4 sum=59999997\n");
 }
