@@ -407,7 +407,7 @@ const ENTRIES: &[Syscall] = &[
     e(335, "uretprobe", UPROBE),
     e(336, "uprobe", UPROBE),
     // From 424 on, numbers are shared by every architecture.
-    e(424, "pidfd_send_signal", OTHER_PID),
+    e(424, "pidfd_send_signal", DELEGATED), // the pidfd is a descriptor: the proxy's
     e(425, "io_uring_setup", RINGS),
     e(426, "io_uring_enter", RINGS),
     e(427, "io_uring_register", RINGS),
@@ -417,7 +417,7 @@ const ENTRIES: &[Syscall] = &[
     e(431, "fsconfig", DELEGATED),
     e(432, "fsmount", DELEGATED),
     e(433, "fspick", DELEGATED),
-    e(434, "pidfd_open", OTHER_PID),
+    e(434, "pidfd_open", DELEGATED), // pids are the same in the proxy
     e(435, "clone3", NEW_TASK),
     e(436, "close_range", DELEGATED),
     e(437, "openat2", DELEGATED),

@@ -235,7 +235,7 @@ fn dispatch(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
         nr::WAIT4 | nr::WAITID | 109 | 112 => local(passthrough(nr, a)),
         // Calls whose pid argument names the application process, which
         // is this process: correct when done here.
-        434 | 424 | 438 | 310 | 311 | 312 | 440 | 448 | 172 | 173 | 335 | 336 => local(passthrough(nr, a)),
+        438 | 310 | 311 | 312 | 440 | 448 | 172 | 173 | 335 | 336 => local(passthrough(nr, a)),
         _ => match syscalls::class(nr as usize) {
             None => local(-ENOSYS),
             Some(Class::Local) => local(passthrough(nr, a)),
