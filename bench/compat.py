@@ -57,7 +57,7 @@ def run(cmd, timeout):
         if m:
             c = classify(m.group(3))
             if c:
-                cases[f"{m.group(2)}.{m.group(1)}"] = c
+                cases[m.group(2)] = c  # module.Class.test
     return cases, code, time.perf_counter() - t
 
 
