@@ -20,7 +20,7 @@ pub fn call(nr: u64, args: [u64; 6]) -> i64 {
 /// `app_mask` makes the LWK interrupt the proxy worker's call (SIGWINCH,
 /// which the proxy only uses for that), which then returns EINTR here; the
 /// caller restarts it or fails it as Linux would. Signals are blocked while
-/// the LWK runs, so the wait checks for them every few milliseconds.
+/// the LWK runs, so the wait checks for them every 2 ms.
 pub fn call_interruptible(nr: u64, args: [u64; 6], app_mask: u64) -> i64 {
     call_on(crate::thread::current_slot(), nr, args, Some(app_mask))
 }
@@ -38,7 +38,6 @@ pub fn call_on(slot: usize, nr: u64, args: [u64; 6], app_mask: Option<u64>) -> i
         rt::futex_wake(&ch.state, 1);
     }
     let mut wait = rt::SpinWait::new(ctl.header.spin_cycles.load(Relaxed));
-    let mut sleeps = 0u32;
     while ch.state.load(Acquire) != CH_DONE {
         if !wait.spin() {
             ch.client_sleeping.store(1, SeqCst);
@@ -48,15 +47,13 @@ pub fn call_on(slot: usize, nr: u64, args: [u64; 6], app_mask: Option<u64>) -> i
                         rt::futex_wait(&ch.state, CH_REQUEST);
                     }
                     Some(mask) => {
-                        rt::futex_wait_timeout(&ch.state, CH_REQUEST, 5_000_000);
-                        // Nudge at once, then every 50 ms while the signal
-                        // stays pending (a nudge can land just before the
-                        // worker enters its blocking call).
-                        if ch.state.load(SeqCst) != CH_DONE && crate::signal::pending() & !mask != 0 && sleeps % 10 == 0
-                        {
+                        rt::futex_wait_timeout(&ch.state, CH_REQUEST, 2_000_000);
+                        // Nudge on every check while the signal stays
+                        // pending: a nudge can land just before the worker
+                        // enters its blocking call and be lost.
+                        if ch.state.load(SeqCst) != CH_DONE && crate::signal::pending() & !mask != 0 {
                             nudge(ch);
                         }
-                        sleeps += 1;
                     }
                 }
             }

@@ -113,10 +113,13 @@ extern "C" fn watch(_: u64) -> ! {
         }
         // SAFETY: the i32 pid word, read as the u32 futex word it is.
         let word = unsafe { &*(h.app_pid.as_ptr() as *const AtomicU32) };
-        futex_wait_timeout(word, 0, 10_000_000);
+        futex_wait_timeout(word, 0, 1_000_000);
     };
     // SAFETY: plain pidfd_open.
     let fd = unsafe { syscall3(SYS_PIDFD_OPEN, pid as u64, 0, 0) };
+    if fd == -ESRCH {
+        exit_group(0); // gone (and reaped) already: a short-lived child
+    }
     if fd < 0 {
         lwk_rt::thread::exit_thread(0); // the supervisor or the orphan check will do
     }
