@@ -38,13 +38,16 @@ pub fn call_on(slot: usize, nr: u64, args: [u64; 6], app_mask: Option<u64>) -> i
         rt::futex_wake(&ch.state, 1);
     }
     let mut wait = rt::SpinWait::new(ctl.header.spin_cycles.load(Relaxed));
+    let mut waited_ms = 0u64;
     while ch.state.load(Acquire) != CH_DONE {
         if !wait.spin() {
             ch.client_sleeping.store(1, SeqCst);
             if ch.state.load(SeqCst) != CH_DONE {
                 match app_mask {
                     None => {
-                        rt::futex_wait(&ch.state, CH_REQUEST);
+                        if rt::futex_wait_timeout(&ch.state, CH_REQUEST, 1_000_000_000) == -rt::ETIMEDOUT {
+                            check_proxy_alive();
+                        }
                     }
                     Some(mask) => {
                         rt::futex_wait_timeout(&ch.state, CH_REQUEST, 2_000_000);
@@ -53,6 +56,10 @@ pub fn call_on(slot: usize, nr: u64, args: [u64; 6], app_mask: Option<u64>) -> i
                         // enters its blocking call and be lost.
                         if ch.state.load(SeqCst) != CH_DONE && crate::signal::pending() & !mask != 0 {
                             nudge(ch);
+                        }
+                        waited_ms += 2;
+                        if waited_ms % 1000 == 0 {
+                            check_proxy_alive();
                         }
                     }
                 }
@@ -63,6 +70,18 @@ pub fn call_on(slot: usize, nr: u64, args: [u64; 6], app_mask: Option<u64>) -> i
     let ret = ch.ret.load(Relaxed);
     ch.state.store(CH_IDLE, Release);
     ret
+}
+
+/// An application whose proxy is gone cannot go on: say so and end,
+/// rather than wait forever. (The supervisor notices this for the first
+/// process; a forked child has only this.)
+fn check_proxy_alive() {
+    let proxy = control().header.proxy_pid.load(Relaxed);
+    // SAFETY: a signal-0 probe.
+    if proxy > 0 && unsafe { rt::syscall3(lwk_rt::nr::KILL, proxy as u64, 0, 0) } == -rt::ESRCH {
+        lwk_rt::diag!("the proxy process {} is gone; the application cannot continue", proxy);
+        rt::exit_group(125);
+    }
 }
 
 /// Interrupt the proxy worker serving `ch`.
