@@ -55,8 +55,9 @@ pub struct Header {
     /// done, 2 when it failed. The parent waits on it.
     pub fork_state: AtomicU32,
     /// The memfds backing application memory, as fd numbers in the
-    /// application process: [4 KiB pages, 2 MiB pages]; -1 when absent.
-    pub memfd: [AtomicI32; 2],
+    /// application process: [4 KiB pages, 2 MiB pages, shared with forked
+    /// children]; -1 when absent.
+    pub memfd: [AtomicI32; 3],
     /// Set by the LWK when it fell back to 4 KiB pages.
     pub huge_fallback: AtomicU32,
     /// Set by the proxy when it failed to mirror a mapping (errno).
@@ -95,6 +96,19 @@ pub const SRC_APP_FD_PRIVATE: u32 = 3;
 /// A file the LWK itself has open in the application process (the program
 /// and its interpreter), mapped MAP_PRIVATE; `fd` is the LWK's descriptor.
 pub const SRC_LWK_FD_PRIVATE: u32 = 4;
+/// The memfd of MAP_SHARED|MAP_ANONYMOUS memory, which a fork shares with
+/// the child instead of copying.
+pub const SRC_MEMFD_SHARED: u32 = 5;
+
+/// Which of `Header::memfd` a memfd source uses.
+pub const fn memfd_slot(src: u32) -> Option<usize> {
+    match src {
+        SRC_MEMFD_SMALL => Some(0),
+        SRC_MEMFD_HUGE => Some(1),
+        SRC_MEMFD_SHARED => Some(2),
+        _ => None,
+    }
+}
 
 pub const OP_MAP: u32 = 1;
 pub const OP_UNMAP: u32 = 2;

@@ -1203,3 +1203,20 @@ fn openmp_with_four_threads_matches_native() {
     let o = compare(&[&program("openmp", Link::Pie)], None);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "threads=4 sum=59999997\n");
 }
+
+#[test]
+fn shared_anonymous_memory_stays_shared_across_fork() {
+    for link in [Link::Static, Link::Pie] {
+        let o = compare(&[&program("shared_anon", link)], None);
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "shared=42 private=1\n");
+    }
+    let py = "import multiprocessing as mp\n\
+              def work(v, l):\n    with l: v.value += 5\n\
+              if __name__ == '__main__':\n\
+              \x20   v = mp.Value('i', 1); l = mp.Lock()\n\
+              \x20   ps = [mp.Process(target=work, args=(v, l)) for _ in range(3)]\n\
+              \x20   [p.start() for p in ps]; [p.join() for p in ps]\n\
+              \x20   print('value', v.value)";
+    let o = compare(&["/usr/bin/python3", "-c", py], None);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "value 16\n");
+}

@@ -14,8 +14,8 @@
 //! into 4 KiB pages first ("demoted").
 
 use lwk_abi::control::{
-    MapOp, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, SRC_APP_FD, SRC_APP_FD_PRIVATE, SRC_LWK_FD_PRIVATE, SRC_MEMFD_HUGE,
-    SRC_MEMFD_SMALL,
+    memfd_slot, MapOp, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, SRC_APP_FD, SRC_APP_FD_PRIVATE, SRC_LWK_FD_PRIVATE,
+    SRC_MEMFD_HUGE, SRC_MEMFD_SHARED, SRC_MEMFD_SMALL,
 };
 use lwk_abi::layout::{APP_END, APP_START, HUGE_PAGE_SIZE, MMAP_TOP, PAGE_SIZE, SCRATCH_ADDR};
 use lwk_rt::nr;
@@ -62,7 +62,7 @@ impl Piece {
         self.end - self.start
     }
     fn is_memfd(&self) -> bool {
-        self.src == SRC_MEMFD_SMALL || self.src == SRC_MEMFD_HUGE
+        memfd_slot(self.src).is_some()
     }
     fn is_private_file(&self) -> bool {
         self.src == SRC_APP_FD_PRIVATE || self.src == SRC_LWK_FD_PRIVATE
@@ -124,8 +124,8 @@ impl Extents {
 pub struct Mm {
     pieces: [Piece; MAX_PIECES],
     n: usize,
-    extents: [Extents; 2],
-    memfd: [i32; 2],
+    extents: [Extents; 3],
+    memfd: [i32; 3],
     huge_ok: bool,
     require_huge: bool,
     prefault_all: bool,
@@ -157,8 +157,8 @@ impl Mm {
         Mm {
             pieces: [Piece { start: 0, end: 0, prot: 0, src: 0, fd: 0, lazy: false, off: 0 }; MAX_PIECES],
             n: 0,
-            extents: [Extents::new(), Extents::new()],
-            memfd: [0, 0], // zero so the whole table is .bss; set by init
+            extents: [Extents::new(), Extents::new(), Extents::new()],
+            memfd: [0, 0, 0], // zero so the whole table is .bss; set by init
             huge_ok: false,
             require_huge: false,
             prefault_all: false,
@@ -175,12 +175,25 @@ impl Mm {
         self.verbose = verbose;
         self.prefault_all = prefault_all;
         self.require_huge = require_huge;
+        self.memfd = [-1, -1, -1];
         self.create_memfds(huge)
     }
 
+    /// New private memfds; the shared one is made once and kept (a forked
+    /// child shares it with its parent).
     fn create_memfds(&mut self, huge: bool) -> Result<(), i64> {
-        self.memfd = [-1, -1];
+        self.memfd[0] = -1;
+        self.memfd[1] = -1;
         self.huge_ok = false;
+        if self.memfd[2] < 0 {
+            // SAFETY: the name is NUL-terminated; ftruncate of our new memfd.
+            let sfd = unsafe { syscall3(nr::MEMFD_CREATE, b"lwk-shared\0".as_ptr() as u64, MFD_CLOEXEC, 0) };
+            if sfd < 0 || unsafe { syscall3(nr::FTRUNCATE, sfd as u64, MEMFD_SPACE, 0) } < 0 {
+                return Err(if sfd < 0 { sfd } else { -ENOMEM });
+            }
+            self.memfd[2] = sfd as i32;
+            self.extents[2].init(MEMFD_SPACE);
+        }
         // SAFETY: the name is NUL-terminated.
         let fd = unsafe { syscall3(nr::MEMFD_CREATE, b"lwk-mem\0".as_ptr() as u64, MFD_CLOEXEC, 0) };
         if fd < 0 {
@@ -209,6 +222,7 @@ impl Mm {
         let h = &control().header;
         h.memfd[0].store(self.memfd[0], core::sync::atomic::Ordering::Release);
         h.memfd[1].store(self.memfd[1], core::sync::atomic::Ordering::Release);
+        h.memfd[2].store(self.memfd[2], core::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -371,6 +385,11 @@ impl Mm {
     }
 
     fn release_extent(&mut self, src: u32, off: u64, len: u64) {
+        // Shared memory may still be mapped by a forked child (or parent):
+        // its pages and offsets stay until every process is gone.
+        if src == SRC_MEMFD_SHARED {
+            return;
+        }
         let k = src as usize;
         punch(self.memfd[k], off, len);
         self.extents[k].free(off, len);
@@ -395,6 +414,15 @@ impl Mm {
     /// Back [start, end) with fresh zeroed memory: huge pages for the
     /// 2 MiB-aligned middle when possible, 4 KiB pages around it.
     fn map_fresh(&mut self, start: u64, end: u64, prot: u32, lazy: bool) -> Result<(), i64> {
+        self.map_fresh_as(start, end, prot, lazy, false)
+    }
+
+    /// As map_fresh; `shared` memory (MAP_SHARED|MAP_ANONYMOUS) goes to the
+    /// shared memfd, which a fork does not copy.
+    fn map_fresh_as(&mut self, start: u64, end: u64, prot: u32, lazy: bool, shared: bool) -> Result<(), i64> {
+        if shared {
+            return self.map_extent(start, end, prot, lazy, SRC_MEMFD_SHARED);
+        }
         let (hs, he) = (huge_up(start), huge_down(end));
         if self.huge_ok && !lazy && prot != 0 && hs < he {
             match self.map_extent(hs, he, prot, lazy, SRC_MEMFD_HUGE) {
@@ -416,7 +444,7 @@ impl Mm {
 
     fn map_extent(&mut self, start: u64, end: u64, prot: u32, lazy: bool, src: u32) -> Result<(), i64> {
         let len = end - start;
-        let k = src as usize;
+        let Some(k) = memfd_slot(src) else { return Err(-EINVAL) };
         let off = self.extents[k].alloc(len).ok_or(-ENOMEM)?;
         let p = Piece { start, end, prot, src, fd: -1, lazy, off };
         // SAFETY: [start, end) is in the application's range and was
@@ -512,7 +540,7 @@ impl Mm {
         let end = start + len;
         if anon {
             self.forget(start, end)?;
-            self.map_fresh(start, end, prot as u32, lazy)?;
+            self.map_fresh_as(start, end, prot as u32, lazy, typ != MAP_PRIVATE)?;
         } else if typ == MAP_PRIVATE {
             self.map_private_file(start, end, prot as u32, fd, off)?;
         } else {
@@ -922,8 +950,10 @@ impl Mm {
         self.create_memfds(huge)?;
         for i in 0..self.n {
             let p = self.pieces[i];
-            if !p.is_memfd() {
-                continue; // files: the kernel's fork already did the right thing
+            if !p.is_memfd() || p.src == SRC_MEMFD_SHARED {
+                // Files, and shared memory: the kernel's fork already did
+                // the right thing (the proxy keeps its inherited mirror).
+                continue;
             }
             let len = p.len();
             let mut src = p.src;
@@ -968,9 +998,9 @@ impl Mm {
                 offset: self.pieces[i].off,
             });
         }
-        for fd in old {
-            if fd >= 0 {
-                close(fd);
+        for fd in &old[..2] {
+            if *fd >= 0 {
+                close(*fd);
             }
         }
         Ok(())

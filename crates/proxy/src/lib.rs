@@ -252,7 +252,7 @@ fn apply_map_log(ctl: &Control) {
 }
 
 fn drain_map_log(ctl: &Control) {
-    let mut memfd = [-1i32; 2];
+    let mut memfd = [-1i32; 3];
     // SAFETY: the proxy is the only reader of the map log.
     unsafe {
         ctl.maplog.drain(|op| {
@@ -278,7 +278,7 @@ fn drain_map_log(ctl: &Control) {
 
 /// # Safety
 /// `op` comes from the LWK and names application memory only.
-unsafe fn apply(ctl: &Control, op: &MapOp, memfd: &mut [i32; 2]) -> i64 {
+unsafe fn apply(ctl: &Control, op: &MapOp, memfd: &mut [i32; 3]) -> i64 {
     // SAFETY: every range is inside the application's range, where the
     // proxy has nothing of its own.
     unsafe {
@@ -295,8 +295,8 @@ unsafe fn apply(ctl: &Control, op: &MapOp, memfd: &mut [i32; 2]) -> i64 {
                     close(fd as i32);
                     r
                 }
-                k => {
-                    let k = k as usize;
+                src => {
+                    let Some(k) = lwk_abi::control::memfd_slot(src) else { return -EINVAL };
                     if memfd[k] < 0 {
                         // Opened per batch and closed after it: the
                         // application's fd table never sees it.
