@@ -42,9 +42,9 @@ const LOCAL: Class = Class::Local;
 const DELEGATED: Class = Class::Delegated;
 
 // Why each special call cannot simply run in one of the two processes.
-const NEW_TASK: Class = Class::Special("process/thread creation: needs LWK threads (issue 3); ENOSYS for now");
-const EXEC: Class = Class::Special("replaces the image: LWK must reload itself around the new program");
-const WAIT: Class = Class::Special("children are LWK processes: their proxies must be reaped too");
+const NEW_TASK: Class = Class::Special("thread: own slot and proxy worker; process: copied memory, new proxy");
+const EXEC: Class = Class::Special("replaces the image: the LWK restarts itself around the new program");
+const WAIT: Class = Class::Special("children are the app process's own: waited for there");
 const SIGNALFD: Class = Class::Special("reads the app's signals, which live in the LWK");
 const OTHER_PID: Class = Class::Special("pid argument: app pid vs proxy pid");
 const TRACE: Class = Class::Special("acts on a process: app process vs its proxy");
