@@ -163,7 +163,8 @@ fn wait_for_child(c: &Control, pid: i32) -> Result<(), i64> {
         let r = unsafe {
             syscall6(nr::WAITID, P_PID, pid as u64, info.as_mut_ptr() as u64, WEXITED | WNOHANG | WNOWAIT, 0, 0)
         };
-        if r == 0 && info[1] as u32 != 0 && state.load(Acquire) != FORK_DONE {
+        // ECHILD: already reaped (the application ignores SIGCHLD).
+        if r == -ECHILD || (r == 0 && info[1] as u32 != 0 && state.load(Acquire) != FORK_DONE) {
             // si_pid set: it has exited. fork succeeded as far as the
             // application can tell; the child's exit status says the rest.
             return Ok(());
