@@ -101,6 +101,9 @@ fn fork_inner(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UCont
         let pid = unsafe { spawn(kflags, top, ptid, ctid, tls, child_start, 0) };
         drop(start);
         if pid < 0 {
+            // The child proxy would wait for an application that never comes.
+            // SAFETY: signals the proxy we just had forked.
+            unsafe { syscall3(nr::KILL, proxy as u64, 9, 0) };
             return Err(pid);
         }
         wait_for_child(child_ctl, pid as i32)?;
