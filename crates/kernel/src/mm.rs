@@ -344,19 +344,13 @@ impl Mm {
         let p = self.pieces[i];
         let off_h = p.off + (at - p.start);
         let off_s = self.extents[0].alloc(HUGE).ok_or(-ENOMEM)?;
-        // SAFETY: the scratch window is the LWK's own, outside the
-        // application's range; both mappings are removed before returning.
+        if let Err(e) = copy_extent(self.memfd[1], off_h, self.memfd[0], off_s, HUGE) {
+            self.extents[0].free(off_s, HUGE);
+            return Err(e);
+        }
+        // SAFETY: replaces the huge page at `at` with its 4 KiB copy;
+        // pre-faulted as the huge page was (populate of the huge piece).
         unsafe {
-            let a = mmap(SCRATCH_ADDR, HUGE, PROT_READ, MAP_SHARED | MAP_FIXED, self.memfd[1], off_h);
-            let b =
-                mmap(SCRATCH_ADDR + HUGE, HUGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, self.memfd[0], off_s);
-            if a < 0 || b < 0 {
-                munmap(SCRATCH_ADDR, 2 * HUGE);
-                self.extents[0].free(off_s, HUGE);
-                return Err(if a < 0 { a } else { b });
-            }
-            core::ptr::copy_nonoverlapping(SCRATCH_ADDR as *const u8, (SCRATCH_ADDR + HUGE) as *mut u8, HUGE as usize);
-            munmap(SCRATCH_ADDR, 2 * HUGE);
             let r = mmap(at, HUGE, p.prot as u64, MAP_SHARED | MAP_FIXED | self.populate(&p), self.memfd[0], off_s);
             if r < 0 {
                 self.extents[0].free(off_s, HUGE);
@@ -366,21 +360,18 @@ impl Mm {
         self.pieces[i].end = at;
         let small = Piece { start: at, end: at + HUGE, src: SRC_MEMFD_SMALL, off: off_s, ..p };
         let after = Piece { start: at + HUGE, off: off_h + HUGE, ..p };
-        let mut idx = i;
         if self.pieces[i].start == at {
             self.pieces[i] = small;
         } else {
-            idx += 1;
             self.insert(small)?;
         }
         if after.start < after.end {
             self.insert(after)?;
         }
-        let _ = idx;
         self.release_extent(SRC_MEMFD_HUGE, off_h, HUGE);
         control().stats.sub_memory(HUGE, true);
         control().stats.add_memory(HUGE, false);
-        push(MapOp { kind: OP_MAP, prot: p.prot, addr: at, len: HUGE, source: SRC_MEMFD_SMALL, fd: -1, offset: off_s });
+        mirror_piece(&small);
         Ok(())
     }
 
@@ -447,10 +438,9 @@ impl Mm {
         let Some(k) = memfd_slot(src) else { return Err(-EINVAL) };
         let off = self.extents[k].alloc(len).ok_or(-ENOMEM)?;
         let p = Piece { start, end, prot, src, fd: -1, lazy, off };
-        // SAFETY: [start, end) is in the application's range and was
-        // forgotten by the caller; mapping over it is what the call asks.
-        let r =
-            unsafe { mmap(start, len, prot as u64, MAP_SHARED | MAP_FIXED | self.populate(&p), self.memfd[k], off) };
+        // [start, end) was forgotten by the caller; mapping over it is what
+        // the call asks.
+        let r = self.map_piece(&p);
         if r < 0 {
             self.extents[k].free(off, len);
             return Err(r);
@@ -462,8 +452,19 @@ impl Mm {
             return Err(e);
         }
         control().stats.add_memory(len, src == SRC_MEMFD_HUGE);
-        push(MapOp { kind: OP_MAP, prot, addr: start, len, source: src, fd: -1, offset: off });
+        mirror_piece(&p);
         Ok(())
+    }
+
+    /// Map memfd piece `p` at its own address in this process, pre-faulted
+    /// by the policy of `populate`.
+    fn map_piece(&self, p: &Piece) -> i64 {
+        let Some(k) = memfd_slot(p.src) else { return -EINVAL };
+        // SAFETY: p lies in the application's range, whose layout the
+        // caller owns.
+        unsafe {
+            mmap(p.start, p.len(), p.prot as u64, MAP_SHARED | MAP_FIXED | self.populate(p), self.memfd[k], p.off)
+        }
     }
 
     /// Highest free, aligned gap of `len` bytes below MMAP_TOP; the start
@@ -616,8 +617,9 @@ impl Mm {
         if r < 0 {
             return Err(r);
         }
-        self.insert(Piece { start, end, prot, src: SRC_APP_FD, fd, lazy: true, off })?;
-        push(MapOp { kind: OP_MAP, prot, addr: start, len: end - start, source: SRC_APP_FD, fd, offset: off });
+        let p = Piece { start, end, prot, src: SRC_APP_FD, fd, lazy: true, off };
+        self.insert(p)?;
+        mirror_piece(&p);
         Ok(())
     }
 
@@ -654,7 +656,7 @@ impl Mm {
             return Err(r);
         }
         self.insert(p)?;
-        push(MapOp { kind: OP_MAP, prot, addr: start, len: end - start, source: src, fd, offset: off });
+        mirror_piece(&p);
         Ok(())
     }
 
@@ -677,16 +679,16 @@ impl Mm {
             }
             core::ptr::copy_nonoverlapping(p.start as *const u8, SCRATCH_ADDR as *mut u8, len as usize);
             munmap(SCRATCH_ADDR, len);
-            let q = Piece { src: SRC_MEMFD_SMALL, ..p };
-            let r = mmap(p.start, len, p.prot as u64, MAP_SHARED | MAP_FIXED | self.populate(&q), self.memfd[0], off);
-            if r < 0 {
-                self.release_extent(SRC_MEMFD_SMALL, off, len);
-                return Err(r);
-            }
         }
-        self.pieces[i] = Piece { src: SRC_MEMFD_SMALL, off, fd: 0, lazy: false, ..p };
+        let q = Piece { src: SRC_MEMFD_SMALL, off, fd: -1, lazy: false, ..p };
+        let r = self.map_piece(&q);
+        if r < 0 {
+            self.release_extent(SRC_MEMFD_SMALL, off, len);
+            return Err(r);
+        }
+        self.pieces[i] = q;
         control().stats.add_memory(len, false);
-        push(MapOp { kind: OP_MAP, prot: p.prot, addr: p.start, len, source: SRC_MEMFD_SMALL, fd: -1, offset: off });
+        mirror_piece(&q);
         Ok(())
     }
 
@@ -964,39 +966,17 @@ impl Mm {
                     self.extents[0].alloc(len).ok_or(-ENOMEM)?
                 }
             };
-            let k = src as usize;
-            // SAFETY: the scratch window is the LWK's own; the old extent is
-            // read through its memfd, so the piece's protection does not
-            // matter; both scratch mappings go before the next piece.
-            unsafe {
-                let from = mmap(SCRATCH_ADDR, len, PROT_READ, MAP_SHARED | MAP_FIXED, old[p.src as usize], p.off);
-                let to_at = SCRATCH_ADDR + huge_up(len);
-                let to = mmap(to_at, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, self.memfd[k], off);
-                if from < 0 || to < 0 {
-                    munmap(SCRATCH_ADDR, huge_up(len) + len);
-                    return Err(if from < 0 { from } else { to });
-                }
-                copy_data(old[p.src as usize], p.off, len, SCRATCH_ADDR, to_at);
-                munmap(SCRATCH_ADDR, huge_up(len) + len);
-                let q = Piece { src, off, ..p };
-                let r =
-                    mmap(p.start, len, p.prot as u64, MAP_SHARED | MAP_FIXED | self.populate(&q), self.memfd[k], off);
-                if r < 0 {
-                    return Err(r);
-                }
+            // The old extent is read through its memfd, so the piece's
+            // protection does not matter.
+            copy_extent(old[p.src as usize], p.off, self.memfd[src as usize], off, len)?;
+            let q = Piece { src, off, ..p };
+            let r = self.map_piece(&q);
+            if r < 0 {
+                return Err(r);
             }
-            self.pieces[i].src = src;
-            self.pieces[i].off = off;
+            self.pieces[i] = q;
             control().stats.add_memory(len, src == SRC_MEMFD_HUGE);
-            push(MapOp {
-                kind: OP_MAP,
-                prot: p.prot,
-                addr: p.start,
-                len,
-                source: src,
-                fd: -1,
-                offset: self.pieces[i].off,
-            });
+            mirror_piece(&q);
         }
         for fd in &old[..2] {
             if *fd >= 0 {
@@ -1075,6 +1055,34 @@ impl Mm {
 
     pub fn pieces(&self) -> &[Piece] {
         &self.pieces[..self.n]
+    }
+}
+
+/// Have the proxy map piece `p` at the same address, from the same source.
+fn mirror_piece(p: &Piece) {
+    push(MapOp { kind: OP_MAP, prot: p.prot, addr: p.start, len: p.len(), source: p.src, fd: p.fd, offset: p.off });
+}
+
+/// Copy `len` bytes at `from_off` of memfd `from_fd` to `to_off` of memfd
+/// `to_fd`, through the LWK's scratch window (only where the source has
+/// data, see `copy_data`). Both scratch mappings are gone on return.
+fn copy_extent(from_fd: i32, from_off: u64, to_fd: i32, to_off: u64, len: u64) -> Result<(), i64> {
+    let to_at = SCRATCH_ADDR + huge_up(len);
+    // SAFETY: the scratch window is the LWK's own, outside the
+    // application's range, and large enough for both mappings.
+    unsafe {
+        let from = mmap(SCRATCH_ADDR, len, PROT_READ, MAP_SHARED | MAP_FIXED, from_fd, from_off);
+        let to = mmap(to_at, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, to_fd, to_off);
+        let r = if from < 0 {
+            Err(from)
+        } else if to < 0 {
+            Err(to)
+        } else {
+            copy_data(from_fd, from_off, len, SCRATCH_ADDR, to_at);
+            Ok(())
+        };
+        munmap(SCRATCH_ADDR, huge_up(len) + len);
+        r
     }
 }
 
