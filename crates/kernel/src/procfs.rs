@@ -61,6 +61,16 @@ fn path_arg(nr: u64) -> Option<usize> {
     }
 }
 
+/// Does the path argument of `nr` start with /proc/? A cheap test (7 bytes
+/// read) that keeps the full rewrite, with its path-sized buffers, off the
+/// path of every other delegated call.
+pub fn names_proc(nr: u64, a: &[u64; 6]) -> bool {
+    let Some(i) = path_arg(nr) else { return false };
+    let mut head = [0u8; 7];
+    let r = read_cstr(a[i], &mut head);
+    (r.is_ok() || r == Err(-ENAMETOOLONG)) && head.starts_with(b"/proc/")
+}
+
 /// A rewritten path, in a buffer the caller keeps on the application's
 /// stack (the proxy sees it there).
 pub struct Rewrite {

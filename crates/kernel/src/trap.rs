@@ -240,26 +240,37 @@ fn dispatch(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
             None => local(-ENOSYS),
             Some(Class::Local) => local(passthrough(nr, a)),
             Some(Class::Special(why)) => local(unsupported(nr, why)),
-            Some(Class::Delegated) => {
-                // On this (the application's) stack, where the proxy sees it.
-                let mut path = crate::procfs::Rewrite { buf: [0; 4096] };
-                let mut a = a;
-                match crate::procfs::rewrite(nr, &a, &mut path) {
-                    crate::procfs::Outcome::Done(r) => return (r, Local),
-                    crate::procfs::Outcome::Path(i) => a[i] = path.buf.as_ptr() as u64,
-                    crate::procfs::Outcome::Unchanged => {}
-                }
-                let r = delegate_interruptible(nr, a, uc);
-                if r == -EPIPE && raises_sigpipe(nr, a) {
-                    // The proxy ignores SIGPIPE; the application gets it
-                    // as it would natively (delivered when we return).
-                    // SAFETY: signals this process's own thread.
-                    unsafe { syscall3(nr::TGKILL, getpid() as u64, gettid() as u64, SIGPIPE) };
-                }
-                (r, Delegated)
-            }
+            Some(Class::Delegated) if crate::procfs::names_proc(nr, &a) => delegated_proc(nr, a, uc),
+            Some(Class::Delegated) => delegated(nr, a, uc),
         },
     }
+}
+
+/// A delegated call, and the SIGPIPE Linux would raise with its EPIPE.
+fn delegated(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
+    let r = delegate_interruptible(nr, a, uc);
+    if r == -EPIPE && raises_sigpipe(nr, a) {
+        // The proxy ignores SIGPIPE; the application gets it as it would
+        // natively (delivered when we return).
+        // SAFETY: signals this process's own thread.
+        unsafe { syscall3(nr::TGKILL, getpid() as u64, gettid() as u64, SIGPIPE) };
+    }
+    (r, Ran::Delegated)
+}
+
+/// A delegated call whose path is under /proc: /proc/self must name the
+/// application, not the proxy (see procfs). Kept out of line so that its
+/// path buffer is on the stack only for these calls.
+#[inline(never)]
+fn delegated_proc(nr: u64, mut a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
+    // On this (the application's) stack, where the proxy sees it.
+    let mut path = crate::procfs::Rewrite { buf: [0; 4096] };
+    match crate::procfs::rewrite(nr, &a, &mut path) {
+        crate::procfs::Outcome::Done(r) => return (r, Ran::Local),
+        crate::procfs::Outcome::Path(i) => a[i] = path.buf.as_ptr() as u64,
+        crate::procfs::Outcome::Unchanged => {}
+    }
+    delegated(nr, a, uc)
 }
 
 /// Calls Linux never restarts after a signal handler (signal(7)).
