@@ -141,16 +141,19 @@ pub fn rt_sigsuspend(set: u64, size: u64) -> i64 {
     if size != 8 {
         return -EINVAL;
     }
-    let m = match read_app::<1>(set) {
-        Ok(v) => v[0] & !UNBLOCKABLE,
-        Err(e) => return e,
-    };
-    // SAFETY: m is the LWK's own.
-    unsafe { syscall3(nr::RT_SIGSUSPEND, &m as *const u64 as u64, 8, 0) }
+    match read_app::<1>(set) {
+        Ok(v) => suspend(v[0]),
+        Err(e) => e,
+    }
 }
 
 pub fn pause(uc: &UContext) -> i64 {
-    let m = uc.sigmask & !UNBLOCKABLE;
+    suspend(uc.sigmask)
+}
+
+/// Wait for a signal with `mask` (never blocking the unblockable ones).
+fn suspend(mask: u64) -> i64 {
+    let m = mask & !UNBLOCKABLE;
     // SAFETY: m is the LWK's own.
     unsafe { syscall3(nr::RT_SIGSUSPEND, &m as *const u64 as u64, 8, 0) }
 }
@@ -158,10 +161,17 @@ pub fn pause(uc: &UContext) -> i64 {
 /// Run a blocking call with the application's signal mask, so a signal
 /// interrupts it with EINTR after its handler ran, as natively.
 pub fn with_app_mask(uc: &UContext, f: impl FnOnce() -> i64) -> i64 {
-    let app = uc.sigmask & !UNBLOCKABLE;
+    with_mask(uc.sigmask, f)
+}
+
+/// Run `f` with `mask` in force (the unblockable signals never blocked):
+/// pending signals it lets through are delivered, their handlers run on
+/// this stack. The LWK's all-blocked mask is back afterwards.
+fn with_mask(mask: u64, f: impl FnOnce() -> i64) -> i64 {
+    let m = mask & !UNBLOCKABLE;
     let mut saved = 0u64;
     // SAFETY: masks are the LWK's own words.
-    unsafe { syscall6(nr::RT_SIGPROCMASK, 2, &app as *const u64 as u64, &mut saved as *mut u64 as u64, 8, 0, 0) };
+    unsafe { syscall6(nr::RT_SIGPROCMASK, 2, &m as *const u64 as u64, &mut saved as *mut u64 as u64, 8, 0, 0) };
     let r = f();
     // SAFETY: as above.
     unsafe { syscall6(nr::RT_SIGPROCMASK, 2, &saved as *const u64 as u64, 0, 8, 0, 0) };
@@ -205,11 +215,5 @@ pub fn call_sigmask(nr: u64, a: [u64; 6]) -> Option<u64> {
 /// Deliver the pending signals that `mask` does not block, now, with
 /// `mask` in force; the LWK's all-blocked mask is back afterwards.
 pub fn run_handlers_with(mask: u64) {
-    let mut saved = 0u64;
-    let m = mask & !UNBLOCKABLE;
-    // SAFETY: masks are the LWK's own words; handlers run on this stack.
-    unsafe {
-        syscall6(nr::RT_SIGPROCMASK, 2, &m as *const u64 as u64, &mut saved as *mut u64 as u64, 8, 0, 0);
-        syscall6(nr::RT_SIGPROCMASK, 2, &saved as *const u64 as u64, 0, 8, 0, 0);
-    }
+    with_mask(mask, || 0);
 }
