@@ -5,8 +5,8 @@
 
 use core::sync::atomic::Ordering::{Relaxed, Release};
 
-use lwk_abi::control::{CONTROL_MAGIC, CONTROL_SIZE, OPT_HUGE_OFF, OPT_HUGE_REQUIRE, OPT_PREFAULT_ALL, OPT_VERBOSE};
-use lwk_abi::layout::{CONTROL_ADDR, STACK_TOP};
+use lwk_abi::control::{CONTROL_MAGIC, OPT_HUGE_OFF, OPT_HUGE_REQUIRE, OPT_PREFAULT_ALL, OPT_VERBOSE};
+use lwk_abi::layout::STACK_TOP;
 use lwk_rt::mem::strlen;
 use lwk_rt::nr;
 use lwk_rt::*;
@@ -85,11 +85,7 @@ pub fn parse_int(s: &[u8]) -> Option<i64> {
 /// Map the control region from `fd` at its fixed address. The descriptor
 /// stays open (privately, in this process) for execve.
 pub fn map_control(fd: i32) -> Result<(), &'static str> {
-    // SAFETY: CONTROL_ADDR is reserved for it and nothing is there yet.
-    let r = unsafe {
-        mmap(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED_NOREPLACE, fd, 0)
-    };
-    if r < 0 {
+    if lwk_rt::map_control(fd, false) < 0 {
         return Err("cannot map the control region");
     }
     if control().header.magic.load(Relaxed) != CONTROL_MAGIC {

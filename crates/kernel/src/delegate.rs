@@ -77,8 +77,7 @@ pub fn call_on(slot: usize, nr: u64, args: [u64; 6], app_mask: Option<u64>) -> i
 /// process; a forked child has only this.)
 fn check_proxy_alive() {
     let proxy = control().header.proxy_pid.load(Relaxed);
-    // SAFETY: a signal-0 probe.
-    if proxy > 0 && unsafe { rt::syscall3(lwk_rt::nr::KILL, proxy as u64, 0, 0) } == -rt::ESRCH {
+    if rt::process_gone(proxy) {
         lwk_rt::diag!("the proxy process {} is gone; the application cannot continue", proxy);
         rt::exit_group(125);
     }

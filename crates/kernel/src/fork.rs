@@ -18,7 +18,7 @@
 use core::sync::atomic::Ordering::*;
 
 use lwk_abi::control::{Control, CONTROL_MAGIC, CONTROL_SIZE, REQ_FORK};
-use lwk_abi::layout::{CONTROL_ADDR, SCRATCH_ADDR};
+use lwk_abi::layout::SCRATCH_ADDR;
 use lwk_rt::nr;
 use lwk_rt::thread::*;
 use lwk_rt::*;
@@ -188,9 +188,7 @@ extern "C" fn child_start(_: u64) -> ! {
         (s.uc, s.ctl_fd)
     };
     // Take the child's control region in place of the parent's.
-    // SAFETY: replaces the inherited mapping of the parent's region.
-    let r = unsafe { mmap(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, cfd, 0) };
-    if r < 0 {
+    if map_control(cfd, true) < 0 {
         exit_group(125);
     }
     crate::guard::retag_control();

@@ -19,8 +19,6 @@
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 
-use lwk_abi::control::CONTROL_SIZE;
-use lwk_abi::layout::CONTROL_ADDR;
 use lwk_rt::pkey;
 use lwk_rt::*;
 
@@ -71,9 +69,7 @@ pub fn protect() -> Result<(), &'static str> {
         pkey::free(key);
         return Err("protection key 1 is taken");
     }
-    if pkey::mprotect(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, key as u64) != 0
-        || !pkey::tag_image(key as u64)
-    {
+    if !pkey::tag_control(key as u64) || !pkey::tag_image(key as u64) {
         return Err("pkey_mprotect failed");
     }
     // SAFETY: a key was allocated, so the CPU has PKRU.
@@ -87,7 +83,7 @@ pub fn protect() -> Result<(), &'static str> {
 /// After a fork the control region is a new mapping: tag it too.
 pub fn retag_control() {
     if ON.load(Relaxed) {
-        pkey::mprotect(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, LWK_KEY as u64);
+        pkey::tag_control(LWK_KEY as u64);
     }
 }
 

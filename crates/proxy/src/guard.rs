@@ -11,8 +11,6 @@
 use core::arch::asm;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
-use lwk_abi::control::CONTROL_SIZE;
-use lwk_abi::layout::CONTROL_ADDR;
 use lwk_rt::pkey;
 use lwk_rt::*;
 
@@ -43,7 +41,7 @@ pub fn protect_own_memory() -> Result<(), &'static str> {
     }
     let k = key as u64;
     let ok = pkey::mprotect(stack as u64, STACK_SIZE, PROT_READ | PROT_WRITE, k) == 0
-        && pkey::mprotect(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, k) == 0
+        && pkey::tag_control(k)
         && pkey::tag_image(k);
     if !ok {
         return Err("pkey_mprotect failed");
@@ -89,7 +87,7 @@ pub fn alloc_stack(size: u64) -> Result<u64, i64> {
 pub fn retag_control() {
     let key = KEY.load(Relaxed);
     if key > 0 {
-        pkey::mprotect(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, key);
+        pkey::tag_control(key);
     }
 }
 

@@ -12,7 +12,6 @@
 use core::sync::atomic::AtomicBool;
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
-use lwk_abi::control::CONTROL_SIZE;
 use lwk_abi::control::{
     Channel, Control, MapOp, CH_DONE, CH_REQUEST, OP_MAP, OP_MOVE, OP_PROTECT, OP_UNMAP, REQ_EXEC_RESET, REQ_FORK,
     REQ_NEW_WORKER, REQ_SYNC, SRC_APP_FD, SRC_APP_FD_PRIVATE, SRC_LWK_FD_PRIVATE,
@@ -133,8 +132,7 @@ fn serve(slot: usize) -> ! {
 /// supervisor kills the first proxy; those of forked children notice here.)
 fn exit_if_orphaned() {
     let app = control().header.app_pid.load(Acquire);
-    // SAFETY: a signal-0 probe.
-    if app > 0 && unsafe { syscall3(nr::KILL, app as u64, 0, 0) } == -ESRCH {
+    if process_gone(app) {
         exit_group(0);
     }
 }
@@ -172,12 +170,8 @@ fn fork_proxy(ctl_fd: i32, app_pid: i32) -> i64 {
     let mut path = [0u8; 64];
     let n = lwk_rt::out::proc_fd_path(&mut path, app_pid, ctl_fd);
     let fd = open(&path[..n], O_RDWR | O_CLOEXEC, 0);
-    let r = if fd < 0 {
-        fd
-    } else {
-        // SAFETY: replaces the inherited mapping of the parent's region.
-        unsafe { mmap(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd as i32, 0) }
-    };
+    // In place of the inherited mapping of the parent's region.
+    let r = if fd < 0 { fd } else { map_control(fd as i32, true) };
     if r < 0 {
         exit_group(125);
     }

@@ -54,6 +54,13 @@ extern "C" {
     static __ehdr_start: u8;
 }
 
+/// Tag the control region (at its fixed address) with `key`.
+pub fn tag_control(key: u64) -> bool {
+    use lwk_abi::control::CONTROL_SIZE;
+    use lwk_abi::layout::CONTROL_ADDR;
+    mprotect(CONTROL_ADDR, CONTROL_SIZE as u64, crate::sys::PROT_READ | crate::sys::PROT_WRITE, key) == 0
+}
+
 /// Tag every loadable segment of this image with `key`, keeping each
 /// segment's protection. False if any failed.
 pub fn tag_image(key: u64) -> bool {

@@ -242,3 +242,20 @@ impl SpinWait {
         self.start = rdtsc();
     }
 }
+
+/// Map the control region from `fd` at its fixed address, over an
+/// inherited one (`replace`, after a fork) or where nothing is yet.
+pub fn map_control(fd: i32, replace: bool) -> i64 {
+    use lwk_abi::control::CONTROL_SIZE;
+    use lwk_abi::layout::CONTROL_ADDR;
+    let place = if replace { MAP_FIXED } else { MAP_FIXED_NOREPLACE };
+    // SAFETY: CONTROL_ADDR is reserved for the control region in every
+    // lwk process; `replace` is only asked for when the old one is done with.
+    unsafe { mmap(CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, MAP_SHARED | place, fd, 0) }
+}
+
+/// Has process `pid` ended (and been reaped)?
+pub fn process_gone(pid: i32) -> bool {
+    // SAFETY: a signal-0 probe.
+    pid > 0 && unsafe { syscall3(nr::KILL, pid as u64, 0, 0) } == -ESRCH
+}
