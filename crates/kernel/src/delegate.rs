@@ -12,7 +12,7 @@ use crate::control;
 
 /// Delegate a call on the calling thread's channel.
 pub fn call(nr: u64, args: [u64; 6]) -> i64 {
-    call_on(crate::thread::current_slot(), nr, args, None)
+    call_on(nr, args, None)
 }
 
 /// Delegate an application's call that a signal may interrupt: while it
@@ -22,13 +22,13 @@ pub fn call(nr: u64, args: [u64; 6]) -> i64 {
 /// caller restarts it or fails it as Linux would. Signals are blocked while
 /// the LWK runs, so the wait checks for them every 2 ms.
 pub fn call_interruptible(nr: u64, args: [u64; 6], app_mask: u64) -> i64 {
-    call_on(crate::thread::current_slot(), nr, args, Some(app_mask))
+    call_on(nr, args, Some(app_mask))
 }
 
-/// Delegate a call on channel `slot` (owned by the calling thread).
-pub fn call_on(slot: usize, nr: u64, args: [u64; 6], app_mask: Option<u64>) -> i64 {
+/// Delegate a call on the calling thread's channel.
+fn call_on(nr: u64, args: [u64; 6], app_mask: Option<u64>) -> i64 {
     let ctl = control();
-    let ch = &ctl.channels[slot];
+    let ch = &ctl.channels[crate::thread::current_slot()];
     ch.nr.store(nr, Relaxed);
     for (slot, a) in ch.args.iter().zip(args) {
         slot.store(a, Relaxed);

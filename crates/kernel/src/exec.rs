@@ -9,7 +9,7 @@ use lwk_rt::nr;
 use lwk_rt::*;
 
 use crate::boot::CTL_FD;
-use crate::mm::MM;
+use crate::mm::{read_app, MM};
 use crate::sync::SpinLock;
 use crate::trap::UContext;
 use crate::{control, delegate, elf};
@@ -49,14 +49,6 @@ pub fn read_cstr(addr: u64, buf: &mut [u8]) -> Result<usize, i64> {
         i += chunk;
     }
     Err(-ENAMETOOLONG)
-}
-
-fn read_ptr(addr: u64) -> Result<u64, i64> {
-    if !MM.lock().accessible(addr, 8, false) {
-        return Err(-EFAULT);
-    }
-    // SAFETY: 8 readable bytes of application memory.
-    Ok(unsafe { core::ptr::read_unaligned(addr as *const u64) })
 }
 
 /// Make this process's working directory the application's (which lives
@@ -204,9 +196,9 @@ fn execve_at_path(a: &mut ExecArgs, len: usize, argv: u64, envp: u64, uc: &UCont
             if app_argc == MAX_ARGS {
                 return -E2BIG;
             }
-            match read_ptr(argv + 8 * app_argc as u64) {
-                Ok(0) => break,
-                Ok(p) => a.argv[5 + app_argc] = p,
+            match read_app::<1>(argv + 8 * app_argc as u64) {
+                Ok([0]) => break,
+                Ok([p]) => a.argv[5 + app_argc] = p,
                 Err(e) => return e,
             }
             app_argc += 1;

@@ -1058,6 +1058,25 @@ impl Mm {
     }
 }
 
+/// Read N words of the application's memory, EFAULT unless readable.
+pub fn read_app<const N: usize>(addr: u64) -> Result<[u64; N], i64> {
+    if !MM.lock().accessible(addr, 8 * N as u64, false) {
+        return Err(-EFAULT);
+    }
+    // SAFETY: the range is mapped readable application memory.
+    Ok(unsafe { core::ptr::read_unaligned(addr as *const [u64; N]) })
+}
+
+/// Write N words into the application's memory, EFAULT unless writable.
+pub fn write_app<const N: usize>(addr: u64, v: [u64; N]) -> Result<(), i64> {
+    if !MM.lock().accessible(addr, 8 * N as u64, true) {
+        return Err(-EFAULT);
+    }
+    // SAFETY: the range is mapped writable application memory.
+    unsafe { core::ptr::write_unaligned(addr as *mut [u64; N], v) };
+    Ok(())
+}
+
 /// Have the proxy map piece `p` at the same address, from the same source.
 fn mirror_piece(p: &Piece) {
     push(MapOp { kind: OP_MAP, prot: p.prot, addr: p.start, len: p.len(), source: p.src, fd: p.fd, offset: p.off });

@@ -10,7 +10,7 @@
 use lwk_rt::nr;
 use lwk_rt::*;
 
-use crate::mm::MM;
+use crate::mm::{read_app, write_app};
 use crate::sync::SpinLock;
 use crate::trap::{restorer_addr, UContext, SIGSYS};
 
@@ -34,23 +34,6 @@ static SAVED: SpinLock<Saved> = SpinLock::new(Saved { sigsys: [0; 4], restorer: 
 pub unsafe fn force_unlock() {
     // SAFETY: as documented.
     unsafe { SAVED.force_unlock() };
-}
-
-fn read_app<const N: usize>(addr: u64) -> Result<[u64; N], i64> {
-    if !MM.lock().accessible(addr, 8 * N as u64, false) {
-        return Err(-EFAULT);
-    }
-    // SAFETY: the range is mapped readable application memory.
-    Ok(unsafe { core::ptr::read_unaligned(addr as *const [u64; N]) })
-}
-
-fn write_app<const N: usize>(addr: u64, v: [u64; N]) -> Result<(), i64> {
-    if !MM.lock().accessible(addr, 8 * N as u64, true) {
-        return Err(-EFAULT);
-    }
-    // SAFETY: the range is mapped writable application memory.
-    unsafe { core::ptr::write_unaligned(addr as *mut [u64; N], v) };
-    Ok(())
 }
 
 pub fn rt_sigaction(sig: u64, act: u64, oact: u64, size: u64) -> i64 {

@@ -136,11 +136,13 @@ pub fn clone(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UConte
 
 /// clone3(2): the same, from its argument structure.
 pub fn clone3(args: u64, size: u64, uc: &UContext) -> Option<i64> {
-    if size < 64 || !crate::mm::MM.lock().accessible(args, 64, false) {
+    if size < 64 {
         return Some(-EFAULT);
     }
-    // SAFETY: 64 readable bytes of application memory (checked above).
-    let a = unsafe { core::ptr::read_unaligned(args as *const [u64; 8]) };
+    let a = match crate::mm::read_app::<8>(args) {
+        Ok(a) => a,
+        Err(e) => return Some(e),
+    };
     let (flags, _pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls) =
         (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
     if flags & THREAD_FLAGS == THREAD_FLAGS && exit_signal != 0 {
