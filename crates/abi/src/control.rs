@@ -64,6 +64,94 @@ pub struct Header {
     pub mirror_error: AtomicI32,
     /// Set by the LWK when the application is about to run (entry reached).
     pub started: AtomicU32,
+    /// The partition the application runs in (`lwk run --partition`).
+    pub partition: PartitionInfo,
+}
+
+/// Where the application's CPUs and memory come from when it runs in a
+/// partition. Written by the supervisor before the application starts,
+/// copied into a forked child's region, read-only otherwise.
+#[repr(C)]
+pub struct PartitionInfo {
+    /// Set bits: the partition's CPUs. All zero: no partition.
+    pub cpus: [AtomicU64; PARTITION_CPU_WORDS],
+    /// Page size of the partition's memory: 4096 (a tmpfs), 2 MiB or 1 GiB
+    /// (a hugetlbfs mount whose pages are reserved for it).
+    pub page_size: AtomicU64,
+    /// NUL-terminated path of the directory in which the LWK creates the
+    /// application's memory files (O_TMPFILE), packed in little-endian words.
+    pub mem_dir: [AtomicU64; PARTITION_PATH_WORDS],
+}
+
+pub const PARTITION_CPU_WORDS: usize = 16;
+pub const PARTITION_PATH_WORDS: usize = 32;
+
+impl PartitionInfo {
+    pub fn is_set(&self) -> bool {
+        self.cpus.iter().any(|w| w.load(Ordering::Relaxed) != 0)
+    }
+
+    /// The `n`-th set CPU, round robin past the last one.
+    pub fn nth_cpu(&self, n: usize) -> Option<usize> {
+        let count: usize = self.cpus.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as usize).sum();
+        if count == 0 {
+            return None;
+        }
+        let mut k = n % count;
+        for (i, w) in self.cpus.iter().enumerate() {
+            let mut bits = w.load(Ordering::Relaxed);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                if k == 0 {
+                    return Some(i * 64 + b);
+                }
+                k -= 1;
+                bits &= bits - 1;
+            }
+        }
+        None
+    }
+
+    /// Record the partition; false if a CPU or the path does not fit.
+    pub fn set(&self, cpus: &[usize], page_size: u64, mem_dir: &[u8]) -> bool {
+        if mem_dir.len() >= PARTITION_PATH_WORDS * 8 || mem_dir.contains(&0) {
+            return false;
+        }
+        let mut words = [0u64; PARTITION_CPU_WORDS];
+        for &c in cpus {
+            match words.get_mut(c / 64) {
+                Some(w) => *w |= 1 << (c % 64),
+                None => return false,
+            }
+        }
+        let mut path = [0u8; PARTITION_PATH_WORDS * 8];
+        path[..mem_dir.len()].copy_from_slice(mem_dir);
+        for (i, w) in self.cpus.iter().enumerate() {
+            w.store(words[i], Ordering::Relaxed);
+        }
+        for (i, w) in self.mem_dir.iter().enumerate() {
+            w.store(u64::from_le_bytes(path[i * 8..i * 8 + 8].try_into().unwrap()), Ordering::Relaxed);
+        }
+        self.page_size.store(page_size, Ordering::Relaxed);
+        true
+    }
+
+    /// The memory directory, NUL-terminated, into `buf`.
+    pub fn mem_dir_into(&self, buf: &mut [u8; PARTITION_PATH_WORDS * 8]) {
+        for (i, w) in self.mem_dir.iter().enumerate() {
+            buf[i * 8..i * 8 + 8].copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        }
+    }
+
+    pub fn copy_from(&self, other: &PartitionInfo) {
+        for (a, b) in self.cpus.iter().zip(&other.cpus) {
+            a.store(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        for (a, b) in self.mem_dir.iter().zip(&other.mem_dir) {
+            a.store(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.page_size.store(other.page_size.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
 }
 
 pub const CH_IDLE: u32 = 0;
@@ -244,6 +332,22 @@ mod tests {
         assert_eq!(CONTROL_SIZE % 4096, 0);
         assert!(CONTROL_SIZE < 4 << 20);
         assert!(crate::syscalls::NR_LIMIT <= NR_SLOTS);
+    }
+
+    #[test]
+    fn partition_cpus_round_robin_and_path_round_trips() {
+        let p: Box<PartitionInfo> = unsafe { Box::new(core::mem::zeroed()) };
+        assert!(!p.is_set());
+        assert_eq!(p.nth_cpu(0), None);
+        assert!(p.set(&[3, 70, 5], 2 << 20, b"/run/lwk/partitions/a/mem"));
+        assert!(p.is_set());
+        let order: Vec<_> = (0..5).map(|n| p.nth_cpu(n).unwrap()).collect();
+        assert_eq!(order, [3, 5, 70, 3, 5]);
+        let mut buf = [0u8; PARTITION_PATH_WORDS * 8];
+        p.mem_dir_into(&mut buf);
+        assert_eq!(&buf[..26], b"/run/lwk/partitions/a/mem\0");
+        assert!(!p.set(&[4096], 4096, b"/x"), "a CPU beyond the bitmap is refused");
+        assert!(!p.set(&[1], 4096, &[b'a'; 256]), "a path without room for its NUL is refused");
     }
 
     #[test]

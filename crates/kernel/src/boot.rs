@@ -204,9 +204,17 @@ pub fn app_main(st: &Startup) -> ! {
             lwk_rt::diag!("LWK memory is not protected from the application: {}", why);
         }
     }
-    let opts = h.options.load(Relaxed);
-    let huge = opts & OPT_HUGE_OFF == 0 && huge_pages_available();
-    if opts & OPT_HUGE_REQUIRE != 0 && !huge {
+    let mut opts = h.options.load(Relaxed);
+    let part_page = open_partition_memory();
+    let huge = match part_page {
+        Some(page) => {
+            // The partition's pages, and only those: no fallback.
+            opts |= OPT_HUGE_REQUIRE;
+            page == lwk_abi::layout::HUGE_PAGE_SIZE
+        }
+        None => opts & OPT_HUGE_OFF == 0 && huge_pages_available(),
+    };
+    if opts & OPT_HUGE_REQUIRE != 0 && !huge && part_page.is_none() {
         lwk_rt::diag!("no free 2 MiB huge pages (--hugepages require): reserve some in /proc/sys/vm/nr_hugepages");
         exit_group(125);
     }
@@ -311,6 +319,32 @@ pub fn app_main(st: &Startup) -> ! {
     }
     // SAFETY: entry and sp describe a fully loaded program and its stack.
     unsafe { jump(sp, entry, crate::guard::app_pkru()) }
+}
+
+/// In a partition, the directory its memory comes from: give it to the
+/// memory manager; the partition's page size.
+fn open_partition_memory() -> Option<u64> {
+    let p = &control().header.partition;
+    if !p.is_set() {
+        return None;
+    }
+    let page = p.page_size.load(Relaxed);
+    if page != lwk_abi::layout::PAGE_SIZE && page != lwk_abi::layout::HUGE_PAGE_SIZE {
+        lwk_rt::diag!("the partition has pages of {} KiB; the LWK maps 4 KiB or 2 MiB pages", page >> 10);
+        exit_group(125);
+    }
+    let mut path = [0u8; lwk_abi::control::PARTITION_PATH_WORDS * 8];
+    p.mem_dir_into(&mut path);
+    let fd = open(&path, O_PATH | O_DIRECTORY | O_CLOEXEC, 0);
+    if fd < 0 {
+        // SAFETY: mem_dir_into wrote a NUL-terminated path.
+        let n = unsafe { strlen(path.as_ptr()) };
+        let shown = core::str::from_utf8(&path[..n]).unwrap_or("?");
+        lwk_rt::diag!("cannot open the partition's memory directory {}: {}", shown, errno_text(fd));
+        exit_group(125);
+    }
+    MM.lock().set_partition(fd as i32, page);
+    Some(page)
 }
 
 fn huge_pages_available() -> bool {

@@ -135,6 +135,7 @@ fn prepare_child_control(cfd: i32) -> Result<(), i64> {
     let h = &control().header;
     c.header.options.store(h.options.load(Relaxed), Relaxed);
     c.header.spin_cycles.store(h.spin_cycles.load(Relaxed), Relaxed);
+    c.header.partition.copy_from(&h.partition);
     c.header.supervisor_pid.store(h.supervisor_pid.load(Relaxed), Relaxed);
     // The child's parent is this process.
     c.header.parent_pid.store(getpid(), Relaxed);

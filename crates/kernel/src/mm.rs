@@ -126,6 +126,10 @@ pub struct Mm {
     n: usize,
     extents: [Extents; 3],
     memfd: [i32; 3],
+    /// The partition's memory directory (a descriptor) and its page size:
+    /// application memory files are made there instead of memfds.
+    part_dir: i32,
+    part_page: u64,
     huge_ok: bool,
     require_huge: bool,
     prefault_all: bool,
@@ -159,6 +163,8 @@ impl Mm {
             n: 0,
             extents: [Extents::new(), Extents::new(), Extents::new()],
             memfd: [0, 0, 0], // zero so the whole table is .bss; set by init
+            part_dir: -1,
+            part_page: 0,
             huge_ok: false,
             require_huge: false,
             prefault_all: false,
@@ -194,8 +200,12 @@ impl Mm {
             self.memfd[2] = sfd as i32;
             self.extents[2].init(MEMFD_SPACE);
         }
-        // SAFETY: the name is NUL-terminated.
-        let fd = unsafe { syscall3(nr::MEMFD_CREATE, b"lwk-mem\0".as_ptr() as u64, MFD_CLOEXEC, 0) };
+        let fd = if self.part_page == PAGE {
+            self.partition_file()
+        } else {
+            // SAFETY: the name is NUL-terminated.
+            unsafe { syscall3(nr::MEMFD_CREATE, b"lwk-mem\0".as_ptr() as u64, MFD_CLOEXEC, 0) }
+        };
         if fd < 0 {
             return Err(fd);
         }
@@ -207,9 +217,18 @@ impl Mm {
         self.memfd[0] = fd as i32;
         self.extents[0].init(MEMFD_SPACE);
         if huge {
-            // SAFETY: as above.
-            let hfd = unsafe {
-                syscall3(nr::MEMFD_CREATE, b"lwk-huge\0".as_ptr() as u64, MFD_CLOEXEC | MFD_HUGETLB | MFD_HUGE_2MB, 0)
+            let hfd = if self.part_page == HUGE {
+                self.partition_file()
+            } else {
+                // SAFETY: as above.
+                unsafe {
+                    syscall3(
+                        nr::MEMFD_CREATE,
+                        b"lwk-huge\0".as_ptr() as u64,
+                        MFD_CLOEXEC | MFD_HUGETLB | MFD_HUGE_2MB,
+                        0,
+                    )
+                }
             };
             if hfd >= 0 && unsafe { syscall3(nr::FTRUNCATE, hfd as u64, MEMFD_SPACE, 0) } >= 0 {
                 self.memfd[1] = hfd as i32;
@@ -224,6 +243,38 @@ impl Mm {
         h.memfd[1].store(self.memfd[1], core::sync::atomic::Ordering::Release);
         h.memfd[2].store(self.memfd[2], core::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// Take application memory from a partition: its directory (a
+    /// hugetlbfs whose pages are reserved for it, or a tmpfs) and page size.
+    pub fn set_partition(&mut self, dir: i32, page: u64) {
+        self.part_dir = dir;
+        self.part_page = page;
+    }
+
+    /// A new, unnamed file in the partition's memory directory.
+    fn partition_file(&self) -> i64 {
+        // SAFETY: openat of a NUL-terminated name relative to our directory.
+        unsafe {
+            syscall6(
+                nr::OPENAT,
+                self.part_dir as u64,
+                b".\0".as_ptr() as u64,
+                O_TMPFILE | O_RDWR | O_CLOEXEC,
+                0o600,
+                0,
+                0,
+            )
+        }
+    }
+
+    /// Say once that the partition's memory is used up; the application
+    /// gets ENOMEM as it would from an exhausted machine.
+    fn note_partition_full(&self) {
+        static SAID: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+        if self.part_page != 0 && !SAID.swap(true, core::sync::atomic::Ordering::Relaxed) {
+            lwk_rt::diag!("the partition's memory is used up: the application gets ENOMEM");
+        }
     }
 
     /// Pre-fault a piece now? Huge-page memory always (the pool has paid
@@ -443,6 +494,9 @@ impl Mm {
         let r = self.map_piece(&p);
         if r < 0 {
             self.extents[k].free(off, len);
+            if r == -ENOMEM && (self.part_page == PAGE || (self.part_page == HUGE && src == SRC_MEMFD_HUGE)) {
+                self.note_partition_full();
+            }
             return Err(r);
         }
         if let Err(e) = self.insert(p) {

@@ -73,10 +73,26 @@ fn set_gs(slot: usize) {
     }
 }
 
+/// In a partition, thread `slot` runs on the partition's slot-th CPU
+/// (round robin past the last), and only there.
+fn pin(slot: usize) {
+    let Some(cpu) = crate::control().header.partition.nth_cpu(slot) else { return };
+    let mut mask = [0u64; lwk_abi::control::PARTITION_CPU_WORDS];
+    mask[cpu / 64] = 1 << (cpu % 64);
+    // SAFETY: the mask is ours; 0 is the calling thread.
+    let r = unsafe {
+        syscall3(lwk_rt::nr::SCHED_SETAFFINITY, 0, core::mem::size_of_val(&mask) as u64, mask.as_ptr() as u64)
+    };
+    if r < 0 {
+        lwk_rt::diag!("cannot pin a thread to the partition's CPU {}: error {}", cpu, -r);
+    }
+}
+
 /// The main thread takes slot 0.
 pub fn init_main() {
     SLOTS.used[0].fetch_or(1, SeqCst);
     set_gs(0);
+    pin(0);
     SLOTS.threads[0].tid.store(trap::gettid(), Relaxed);
 }
 
@@ -155,6 +171,7 @@ pub fn clone3(args: u64, size: u64, uc: &UContext) -> Option<i64> {
 extern "C" fn thread_start(slot: u64) -> ! {
     let slot = slot as usize;
     set_gs(slot);
+    pin(slot);
     if let Err(e) = trap::enable_thread() {
         lwk_rt::diag!("cannot enable Syscall User Dispatch in a new thread: error {}", -e);
         exit_group(125);

@@ -45,6 +45,7 @@ pub const EXIT_GROUP: u64 = 231;
 pub const TGKILL: u64 = 234;
 pub const WAITID: u64 = 247;
 pub const OPENAT: u64 = 257;
+pub const SCHED_SETAFFINITY: u64 = 203;
 pub const SPLICE: u64 = 275;
 pub const VMSPLICE: u64 = 278;
 pub const FALLOCATE: u64 = 285;

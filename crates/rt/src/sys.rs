@@ -158,6 +158,10 @@ pub const O_WRONLY: u64 = 1;
 pub const O_RDWR: u64 = 2;
 pub const O_ACCMODE: u64 = 3;
 pub const O_CLOEXEC: u64 = 0o2000000;
+/// An unnamed file in a directory (includes O_DIRECTORY, as Linux defines it).
+pub const O_TMPFILE: u64 = 0o20200000;
+pub const O_DIRECTORY: u64 = 0o200000;
+pub const O_PATH: u64 = 0o10000000;
 pub const MFD_CLOEXEC: u64 = 1;
 pub const MFD_HUGETLB: u64 = 4;
 pub const MFD_HUGE_2MB: u64 = 21 << 26;
