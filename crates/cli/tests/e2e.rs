@@ -1159,6 +1159,19 @@ fn a_signal_interrupts_a_blocked_delegated_read_as_natively() {
 }
 
 #[test]
+fn signalfd_reads_polls_and_blocks_as_natively() {
+    for link in [Link::Pie, Link::Static] {
+        let o = compare(&[&program("signalfd", link)], None);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(has_line(&out, "poll after kill: 1 revents POLLIN"), "{out}");
+        assert!(has_line(&out, "epoll_wait: 1 data 7"), "{out}");
+        assert!(has_line(&out, "read: 128 signo User defined signal 2 from-child 1"), "{out}");
+        assert!(has_line(&out, "blocking read: 128 signo User defined signal 1"), "{out}");
+        assert!(has_line(&out, "interrupted read: -1 Interrupted system call"), "{out}");
+    }
+}
+
+#[test]
 fn make_j2_builds_a_small_c_project_as_natively() {
     let dir = tempdir();
     for i in 1..=6 {

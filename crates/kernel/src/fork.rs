@@ -198,6 +198,7 @@ extern "C" fn child_start(_: u64) -> ! {
         close(old);
     }
     thread::reset_for_fork();
+    crate::signalfd::reset_for_fork();
     let h = &control().header;
     h.app_pid.store(getpid(), Release);
     let state = &h.fork_state;

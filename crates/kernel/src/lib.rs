@@ -17,6 +17,7 @@ pub mod guard;
 pub mod mm;
 pub mod procfs;
 pub mod signal;
+pub mod signalfd;
 pub mod stack;
 pub mod sync;
 pub mod thread;

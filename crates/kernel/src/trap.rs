@@ -160,6 +160,7 @@ const RLIMIT_NOFILE: u64 = 7;
 const CLONE_VM_VFORK: u64 = 0x100 | 0x4000;
 const SIGPIPE: u64 = 13;
 const MSG_NOSIGNAL: u64 = 0x4000;
+const CLOSE_RANGE_CLOEXEC: u64 = 4;
 
 fn dispatch(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
     use Ran::*;
@@ -209,6 +210,23 @@ fn dispatch(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
         nr::VFORK => {
             let flags = CLONE_VM_VFORK | 17;
             local(crate::fork::fork(flags, 0, 0, 0, 0, uc).unwrap_or(-ENOSYS))
+        }
+        nr::SIGNALFD => local(crate::signalfd::signalfd4(a[0], a[1], a[2], 0)),
+        nr::SIGNALFD4 => local(crate::signalfd::signalfd4(a[0], a[1], a[2], a[3])),
+        nr::READ if crate::signalfd::is_signalfd(a[0]) => local(crate::signalfd::read(a[0], a[1], a[2], uc)),
+        // Descriptors going away may be signalfds, which the LWK forgets.
+        nr::CLOSE | nr::DUP2 | nr::DUP3 | nr::CLOSE_RANGE => {
+            let r = delegated(nr, a, uc);
+            if r.0 >= 0 {
+                match nr {
+                    nr::CLOSE => crate::signalfd::forget(a[0], a[0]),
+                    nr::CLOSE_RANGE if a[2] & CLOSE_RANGE_CLOEXEC == 0 => crate::signalfd::forget(a[0], a[1]),
+                    nr::CLOSE_RANGE => {}
+                    _ if a[0] != a[1] => crate::signalfd::forget(a[1], a[1]),
+                    _ => {}
+                }
+            }
+            r
         }
         // GS is the LWK's: it finds each thread's slot through it.
         nr::ARCH_PRCTL if a[0] == 0x1001 || a[0] == 0x1004 => {
