@@ -28,6 +28,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure OS noise: the fixed work quantum benchmark on pinned CPUs.
+    Noise(lwk_noise::NoiseArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -102,6 +104,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Syscalls { json } => print_syscalls(json).map(|()| 0),
+        Command::Noise(args) => lwk_noise::run(&args).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),
