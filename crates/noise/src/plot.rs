@@ -1,5 +1,6 @@
 //! The SVG chart: every quantum's duration over the run, one colour per CPU.
 
+use std::collections::HashSet;
 use std::ops::Range;
 use std::path::Path;
 
@@ -72,16 +73,25 @@ where
         .y_desc("duration of the quantum (µs)")
         .axis_desc_style(("sans-serif", 16))
         .label_style(("sans-serif", 14))
-        .y_label_formatter(&|v: &f64| if v.abs() >= 10.0 { format!("{v:.0}") } else { format!("{v:.2}") })
+        .y_label_formatter(&|v: &f64| if v.abs() >= 10.0 || *v == 0.0 { format!("{v:.0}") } else { format!("{v:.2}") })
         .light_line_style(WHITE.mix(0.0))
         .draw()?;
     for (i, cpu) in report.cpus.iter().enumerate() {
         let c = colour(i);
         let s = &cpu.summary;
+        // A point that lands on a pixel where this series has a point already
+        // would not change the picture: leave it out, which keeps a chart of
+        // 20000 samples small. Every distinct point, every outlier, is drawn.
+        let mut seen = HashSet::new();
+        let points: Vec<(usize, f64)> = cpu
+            .durations_us
+            .iter()
+            .enumerate()
+            .map(|(n, &d)| (n, d))
+            .filter(|p| seen.insert(chart.backend_coord(p)))
+            .collect();
         chart
-            .draw_series(
-                cpu.durations_us.iter().enumerate().map(move |(n, &d)| Circle::new((n, d), 2, c.mix(0.6).filled())),
-            )?
+            .draw_series(points.into_iter().map(move |p| Circle::new(p, 2, c.mix(0.6).filled())))?
             .label(format!(
                 "CPU {}: median {:.2} µs, max {:.1} µs, noise {:.3}%",
                 cpu.cpu, s.median_us, s.max_us, s.noise_percent
