@@ -1,5 +1,6 @@
 //! `lwk`: run unmodified Linux programs on the lightweight kernel.
 
+mod partition;
 mod run;
 mod stats;
 
@@ -30,6 +31,11 @@ enum Command {
     },
     /// Measure OS noise: the fixed work quantum benchmark on pinned CPUs.
     Noise(lwk_noise::NoiseArgs),
+    /// CPU and memory partitions for LWK applications.
+    Partition {
+        #[command(subcommand)]
+        cmd: partition::PartitionCmd,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -105,6 +111,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Syscalls { json } => print_syscalls(json).map(|()| 0),
         Command::Noise(args) => lwk_noise::run(&args).map(|()| 0),
+        Command::Partition { cmd } => partition::main(cmd),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

@@ -487,10 +487,10 @@ fn check(req: &Request, others: &[State], h: &Hierarchy) -> Result<Vec<usize>> {
     }
     if need > available {
         bail!(
-            "not enough free memory for {} of {} pages: {} available",
+            "not enough free memory for {} of {} pages: {} MiB available",
             format_size(need),
             page.label(),
-            format_size(available)
+            available >> 20
         );
     }
     Ok(linux)
