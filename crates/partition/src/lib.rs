@@ -777,9 +777,7 @@ pub fn destroy(name: &str, force: bool) -> Result<()> {
     validate_name(name)?;
     let lock = global_lock()?;
     let r = destroy_locked(name, force);
-    if r.is_ok() {
-        tidy_run_dir(lock);
-    }
+    tidy_run_dir(lock);
     r
 }
 
@@ -800,10 +798,10 @@ pub fn destroy_all(force: bool) -> Result<Vec<String>> {
             Err(e) => errors.push(format!("{e:#}")),
         }
     }
+    tidy_run_dir(lock);
     if !errors.is_empty() {
         bail!("{}", errors.join("; "));
     }
-    tidy_run_dir(lock);
     Ok(done)
 }
 
