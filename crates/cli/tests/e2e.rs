@@ -1159,6 +1159,18 @@ fn a_signal_interrupts_a_blocked_delegated_read_as_natively() {
 }
 
 #[test]
+fn vfork_shares_memory_until_exec_and_keeps_the_parents_stack() {
+    for link in [Link::Pie, Link::Static] {
+        let o = compare(&[&program("vfork", link)], None);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(has_line(&out, "vfork+_exit: status 7, child's write seen: 42"), "{out}");
+        assert!(has_line(&out, "vfork+failed exec: status 127, shared -1"), "{out}");
+        assert!(has_line(&out, "20 vforks beside a busy thread done"), "{out}");
+        assert!(has_line(&out, "posix_spawn a b"), "{out}");
+    }
+}
+
+#[test]
 fn signalfd_reads_polls_and_blocks_as_natively() {
     for link in [Link::Pie, Link::Static] {
         let o = compare(&[&program("signalfd", link)], None);

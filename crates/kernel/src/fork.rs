@@ -11,10 +11,21 @@
 //!    proxy mirror them, and enters the application with fork's 0;
 //! 3. the parent waits until the child says the copy is done, so the
 //!    memory it copies does not change under it.
-//! vfork and clone(CLONE_VM|CLONE_VFORK) (posix_spawn) take the same path:
-//! the child gets a copy instead of sharing the parent's memory, which
-//! costs a copy but keeps every later exec or exit correct.
+//!
+//! vfork and clone(CLONE_VM|CLONE_VFORK) (posix_spawn) copy nothing: the
+//! child shares the parent's memory as natively (LWK memory is shared memfd
+//! memory, and the LWK's own memory is private after the kernel's fork) and
+//! the kernel holds the parent until the child execs or exits
+//! (CLONE_VFORK). One thing differs from Linux: the parent is not in the
+//! kernel but in the LWK's SIGSYS handler, whose frames lie on the
+//! application's stack just below the child's starting stack pointer,
+//! where the child's own calls will write. So the parent saves that piece
+//! of stack, waits for the child on a private stack, and puts the piece
+//! back before it returns. A vfork child that changes its address space
+//! (mmap, munmap...) first gets a private copy of everything, as after fork.
 
+use core::arch::asm;
+use core::cell::UnsafeCell;
 use core::sync::atomic::Ordering::*;
 
 use lwk_abi::control::{Control, CONTROL_MAGIC, CONTROL_SIZE, REQ_FORK};
@@ -39,10 +50,41 @@ const FORK_FAILED: u32 = 2;
 struct ForkStart {
     uc: UContext,
     ctl_fd: i32,
+    /// vfork: the child shares the parent's memory.
+    share: bool,
     stack: [u8; STACK_SIZE],
 }
 
-static START: SpinLock<ForkStart> = SpinLock::new(ForkStart { uc: UContext::ZERO, ctl_fd: -1, stack: [0; STACK_SIZE] });
+static START: SpinLock<ForkStart> =
+    SpinLock::new(ForkStart { uc: UContext::ZERO, ctl_fd: -1, share: false, stack: [0; STACK_SIZE] });
+
+/// The most of the parent's stack a vfork saves (its SIGSYS frame with
+/// the FPU state, and the LWK's frames below); more falls back to a copy.
+const VFORK_SAVE: usize = 64 << 10;
+
+/// A vfork parent's saved stack piece, and the private stack it waits on.
+/// Used under the START lock.
+struct VforkParent {
+    saved: UnsafeCell<[u8; VFORK_SAVE]>,
+    stack: UnsafeCell<[u8; STACK_SIZE]>,
+}
+// SAFETY: only used by the thread holding the START lock.
+unsafe impl Sync for VforkParent {}
+static VFORK: VforkParent =
+    VforkParent { saved: UnsafeCell::new([0; VFORK_SAVE]), stack: UnsafeCell::new([0; STACK_SIZE]) };
+
+/// What the parent's private-stack part of a vfork needs.
+#[repr(C)]
+struct VforkCall {
+    flags: u64,
+    child_top: u64,
+    ptid: u64,
+    ctid: u64,
+    tls: u64,
+    /// The piece of application stack to put back: [from, from + len).
+    from: u64,
+    len: u64,
+}
 
 /// Flags this path understands (beyond the exit signal in the low byte).
 const OK_FLAGS: u64 =
@@ -92,13 +134,42 @@ fn fork_inner(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UCont
         }
         start.ctl_fd = cfd;
         let top = (start.stack.as_ptr() as u64 + STACK_SIZE as u64) & !15;
-        // The kernel's part: a plain fork (never CLONE_VM: the child
-        // gets copies), with the settid/cleartid/tls the caller asked for.
+        // The kernel's part: a plain fork (never CLONE_VM: LWK memory must
+        // be the child's own), with the settid/cleartid/tls the caller
+        // asked for; vfork also keeps the parent waiting (CLONE_VFORK).
         let kflags = flags & (CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | CLONE_PARENT_SETTID | CLONE_SETTLS | 0xff);
-        // SAFETY: the child starts on the LWK stack in START, which is
-        // private to it after the fork (LWK memory is the image's, not a
-        // shared memfd); the pointers are the application's own.
-        let pid = unsafe { spawn(kflags, top, ptid, ctid, tls, child_start, 0) };
+        // The piece of stack the vfork child may overwrite: from a little
+        // below where we are now up to the application's stack pointer.
+        let here = stack_pointer() - 512;
+        let app_sp = uc.gregs[REG_RSP];
+        let share = flags & (CLONE_VM | CLONE_VFORK) == CLONE_VM | CLONE_VFORK
+            && app_sp > here
+            && app_sp - here <= VFORK_SAVE as u64;
+        start.share = share;
+        let pid = if share {
+            let call = VforkCall {
+                flags: kflags | CLONE_VFORK,
+                child_top: top,
+                ptid,
+                ctid,
+                tls,
+                from: here,
+                len: app_sp - here,
+            };
+            // SAFETY: [here, app_sp) is this thread's stack (the trapped
+            // context and the LWK's frames), readable; VFORK is ours under
+            // the START lock.
+            unsafe {
+                core::ptr::copy_nonoverlapping(here as *const u8, VFORK.saved.get() as *mut u8, call.len as usize);
+                let ptop = (VFORK.stack.get() as u64 + STACK_SIZE as u64) & !15;
+                on_stack(ptop, vfork_and_restore, &call as *const VforkCall as u64) as i64
+            }
+        } else {
+            // SAFETY: the child starts on the LWK stack in START, which is
+            // private to it after the fork (LWK memory is the image's, not
+            // a shared memfd); the pointers are the application's own.
+            unsafe { spawn(kflags, top, ptid, ctid, tls, child_start, 0) }
+        };
         drop(start);
         if pid < 0 {
             // The child proxy would wait for an application that never comes.
@@ -113,6 +184,53 @@ fn fork_inner(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UCont
     unsafe { munmap(CHILD_CONTROL_AT, CONTROL_SIZE as u64) };
     close(cfd);
     result
+}
+
+fn stack_pointer() -> u64 {
+    let sp: u64;
+    // SAFETY: reads a register.
+    unsafe { asm!("mov {}, rsp", out(reg) sp, options(nomem, nostack, preserves_flags)) };
+    sp
+}
+
+/// Call `f(arg)` on the stack whose top is `top`, and come back.
+///
+/// # Safety
+/// The stack is free and large enough for `f`.
+unsafe fn on_stack(top: u64, f: extern "C" fn(u64) -> u64, arg: u64) -> u64 {
+    let r: u64;
+    // SAFETY: r12 is callee-saved, so it holds our stack pointer across the
+    // call; the new stack is 16-aligned as the ABI wants at a call.
+    unsafe {
+        asm!(
+            "mov r12, rsp",
+            "mov rsp, {top}",
+            "call {f}",
+            "mov rsp, r12",
+            top = in(reg) top,
+            f = in(reg) f,
+            inout("r12") 0u64 => _,
+            inout("rdi") arg => _,
+            lateout("rax") r,
+            clobber_abi("C"),
+        )
+    };
+    r
+}
+
+/// The parent's side of a vfork, on its private stack: start the child,
+/// which runs on the shared memory until it execs or exits while the
+/// kernel holds us here, then put back the piece of stack it overwrote.
+extern "C" fn vfork_and_restore(arg: u64) -> u64 {
+    // SAFETY: arg is the VforkCall on the caller's frame, which waits. It
+    // is read before the child runs: the child overwrites that frame.
+    let c = unsafe { (arg as *const VforkCall).read() };
+    // SAFETY: as for fork's spawn; the child no longer runs on this
+    // memory when the call returns (CLONE_VFORK).
+    let pid = unsafe { spawn(c.flags, c.child_top, c.ptid, c.ctid, c.tls, child_start, 0) };
+    // SAFETY: the saved bytes go back where they came from.
+    unsafe { core::ptr::copy_nonoverlapping(VFORK.saved.get() as *const u8, c.from as *mut u8, c.len as usize) };
+    pid as u64
 }
 
 /// Size the child's control memfd, map it here and fill in its header
@@ -184,9 +302,9 @@ extern "C" fn child_start(_: u64) -> ! {
         MM.force_unlock();
         signal::force_unlock();
     }
-    let (uc, cfd) = {
+    let (uc, cfd, share) = {
         let s = START.lock();
-        (s.uc, s.ctl_fd)
+        (s.uc, s.ctl_fd, s.share)
     };
     // Take the child's control region in place of the parent's.
     if map_control(cfd, true) < 0 {
@@ -202,7 +320,8 @@ extern "C" fn child_start(_: u64) -> ! {
     let h = &control().header;
     h.app_pid.store(getpid(), Release);
     let state = &h.fork_state;
-    if crate::trap::enable_thread().is_err() || MM.lock().fork_copy().is_err() {
+    let copied = if share { Ok(MM.lock().borrow()) } else { MM.lock().fork_copy() };
+    if crate::trap::enable_thread().is_err() || copied.is_err() {
         state.store(FORK_FAILED, Release);
         futex_wake(state, 1);
         exit_group(125);

@@ -130,6 +130,8 @@ pub struct Mm {
     /// application memory files are made there instead of memfds.
     part_dir: i32,
     part_page: u64,
+    /// A vfork child using its parent's memory (and memfds) as they are.
+    borrowed: bool,
     huge_ok: bool,
     require_huge: bool,
     prefault_all: bool,
@@ -165,6 +167,7 @@ impl Mm {
             memfd: [0, 0, 0], // zero so the whole table is .bss; set by init
             part_dir: -1,
             part_page: 0,
+            borrowed: false,
             huge_ok: false,
             require_huge: false,
             prefault_all: false,
@@ -551,6 +554,9 @@ impl Mm {
     }
 
     pub fn mmap(&mut self, addr: u64, len: u64, prot: u64, flags: u64, fd: i64, off: u64) -> i64 {
+        if let Err(e) = self.own() {
+            return e;
+        }
         match self.mmap_inner(addr, len, prot, flags, fd as i32, off) {
             Ok(a) => a as i64,
             Err(e) => e,
@@ -747,6 +753,9 @@ impl Mm {
     }
 
     pub fn munmap(&mut self, addr: u64, len: u64) -> i64 {
+        if let Err(e) = self.own() {
+            return e;
+        }
         if addr % PAGE != 0 || len == 0 {
             return -EINVAL;
         }
@@ -765,6 +774,9 @@ impl Mm {
     }
 
     pub fn mprotect(&mut self, addr: u64, len: u64, prot: u64) -> i64 {
+        if let Err(e) = self.own() {
+            return e;
+        }
         if addr % PAGE != 0 {
             return -EINVAL;
         }
@@ -823,6 +835,9 @@ impl Mm {
     }
 
     pub fn mremap(&mut self, old: u64, old_len: u64, new_len: u64, flags: u64, new_addr: u64) -> i64 {
+        if let Err(e) = self.own() {
+            return e;
+        }
         match self.mremap_inner(old, old_len, new_len, flags, new_addr) {
             Ok(a) => a as i64,
             Err(e) => e,
@@ -925,6 +940,9 @@ impl Mm {
     }
 
     pub fn madvise(&mut self, addr: u64, len: u64, advice: u64) -> i64 {
+        if let Err(e) = self.own() {
+            return e;
+        }
         const MADV_FREE: u64 = 8;
         if addr % PAGE != 0 {
             return -EINVAL;
@@ -1000,6 +1018,27 @@ impl Mm {
     /// memfds, at the same address, and have the (new) proxy mirror it.
     /// The parent waits meanwhile, so its memory does not change under the
     /// copy (its other threads excepted: see the README).
+    /// In a vfork child: go on with the parent's memory as it is, shared,
+    /// until the child changes its address space (`own`), execs or exits.
+    pub fn borrow(&mut self) {
+        self.borrowed = true;
+        let h = &control().header;
+        for (k, fd) in self.memfd.iter().enumerate() {
+            h.memfd[k].store(*fd, core::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Before a change of the address space: a vfork child that still
+    /// uses its parent's memory takes a private copy of it first, so the
+    /// change (and the memory it frees) is its own.
+    fn own(&mut self) -> Result<(), i64> {
+        if self.borrowed {
+            self.borrowed = false;
+            self.fork_copy()?;
+        }
+        Ok(())
+    }
+
     pub fn fork_copy(&mut self) -> Result<(), i64> {
         let old = self.memfd;
         let huge = old[1] >= 0;
@@ -1049,6 +1088,9 @@ impl Mm {
     }
 
     pub fn brk(&mut self, new: u64) -> i64 {
+        if let Err(e) = self.own() {
+            return e;
+        }
         if new < self.brk_start || new > APP_END {
             return self.brk_cur as i64;
         }
