@@ -848,6 +848,9 @@ fn hold_run_lock(st: &State, force: bool) -> Result<Option<File>> {
             None => bail!("partition {} is busy; destroy --force kills what runs in it", st.name),
         }
     }
+    if pid == Some(std::process::id() as i32) {
+        bail!("partition {} is held by this very process; release its RunLock first", st.name);
+    }
     if let Some(p) = pid.and_then(rustix::process::Pid::from_raw) {
         // The application's process group; never our own.
         let own = rustix::process::getpgid(None).ok();
