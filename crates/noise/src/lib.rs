@@ -223,14 +223,14 @@ pub fn write_table(report: &NoiseReport, out: &mut dyn Write) -> std::io::Result
     )?;
     writeln!(
         out,
-        "{:>4} {:>9} {:>10} {:>10} {:>10} {:>11} {:>8}",
+        "{:>4} {:>9} {:>11} {:>11} {:>11} {:>11} {:>8}",
         "cpu", "samples", "min_us", "median_us", "p99_us", "max_us", "noise_%"
     )?;
     for c in &report.cpus {
         let s = &c.summary;
         writeln!(
             out,
-            "{:>4} {:>9} {:>10.3} {:>10.3} {:>10.3} {:>11.3} {:>8.4}",
+            "{:>4} {:>9} {:>11.3} {:>11.3} {:>11.3} {:>11.3} {:>8.4}",
             c.cpu, s.samples, s.min_us, s.median_us, s.p99_us, s.max_us, s.noise_percent
         )?;
     }
