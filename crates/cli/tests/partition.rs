@@ -156,6 +156,7 @@ fn bad_requests_change_nothing() {
         (&["t-bad", "--cpus", "4000", "--mem", "8M"], "CPU 4000 does not exist"),
         (&["t-bad", "--cpus", "1-", "--mem", "8M"], "bad CPU list"),
         (&["t/bad", "--cpus", &cpu, "--mem", "8M"], "bad partition name"),
+        (&["cgroup.procs", "--cpus", &cpu, "--mem", "8M"], "clashes with"),
         (&["t-bad", "--cpus", &cpu, "--mem", "0"], "bad memory size"),
         (&["t-bad", "--cpus", &cpu, "--mem", "8Q"], "bad memory size"),
         (&["t-bad", "--cpus", &cpu, "--mem", "1000T"], "not enough free memory"),

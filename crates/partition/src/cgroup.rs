@@ -169,6 +169,8 @@ impl Hierarchy {
     /// Creates the partition's own cpuset and lets the owner add tasks to it.
     /// Returns whether it is exclusive.
     pub fn create_partition(&self, dir: &Path, cpus: &[usize], uid: u32, gid: u32) -> Result<bool> {
+        // Not init_dir: this one must be new (a name must not land on a control file).
+        fs::create_dir(dir).with_context(|| format!("cannot create the cgroup {}", dir.display()))?;
         self.init_dir(dir)?;
         write_value(dir.join("cpuset.cpus"), &format_cpu_list(cpus))?;
         let exclusive = if self.version == 1 {

@@ -469,6 +469,17 @@ fn check(req: &Request, others: &[State], h: &Hierarchy) -> Result<Vec<usize>> {
             bail!("CPU {c} is already in partition {}", o.name);
         }
     }
+    let n = req.name.as_str();
+    if n.starts_with("cgroup.")
+        || n.starts_with("cpuset.")
+        || ["tasks", "notify_on_release", "release_agent"].contains(&n)
+    {
+        bail!("partition name {n} clashes with a cgroup control file: choose another name");
+    }
+    let cg = h.partition(n);
+    if cg.exists() {
+        bail!("partition name {} clashes with {}, which exists already", req.name, cg.display());
+    }
     let taken: BTreeSet<usize> =
         others.iter().flat_map(|o| o.cpus.iter().copied()).chain(req.cpus.iter().copied()).collect();
     let linux: Vec<usize> = root.iter().copied().filter(|c| !taken.contains(c)).collect();
@@ -539,8 +550,9 @@ pub fn create(req: &Request) -> Result<Info> {
             show(&req.name)
         }
         Err(e) => {
-            let undo = teardown(&mut st, false);
-            let _ = fs::remove_dir_all(&dir).or_else(|e| if dir.exists() { Err(e) } else { Ok(()) });
+            // On success the state goes; if undoing failed, it stays for destroy.
+            let undo = teardown(&mut st, false)
+                .and_then(|()| fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display())));
             match undo {
                 Ok(()) => {
                     tidy_run_dir(lock);
@@ -723,25 +735,16 @@ fn undo(st: &mut State, step: &Step, force: bool) -> Result<()> {
         }
         Step::HugePages { counter, before, added, undo_from, .. } => {
             let cur = read_u64(counter)?;
-            match (added, undo_from) {
-                // A crash came after this undo's write: it is done.
-                (_, Some(u)) if *u != cur => {}
-                (Some(k), _) => {
-                    if let Some(Step::HugePages { undo_from, .. }) = st.steps.last_mut() {
-                        *undo_from = Some(cur);
-                    }
-                    st.save()?;
-                    write_raw(counter, &cur.saturating_sub(*k).to_string())
-                        .with_context(|| format!("cannot lower {} by {k}", counter.display()))?;
+            let (record, target) = pool_undo(cur, *before, *added, *undo_from);
+            if let Some(r) = record {
+                if let Some(Step::HugePages { undo_from, .. }) = st.steps.last_mut() {
+                    *undo_from = Some(r);
                 }
-                // Crashed between the write and recording its result: the
-                // pool holds `before` plus whatever that write gave.
-                (None, _) => {
-                    if cur > *before {
-                        write_raw(counter, &before.to_string())
-                            .with_context(|| format!("cannot set {} back to {before}", counter.display()))?;
-                    }
-                }
+                st.save()?;
+            }
+            if let Some(t) = target {
+                write_raw(counter, &t.to_string())
+                    .with_context(|| format!("cannot set {} to {t}", counter.display()))?;
             }
         }
         Step::Irq { .. } => {
@@ -755,6 +758,7 @@ fn undo(st: &mut State, step: &Step, force: bool) -> Result<()> {
                 irq::steer(&st.irq_originals, &linux);
             }
         }
+        Step::Cgroup { dir } if !dir.is_dir() => {}
         Step::Cgroup { dir } => {
             let h = Hierarchy { version: st.cgroup_version, root: dir.parent().and_then(Path::parent).unwrap().into() };
             h.remove_partition(dir, force)?;
@@ -767,6 +771,22 @@ fn undo(st: &mut State, step: &Step, force: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The undo of a HugePages step, given the pool size `cur` now: what to
+/// record as `undo_from` before writing (write-ahead), and what to write.
+/// Lowering by exactly what was added keeps pages others added meanwhile.
+fn pool_undo(cur: u64, before: u64, added: Option<u64>, undo_from: Option<u64>) -> (Option<u64>, Option<u64>) {
+    match (added, undo_from) {
+        // The pool moved since the undo recorded it: its write was done.
+        (_, Some(u)) if u != cur => (None, None),
+        (Some(0), _) => (None, None),
+        (Some(k), _) => (Some(cur), Some(cur.saturating_sub(k))),
+        // Killed between the write and recording its result: the pool holds
+        // `before` plus whatever that write gave (nothing, or some pages).
+        (None, _) if cur > before => (None, Some(before)),
+        (None, _) => (None, None),
+    }
 }
 
 /// Destroys a partition. A busy partition (an `lwk run` holds it, or
@@ -872,5 +892,28 @@ fn hold_run_lock(st: &State, force: bool) -> Result<Option<File>> {
             bail!("partition {} is still held by lwk run pid {pid:?} after SIGKILL", st.name);
         }
         sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pool_undo;
+
+    #[test]
+    fn pool_undo_is_idempotent() {
+        // Done: lower by what was added, recording the size first.
+        assert_eq!(pool_undo(40, 8, Some(32), None), (Some(40), Some(8)));
+        // Killed after recording, before writing: write it now.
+        assert_eq!(pool_undo(40, 8, Some(32), Some(40)), (Some(40), Some(8)));
+        // Killed after writing: nothing more.
+        assert_eq!(pool_undo(8, 8, Some(32), Some(40)), (None, None));
+        // Others added pages meanwhile: they stay.
+        assert_eq!(pool_undo(50, 8, Some(32), None), (Some(50), Some(18)));
+        // The kernel gave fewer than asked: lower by what it gave.
+        assert_eq!(pool_undo(20, 8, Some(12), None), (Some(20), Some(8)));
+        // Killed between the write and recording its result.
+        assert_eq!(pool_undo(40, 8, None, None), (None, Some(8)));
+        assert_eq!(pool_undo(8, 8, None, None), (None, None));
+        assert_eq!(pool_undo(8, 8, Some(0), None), (None, None));
     }
 }
