@@ -248,6 +248,37 @@ fn destroy_cleans_up_after_a_create_killed_at_any_step() {
 }
 
 #[test]
+fn a_destroy_killed_or_failed_at_any_step_can_be_run_again() {
+    if !can_run("destroy again") {
+        return;
+    }
+    let _s = serial();
+    let before = snapshot();
+    let cpu = last_cpu().to_string();
+    let _c = Cleanup("t-again");
+    // The undo steps of a v1 partition with huge pages, in the order undone.
+    let mut undo = vec!["mount", "hugepages", "irq", "cgroup", "tasks", "shared-cpusets"];
+    if cpuset_root().ends_with("/cgroup") {
+        undo.retain(|s| *s != "tasks");
+    }
+    for step in undo {
+        ok(&lwk(&["partition", "create", "t-again", "--cpus", &cpu, "--mem", "4M"]));
+        let point = format!("undo-{step}");
+        let o = lwk_env(&["partition", "destroy", "t-again"], "LWK_PARTITION_TEST_CRASH_AFTER", &point);
+        assert_eq!(o.status.signal(), Some(9), "destroy was to be killed after {point}: {o:?}");
+        assert!(ok(&lwk(&["partition", "list"])).contains("t-again "), "the half-destroyed partition is listed");
+        ok(&lwk(&["partition", "destroy", "t-again"]));
+        assert_eq!(snapshot(), before, "destroy after a kill at {point} left something behind");
+
+        ok(&lwk(&["partition", "create", "t-again", "--cpus", &cpu, "--mem", "4M"]));
+        let o = lwk_env(&["partition", "destroy", "t-again"], "LWK_PARTITION_TEST_FAIL_AFTER", &point);
+        fails(&o, &format!("failing after step {point}"));
+        ok(&lwk(&["partition", "destroy", "t-again"]));
+        assert_eq!(snapshot(), before, "destroy after a failure at {point} left something behind");
+    }
+}
+
+#[test]
 fn destroy_all() {
     if !can_run("destroy --all") {
         return;

@@ -709,8 +709,23 @@ fn teardown(st: &mut State, force: bool) -> Result<()> {
         undo(st, &step, force)?;
         st.steps.pop();
         st.save()?;
+        checkpoint(&format!("undo-{}", step.name()))?;
     }
     Ok(())
+}
+
+impl Step {
+    /// The step's name: `undo-NAME` is its checkpoint in teardown.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::SharedCpusets { .. } => "shared-cpusets",
+            Step::MoveTasks { .. } => "tasks",
+            Step::Cgroup { .. } => "cgroup",
+            Step::Irq { .. } => "irq",
+            Step::HugePages { .. } => "hugepages",
+            Step::Mount { .. } => "mount",
+        }
+    }
 }
 
 fn others_cpus(name: &str) -> Result<(Vec<State>, Vec<usize>)> {

@@ -9,8 +9,20 @@ use std::sync::{Mutex, MutexGuard};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Partition tests change machine-wide state: one at a time.
+/// They also compare machine state before and after, so they wait (a
+/// while) for partitions made by something else, e.g. another test suite
+/// run by hand at the same time, to go.
 pub fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while std::time::Instant::now() < deadline {
+        let others = fs::read_dir("/run/lwk/partitions").map(|d| d.count()).unwrap_or(0);
+        if others == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    guard
 }
 
 /// True when the test can run; prints why not otherwise.
