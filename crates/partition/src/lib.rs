@@ -212,7 +212,7 @@ impl Partition {
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(sys::libc_o_nofollow())
+            .custom_flags(sys::o_nofollow())
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         // `list` takes the lock for an instant to see whether it is free, so
@@ -256,7 +256,7 @@ fn append_log(dir: &Path, event: &str, details: &str) -> Result<()> {
     let path = dir.join("log");
     let mut f = OpenOptions::new()
         .append(true)
-        .custom_flags(sys::libc_o_nofollow())
+        .custom_flags(sys::o_nofollow())
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
     let line = format!("{} {event} {}\n", sys::now_rfc3339(), details.replace('\n', " "));
@@ -573,7 +573,7 @@ fn owned_file(path: &Path, uid: u32, gid: u32) -> Result<()> {
         .write(true)
         .create_new(true)
         .mode(0o644)
-        .custom_flags(sys::libc_o_nofollow())
+        .custom_flags(sys::o_nofollow())
         .open(path)
         .with_context(|| format!("cannot create {}", path.display()))?;
     rustix::fs::fchown(&f, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))

@@ -120,7 +120,7 @@ impl PathLock {
                 .write(true)
                 .create(true)
                 .mode(0o644)
-                .custom_flags(libc_o_nofollow())
+                .custom_flags(o_nofollow())
                 .open(path)
                 .with_context(|| format!("cannot open the lock file {}", path.display()))?;
             flock(&file, FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", path.display()))?;
@@ -145,7 +145,7 @@ impl PathLock {
 }
 
 /// O_NOFOLLOW: a lock or log file is never a symlink someone planted.
-pub fn libc_o_nofollow() -> i32 {
+pub fn o_nofollow() -> i32 {
     rustix::fs::OFlags::NOFOLLOW.bits() as i32
 }
 
