@@ -68,6 +68,11 @@ pub struct RunArgs {
     /// Notes from the LWK on stderr (e.g. falling back to 4 KiB pages).
     #[arg(short, long)]
     pub verbose: bool,
+    /// Run in partition NAME (see `lwk partition create`): application
+    /// threads on its CPUs, one per CPU, application memory from its
+    /// reservation, the proxy on the other CPUs.
+    #[arg(long, value_name = "NAME")]
+    pub partition: Option<String>,
     /// The program and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "PROGRAM")]
     pub command: Vec<OsString>,

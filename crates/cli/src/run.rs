@@ -165,12 +165,88 @@ impl Drop for ControlRegion {
 }
 
 /// Start the LWK image in `mode`, passing down `ctl_fd` (a descriptor
-/// without close-on-exec). No code runs between fork and exec, so std can
-/// use posix_spawn; the image itself arranges to die with the supervisor.
-fn spawn(kernel: &Path, argv0: &OsStr, mode: &str, ctl_fd: i32, rest: &[&OsStr]) -> Result<Child> {
+/// without close-on-exec). Without a partition no code runs between fork
+/// and exec, so std can use posix_spawn; the image itself arranges to die
+/// with the supervisor.
+fn spawn(
+    kernel: &Path,
+    argv0: &OsStr,
+    mode: &str,
+    ctl_fd: i32,
+    rest: &[&OsStr],
+    part: Option<&InPartition>,
+) -> Result<Child> {
     let mut cmd = Command::new(kernel);
     cmd.arg0(argv0).arg(mode).arg(ctl_fd.to_string()).args(rest);
+    if let Some(p) = part {
+        // Into the partition's cpuset before the image runs, so that the
+        // LWK can pin each thread to one of its CPUs. `lwk run` has no
+        // other thread, so the child may allocate here.
+        let procs = p.procs_file.try_clone().context("duplicating the partition's cgroup.procs descriptor")?;
+        // SAFETY: only a write(2) to an open descriptor runs in the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                use std::io::Write;
+                (&procs).write_all(b"0")
+            })
+        };
+    }
     cmd.spawn().with_context(|| format!("cannot start the LWK image {}", kernel.display()))
+}
+
+/// A run in a partition: the partition held for this run (a second
+/// `lwk run` gets "busy"), its cpuset's cgroup.procs open for the
+/// application process.
+pub struct InPartition {
+    part: lwk_partition::Partition,
+    _lock: lwk_partition::RunLock,
+    procs_file: File,
+}
+
+impl InPartition {
+    fn enter(name: &str) -> Result<Self> {
+        let part = lwk_partition::open(name)?;
+        if part.page_size > lwk_abi::layout::HUGE_PAGE_SIZE {
+            bail!(
+                "partition {name} has 1 GiB pages, which lwk run cannot use yet (it maps memory in 2 MiB pieces): \
+                 create it with --hugepages 2M or none"
+            );
+        }
+        if part.cpus.is_empty() {
+            bail!("partition {name} has no CPUs");
+        }
+        let lock = part.lock_for_run()?;
+        let procs = part.cgroup_dir.join("cgroup.procs");
+        let procs_file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&procs)
+            .with_context(|| format!("cannot open {} of partition {name}", procs.display()))?;
+        // The supervisor, and so the proxy and its workers, run on the
+        // Linux CPUs.
+        if !part.linux_cpus.is_empty() {
+            // SAFETY: a plain cpu_set_t of ours, for this process.
+            let r = unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                part.linux_cpus.iter().for_each(|&c| libc::CPU_SET(c, &mut set));
+                libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set)
+            };
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                bail!("cannot move lwk run to the Linux CPUs {:?}: {e}", part.linux_cpus);
+            }
+        }
+        Ok(InPartition { part, _lock: lock, procs_file })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "partition {}: CPUs {:?}, {} MiB on {} KiB pages",
+            self.part.name,
+            self.part.cpus,
+            self.part.mem_bytes >> 20,
+            self.part.page_size >> 10
+        )
+    }
 }
 
 static APP_PID: AtomicI32 = AtomicI32::new(0);
@@ -241,7 +317,20 @@ pub fn run(args: RunArgs) -> Result<i32> {
     if args.prefault_all {
         options |= OPT_PREFAULT_ALL;
     }
+    let part = match &args.partition {
+        Some(name) => Some(InPartition::enter(name)?),
+        None => None,
+    };
     let region = ControlRegion::create(options, spin_cycles())?;
+    if let Some(p) = &part {
+        let dir = p.part.mem_dir.as_os_str().as_bytes();
+        if !region.get().header.partition.set(&p.part.cpus, p.part.page_size, dir) {
+            bail!("partition {}: its CPU numbers or memory path do not fit the LWK's control region", p.part.name);
+        }
+        if args.verbose {
+            eprintln!("lwk: {}", p.describe());
+        }
+    }
 
     // The children's copy of the control descriptor: not close-on-exec.
     // SAFETY: duplicating our own descriptor; closed after both spawns.
@@ -253,10 +342,10 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let ctl_fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ctl_fd) };
     let t0 = Instant::now();
     let tsc0 = rdtsc();
-    let mut proxy = spawn(&kernel, OsStr::new("lwk-proxy"), "proxy", ctl_fd.as_raw_fd(), &[])?;
+    let mut proxy = spawn(&kernel, OsStr::new("lwk-proxy"), "proxy", ctl_fd.as_raw_fd(), &[], None)?;
     let mut app_args: Vec<&OsStr> = vec![OsStr::new("-"), path.as_os_str(), prog.as_os_str()];
     app_args.extend(rest.iter().map(|s| s.as_os_str()));
-    let app = match spawn(&kernel, prog, "app", ctl_fd.as_raw_fd(), &app_args) {
+    let app = match spawn(&kernel, prog, "app", ctl_fd.as_raw_fd(), &app_args, part.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             proxy.kill().ok();
@@ -268,7 +357,18 @@ pub fn run(args: RunArgs) -> Result<i32> {
     PROXY_PID.store(proxy.id() as i32, Ordering::Relaxed);
     APP_PID.store(app.id() as i32, Ordering::Relaxed);
     setup_signals();
+    if let Some(p) = &part {
+        let what = format!("pid {} {}", app.id(), path.display());
+        p.part.log_event("started", &what).ok();
+    }
     let outcome = wait_both(&app, &mut proxy)?;
+    if let Some(p) = &part {
+        let how = match outcome.status {
+            ExitStatus::Code(c) => format!("pid {} status {c}", app.id()),
+            ExitStatus::Signal(s) => format!("pid {} killed by signal {s}", app.id()),
+        };
+        p.part.log_event("exited", &how).ok();
+    }
     let elapsed = t0.elapsed();
     let tsc1 = rdtsc();
     APP_PID.store(0, Ordering::Relaxed);

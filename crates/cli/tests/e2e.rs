@@ -1245,3 +1245,117 @@ fn shared_anonymous_memory_stays_shared_across_fork() {
     let o = compare(&["/usr/bin/python3", "-c", py], None);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "value 16\n");
 }
+
+// ---------------------------------------------------------------------------
+// Running in a partition (root: creates and destroys its own partitions)
+// ---------------------------------------------------------------------------
+
+/// A partition made for one test, destroyed when dropped (also on panic).
+struct TestPartition(String);
+
+/// One partition test at a time: they all want the last CPU.
+static PARTITION_TESTS: Mutex<()> = Mutex::new(());
+
+impl TestPartition {
+    fn create(tag: &str, cpu: usize, mem: &str, pages: &str) -> TestPartition {
+        let name = format!("e2e-{tag}-{}", std::process::id());
+        let out = Command::new(LWK)
+            .args(["partition", "create", &name, "--cpus", &cpu.to_string(), "--mem", mem, "--hugepages", pages])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "partition create: {}", String::from_utf8_lossy(&out.stderr));
+        TestPartition(name)
+    }
+}
+
+impl Drop for TestPartition {
+    fn drop(&mut self) {
+        let out = Command::new(LWK).args(["partition", "destroy", "--force", &self.0]).output().unwrap();
+        assert!(out.status.success(), "partition destroy: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+fn run_in(part: &TestPartition, extra: &[&str], cmd: &[&str]) -> Output {
+    let mut opts = vec!["--partition", part.0.as_str()];
+    opts.extend_from_slice(extra);
+    run_lwk(cmd, &Setup { stdin: None, cwd: None, env: vec![], lwk_opts: opts })
+}
+
+#[test]
+fn run_in_a_partition_pins_threads_to_its_cpu_and_takes_its_memory() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: partitions need root");
+        return;
+    }
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if ncpu < 2 {
+        eprintln!("skipped: a partition needs a CPU besides the one Linux keeps");
+        return;
+    }
+    let cpu = ncpu - 1;
+    let _one = PARTITION_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let prog = program("where", Link::Pie);
+    let stats = tempdir();
+    for pages in ["2M", "none"] {
+        let part = TestPartition::create(&format!("run{pages}"), cpu, "64M", pages);
+        let json = stats.path().join(format!("{pages}.json"));
+        let o = run_in(&part, &["--stats-json", path_str(&json)], &[&prog, "16"]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{pages}: {}\n{out}", String::from_utf8_lossy(&o.stderr));
+        for line in [format!("main on cpu {cpu}"), format!("thread on cpu {cpu}"), format!("allowed {cpu}")] {
+            assert!(has_line(&out, &line), "{pages}: no '{line}' in:\n{out}");
+        }
+        assert!(has_line(&out, "touched 16 MiB"), "{out}");
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let huge = report["memory_huge_peak_bytes"].as_u64().unwrap();
+        assert_eq!(huge > 0, pages == "2M", "{pages}: memory on 2 MiB pages: {report}");
+
+        // More than the partition holds: ENOMEM to the program, one line
+        // from the LWK saying why, nothing else broken.
+        let o = run_in(&part, &[], &[&prog, "200"]);
+        assert_eq!(o.status.code(), Some(1), "{pages}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(has_line(&String::from_utf8_lossy(&o.stdout), "no memory for 200 MiB"));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("partition's memory is used up"));
+
+        let log = Command::new(LWK).args(["partition", "log", &part.0]).output().unwrap();
+        let log = String::from_utf8_lossy(&log.stdout);
+        assert!(log.lines().any(|l| l.contains(" started ") && l.contains("where")), "{log}");
+        assert!(log.lines().any(|l| l.contains(" exited ") && l.ends_with("status 1")), "{log}");
+    }
+}
+
+#[test]
+fn run_in_a_missing_or_busy_partition_fails_clearly() {
+    let o = run_lwk(
+        &["/bin/true"],
+        &Setup { stdin: None, cwd: None, env: vec![], lwk_opts: vec!["--partition", "e2e-no-such"] },
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no partition e2e-no-such"), "{}", shorten(&o.stderr));
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped the busy case: needs root and 2 CPUs");
+        return;
+    }
+    let ncpu = std::thread::available_parallelism().unwrap().get();
+    let _one = PARTITION_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let part = TestPartition::create("busy", ncpu - 1, "16M", "none");
+    let mut first = Command::new(LWK).args(["run", "--partition", &part.0, "--", "/bin/sleep", "3"]).spawn().unwrap();
+    // Wait until the first run holds the partition (show names its pid).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let show = Command::new(LWK).args(["partition", "show", &part.0, "--json"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+        if v["busy_pid"].as_i64() == Some(first.id() as i64) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the first run never took the partition: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = Command::new(LWK).args(["run", "--partition", &part.0, "--", "/bin/true"]).output().unwrap();
+    assert_eq!(second.status.code(), Some(125));
+    let why = String::from_utf8_lossy(&second.stderr);
+    assert!(why.contains(&format!("is busy: lwk run pid {}", first.id())), "{why}");
+    assert!(first.wait().unwrap().success());
+}

@@ -224,7 +224,7 @@ pub fn app_main(st: &Startup) -> ! {
         lwk_rt::diag!("cannot create the memory pool: {}", errno_text(e));
         exit_group(125);
     }
-    if !huge && opts & OPT_HUGE_OFF == 0 {
+    if !huge && opts & OPT_HUGE_OFF == 0 && part_page.is_none() {
         MM.lock().note_fallback();
     }
 

@@ -271,6 +271,22 @@ impl Mm {
         }
     }
 
+    /// In a partition on 4 KiB pages (a tmpfs, which allocates at first
+    /// touch), allocate a piece's pages now, so that running out is ENOMEM
+    /// from mmap or mprotect instead of SIGBUS at first touch.
+    fn reserve(&self, src: u32, off: u64, len: u64) -> Result<(), i64> {
+        if self.part_page != PAGE || src != SRC_MEMFD_SMALL {
+            return Ok(());
+        }
+        // SAFETY: fallocate on our own memory file.
+        let r = unsafe { syscall6(nr::FALLOCATE, self.memfd[0] as u64, 0, off, len, 0, 0) };
+        if r < 0 {
+            self.note_partition_full();
+            return Err(-ENOMEM);
+        }
+        Ok(())
+    }
+
     /// Say once that the partition's memory is used up; the application
     /// gets ENOMEM as it would from an exhausted machine.
     fn note_partition_full(&self) {
@@ -284,8 +300,9 @@ impl Mm {
     /// for it, and it makes first touch cheap); 4 KiB pages only with
     /// --prefault-all, because pre-faulting memory a program never touches
     /// costs more than it saves (CPython maps 1 MiB arenas it barely uses).
+    /// In a partition every page is pre-faulted: that is what it reserved.
     fn populate(&self, p: &Piece) -> u64 {
-        if p.lazy || p.prot == 0 || !(p.src == SRC_MEMFD_HUGE || self.prefault_all) {
+        if p.lazy || p.prot == 0 || !(p.src == SRC_MEMFD_HUGE || self.prefault_all || self.part_page != 0) {
             0
         } else {
             MAP_POPULATE
@@ -492,6 +509,12 @@ impl Mm {
         let Some(k) = memfd_slot(src) else { return Err(-EINVAL) };
         let off = self.extents[k].alloc(len).ok_or(-ENOMEM)?;
         let p = Piece { start, end, prot, src, fd: -1, lazy, off };
+        if !lazy && prot != 0 {
+            if let Err(e) = self.reserve(src, off, len) {
+                self.release_extent(src, off, len);
+                return Err(e);
+            }
+        }
         // [start, end) was forgotten by the caller; mapping over it is what
         // the call asks.
         let r = self.map_piece(&p);
@@ -808,6 +831,16 @@ impl Mm {
             while i < self.n && self.pieces[i].start < end {
                 if self.pieces[i].is_private_file() {
                     self.privatize(i)?;
+                }
+                i += 1;
+            }
+        }
+        if prot != 0 {
+            let mut i = self.find(start);
+            while i < self.n && self.pieces[i].start < end {
+                let p = self.pieces[i];
+                if p.prot == 0 && !p.lazy {
+                    self.reserve(p.src, p.off, p.len())?;
                 }
                 i += 1;
             }
