@@ -26,6 +26,7 @@ pub const S_JOB_UID: c_int = 0;
 pub const S_JOB_GID: c_int = 1;
 pub const S_JOB_ID: c_int = 2;
 pub const S_JOB_STEPID: c_int = 3;
+pub const S_JOB_LOCAL_TASK_COUNT: c_int = 6;
 pub const S_JOB_ARGV: c_int = 9;
 pub const S_JOB_ENV: c_int = 10;
 pub const S_TASK_GLOBAL_ID: c_int = 12;

@@ -563,7 +563,7 @@ fn wrap_task(sp: SpankT, cfg: &SiteConfig, step: &ActiveStep) -> Result<(), Erro
 
 /// slurmstepd, root, for each task that ended.
 #[no_mangle]
-pub extern "C" fn slurm_spank_task_exit(sp: SpankT, _ac: c_int, _av: *mut *mut c_char) -> c_int {
+pub extern "C" fn slurm_spank_task_exit(sp: SpankT, ac: c_int, av: *mut *mut c_char) -> c_int {
     if state().step.is_none() {
         return 0;
     }
@@ -574,7 +574,56 @@ pub extern "C" fn slurm_spank_task_exit(sp: SpankT, _ac: c_int, _av: *mut *mut c
     if let (Some(task), ffi::ESPANK_SUCCESS) = (task, rc) {
         state().task_status.push((task, status));
     }
+    // The job's comment is set when the last local task has ended: by the time
+    // of the exit callback srun has already seen the tasks end and the job may
+    // be finished, and Slurm refuses to update a finished job.
+    let (step, statuses) = {
+        let st = state();
+        (st.step.clone(), st.task_status.clone())
+    };
+    if let (Some(step), Some(ntasks)) = (step, get_u32(sp, ffi::S_JOB_LOCAL_TASK_COUNT)) {
+        if statuses.len() == ntasks as usize {
+            if let Ok(cfg) = site(ac, av) {
+                if cfg.comment {
+                    set_comment(&cfg, &step, &statuses);
+                }
+            }
+        }
+    }
     0
+}
+
+/// `scontrol update JobId=.. Comment=..` with the job's totals including this step.
+fn set_comment(cfg: &SiteConfig, step: &ActiveStep, statuses: &[(u32, i32)]) {
+    let mut job = fs::read(cfg.accounting_dir.join(format!("{}.json", step.job_id)))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<accounting::JobAccounting>(&b).ok())
+        .unwrap_or_else(|| accounting::JobAccounting::new(step.job_id, step.uid));
+    job.add_step(step_record(step, statuses));
+    let args = ["update".to_string(), format!("JobId={}", step.job_id), format!("Comment={}", job.comment())];
+    if let Err(e) = run(&cfg.scontrol, &args, Duration::from_secs(15)) {
+        ffi::log_error(&format!("lwk: setting the comment of job {}: {e}", step.job_id));
+    }
+}
+
+/// The step's record from the task statuses and the statistics files.
+fn step_record(step: &ActiveStep, statuses: &[(u32, i32)]) -> StepRecord {
+    let mut tasks: Vec<TaskRecord> = statuses
+        .iter()
+        .map(|&(t, st)| TaskRecord::new(t, Some(st), accounting::read_stats(&stats_file(&step.stats_dir, t))))
+        .collect();
+    // Statistics of tasks whose status slurmstepd did not report (epilog recovery).
+    if let Ok(entries) = fs::read_dir(&step.stats_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(t) = name.strip_prefix("task-").and_then(|n| n.strip_suffix(".json")) else { continue };
+            let Ok(t) = t.parse::<u32>() else { continue };
+            if !tasks.iter().any(|r| r.task == t) {
+                tasks.push(TaskRecord::new(t, None, accounting::read_stats(&e.path())));
+            }
+        }
+    }
+    StepRecord::new(&step.step, &node_name(), &step.partition, &step.cpus, step.mem, tasks)
 }
 
 /// slurmstepd (and srun, sbatch, salloc, which have nothing to do): the step ended.
@@ -614,33 +663,10 @@ fn finish_step(cfg: &SiteConfig, step: &ActiveStep, statuses: &[(u32, i32)], rec
             Err(e) => ffi::log_error(&format!("lwk: destroying partition {}: {e}", step.partition)),
         }
     }
-    let mut tasks: Vec<TaskRecord> = statuses
-        .iter()
-        .map(|&(t, st)| TaskRecord::new(t, Some(st), accounting::read_stats(&stats_file(&step.stats_dir, t))))
-        .collect();
-    // Statistics of tasks whose status slurmstepd did not report (epilog recovery).
-    if let Ok(entries) = fs::read_dir(&step.stats_dir) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(t) = name.strip_prefix("task-").and_then(|n| n.strip_suffix(".json")) else { continue };
-            let Ok(t) = t.parse::<u32>() else { continue };
-            if !tasks.iter().any(|r| r.task == t) {
-                tasks.push(TaskRecord::new(t, None, accounting::read_stats(&e.path())));
-            }
-        }
-    }
-    let mut record = StepRecord::new(&step.step, &node_name(), &step.partition, &step.cpus, step.mem, tasks);
+    let mut record = step_record(step, statuses);
     record.recovered_by_epilog = recovered;
     match accounting::record_step(&cfg.accounting_dir, step.job_id, step.uid, record) {
-        Ok(job) => {
-            if cfg.comment && !recovered {
-                let args =
-                    ["update".to_string(), format!("JobId={}", step.job_id), format!("Comment={}", job.comment())];
-                if let Err(e) = run(&cfg.scontrol, &args, Duration::from_secs(15)) {
-                    ffi::log_error(&format!("lwk: setting the comment of job {}: {e}", step.job_id));
-                }
-            }
-        }
+        Ok(_) => {}
         Err(e) => ffi::log_error(&format!("lwk: accounting of job {}: {e}", step.job_id)),
     }
     remove_stats_dir(cfg, &step.stats_dir);

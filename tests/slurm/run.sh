@@ -1,0 +1,275 @@
+#!/usr/bin/env bash
+# End-to-end test of the lwk SPANK plugin against a real Slurm (Debian's
+# slurm-wlm 22.05 and munge), started here on this one host and stopped again
+# whatever happens. Needs root, slurmctld, slurmd, srun, munged, python3, and
+# built binaries: target/debug/{lwk,lwk-kernel,lwk-slurm-exec,liblwk_slurm.so}
+# (`cargo build -p lwk -p lwk-slurm`; BIN_DIR=... to use others).
+#
+# Prints "ok - ..." / "not ok - ..." per check and closes with
+# "slurm totals: N passed, M failed"; exits non-zero if any check failed.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+BIN_DIR=${BIN_DIR:-$ROOT/target/debug}
+LWK=$BIN_DIR/lwk
+PLUGIN=$BIN_DIR/liblwk_slurm.so
+HELPER=$BIN_DIR/lwk-slurm-exec
+PARTS_DIR=/run/lwk/partitions
+STATE_DIR=/run/lwk/slurm
+
+passed=0
+failed=0
+ok() { echo "ok - $*"; passed=$((passed + 1)); }
+not_ok() { echo "not ok - $*"; failed=$((failed + 1)); }
+check() { # check NAME COMMAND...: passes when COMMAND succeeds
+    local name=$1
+    shift
+    if "$@"; then ok "$name"; else not_ok "$name"; fi
+}
+finish() {
+    echo "slurm totals: $passed passed, $failed failed"
+    [ "$failed" -eq 0 ]
+    exit $?
+}
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "tests/slurm/run.sh: must run as root (it starts munged, slurmctld and slurmd)" >&2
+    not_ok "running as root"
+    finish
+fi
+for f in "$LWK" "$BIN_DIR/lwk-kernel" "$PLUGIN" "$HELPER"; do
+    if [ ! -x "$f" ] && [ ! -f "$f" ]; then
+        echo "tests/slurm/run.sh: $f missing: cargo build -p lwk -p lwk-slurm" >&2
+        not_ok "built binaries present ($f)"
+        finish
+    fi
+done
+for p in slurmctld slurmd srun sbatch scancel scontrol sinfo munged python3; do
+    if ! command -v "$p" >/dev/null; then
+        echo "tests/slurm/run.sh: $p not installed (apt-get install slurm-wlm munge python3)" >&2
+        not_ok "$p installed"
+        finish
+    fi
+done
+
+T=$(mktemp -d /tmp/lwk-slurm-test.XXXXXX)
+chmod 755 "$T"
+hugepages_before=$(cat /proc/sys/vm/nr_hugepages)
+parts_before=$(ls -A "$PARTS_DIR" 2>/dev/null | grep -c '^slurm-' || true)
+
+stop_pidfile() { # stop the daemon whose pid is in $1, SIGKILL after 10 s
+    local pid
+    pid=$(cat "$1" 2>/dev/null) || return 0
+    [ -n "$pid" ] || return 0
+    kill "$pid" 2>/dev/null || return 0
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null
+}
+cleanup() {
+    set +e
+    if [ -f "$T/slurmctld.pid" ]; then
+        SLURM_CONF=$T/slurm.conf scancel --quiet --full --signal=KILL --user=root 2>/dev/null
+        SLURM_CONF=$T/slurm.conf scancel --quiet --user=root 2>/dev/null
+        for _ in $(seq 50); do
+            [ -z "$(SLURM_CONF=$T/slurm.conf squeue -h 2>/dev/null)" ] && break
+            sleep 0.2
+        done
+    fi
+    stop_pidfile "$T/slurmd.pid"
+    stop_pidfile "$T/slurmctld.pid"
+    stop_pidfile "$T/munged.pid"
+    # Whatever a failing plugin left: this test's jobs' partitions and state.
+    for p in $(ls -A "$PARTS_DIR" 2>/dev/null | grep '^slurm-'); do
+        "$LWK" partition destroy --force "$p" >/dev/null 2>&1
+    done
+    for d in "$STATE_DIR"/*; do [ -e "$d" ] && rm -rf "$d"; done
+    rmdir "$STATE_DIR" 2>/dev/null
+    rm -rf "$T"
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM
+
+# --- configuration -----------------------------------------------------------
+HOST=$(hostname -s)
+# Online CPUs, not nproc: a partition of someone else confines this shell.
+NCPUS=$(getconf _NPROCESSORS_ONLN)
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+CTLD_PORT=$(free_port)
+SLURMD_PORT=$(free_port)
+mem_mb=$(awk '/^MemTotal:/ { print int($2 / 1024 * 0.9) }' /proc/meminfo)
+mkdir -p "$T/state" "$T/spool" "$T/munge" "$T/accounting"
+chmod 700 "$T/munge"
+
+cat >"$T/plugstack.conf" <<EOF
+required $PLUGIN lwk=$LWK exec_helper=$HELPER default_mem=128M max_mem_fraction=0.5 hugepages=none accounting_dir=$T/accounting
+EOF
+cat >"$T/slurm.conf" <<EOF
+ClusterName=lwktest
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SrunPortRange=60001-60100
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket=$T/munge/munge.sock
+CredType=cred/munge
+StateSaveLocation=$T/state
+SlurmdSpoolDir=$T/spool
+SlurmctldPidFile=$T/slurmctld.pid
+SlurmdPidFile=$T/slurmd.pid
+SlurmctldLogFile=$T/slurmctld.log
+SlurmdLogFile=$T/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=debug
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/linear
+SchedulerType=sched/builtin
+PlugStackConfig=$T/plugstack.conf
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+ReturnToService=2
+KillWait=5
+MinJobAge=600
+InactiveLimit=0
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$NCPUS RealMemory=$mem_mb State=UNKNOWN
+PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+EOF
+export SLURM_CONF=$T/slurm.conf
+
+# --- start munged, slurmctld, slurmd -------------------------------------------
+dd if=/dev/urandom of="$T/munge/munge.key" bs=1024 count=1 status=none
+chmod 600 "$T/munge/munge.key"
+munged --force --key-file="$T/munge/munge.key" --socket="$T/munge/munge.sock" \
+    --pid-file="$T/munged.pid" --seed-file="$T/munge/seed" --log-file="$T/munged.log" ||
+    { not_ok "munged starts"; cat "$T/munged.log" 2>/dev/null; finish; }
+slurmctld -f "$T/slurm.conf" -i || { not_ok "slurmctld starts"; cat "$T/slurmctld.log"; finish; }
+slurmd -f "$T/slurm.conf" -N "$HOST" || { not_ok "slurmd starts"; cat "$T/slurmd.log"; finish; }
+
+state=""
+for _ in $(seq 120); do
+    state=$(sinfo -h -n "$HOST" -o %T 2>/dev/null)
+    [ "$state" = idle ] && break
+    sleep 0.5
+done
+if [ "$state" != idle ]; then
+    not_ok "node $HOST idle (state: ${state:-none})"
+    tail -n 30 "$T/slurmctld.log" "$T/slurmd.log"
+    finish
+fi
+ok "slurmctld and slurmd up, node $HOST idle"
+
+dump_logs() {
+    tail -n 60 "$T/slurmd.log"
+    # KEEP_LOGS=DIR keeps the daemons' logs of a failed run.
+    [ -n "${KEEP_LOGS:-}" ] && mkdir -p "$KEEP_LOGS" && cp "$T"/*.log "$KEEP_LOGS"/
+}
+acct_field() { # acct_field JOBID PYTHON-EXPR-ON-d
+    python3 -c "import json,sys; d=json.load(open('$T/accounting/$1.json')); print($2)" 2>/dev/null
+}
+wait_job_done() { # wait_job_done JOBID: until the job left squeue (its steps' exit callbacks ran) and its
+    # partitions are gone, at most 60 s; a step's exit callback runs after srun has returned
+    for _ in $(seq 240); do
+        [ -z "$(squeue -h -j "$1" 2>/dev/null)" ] && nothing_left "$1" && return 0
+        sleep 0.25
+    done
+    return 1
+}
+nothing_left() { # nothing_left JOBID: no partition, no state, hugepages as before
+    local left
+    [ "$1" != none ] || return 1
+    left=$(ls -A "$PARTS_DIR" 2>/dev/null | grep -c "^slurm-$1\." || true)
+    [ "$left" -eq 0 ] && [ ! -e "$STATE_DIR" -o -z "$(ls -A "$STATE_DIR" 2>/dev/null)" ] &&
+        [ "$(cat /proc/sys/vm/nr_hugepages)" = "$hugepages_before" ] &&
+        ! "$LWK" partition list 2>/dev/null | grep -q "slurm-$1\."
+}
+
+# --- 1. a normal step --------------------------------------------------------
+prog='import os; print(6*7); print("job", os.environ["SLURM_JOB_ID"]); print("cpus", ",".join(map(str, sorted(os.sched_getaffinity(0)))))'
+out=$(timeout 120 srun --lwk --lwk-cpus=1 --lwk-mem=256M python3 -c "$prog" 2>&1)
+rc=$?
+echo "$out" | sed 's/^/  | /'
+job=$(echo "$out" | awk '/^job / { print $2 }')
+wait_job_done "${job:-none}"
+last_cpu=$((NCPUS - 1))
+check "srun --lwk --lwk-cpus=1 --lwk-mem=256M python3 prints 42 (exit $rc)" \
+    bash -c '[ "$0" -eq 0 ] && grep -qx 42 <<<"$1"' "$rc" "$out"
+check "the task ran on the partition's CPU ($last_cpu, the job's last)" grep -qx "cpus $last_cpu" <<<"$out"
+if [ -n "$job" ] && [ -f "$T/accounting/$job.json" ]; then
+    ok "accounting written to accounting_dir/$job.json"
+    sed 's/^/  | /' "$T/accounting/$job.json" | head -n 40
+    check "accounting: 1 task, exit 0, syscalls local and delegated, memory high-water" \
+        test "$(acct_field "$job" '(d["totals"]["tasks"], d["totals"]["exit_statuses"], d["totals"]["syscalls_local"] > 100, d["totals"]["syscalls_delegated"] > 10, d["totals"]["memory_peak_bytes_max"] > 1<<20)')" \
+        = "(1, {'0': 1}, True, True, True)"
+    check "accounting: step ran on partition slurm-$job.0 with CPU $last_cpu" \
+        test "$(acct_field "$job" '[(s["partition"], s["cpus"]) for s in d["steps"].values()]')" = "[('slurm-$job.0', '$last_cpu')]"
+    comment=$(scontrol show job "$job" 2>/dev/null | grep -o 'Comment=.*')
+    echo "  | $comment"
+    check "job comment carries the LWK totals" grep -q "Comment=lwk: tasks=1 syscalls_local=[1-9]" <<<"$comment"
+else
+    not_ok "accounting written for job '${job:-?}'"
+    dump_logs
+fi
+check "partition of job ${job:-?} gone, /run/lwk/slurm empty, nr_hugepages back" nothing_left "${job:-none}"
+
+# --- 2. a task that crashes ---------------------------------------------------
+out=$(timeout 120 srun --lwk --lwk-cpus=1 sh -c 'echo job $SLURM_JOB_ID; kill -SEGV $$' 2>&1)
+rc=$?
+echo "$out" | sed 's/^/  | /'
+job=$(echo "$out" | awk '/^job / { print $2 }')
+wait_job_done "${job:-none}"
+check "a crashing task fails the step with its signal (srun exit $rc)" \
+    bash -c '[ "$0" -ne 0 ] && grep -q "Segmentation fault" <<<"$1"' "$rc" "$out"
+check "accounting of the crash: signal 11" \
+    test "$(acct_field "${job:-none}" 'd["totals"]["exit_statuses"]')" = "{'sig11': 1}"
+check "partition of crashed job ${job:-?} gone, nothing left" nothing_left "${job:-none}"
+
+# --- 3. a cancelled batch job -------------------------------------------------
+job=$(sbatch --parsable --lwk --lwk-cpus=1 --lwk-mem=64M -o "$T/batch-%j.out" --wrap 'sleep 600' 2>&1)
+echo "  | sbatch: $job"
+running=""
+for _ in $(seq 120); do
+    if [ -d "$PARTS_DIR/slurm-$job.batch" ] && [ "$(squeue -h -j "$job" -o %T 2>/dev/null)" = RUNNING ]; then
+        running=yes
+        break
+    fi
+    sleep 0.5
+done
+check "sbatch --lwk job $job running on partition slurm-$job.batch" test -n "$running"
+scancel "$job"
+gone=""
+for _ in $(seq 120); do
+    st=$(squeue -h -j "$job" -o %T 2>/dev/null)
+    if [ -z "$st" ] && nothing_left "$job"; then gone=yes; break; fi
+    sleep 0.5
+done
+check "scancel $job: job ended, its partition gone, nothing left" test -n "$gone"
+check "accounting of the cancelled job: 1 task, which did not exit 0" \
+    test "$(acct_field "$job" '(d["totals"]["tasks"], "0" in d["totals"]["exit_statuses"])')" = "(1, False)"
+
+# --- 4. bad requests give clear errors and change nothing ----------------------
+out=$(timeout 60 srun --lwk-mem=lots true 2>&1)
+rc=$?
+echo "$out" | sed 's/^/  | /'
+check "srun --lwk-mem=lots is refused, naming the option" \
+    bash -c '[ "$0" -ne 0 ] && grep -q -- "--lwk-mem=lots" <<<"$1"' "$rc" "$out"
+out=$(timeout 60 srun --lwk-cpus=$NCPUS true 2>&1)
+rc=$?
+echo "$out" | sed 's/^/  | /'
+check "srun --lwk-cpus=$NCPUS (every CPU) is refused: one must stay with Linux" \
+    bash -c '[ "$0" -ne 0 ] && grep -q "one must stay with Linux" <<<"$1"' "$rc" "$out"
+out=$(timeout 60 srun --lwk --lwk-mem=100G true 2>&1)
+rc=$?
+echo "$out" | sed 's/^/  | /'
+check "srun --lwk-mem=100G (over max_mem_fraction) is refused" \
+    bash -c '[ "$0" -ne 0 ] && grep -q "max_mem_fraction" <<<"$1"' "$rc" "$out"
+
+parts_after=$(ls -A "$PARTS_DIR" 2>/dev/null | grep -c '^slurm-' || true)
+check "no slurm partition left at all ($parts_before before, $parts_after after)" test "$parts_after" -eq "$parts_before"
+[ "$failed" -eq 0 ] || dump_logs
+finish
