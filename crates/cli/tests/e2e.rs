@@ -1359,3 +1359,21 @@ fn run_in_a_missing_or_busy_partition_fails_clearly() {
     assert!(why.contains(&format!("is busy: lwk run pid {}", first.id())), "{why}");
     assert!(first.wait().unwrap().success());
 }
+
+#[test]
+fn a_child_that_drops_root_for_nobody_still_runs_as_natively() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: changing uid needs root");
+        return;
+    }
+    let o = compare(
+        &[
+            "/usr/bin/python3",
+            "-c",
+            "import subprocess; subprocess.run(['/usr/bin/id', '-u'], user='nobody', check=True)",
+        ],
+        None,
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "65534");
+}

@@ -247,7 +247,18 @@ fn dispatch(nr: u64, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
             if r < 0 {
                 return (r, Delegated);
             }
-            (passthrough(nr, a), Delegated)
+            let r = passthrough(nr, a);
+            // A change of uid makes both processes non-dumpable, which
+            // closes each one's /proc/PID/fd to the other (the LWK maps
+            // files through the proxy's, the proxy mirrors the LWK's
+            // memfds). Keep them reachable, at the cost of what
+            // non-dumpable protects: the new uid may read the memory the
+            // old one left (ptrace, /proc/PID/mem).
+            const PR_SET_DUMPABLE: u64 = 4;
+            delegate::call(nr::PRCTL, [PR_SET_DUMPABLE, 1, 0, 0, 0, 0]);
+            // SAFETY: changes only this process's dumpable flag.
+            unsafe { syscall3(nr::PRCTL, PR_SET_DUMPABLE, 1, 0) };
+            (r, Delegated)
         }
         // Job control and children act on the application process itself.
         nr::WAIT4 | nr::WAITID | 109 | 112 => local(passthrough(nr, a)),
