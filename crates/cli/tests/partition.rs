@@ -198,6 +198,36 @@ fn overlapping_cpus_and_duplicate_names_are_refused() {
 }
 
 #[test]
+fn concurrent_creates_of_one_cpu_give_it_to_one() {
+    if !can_run("concurrent") {
+        return;
+    }
+    let _s = serial();
+    let before = snapshot();
+    let cpu = last_cpu().to_string();
+    let _c = (Cleanup("t-race-a"), Cleanup("t-race-b"));
+    let spawn = |name: &str| {
+        Command::new(LWK)
+            .args(["partition", "create", name, "--cpus", &cpu, "--mem", "4M"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("t-race-a"), spawn("t-race-b"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let (won, lost, loser) = match (a.status.success(), b.status.success()) {
+        (true, false) => ("t-race-a", b, "t-race-b"),
+        (false, true) => ("t-race-b", a, "t-race-a"),
+        _ => panic!("exactly one create must win: {a:?} {b:?}"),
+    };
+    fails(&lost, &format!("CPU {cpu} is already in partition {won}"));
+    fails(&lwk(&["partition", "show", loser]), "no partition");
+    ok(&lwk(&["partition", "destroy", won]));
+    assert_eq!(snapshot(), before);
+}
+
+#[test]
 fn a_failure_at_any_step_rolls_everything_back() {
     if !can_run("rollback") {
         return;
