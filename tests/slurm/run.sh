@@ -269,6 +269,23 @@ echo "$out" | sed 's/^/  | /'
 check "srun --lwk-mem=100G (over max_mem_fraction) is refused" \
     bash -c '[ "$0" -ne 0 ] && grep -q "max_mem_fraction" <<<"$1"' "$rc" "$out"
 
+# Site policy: plugstack.conf is read by every srun and slurmstepd, so a
+# changed file applies to the next job without restarting slurmd.
+cp "$T/plugstack.conf" "$T/plugstack.conf.orig"
+sed -i 's/$/ allow_users=lwk-nobody-here allow_groups=lwk-no-group/' "$T/plugstack.conf"
+out=$(timeout 60 srun --lwk true 2>&1)
+rc=$?
+echo "$out" | sed 's/^/  | /'
+check "allow_users/allow_groups: root is refused at submission, told who may" \
+    bash -c '[ "$0" -ne 0 ] && grep -q "user root may not use --lwk" <<<"$1"' "$rc" "$out"
+sed -i 's/ allow_users=.*$/ colour=blue/' "$T/plugstack.conf"
+out=$(timeout 60 srun true 2>&1)
+rc=$?
+echo "$out" | sed 's/^/  | /'
+check "an unknown plugstack.conf argument is named in the error" \
+    bash -c '[ "$0" -ne 0 ] && grep -q "unknown argument \"colour\"" <<<"$1"' "$rc" "$out"
+mv "$T/plugstack.conf.orig" "$T/plugstack.conf"
+
 parts_after=$(ls -A "$PARTS_DIR" 2>/dev/null | grep -c '^slurm-' || true)
 check "no slurm partition left at all ($parts_before before, $parts_after after)" test "$parts_after" -eq "$parts_before"
 [ "$failed" -eq 0 ] || dump_logs
