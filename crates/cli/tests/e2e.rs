@@ -1377,3 +1377,19 @@ fn a_child_that_drops_root_for_nobody_still_runs_as_natively() {
     );
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "65534");
 }
+
+#[test]
+fn sigterm_to_the_whole_process_group_ends_the_program_as_natively() {
+    // A batch system cancelling a job, or a hang-up, signals the group:
+    // the proxy (in that group too) must not die first.
+    for prog in [&["/bin/sleep", "10"][..], &["/usr/bin/python3", "-c", "import time; time.sleep(10)"][..]] {
+        let mut c = lwk_command(prog, &[]);
+        c.process_group(0).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: signals the process group we just made.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGTERM) };
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.signal(), Some(libc::SIGTERM), "{prog:?}: {}", shorten(&out.stderr));
+    }
+}

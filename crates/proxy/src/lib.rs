@@ -28,9 +28,11 @@ fn control() -> &'static Control {
     unsafe { &*(CONTROL_ADDR as *const Control) }
 }
 
+const SIGHUP: u64 = 1;
 const SIGINT: u64 = 2;
 const SIGQUIT: u64 = 3;
 const SIGPIPE: u64 = 13;
+const SIGTERM: u64 = 15;
 const SIGTSTP: u64 = 20;
 const SIGTTIN: u64 = 21;
 const SIGTTOU: u64 = 22;
@@ -48,8 +50,9 @@ extern "C" {
 extern "C" fn interrupt(_sig: i32) {}
 
 /// Signal set-up of the proxy. A broken pipe becomes EPIPE here and
-/// SIGPIPE in the application. Terminal signals (the proxy shares the
-/// application's process group) and SIGWINCH, which the supervisor sends
+/// SIGPIPE in the application. Terminal signals and SIGHUP/SIGTERM sent to
+/// the whole process group (a hang-up, a batch system cancelling a job:
+/// the proxy shares the application's group) and SIGWINCH, which the supervisor sends
 /// after forwarding a signal to the application, only interrupt the call in
 /// progress: the LWK then lets the application's own signal run and restarts
 /// or fails the call as Linux would. The handler runs on an alternate stack
@@ -65,7 +68,7 @@ pub(crate) fn setup_signals() {
     }
     guard::setup_altstack();
     let act = [interrupt as *const () as u64, SA_ONSTACK | SA_RESTORER, lwk_restorer as *const () as u64, !0u64];
-    for sig in [SIGINT, SIGQUIT, SIGTSTP, SIGTTIN, SIGTTOU, SIGWINCH] {
+    for sig in [SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTSTP, SIGTTIN, SIGTTOU, SIGWINCH] {
         // SAFETY: a valid kernel sigaction with a restorer in our text.
         unsafe { syscall6(nr::RT_SIGACTION, sig, act.as_ptr() as u64, 0, 8, 0, 0) };
     }
