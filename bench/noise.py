@@ -189,6 +189,9 @@ def main():
     ap.add_argument("--quantum-us", type=int, default=100, help="quantum in µs (default: %(default)s)")
     ap.add_argument("--svg", default=str(BENCH / "noise.svg"), help="the chart (default: %(default)s)")
     ap.add_argument("--log-y", action="store_true", help="logarithmic duration axis in the charts")
+    ap.add_argument("--results", type=Path, metavar="FILE",
+                    help="also put the section into FILE (e.g. bench/RESULTS.md), replacing the one there; "
+                         "a new one goes inside the block bench/run.py keeps")
     args = ap.parse_args()
 
     lwk = str(Path(args.lwk).resolve())
@@ -258,18 +261,42 @@ def main():
     rows = [(first, linux_report["cpus"][0]), (second, other_report["cpus"][0])]
     a, b = rows[0][1]["noise_percent"], rows[1][1]["noise_percent"]
     ratio = f"{a / b:.1f}x" if b > 0 else "infinite (no noise measured on the second CPU)"
-    print("## OS noise: fixed work quantum (FWQ)\n")
-    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
-          f"kernel {platform.release()}, {os.cpu_count()} CPUs. {args.samples} quanta of {args.quantum_us} µs per "
-          f"CPU, both CPUs measured at the same time, background load: {load.what}.\n")
-    for n in notes:
-        print(f"**{n}**\n")
-    print(table(rows))
+    out = ["## OS noise: fixed work quantum (FWQ)\n",
+           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+           f"kernel {platform.release()}, {os.cpu_count()} CPUs. {args.samples} quanta of {args.quantum_us} µs per "
+           f"CPU, both CPUs measured at the same time, background load: {load.what}.\n"]
+    out += [f"**{n}**\n" for n in notes]
+    out.append(table(rows))
     svg = Path(args.svg).resolve()
     shown = svg.relative_to(ROOT) if svg.is_relative_to(ROOT) else svg
-    print(f"\nNoise fraction on CPU {LINUX_CPU} / on CPU {PARTITION_CPU}: {ratio}. Chart: `{shown}`.\n")
-    print(f"Commands: `{linux_cmd.replace(str(tmp), '$TMP')}` and "
-          f"`{other_cmd.replace(str(tmp), '$TMP')}`" + (f" (in partition {name}'s cpuset)" if created else "") + ".")
+    out.append(f"\nNoise fraction on CPU {LINUX_CPU} / on CPU {PARTITION_CPU}: {ratio}. Chart: `{shown}`.\n")
+    out.append(f"Commands: `{linux_cmd.replace(str(tmp), '$TMP')}` and "
+               f"`{other_cmd.replace(str(tmp), '$TMP')}`" + (f" (in partition {name}'s cpuset)" if created else "")
+               + f"; made by `python3 bench/noise.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`.")
+    section = "\n".join(out)
+    print(section)
+    if args.results:
+        put_section(args.results, section)
+
+
+NOISE_BEGIN = "<!-- noise:begin (written by bench/noise.py --results) -->"
+NOISE_END = "<!-- noise:end -->"
+ANALYSIS_END = "<!-- analysis:end -->"
+
+
+def put_section(path, section):
+    """Replace the noise block in `path`, or add one just inside the end of
+    the block that bench/run.py keeps across runs (or at the end)."""
+    text = path.read_text() if path.exists() else ""
+    block = f"{NOISE_BEGIN}\n{section}\n{NOISE_END}"
+    if NOISE_BEGIN in text and NOISE_END in text:
+        head, rest = text.split(NOISE_BEGIN, 1)
+        text = head + block + rest.split(NOISE_END, 1)[1]
+    elif ANALYSIS_END in text:
+        text = text.replace(ANALYSIS_END, f"{block}\n\n{ANALYSIS_END}", 1)
+    else:
+        text = text.rstrip("\n") + f"\n\n{block}\n"
+    path.write_text(text)
 
 
 if __name__ == "__main__":
