@@ -1393,3 +1393,11 @@ fn sigterm_to_the_whole_process_group_ends_the_program_as_natively() {
         assert_eq!(out.status.signal(), Some(libc::SIGTERM), "{prog:?}: {}", shorten(&out.stderr));
     }
 }
+
+#[test]
+fn sigio_and_sigurg_from_delegated_descriptors_reach_the_program() {
+    let o = compare(&[&program("sigio", Link::Pie)], None);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(has_line(&out, "SIGIO from a pipe: 1"), "{out}");
+    assert!(has_line(&out, "SIGURG from OOB data: 1"), "{out}");
+}
