@@ -152,8 +152,9 @@ pub fn clone(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UConte
 
 /// clone3(2): the same, from its argument structure.
 pub fn clone3(args: u64, size: u64, uc: &UContext) -> Option<i64> {
+    // Smaller than the first version of struct clone_args: as Linux says.
     if size < 64 {
-        return Some(-EFAULT);
+        return Some(-EINVAL);
     }
     let a = match crate::mm::read_app::<8>(args) {
         Ok(a) => a,
