@@ -59,7 +59,7 @@ HUGE_HEADROOM = 64 * MIB
 OTHER_LOAD_WARN = 0.10  # share of all CPUs used by other work that makes a result unreliable  # the program's own text, heap, stack on 2 MiB pages
 
 C_PROGRAMS = ["getppid_loop", "getpid_loop", "delegated_loop", "first_touch", "sud_floor", "thread_create",
-              "futex_pingpong", "fork_exec"]
+              "futex_pingpong", "fork_exec", "spawn_exec"]
 
 # name -> one-line description (also the order of the table)
 BENCHMARKS = {
@@ -70,6 +70,7 @@ BENCHMARKS = {
     "thread_create": "pthread_create + pthread_join, one thread at a time, ns per thread",
     "futex": "futex ping-pong between two threads, ns per round trip",
     "fork_exec": "fork + execve /bin/true + waitpid, ns per process",
+    "spawn_exec": "posix_spawn /bin/true + waitpid (vfork path), ns per process",
     "make": "make -j2 of a small C project (7 files), wall time",
     "true": "/bin/true: lwk start-up and tear-down cost (information, no aim)",
     "python": "/usr/bin/python3 -c pass start-up",
@@ -851,6 +852,9 @@ def main():
         "fork_exec": lambda: bench_micro(
             "fork_exec", "fork_exec", "fork + exec + wait of /bin/true", None, "-", cfg,
             note="under lwk the child copies its memory at fork, its proxy forks too, /bin/true starts a new LWK image"),
+        "spawn_exec": lambda: bench_micro(
+            "spawn_exec", "spawn_exec", "posix_spawn + wait of /bin/true", None, "-", cfg,
+            note="clone(CLONE_VM|CLONE_VFORK): the child shares the parent's memory until execve, nothing copied"),
         "make": lambda: bench_make(cfg),
         "futex": lambda: bench_micro(
             "futex", "futex_pingpong", "futex ping-pong round trip (2 threads)", None, "-", cfg,
