@@ -1270,7 +1270,8 @@ impl TestPartition {
 
 impl Drop for TestPartition {
     fn drop(&mut self) {
-        let out = Command::new(LWK).args(["partition", "destroy", "--force", &self.0]).output().unwrap();
+        // Not --force: a run still holding it would be a bug to see here.
+        let out = Command::new(LWK).args(["partition", "destroy", &self.0]).output().unwrap();
         assert!(out.status.success(), "partition destroy: {}", String::from_utf8_lossy(&out.stderr));
     }
 }

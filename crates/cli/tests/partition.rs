@@ -376,8 +376,10 @@ fn busy_partitions_are_not_destroyed_unless_forced() {
     fails(&lwk(&["partition", "destroy", "--all"]), "is busy");
     assert_eq!(snapshot(), during);
     ok(&lwk(&["partition", "destroy", "--force", "t-busy"]));
+    // The pid in run.lock (sh, now sleep) was killed; flock, its parent,
+    // then ends too.
     let status = holder.wait().unwrap();
-    assert_eq!(status.signal(), Some(9), "the holder was to be killed: {status:?}");
+    assert!(!status.success(), "the holder was to be killed: {status:?}");
     assert_eq!(snapshot(), before);
 }
 

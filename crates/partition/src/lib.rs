@@ -806,7 +806,7 @@ fn pool_undo(cur: u64, before: u64, added: Option<u64>, undo_from: Option<u64>) 
 
 /// Destroys a partition. A busy partition (an `lwk run` holds it, or
 /// processes are in its cpuset) is refused unless `force`, which kills the
-/// running application's process group first.
+/// holding `lwk run` and every process in the partition's cpuset first.
 pub fn destroy(name: &str, force: bool) -> Result<()> {
     need_root("destroy")?;
     validate_name(name)?;
@@ -887,16 +887,11 @@ fn hold_run_lock(st: &State, force: bool) -> Result<Option<File>> {
         bail!("partition {} is held by this very process; release its RunLock first", st.name);
     }
     if let Some(p) = pid.and_then(rustix::process::Pid::from_raw) {
-        // The application's process group; never our own.
-        let own = rustix::process::getpgid(None).ok();
-        match rustix::process::getpgid(Some(p)) {
-            Ok(g) if Some(g) != own => {
-                let _ = rustix::process::kill_process_group(g, rustix::process::Signal::KILL);
-            }
-            _ => {
-                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
-            }
-        }
+        // The holding `lwk run` only, not its process group, which may be
+        // a script's or a test harness's: its application and proxy die with
+        // it, and whatever else runs in the cpuset is killed by the cgroup
+        // teardown.
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
