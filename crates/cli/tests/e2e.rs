@@ -1402,3 +1402,37 @@ fn sigio_and_sigurg_from_delegated_descriptors_reach_the_program() {
     assert!(has_line(&out, "SIGIO from a pipe: 1"), "{out}");
     assert!(has_line(&out, "SIGURG from OOB data: 1"), "{out}");
 }
+
+#[test]
+fn destroy_force_ends_a_running_application_and_its_children() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs root and 2 CPUs");
+        return;
+    }
+    let _one = PARTITION_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let ncpu = std::thread::available_parallelism().unwrap().get();
+    let part = TestPartition::create("force", ncpu - 1, "16M", "none");
+    let marker = format!("sleep 3{}", std::process::id() % 1000);
+    let script = format!("{marker} & {marker}");
+    let mut run = Command::new(LWK)
+        .args(["run", "--partition", &part.0, "--", "/bin/sh", "-c", &script])
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let show = Command::new(LWK).args(["partition", "show", &part.0, "--json"]).output().unwrap();
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let cpuset = format!("{}/cgroup.procs", show["cgroup"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The shell and both sleeps (and their LWKs) are in the partition.
+    while std::fs::read_to_string(&cpuset).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(Instant::now() < deadline, "the application never started in the partition");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = Command::new(LWK).args(["partition", "destroy", "--force", &part.0]).output().unwrap();
+    assert!(o.status.success(), "{}", shorten(&o.stderr));
+    assert_eq!(run.wait().unwrap().signal(), Some(libc::SIGKILL));
+    let left = Command::new("pgrep").args(["-f", &marker]).output().unwrap();
+    assert!(left.stdout.is_empty(), "still running: {}", String::from_utf8_lossy(&left.stdout));
+    std::mem::forget(part); // destroyed above
+}

@@ -258,7 +258,7 @@ fn move_all(from: &Path, to: &Path) {
     }
 }
 
-fn kill_until_empty(dir: &Path) -> Result<()> {
+pub(crate) fn kill_until_empty(dir: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let pids = cgroup_pids(dir);

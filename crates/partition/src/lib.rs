@@ -856,6 +856,11 @@ fn destroy_locked(name: &str, force: bool) -> Result<()> {
         if !pids.is_empty() && !force {
             bail!("partition {name} is busy: processes {pids:?} run in it; destroy --force kills them");
         }
+        // Before anything is undone: the application's processes hold the
+        // memory mount, which is undone before the cpuset.
+        if !pids.is_empty() {
+            cgroup::kill_until_empty(cg)?;
+        }
     }
     let _ = append_log(&dir, "destroyed", if force { "forced" } else { "" });
     teardown(&mut st, force)?;
