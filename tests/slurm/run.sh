@@ -84,6 +84,7 @@ cleanup() {
     done
     for d in "$STATE_DIR"/*; do [ -e "$d" ] && rm -rf "$d"; done
     rmdir "$STATE_DIR" 2>/dev/null
+    [ -n "${TEST_USER_MADE:-}" ] && userdel "$TEST_USER" 2>/dev/null
     rm -rf "$T"
 }
 trap cleanup EXIT
@@ -99,8 +100,10 @@ free_port() {
 CTLD_PORT=$(free_port)
 SLURMD_PORT=$(free_port)
 mem_mb=$(awk '/^MemTotal:/ { print int($2 / 1024 * 0.9) }' /proc/meminfo)
-mkdir -p "$T/state" "$T/spool" "$T/munge" "$T/accounting"
+mkdir -p "$T/state" "$T/spool" "$T/munge" "$T/munge-run" "$T/accounting"
+# The key stays root's; the socket must be reachable by a job's user.
 chmod 700 "$T/munge"
+chmod 755 "$T/munge-run"
 
 cat >"$T/plugstack.conf" <<EOF
 required $PLUGIN lwk=$LWK exec_helper=$HELPER default_mem=128M max_mem_fraction=0.5 hugepages=none accounting_dir=$T/accounting
@@ -114,7 +117,7 @@ SrunPortRange=60001-60100
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$T/munge/munge.sock
+AuthInfo=socket=$T/munge-run/munge.sock
 CredType=cred/munge
 StateSaveLocation=$T/state
 SlurmdSpoolDir=$T/spool
@@ -145,7 +148,7 @@ export SLURM_CONF=$T/slurm.conf
 # --- start munged, slurmctld, slurmd -------------------------------------------
 dd if=/dev/urandom of="$T/munge/munge.key" bs=1024 count=1 status=none
 chmod 600 "$T/munge/munge.key"
-munged --force --key-file="$T/munge/munge.key" --socket="$T/munge/munge.sock" \
+munged --force --key-file="$T/munge/munge.key" --socket="$T/munge-run/munge.sock" \
     --pid-file="$T/munged.pid" --seed-file="$T/munge/seed" --log-file="$T/munged.log" ||
     { not_ok "munged starts"; cat "$T/munged.log" 2>/dev/null; finish; }
 slurmctld -f "$T/slurm.conf" -i || { not_ok "slurmctld starts"; cat "$T/slurmctld.log"; finish; }
@@ -217,6 +220,28 @@ else
 fi
 check "partition of job ${job:-?} gone, /run/lwk/slurm empty, nr_hugepages back" nothing_left "${job:-none}"
 
+# --- 1b. an ordinary user's job ----------------------------------------------
+# The partition is the job user's: lwk run, which opens its memory, cgroup
+# and lock, runs as that user.
+TEST_USER=lwk-slurm-test
+if ! id "$TEST_USER" >/dev/null 2>&1; then
+    useradd --system --no-create-home --shell /usr/sbin/nologin "$TEST_USER" && TEST_USER_MADE=1
+fi
+uid=$(id -u "$TEST_USER")
+prog='import os; print("uid", os.getuid()); print("job", os.environ["SLURM_JOB_ID"]); print("cpus", ",".join(map(str, sorted(os.sched_getaffinity(0))))); st = os.stat("/run/lwk/partitions/slurm-%s.0/mem" % os.environ["SLURM_JOB_ID"]); print("mem owner", st.st_uid)'
+out=$(cd "$T" && timeout 120 runuser -u "$TEST_USER" -- srun --lwk --lwk-cpus=1 --lwk-mem=64M python3 -c "$prog" 2>&1)
+rc=$?
+echo "$out" | sed 's/^/  | /'
+job=$(echo "$out" | awk '/^job / { print $2 }')
+wait_job_done "${job:-none}"
+check "a job of user $TEST_USER (uid $uid) runs under lwk as that user on CPU $last_cpu (exit $rc)" \
+    bash -c '[ "$0" -eq 0 ] && grep -qx "uid $1" <<<"$2" && grep -qx "cpus $3" <<<"$2"' "$rc" "$uid" "$out" "$last_cpu"
+check "its partition's memory belongs to the job's user" grep -qx "mem owner $uid" <<<"$out"
+check "accounting of $TEST_USER's job: 1 task, exit 0, syscalls counted" \
+    test "$(acct_field "${job:-none}" '(d["totals"]["tasks"], d["totals"]["exit_statuses"], d["totals"]["syscalls_local"] > 100)')" \
+    = "(1, {'0': 1}, True)"
+check "partition of $TEST_USER's job ${job:-?} gone, nothing left" nothing_left "${job:-none}"
+
 # --- 2. a task that crashes ---------------------------------------------------
 out=$(timeout 120 srun --lwk --lwk-cpus=1 sh -c 'echo job $SLURM_JOB_ID; kill -SEGV $$' 2>&1)
 rc=$?
@@ -249,8 +274,9 @@ for _ in $(seq 120); do
     sleep 0.5
 done
 check "scancel $job: job ended, its partition gone, nothing left" test -n "$gone"
-check "accounting of the cancelled job: 1 task, which did not exit 0" \
-    test "$(acct_field "$job" '(d["totals"]["tasks"], "0" in d["totals"]["exit_statuses"])')" = "(1, False)"
+statuses=$(acct_field "$job" 'd["totals"]["exit_statuses"]')
+check "accounting of the cancelled job: 1 task, killed by a signal ($statuses)" \
+    test "$(acct_field "$job" '(d["totals"]["tasks"], all(k.startswith("sig") for k in d["totals"]["exit_statuses"]))')" = "(1, True)"
 
 # --- 4. bad requests give clear errors and change nothing ----------------------
 out=$(timeout 60 srun --lwk-mem=lots true 2>&1)
