@@ -1436,3 +1436,12 @@ fn destroy_force_ends_a_running_application_and_its_children() {
     assert!(left.stdout.is_empty(), "still running: {}", String::from_utf8_lossy(&left.stdout));
     std::mem::forget(part); // destroyed above
 }
+
+#[test]
+fn a_sigsys_sent_to_the_program_is_its_own_not_a_system_call() {
+    let prog = program("sigsys", Link::Pie);
+    let o = compare(&[&prog], None);
+    assert_eq!(o.status.signal(), Some(libc::SIGSYS));
+    let o = compare(&[&prog, "ignore"], None);
+    assert!(has_line(&String::from_utf8_lossy(&o.stdout), "ignored SIGSYS, still here"));
+}

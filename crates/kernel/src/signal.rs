@@ -94,6 +94,28 @@ fn sigaction(sig: u64, act: u64, oact: u64, size: u64) -> Result<(), i64> {
     Ok(())
 }
 
+/// A SIGSYS that is no trapped call arrived: the application's, whose
+/// action the LWK keeps. Default: the process dies of it, as natively (the
+/// kernel's action becomes the default and the signal is sent again; it is
+/// delivered when the LWK's handler returns). Ignored: nothing. A handler of
+/// the application's cannot run there (SIGSYS must stay the LWK's for every
+/// trapped call), so it is reported and the signal dropped.
+pub fn app_sigsys() {
+    let action = SAVED.lock().sigsys[0];
+    match action {
+        SIG_IGN => {}
+        SIG_DFL => {
+            let dfl = [SIG_DFL, 0, 0, 0u64];
+            // SAFETY: a valid kernel sigaction; then a signal to this thread.
+            unsafe {
+                syscall6(nr::RT_SIGACTION, SIGSYS, dfl.as_ptr() as u64, 0, 8, 0, 0);
+                syscall3(nr::TGKILL, getpid() as u64, crate::trap::gettid() as u64, SIGSYS);
+            }
+        }
+        _ => lwk_rt::diag!("the application's SIGSYS handler cannot run under the LWK: a SIGSYS it was sent is dropped"),
+    }
+}
+
 pub fn rt_sigprocmask(how: u64, set: u64, oset: u64, size: u64, uc: &mut UContext) -> i64 {
     if size != 8 {
         return -EINVAL;

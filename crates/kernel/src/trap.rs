@@ -59,6 +59,8 @@ impl UContext {
 
 pub const SIGSYS: u64 = 31;
 const SA_SIGINFO: u64 = 4;
+/// si_code of a SIGSYS from Syscall User Dispatch.
+const SYS_USER_DISPATCH: i32 = 2;
 const SA_RESTORER: u64 = 0x0400_0000;
 const PR_SET_SYSCALL_USER_DISPATCH: u64 = 59;
 const PR_SYS_DISPATCH_ON: u64 = 1;
@@ -127,9 +129,17 @@ enum Ran {
 /// # Safety
 /// Called by the kernel with a valid ucontext.
 #[no_mangle]
-pub unsafe extern "C" fn lwk_sigsys(_sig: i32, _info: *mut u8, ctx: *mut UContext) {
+pub unsafe extern "C" fn lwk_sigsys(_sig: i32, info: *mut u8, ctx: *mut UContext) {
     // SAFETY: the kernel passes the frame it built for this signal.
     let uc = unsafe { &mut *ctx };
+    // si_code: a trapped system call, or a SIGSYS someone sent (kill,
+    // tgkill, a seccomp filter), which is the application's.
+    // SAFETY: info points to the siginfo_t of this signal.
+    let code = unsafe { (info.add(8) as *const i32).read() };
+    if code != SYS_USER_DISPATCH {
+        signal::app_sigsys();
+        return;
+    }
     let g = &uc.gregs;
     let nr = g[REG_RAX];
     let a = [g[REG_RDI], g[REG_RSI], g[REG_RDX], g[REG_R10], g[REG_R8], g[REG_R9]];
