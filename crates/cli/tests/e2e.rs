@@ -1445,3 +1445,9 @@ fn a_sigsys_sent_to_the_program_is_its_own_not_a_system_call() {
     let o = compare(&[&prog, "ignore"], None);
     assert!(has_line(&String::from_utf8_lossy(&o.stdout), "ignored SIGSYS, still here"));
 }
+
+#[test]
+fn fork_beside_a_writing_thread_copies_a_snapshot() {
+    let o = compare(&[&program("mtfork", Link::Pie)], None);
+    assert!(has_line(&String::from_utf8_lossy(&o.stdout), "forks whose copy was not a snapshot: 0 of 10"));
+}

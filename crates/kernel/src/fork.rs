@@ -146,6 +146,10 @@ fn fork_inner(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UCont
             && app_sp > here
             && app_sp - here <= VFORK_SAVE as u64;
         start.share = share;
+        // A copy must be a snapshot: the other threads wait meanwhile.
+        if !share {
+            thread::stop_others();
+        }
         let pid = if share {
             let call = VforkCall {
                 flags: kflags | CLONE_VFORK,
@@ -175,9 +179,16 @@ fn fork_inner(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UCont
             // The child proxy would wait for an application that never comes.
             // SAFETY: signals the proxy we just had forked.
             unsafe { syscall3(nr::KILL, proxy as u64, 9, 0) };
+            if !share {
+                thread::resume_others();
+            }
             return Err(pid);
         }
-        wait_for_child(child_ctl, pid as i32)?;
+        let r = wait_for_child(child_ctl, pid as i32);
+        if !share {
+            thread::resume_others();
+        }
+        r?;
         Ok(pid)
     })();
     // SAFETY: our own temporary mapping.

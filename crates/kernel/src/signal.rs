@@ -112,7 +112,9 @@ pub fn app_sigsys() {
                 syscall3(nr::TGKILL, getpid() as u64, crate::trap::gettid() as u64, SIGSYS);
             }
         }
-        _ => lwk_rt::diag!("the application's SIGSYS handler cannot run under the LWK: a SIGSYS it was sent is dropped"),
+        _ => {
+            lwk_rt::diag!("the application's SIGSYS handler cannot run under the LWK: a SIGSYS it was sent is dropped")
+        }
     }
 }
 

@@ -15,7 +15,7 @@
 
 use core::arch::asm;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicI32, AtomicU64, Ordering::*};
+use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 
 use lwk_abi::control::{MAX_CHANNELS, REQ_NEW_WORKER};
 use lwk_rt::thread::*;
@@ -33,6 +33,10 @@ pub struct Thread {
     /// The slot index; first, so `gs:[0]` reads it.
     slot: u64,
     tid: AtomicI32,
+    /// 1 while the thread runs LWK code (not application code).
+    in_lwk: AtomicU32,
+    /// SIGSYS sent by `stop_others` and not yet taken.
+    stop_requests: AtomicU32,
 }
 
 struct Slots {
@@ -48,7 +52,9 @@ struct Slots {
 unsafe impl Sync for Slots {}
 
 static SLOTS: Slots = Slots {
-    threads: [const { Thread { slot: 0, tid: AtomicI32::new(0) } }; MAX_CHANNELS],
+    threads: [const {
+        Thread { slot: 0, tid: AtomicI32::new(0), in_lwk: AtomicU32::new(0), stop_requests: AtomicU32::new(0) }
+    }; MAX_CHANNELS],
     used: [const { AtomicU64::new(0) }; MAX_CHANNELS / 64],
     start: [const { UnsafeCell::new(UContext::ZERO) }; MAX_CHANNELS],
     stacks: [const { UnsafeCell::new([0; STACK_SIZE]) }; MAX_CHANNELS],
@@ -172,6 +178,7 @@ pub fn clone3(args: u64, size: u64, uc: &UContext) -> Option<i64> {
 extern "C" fn thread_start(slot: u64) -> ! {
     let slot = slot as usize;
     set_gs(slot);
+    entered();
     pin(slot);
     if let Err(e) = trap::enable_thread() {
         lwk_rt::diag!("cannot enable Syscall User Dispatch in a new thread: error {}", -e);
@@ -179,6 +186,7 @@ extern "C" fn thread_start(slot: u64) -> ! {
     }
     // SAFETY: written by the parent before clone, ours now.
     let start = unsafe { &*SLOTS.start[slot].get() };
+    leaving();
     enter(start, false)
 }
 
@@ -188,7 +196,89 @@ pub fn reset_for_fork() {
     for w in &SLOTS.used {
         w.store(0, SeqCst);
     }
+    for t in &SLOTS.threads {
+        t.in_lwk.store(0, SeqCst);
+        t.stop_requests.store(0, SeqCst);
+    }
+    STOP.store(0, SeqCst);
     init_main();
+    SLOTS.threads[0].in_lwk.store(1, SeqCst);
+}
+
+/// Set while a fork copies memory: threads returning to application code
+/// wait.
+static STOP: AtomicU32 = AtomicU32::new(0);
+
+/// The calling thread enters the LWK from application code (a trapped
+/// call, or a signal the LWK handles).
+#[inline]
+pub fn entered() {
+    SLOTS.threads[current_slot()].in_lwk.store(1, SeqCst);
+}
+
+/// The calling thread is about to return to application code: not while a
+/// fork copies memory. (With `stop_others`, a Dekker pair: the thread
+/// clears `in_lwk` and then looks at STOP; the forker sets STOP and then
+/// looks at `in_lwk`. Either the thread sees STOP, or the forker sees it in
+/// application code and signals it.)
+#[inline]
+pub fn leaving() {
+    let t = &SLOTS.threads[current_slot()];
+    loop {
+        t.in_lwk.store(0, SeqCst);
+        if STOP.load(SeqCst) == 0 {
+            return;
+        }
+        t.in_lwk.store(1, SeqCst);
+        while STOP.load(Acquire) != 0 {
+            futex_wait_timeout(&STOP, 1, 10_000_000);
+        }
+    }
+}
+
+/// Was this SIGSYS one that `stop_others` sent? Takes it.
+pub fn take_stop_request() -> bool {
+    SLOTS.threads[current_slot()].stop_requests.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok()
+}
+
+/// Before a fork copies memory: have every other thread of the process
+/// wait inside the LWK, so the copy is a snapshot, as a kernel fork's is.
+/// A thread running application code gets a SIGSYS (the LWK's, which it
+/// cannot block) and stops on its way back. Gives up after a second.
+pub fn stop_others() {
+    let me = current_slot();
+    STOP.store(1, SeqCst);
+    let pid = getpid();
+    let others =
+        || (0..MAX_CHANNELS).filter(move |&s| s != me && SLOTS.used[s / 64].load(SeqCst) & (1 << (s % 64)) != 0);
+    for s in others() {
+        let t = &SLOTS.threads[s];
+        let tid = t.tid.load(SeqCst);
+        if tid != 0 && t.in_lwk.load(SeqCst) == 0 {
+            t.stop_requests.fetch_add(1, SeqCst);
+            // SAFETY: signals a thread of this process.
+            unsafe { syscall3(lwk_rt::nr::TGKILL, pid as u64, tid as u64, trap::SIGSYS) };
+        }
+    }
+    for _ in 0..10_000 {
+        let running = others().any(|s| {
+            let t = &SLOTS.threads[s];
+            t.tid.load(SeqCst) != 0 && t.in_lwk.load(SeqCst) == 0
+        });
+        if !running {
+            return;
+        }
+        let ts = [0u64, 100_000];
+        // SAFETY: a 100 µs sleep on our own timespec.
+        unsafe { syscall3(lwk_rt::nr::NANOSLEEP, ts.as_ptr() as u64, 0, 0) };
+    }
+    lwk_rt::diag!("fork: other threads did not stop within a second; copying memory while they run");
+}
+
+/// After the fork's copy: let the other threads go on.
+pub fn resume_others() {
+    STOP.store(0, SeqCst);
+    futex_wake(&STOP, u32::MAX >> 1);
 }
 
 /// Enter the application with `ctx` through rt_sigreturn: registers,

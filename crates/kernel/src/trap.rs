@@ -136,8 +136,12 @@ pub unsafe extern "C" fn lwk_sigsys(_sig: i32, info: *mut u8, ctx: *mut UContext
     // tgkill, a seccomp filter), which is the application's.
     // SAFETY: info points to the siginfo_t of this signal.
     let code = unsafe { (info.add(8) as *const i32).read() };
+    thread::entered();
     if code != SYS_USER_DISPATCH {
-        signal::app_sigsys();
+        if !thread::take_stop_request() {
+            signal::app_sigsys();
+        }
+        thread::leaving();
         return;
     }
     let g = &uc.gregs;
@@ -152,6 +156,7 @@ pub unsafe extern "C" fn lwk_sigsys(_sig: i32, info: *mut u8, ctx: *mut UContext
         c.add(dt);
     }
     uc.gregs[REG_RAX] = ret as u64;
+    thread::leaving();
 }
 
 fn passthrough(nr: u64, a: [u64; 6]) -> i64 {
