@@ -331,7 +331,12 @@ extern "C" fn child_start(_: u64) -> ! {
     let h = &control().header;
     h.app_pid.store(getpid(), Release);
     let state = &h.fork_state;
-    let copied = if share { Ok(MM.lock().borrow()) } else { MM.lock().fork_copy() };
+    let copied = if share {
+        MM.lock().borrow();
+        Ok(())
+    } else {
+        MM.lock().fork_copy()
+    };
     if crate::trap::enable_thread().is_err() || copied.is_err() {
         state.store(FORK_FAILED, Release);
         futex_wake(state, 1);
