@@ -45,8 +45,7 @@ const DELEGATED: Class = Class::Delegated;
 const NEW_TASK: Class = Class::Special("thread: own slot and proxy worker; process: copied memory, new proxy");
 const EXEC: Class = Class::Special("replaces the image: the LWK restarts itself around the new program");
 const WAIT: Class = Class::Special("children are the app process's own: waited for there");
-const SIGNALFD: Class =
-    Class::Special("app's signals: a real signalfd in the app process, a pipe in the proxy that poll sees");
+const SIGNALFD: Class = Class::Special("a real signalfd in the app process, a pipe in the proxy for poll");
 const OTHER_PID: Class = Class::Special("pid argument: app pid vs proxy pid");
 const TRACE: Class = Class::Special("acts on a process: app process vs its proxy");
 const FILTER: Class = Class::Special("acts on the calling process: app and proxy both issue its calls");
