@@ -1451,3 +1451,43 @@ fn fork_beside_a_writing_thread_copies_a_snapshot() {
     let o = compare(&[&program("mtfork", Link::Pie)], None);
     assert!(has_line(&String::from_utf8_lossy(&o.stdout), "forks whose copy was not a snapshot: 0 of 10"));
 }
+
+#[test]
+fn kill_9_of_lwk_run_at_any_moment_leaves_no_process_behind() {
+    for delay_ms in [0u64, 1, 3, 10, 50] {
+        let mut c = lwk_command(&["/bin/sleep", "30"], &[]);
+        c.process_group(0).stdout(Stdio::null()).stderr(Stdio::null());
+        let mut child = c.spawn().unwrap();
+        let pgid = child.id() as i32;
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // The application and the proxy die with it (they share its group;
+        // as zombies they wait for init to reap them, which is not ours).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let alive = live_in_group(pgid);
+            if alive.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "after {delay_ms} ms: {alive:?} outlived lwk run");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Processes of group `pgid` that are not zombies: (pid, comm).
+fn live_in_group(pgid: i32) -> Vec<(i32, String)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // pid (comm) state ppid pgrp ...
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 2 && f[0] != "Z" && f[2].parse() == Ok(pgid) {
+            v.push((pid, head.split_once('(').map_or("", |x| x.1).to_string()));
+        }
+    }
+    v
+}

@@ -96,7 +96,7 @@ pub fn map_control(fd: i32) -> Result<(), &'static str> {
 
 /// Die with the supervisor, whatever kills it; if it is already gone, go
 /// now.
-fn die_with_supervisor() -> Result<(), &'static str> {
+pub fn die_with_supervisor() -> Result<(), &'static str> {
     let h = &control().header;
     const PR_SET_PDEATHSIG: u64 = 1;
     const SIGKILL: u64 = 9;

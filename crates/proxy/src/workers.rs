@@ -106,10 +106,18 @@ extern "C" fn watch(_: u64) -> ! {
     const POLLIN: u64 = 1;
     let h = &crate::control().header;
     // The application writes its pid when it starts (or after its fork).
+    // A forked child killed before it got that far never will: once the
+    // process that forked it is gone too, nobody needs this proxy. (The
+    // first proxy dies with `lwk run` instead.)
     let pid = loop {
         let p = h.app_pid.load(Acquire);
         if p > 0 {
             break p;
+        }
+        // SAFETY: plain getppid.
+        let first = unsafe { syscall3(lwk_rt::nr::GETPPID, 0, 0, 0) } as i32 == h.supervisor_pid.load(Acquire);
+        if !first && process_gone(h.parent_pid.load(Acquire)) && h.app_pid.load(Acquire) == 0 {
+            exit_group(0);
         }
         // SAFETY: the i32 pid word, read as the u32 futex word it is.
         let word = unsafe { &*(h.app_pid.as_ptr() as *const AtomicU32) };

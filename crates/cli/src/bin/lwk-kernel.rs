@@ -22,7 +22,11 @@ pub unsafe extern "C" fn lwk_entry(sp: *const u64) -> ! {
         Some(b"app") | Some(b"exec") => boot::app_main(&st),
         Some(b"proxy") => {
             let fd = boot::parse_int(st.arg(2)).unwrap_or(-1) as i32;
-            let mapped = boot::map_control(fd);
+            // The first proxy, like the first application process, dies
+            // with `lwk run`: an application killed before it started would
+            // otherwise leave its proxy waiting for it forever. (Proxies of
+            // forked children are forks of this one and do not inherit it.)
+            let mapped = boot::map_control(fd).and_then(|()| boot::die_with_supervisor());
             // The proxy's descriptor table is the application's: nothing of
             // the LWK's may stay in it.
             lwk_rt::close(fd);
