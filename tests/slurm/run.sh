@@ -313,6 +313,16 @@ check "an unknown plugstack.conf argument is named in the error" \
 mv "$T/plugstack.conf.orig" "$T/plugstack.conf"
 
 parts_after=$(ls -A "$PARTS_DIR" 2>/dev/null | grep -c '^slurm-' || true)
+# No process of any job left: proxies included (found by the job id in
+# their environment).
+leftover=""
+for p in $(ls /proc | grep -E '^[0-9]+$'); do
+    if tr '\0' '\n' < "/proc/$p/environ" 2>/dev/null | grep -q '^SLURM_JOB_ID=' &&
+        [ "$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null)" != Z ]; then
+        leftover="$leftover $p:$(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | cut -c1-40)"
+    fi
+done
+check "no process of a job left (${leftover:-none})" test -z "$leftover"
 check "no slurm partition left at all ($parts_before before, $parts_after after)" test "$parts_after" -eq "$parts_before"
 [ "$failed" -eq 0 ] || dump_logs
 finish
