@@ -26,6 +26,12 @@ pub const REQ_EXEC_RESET: u64 = 0x1_0002;
 /// Answers the child proxy's pid.
 pub const REQ_FORK: u64 = 0x1_0003;
 
+/// The signal that interrupts a proxy worker's call (SIGRTMIN+8; the proxy
+/// has no libc that would claim it): the LWK sends it to the worker of a
+/// thread that has a signal pending while it waits for a delegated call.
+/// Nothing else interrupts a worker, so no other thread's call is disturbed.
+pub const NUDGE_SIGNAL: u64 = 42;
+
 /// One channel, and one proxy worker, per application thread.
 pub const MAX_CHANNELS: usize = 256;
 

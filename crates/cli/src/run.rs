@@ -250,20 +250,15 @@ impl InPartition {
 }
 
 static APP_PID: AtomicI32 = AtomicI32::new(0);
-static PROXY_PID: AtomicI32 = AtomicI32::new(0);
 
-/// Forward a signal to the application, then nudge the proxy (SIGWINCH,
-/// which only interrupts) so that a delegated call the application is
-/// blocked in returns and the signal is delivered as natively.
+/// Forward a signal to the application. If it waits for a delegated call,
+/// its LWK interrupts that call's proxy worker and the signal is delivered
+/// as natively.
 extern "C" fn forward_signal(sig: libc::c_int) {
-    let (app, proxy) = (APP_PID.load(Ordering::Relaxed), PROXY_PID.load(Ordering::Relaxed));
+    let app = APP_PID.load(Ordering::Relaxed);
     if app > 0 {
         // SAFETY: kill is async-signal-safe.
         unsafe { libc::kill(app, sig) };
-        if proxy > 0 {
-            // SAFETY: as above.
-            unsafe { libc::kill(proxy, libc::SIGWINCH) };
-        }
     }
 }
 
@@ -354,7 +349,6 @@ pub fn run(args: RunArgs) -> Result<i32> {
         }
     };
     drop(ctl_fd);
-    PROXY_PID.store(proxy.id() as i32, Ordering::Relaxed);
     APP_PID.store(app.id() as i32, Ordering::Relaxed);
     setup_signals();
     if let Some(p) = &part {
@@ -372,7 +366,6 @@ pub fn run(args: RunArgs) -> Result<i32> {
     let elapsed = t0.elapsed();
     let tsc1 = rdtsc();
     APP_PID.store(0, Ordering::Relaxed);
-    PROXY_PID.store(0, Ordering::Relaxed);
 
     if args.stats || args.stats_json.is_some() {
         let hz = tsc_hz(tsc0, tsc1, elapsed.as_secs_f64());

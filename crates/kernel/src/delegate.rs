@@ -17,8 +17,8 @@ pub fn call(nr: u64, args: [u64; 6]) -> i64 {
 
 /// Delegate an application's call that a signal may interrupt: while it
 /// waits, a signal pending for the application and not blocked by
-/// `app_mask` makes the LWK interrupt the proxy worker's call (SIGWINCH,
-/// which the proxy only uses for that), which then returns EINTR here; the
+/// `app_mask` makes the LWK interrupt the proxy worker's call
+/// (NUDGE_SIGNAL), which then returns EINTR here; the
 /// caller restarts it or fails it as Linux would. Signals are blocked while
 /// the LWK runs, so the wait checks for them every 2 ms.
 pub fn call_interruptible(nr: u64, args: [u64; 6], app_mask: u64) -> i64 {
@@ -85,12 +85,11 @@ fn check_proxy_alive() {
 
 /// Interrupt the proxy worker serving `ch`.
 fn nudge(ch: &lwk_abi::control::Channel) {
-    const SIGWINCH: u64 = 28;
     let proxy = control().header.proxy_pid.load(Relaxed);
     let worker = ch.server_tid.load(Relaxed);
     if proxy > 0 && worker > 0 {
         // SAFETY: signals a thread of our own proxy.
-        unsafe { rt::syscall3(lwk_rt::nr::TGKILL, proxy as u64, worker as u64, SIGWINCH) };
+        unsafe { rt::syscall3(lwk_rt::nr::TGKILL, proxy as u64, worker as u64, lwk_abi::control::NUDGE_SIGNAL) };
     }
 }
 

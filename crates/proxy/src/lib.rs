@@ -50,25 +50,29 @@ extern "C" {
 extern "C" fn interrupt(_sig: i32) {}
 
 /// Signal set-up of the proxy. A broken pipe becomes EPIPE here and
-/// SIGPIPE in the application. Terminal signals and SIGHUP/SIGTERM sent to
-/// the whole process group (a hang-up, a batch system cancelling a job:
-/// the proxy shares the application's group) and SIGWINCH, which the supervisor sends
-/// after forwarding a signal to the application, only interrupt the call in
-/// progress: the LWK then lets the application's own signal run and restarts
-/// or fails the call as Linux would. The handler runs on an alternate stack
-/// outside the protection key, because the kernel enters handlers with the
-/// default PKRU, which denies the proxy's key.
+/// SIGPIPE in the application. Signals sent to the whole process group,
+/// which the proxy shares with the application (terminal signals, a
+/// hang-up, a batch system's SIGTERM), are the application's: the proxy
+/// ignores them, and the LWK of the thread they reach interrupts that
+/// thread's worker with NUDGE_SIGNAL, the one signal that interrupts a
+/// worker's call; the LWK then lets the signal run and restarts or fails the
+/// call as Linux would. SIGTTIN and SIGTTOU also interrupt: the kernel sends
+/// them when the worker touches the terminal from a background group, and
+/// the call must come back to the (now stopped) application. The handler
+/// runs on an alternate stack outside the protection key, because the
+/// kernel enters handlers with the default PKRU, which denies the proxy's
+/// key.
 pub(crate) fn setup_signals() {
     let ign = [SIG_IGN, 0, 0, 0u64];
     // Forked proxies are reaped by the kernel: nobody waits for them.
     const SIGCHLD: u64 = 17;
-    for sig in [SIGPIPE, SIGCHLD] {
+    for sig in [SIGPIPE, SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTSTP, SIGWINCH] {
         // SAFETY: a valid kernel sigaction.
         unsafe { syscall6(nr::RT_SIGACTION, sig, ign.as_ptr() as u64, 0, 8, 0, 0) };
     }
     guard::setup_altstack();
     let act = [interrupt as *const () as u64, SA_ONSTACK | SA_RESTORER, lwk_restorer as *const () as u64, !0u64];
-    for sig in [SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTSTP, SIGTTIN, SIGTTOU, SIGWINCH] {
+    for sig in [SIGTTIN, SIGTTOU, lwk_abi::control::NUDGE_SIGNAL] {
         // SAFETY: a valid kernel sigaction with a restorer in our text.
         unsafe { syscall6(nr::RT_SIGACTION, sig, act.as_ptr() as u64, 0, 8, 0, 0) };
     }
