@@ -26,6 +26,11 @@ MODULES = [
     "test_io", "test_fileio", "test_file", "test_pipes", "test_epoll", "test_resource", "test_concurrent_futures",
     "test_asyncio",
 ]
+# Cases left out natively and under lwk alike, with the reason.
+IGNORE = {
+    # The VM's vsock: the server's accept waits forever, natively too.
+    "test_socket": ["*VSOCK*"],
+}
 QUICK = ["test_fcntl", "test_select", "test_file", "test_tempfile", "test_pipes", "test_epoll", "test_resource"]
 CASE = re.compile(r"^(test\S*) \((\S+)\)\S* \.\.\. (.*)$")
 
@@ -75,7 +80,7 @@ def main():
         sys.exit("needs Debian's python3.11 and libpython3.11-testsuite")
     rows, diffs, failed_guard = [], [], False
     for mod in modules:
-        cmd = [py, "-m", "test", "-v", mod]
+        cmd = [py, "-m", "test", "-v", mod] + [a for pat in IGNORE.get(mod, []) for a in ("-i", pat)]
         native, ncode, nt = run(cmd, args.timeout)
         lwk, lcode, lt = run([args.lwk, "run", "--"] + cmd, args.timeout)
         count = lambda d, k: sum(1 for v in d.values() if v == k)
@@ -93,6 +98,12 @@ def main():
         f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, `{py} -m test -v MODULE` natively and under "
         "`lwk run`; counts are test cases (an expected failure counts as ok).",
         "",
+    ]
+    ignored = [f"{m} `{p}`" for m in modules for p in IGNORE.get(m, [])]
+    if ignored:
+        lines += ["Left out of both runs (`-i`): " + ", ".join(ignored) + ": in this VM the vsock server's accept "
+                  "waits forever, natively too.", ""]
+    lines += [
         "| module | native ok / failed / skipped | lwk ok / failed / skipped | passing natively, not under lwk | native s | lwk s | lwk exit |",
         "|---|---|---|---:|---:|---:|---|",
     ]
