@@ -254,18 +254,23 @@ check "accounting of the crash: signal 11" \
     test "$(acct_field "${job:-none}" 'd["totals"]["exit_statuses"]')" = "{'sig11': 1}"
 check "partition of crashed job ${job:-?} gone, nothing left" nothing_left "${job:-none}"
 
-# --- 3. a cancelled batch job -------------------------------------------------
-job=$(sbatch --parsable --lwk --lwk-cpus=1 --lwk-mem=64M -o "$T/batch-%j.out" --wrap 'sleep 600' 2>&1)
+# --- 3. a batch job whose step runs in the job's partition; cancelled -------
+# The script runs on Linux's CPUs; `srun` inside it runs its task under lwk in
+# the partition made for the batch step.
+job=$(sbatch --parsable --lwk --lwk-cpus=1 --lwk-mem=64M -o "$T/batch-%j.out" \
+    --wrap 'srun python3 -c "import os; print(\"step cpus\", sorted(os.sched_getaffinity(0)))"; srun sleep 600' 2>&1)
 echo "  | sbatch: $job"
 running=""
 for _ in $(seq 120); do
-    if [ -d "$PARTS_DIR/slurm-$job.batch" ] && [ "$(squeue -h -j "$job" -o %T 2>/dev/null)" = RUNNING ]; then
+    if [ -d "$PARTS_DIR/slurm-$job.batch" ] && [ -n "$(squeue -h -s -j "$job" -o %i 2>/dev/null | grep "^$job\.1$")" ] &&
+        "$LWK" partition list 2>/dev/null | grep "^slurm-$job.batch " | grep -q "pid [0-9]"; then
         running=yes
         break
     fi
     sleep 0.5
 done
-check "sbatch --lwk job $job running on partition slurm-$job.batch" test -n "$running"
+check "sbatch --lwk job $job: its second step runs under lwk run on partition slurm-$job.batch" test -n "$running"
+check "the batch job's first step ran on the partition's CPU" grep -qx "step cpus \[$last_cpu\]" "$T/batch-$job.out"
 scancel "$job"
 gone=""
 for _ in $(seq 120); do
@@ -274,9 +279,9 @@ for _ in $(seq 120); do
     sleep 0.5
 done
 check "scancel $job: job ended, its partition gone, nothing left" test -n "$gone"
-statuses=$(acct_field "$job" 'd["totals"]["exit_statuses"]')
-check "accounting of the cancelled job: 1 task, killed by a signal ($statuses)" \
-    test "$(acct_field "$job" '(d["totals"]["tasks"], all(k.startswith("sig") for k in d["totals"]["exit_statuses"]))')" = "(1, True)"
+statuses=$(acct_field "$job" '[(k, s["totals"]["exit_statuses"]) for k, s in sorted(d["steps"].items())]')
+check "accounting of the batch job: step 0 exit 0, step 1 killed by a signal ($statuses)" \
+    test "$(acct_field "$job" '(d["steps"]["0@'"$HOST"'"]["totals"]["exit_statuses"], all(k.startswith("sig") for k in d["steps"]["1@'"$HOST"'"]["totals"]["exit_statuses"]))')" = "({'0': 1}, True)"
 
 # --- 4. bad requests give clear errors and change nothing ----------------------
 out=$(timeout 60 srun --lwk-mem=lots true 2>&1)

@@ -551,8 +551,15 @@ fn wrap_task(sp: SpankT, cfg: &SiteConfig, step: &ActiveStep) -> Result<(), Erro
             e => Err(Error::Io(format!("spank_setenv {k:?} failed (spank error {e})"))),
         }
     };
-    set(env::LWK, &cfg.lwk.to_string_lossy())?;
     set(env::PARTITION, &step.partition)?;
+    if step.step == "batch" {
+        // The batch script itself runs on Linux's CPUs: it is orchestration,
+        // and its steps (srun) run their tasks under lwk in the partition
+        // made for the job's batch step, which one `lwk run` at a time holds
+        // (as with McKernel, where a script runs `mcexec ./app`).
+        return Ok(());
+    }
+    set(env::LWK, &cfg.lwk.to_string_lossy())?;
     set(env::STATS, &stats.to_string_lossy())?;
     set(env::ARGV0, &argv0_str)?;
     // SAFETY: replaces argv[0] in this (forked, about to exec) task process's
