@@ -283,6 +283,33 @@ statuses=$(acct_field "$job" '[(k, s["totals"]["exit_statuses"]) for k, s in sor
 check "accounting of the batch job: step 0 exit 0, step 1 killed by a signal ($statuses)" \
     test "$(acct_field "$job" '(d["steps"]["0@'"$HOST"'"]["totals"]["exit_statuses"], all(k.startswith("sig") for k in d["steps"]["1@'"$HOST"'"]["totals"]["exit_statuses"]))')" = "({'0': 1}, True)"
 
+# --- 3b. slurmstepd killed: the job epilog cleans up --------------------------
+job=$(sbatch --parsable --lwk --lwk-cpus=1 --lwk-mem=64M -o "$T/killed-%j.out" --wrap 'srun sleep 600' 2>&1)
+echo "  | sbatch: $job"
+stepd=""
+for _ in $(seq 120); do
+    if "$LWK" partition list 2>/dev/null | grep "^slurm-$job.batch " | grep -q "pid [0-9]"; then
+        stepd=$(pgrep -f "^slurmstepd: \[$job\.0\]" | head -n 1)
+        [ -n "$stepd" ] && break
+    fi
+    sleep 0.5
+done
+echo "  | slurmstepd of step $job.0: ${stepd:-not found}"
+[ -n "$stepd" ] && kill -9 "$stepd"
+sleep 1
+scancel "$job"
+gone=""
+for _ in $(seq 120); do
+    st=$(squeue -h -j "$job" -o %T 2>/dev/null)
+    if [ -z "$st" ] && nothing_left "$job"; then gone=yes; break; fi
+    sleep 0.5
+done
+check "slurmstepd of step $job.0 killed (kill -9), job cancelled: the epilog left nothing" \
+    bash -c '[ -n "$0" ] && [ -n "$1" ]' "$stepd" "$gone"
+# Slurm's own srun client of the killed step may stay (proctrack/linuxproc
+# lost it with its slurmstepd): not lwk's, but this test's to remove.
+pkill -9 -f '^srun sleep 600' 2>/dev/null
+
 # --- 4. bad requests give clear errors and change nothing ----------------------
 out=$(timeout 60 srun --lwk-mem=lots true 2>&1)
 rc=$?
@@ -318,10 +345,13 @@ check "an unknown plugstack.conf argument is named in the error" \
 mv "$T/plugstack.conf.orig" "$T/plugstack.conf"
 
 parts_after=$(ls -A "$PARTS_DIR" 2>/dev/null | grep -c '^slurm-' || true)
-# No process of any job left: proxies included (found by the job id in
-# their environment).
+# No process of any job left: applications under lwk and their proxies
+# (lwk-kernel images), or lwk run itself, found by the job id in their
+# environment.
 leftover=""
 for p in $(ls /proc | grep -E '^[0-9]+$'); do
+    exe=$(readlink "/proc/$p/exe" 2>/dev/null)
+    case "$exe" in */lwk-kernel | */lwk) ;; *) continue ;; esac
     if tr '\0' '\n' < "/proc/$p/environ" 2>/dev/null | grep -q '^SLURM_JOB_ID=' &&
         [ "$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null)" != Z ]; then
         leftover="$leftover $p:$(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | cut -c1-40)"
