@@ -74,6 +74,7 @@ BENCHMARKS = {
     "make": "make -j2 of a small C project (7 files), wall time",
     "true": "/bin/true: lwk start-up and tear-down cost (information, no aim)",
     "python": "/usr/bin/python3 -c pass start-up",
+    "py_subprocess": "python3 running subprocess.run(['/bin/true']) 20 times (vfork from a large parent)",
     "sha256sum": "sha256sum of a 256 MiB (quick: 32 MiB) file",
 }
 
@@ -863,6 +864,11 @@ def main():
                                     rounds=cfg["reps"], runs=cfg["true_runs"], warmup=1, aim=None, aim_text="-"),
         "python": lambda: bench_whole("python", "`python3 -c pass` start-up", ["/usr/bin/python3", "-c", "pass"],
                                       cfg, rounds=cfg["reps"], runs=cfg["python_runs"], warmup=1),
+        "py_subprocess": lambda: bench_whole(
+            "py_subprocess", "python3: 20 x subprocess.run(['/bin/true'])",
+            ["/usr/bin/python3", "-c", "import subprocess\nfor _ in range(20): subprocess.run(['/bin/true'])"],
+            cfg, rounds=cfg["reps"], runs=cfg["true_runs"], warmup=1, aim=None, aim_text="-",
+            note="CPython's subprocess uses vfork: under lwk the child shares the parent's memory until its execve"),
         "sha256sum": lambda: bench_sha256(cfg),
     }
     rows = []
