@@ -36,6 +36,8 @@ CASE = re.compile(r"^(test\S*) \((\S+)\)\S* \.\.\. (.*)$")
 
 
 def classify(result):
+    # Some modules print the case's duration first: "0.07s ok".
+    result = re.sub(r"^\d+(\.\d+)?s ", "", result)
     if result.startswith("ok"):
         return "ok"
     if result.startswith("skipped"):
