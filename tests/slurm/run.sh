@@ -273,11 +273,7 @@ check "sbatch --lwk job $job: its second step runs under lwk run on partition sl
 check "the batch job's first step ran on the partition's CPU" grep -qx "step cpus \[$last_cpu\]" "$T/batch-$job.out"
 scancel "$job"
 gone=""
-for _ in $(seq 120); do
-    st=$(squeue -h -j "$job" -o %T 2>/dev/null)
-    if [ -z "$st" ] && nothing_left "$job"; then gone=yes; break; fi
-    sleep 0.5
-done
+wait_job_done "$job" && gone=yes
 check "scancel $job: job ended, its partition gone, nothing left" test -n "$gone"
 statuses=$(acct_field "$job" '[(k, s["totals"]["exit_statuses"]) for k, s in sorted(d["steps"].items())]')
 check "accounting of the batch job: step 0 exit 0, step 1 killed by a signal ($statuses)" \
@@ -299,11 +295,7 @@ echo "  | slurmstepd of step $job.0: ${stepd:-not found}"
 sleep 1
 scancel "$job"
 gone=""
-for _ in $(seq 120); do
-    st=$(squeue -h -j "$job" -o %T 2>/dev/null)
-    if [ -z "$st" ] && nothing_left "$job"; then gone=yes; break; fi
-    sleep 0.5
-done
+wait_job_done "$job" && gone=yes
 check "slurmstepd of step $job.0 killed (kill -9), job cancelled: the epilog left nothing" \
     bash -c '[ -n "$0" ] && [ -n "$1" ]' "$stepd" "$gone"
 # Slurm's own srun client of the killed step may stay (proctrack/linuxproc
