@@ -33,7 +33,6 @@ const SIGINFO_SIZE: u64 = 128;
 const POLLIN: i16 = 1;
 const EFD_CLOEXEC: u64 = 0o2000000;
 const EFD_NONBLOCK: u64 = 0o4000;
-const F_GETFL: u64 = 3;
 const O_NONBLOCK: u64 = 0o4000;
 const EMFILE: i64 = 24;
 

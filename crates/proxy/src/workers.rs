@@ -102,20 +102,19 @@ extern "C" fn watch(_: u64) -> ! {
     // SAFETY: closes descriptors of this thread's private table only.
     unsafe { syscall3(lwk_rt::nr::CLOSE_RANGE, 0, !0u32 as u64, 0) };
     const SYS_PIDFD_OPEN: u64 = 434;
-    const SYS_POLL: u64 = 7;
     const POLLIN: u64 = 1;
     let h = &crate::control().header;
     // The application writes its pid when it starts (or after its fork).
     // A forked child killed before it got that far never will: once the
     // process that forked it is gone too, nobody needs this proxy. (The
-    // first proxy dies with `lwk run` instead.)
+    // first proxy, `lwk run`'s child, dies with it instead.)
+    // SAFETY: plain getppid.
+    let first = unsafe { syscall3(lwk_rt::nr::GETPPID, 0, 0, 0) } as i32 == h.supervisor_pid.load(Acquire);
     let pid = loop {
         let p = h.app_pid.load(Acquire);
         if p > 0 {
             break p;
         }
-        // SAFETY: plain getppid.
-        let first = unsafe { syscall3(lwk_rt::nr::GETPPID, 0, 0, 0) } as i32 == h.supervisor_pid.load(Acquire);
         if !first && process_gone(h.parent_pid.load(Acquire)) && h.app_pid.load(Acquire) == 0 {
             exit_group(0);
         }
@@ -134,7 +133,7 @@ extern "C" fn watch(_: u64) -> ! {
     let mut pfd = [fd as u64 | (POLLIN << 32)];
     loop {
         // SAFETY: pfd is one struct pollfd (fd i32, events i16, revents i16).
-        let r = unsafe { syscall3(SYS_POLL, pfd.as_mut_ptr() as u64, 1, -1i64 as u64) };
+        let r = unsafe { syscall3(lwk_rt::nr::POLL, pfd.as_mut_ptr() as u64, 1, -1i64 as u64) };
         if r > 0 {
             exit_group(0);
         }
