@@ -1276,6 +1276,19 @@ impl Drop for TestPartition {
     }
 }
 
+/// For a test that makes partitions: the CPU to give them (the last; one
+/// stays with Linux) and the turn to use it, or None (said on stderr) when
+/// this is not root or has a single CPU.
+fn partition_cpu(what: &str) -> Option<(usize, std::sync::MutexGuard<'static, ()>)> {
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || ncpu < 2 {
+        eprintln!("skipped {what}: partitions need root and a CPU besides the one Linux keeps");
+        return None;
+    }
+    Some((ncpu - 1, PARTITION_TESTS.lock().unwrap_or_else(|e| e.into_inner())))
+}
+
 fn run_in(part: &TestPartition, extra: &[&str], cmd: &[&str]) -> Output {
     let mut opts = vec!["--partition", part.0.as_str()];
     opts.extend_from_slice(extra);
@@ -1284,18 +1297,7 @@ fn run_in(part: &TestPartition, extra: &[&str], cmd: &[&str]) -> Output {
 
 #[test]
 fn run_in_a_partition_pins_threads_to_its_cpu_and_takes_its_memory() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: partitions need root");
-        return;
-    }
-    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if ncpu < 2 {
-        eprintln!("skipped: a partition needs a CPU besides the one Linux keeps");
-        return;
-    }
-    let cpu = ncpu - 1;
-    let _one = PARTITION_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((cpu, _turn)) = partition_cpu("") else { return };
     let prog = program("where", Link::Pie);
     let stats = tempdir();
     for pages in ["2M", "none"] {
@@ -1334,14 +1336,8 @@ fn run_in_a_missing_or_busy_partition_fails_clearly() {
     );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no partition e2e-no-such"), "{}", shorten(&o.stderr));
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        eprintln!("skipped the busy case: needs root and 2 CPUs");
-        return;
-    }
-    let ncpu = std::thread::available_parallelism().unwrap().get();
-    let _one = PARTITION_TESTS.lock().unwrap_or_else(|e| e.into_inner());
-    let part = TestPartition::create("busy", ncpu - 1, "16M", "none");
+    let Some((cpu, _turn)) = partition_cpu("the busy case") else { return };
+    let part = TestPartition::create("busy", cpu, "16M", "none");
     let mut first = Command::new(LWK).args(["run", "--partition", &part.0, "--", "/bin/sleep", "3"]).spawn().unwrap();
     // Wait until the first run holds the partition (show names its pid).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1386,7 +1382,7 @@ fn sigterm_to_the_whole_process_group_ends_the_program_as_natively() {
     for prog in [&["/bin/sleep", "10"][..], &["/usr/bin/python3", "-c", "import time; time.sleep(10)"][..]] {
         let mut c = lwk_command(prog, &[]);
         c.process_group(0).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
+        let child = c.spawn().unwrap();
         std::thread::sleep(Duration::from_millis(500));
         // SAFETY: signals the process group we just made.
         unsafe { libc::kill(-(child.id() as i32), libc::SIGTERM) };
@@ -1405,14 +1401,8 @@ fn sigio_and_sigurg_from_delegated_descriptors_reach_the_program() {
 
 #[test]
 fn destroy_force_ends_a_running_application_and_its_children() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        eprintln!("skipped: needs root and 2 CPUs");
-        return;
-    }
-    let _one = PARTITION_TESTS.lock().unwrap_or_else(|e| e.into_inner());
-    let ncpu = std::thread::available_parallelism().unwrap().get();
-    let part = TestPartition::create("force", ncpu - 1, "16M", "none");
+    let Some((cpu, _turn)) = partition_cpu("") else { return };
+    let part = TestPartition::create("force", cpu, "16M", "none");
     let marker = format!("sleep 3{}", std::process::id() % 1000);
     let script = format!("{marker} & {marker}");
     let mut run = Command::new(LWK)
