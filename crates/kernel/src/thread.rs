@@ -251,21 +251,19 @@ pub fn stop_others() {
     let pid = getpid();
     let others =
         || (0..MAX_CHANNELS).filter(move |&s| s != me && SLOTS.used[s / 64].load(SeqCst) & (1 << (s % 64)) != 0);
-    for s in others() {
+    // A live thread of slot s that runs application code, and its tid.
+    let in_app = |s: usize| {
         let t = &SLOTS.threads[s];
         let tid = t.tid.load(SeqCst);
-        if tid != 0 && t.in_lwk.load(SeqCst) == 0 {
-            t.stop_requests.fetch_add(1, SeqCst);
-            // SAFETY: signals a thread of this process.
-            unsafe { syscall3(lwk_rt::nr::TGKILL, pid as u64, tid as u64, trap::SIGSYS) };
-        }
+        (tid != 0 && t.in_lwk.load(SeqCst) == 0).then_some((t, tid))
+    };
+    for (t, tid) in others().filter_map(in_app) {
+        t.stop_requests.fetch_add(1, SeqCst);
+        // SAFETY: signals a thread of this process.
+        unsafe { syscall3(lwk_rt::nr::TGKILL, pid as u64, tid as u64, trap::SIGSYS) };
     }
     for _ in 0..10_000 {
-        let running = others().any(|s| {
-            let t = &SLOTS.threads[s];
-            t.tid.load(SeqCst) != 0 && t.in_lwk.load(SeqCst) == 0
-        });
-        if !running {
+        if others().all(|s| in_app(s).is_none()) {
             return;
         }
         let ts = [0u64, 100_000];
