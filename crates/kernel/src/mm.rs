@@ -203,37 +203,15 @@ impl Mm {
             self.memfd[2] = sfd as i32;
             self.extents[2].init(MEMFD_SPACE);
         }
-        let fd = if self.part_page == PAGE {
-            self.partition_file()
-        } else {
-            // SAFETY: the name is NUL-terminated.
-            unsafe { syscall3(nr::MEMFD_CREATE, b"lwk-mem\0".as_ptr() as u64, MFD_CLOEXEC, 0) }
-        };
+        let fd = self.memory_file(b"lwk-mem\0", MFD_CLOEXEC, PAGE);
         if fd < 0 {
             return Err(fd);
-        }
-        // SAFETY: ftruncate on our new memfd.
-        let r = unsafe { syscall3(nr::FTRUNCATE, fd as u64, MEMFD_SPACE, 0) };
-        if r < 0 {
-            return Err(r);
         }
         self.memfd[0] = fd as i32;
         self.extents[0].init(MEMFD_SPACE);
         if huge {
-            let hfd = if self.part_page == HUGE {
-                self.partition_file()
-            } else {
-                // SAFETY: as above.
-                unsafe {
-                    syscall3(
-                        nr::MEMFD_CREATE,
-                        b"lwk-huge\0".as_ptr() as u64,
-                        MFD_CLOEXEC | MFD_HUGETLB | MFD_HUGE_2MB,
-                        0,
-                    )
-                }
-            };
-            if hfd >= 0 && unsafe { syscall3(nr::FTRUNCATE, hfd as u64, MEMFD_SPACE, 0) } >= 0 {
+            let hfd = self.memory_file(b"lwk-huge\0", MFD_CLOEXEC | MFD_HUGETLB | MFD_HUGE_2MB, HUGE);
+            if hfd >= 0 {
                 self.memfd[1] = hfd as i32;
                 self.extents[1].init(MEMFD_SPACE);
                 self.huge_ok = true;
@@ -241,11 +219,17 @@ impl Mm {
                 self.note_fallback();
             }
         }
-        let h = &control().header;
-        h.memfd[0].store(self.memfd[0], core::sync::atomic::Ordering::Release);
-        h.memfd[1].store(self.memfd[1], core::sync::atomic::Ordering::Release);
-        h.memfd[2].store(self.memfd[2], core::sync::atomic::Ordering::Release);
+        self.publish_memfds();
         Ok(())
+    }
+
+    /// Tell the proxy (through the control region) which descriptors of
+    /// this process hold application memory.
+    fn publish_memfds(&self) {
+        let h = &control().header;
+        for (k, fd) in self.memfd.iter().enumerate() {
+            h.memfd[k].store(*fd, core::sync::atomic::Ordering::Release);
+        }
     }
 
     /// Take application memory from a partition: its directory (a
@@ -253,6 +237,28 @@ impl Mm {
     pub fn set_partition(&mut self, dir: i32, page: u64) {
         self.part_dir = dir;
         self.part_page = page;
+    }
+
+    /// A new memory file of MEMFD_SPACE bytes for pages of `page` bytes: in
+    /// the partition's directory if its pages are those, else a memfd
+    /// `name` (NUL-terminated) made with `flags`.
+    fn memory_file(&self, name: &[u8], flags: u64, page: u64) -> i64 {
+        let fd = if self.part_page == page {
+            self.partition_file()
+        } else {
+            // SAFETY: the name is NUL-terminated.
+            unsafe { syscall3(nr::MEMFD_CREATE, name.as_ptr() as u64, flags, 0) }
+        };
+        if fd < 0 {
+            return fd;
+        }
+        // SAFETY: ftruncate on our new file.
+        let r = unsafe { syscall3(nr::FTRUNCATE, fd as u64, MEMFD_SPACE, 0) };
+        if r < 0 {
+            close(fd as i32);
+            return r;
+        }
+        fd
     }
 
     /// A new, unnamed file in the partition's memory directory.
@@ -1055,10 +1061,7 @@ impl Mm {
     /// until the child changes its address space (`own`), execs or exits.
     pub fn borrow(&mut self) {
         self.borrowed = true;
-        let h = &control().header;
-        for (k, fd) in self.memfd.iter().enumerate() {
-            h.memfd[k].store(*fd, core::sync::atomic::Ordering::Release);
-        }
+        self.publish_memfds();
     }
 
     /// Before a change of the address space: a vfork child that still
