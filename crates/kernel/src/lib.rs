@@ -15,6 +15,7 @@ pub mod exec;
 pub mod fork;
 pub mod guard;
 pub mod mm;
+pub mod persist;
 pub mod procfs;
 pub mod signal;
 pub mod signalfd;
