@@ -3,13 +3,13 @@
 mod partition;
 mod run;
 mod stats;
+mod syscalls;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use lwk_abi::syscalls::{Class, TABLE};
 
 #[derive(Parser)]
 #[command(name = "lwk", version, about = "A Linux-compatible lightweight kernel in user space")]
@@ -23,10 +23,14 @@ enum Command {
     /// Run PROGRAM on the LWK: memory, signals and identity handled in the
     /// application process, everything else delegated to a proxy.
     Run(RunArgs),
-    /// Print where each x86-64 system call runs under the LWK.
+    /// Print how the LWK runs each x86-64 system call, and how well it is
+    /// supported.
     Syscalls {
-        /// Print JSON instead of a table.
-        #[arg(long)]
+        /// Output format: a table, JSON, or the Markdown compatibility page.
+        #[arg(long, value_enum, default_value = "text")]
+        format: syscalls::Format,
+        /// The same as --format json.
+        #[arg(long, conflicts_with = "format")]
         json: bool,
     },
     /// Measure OS noise: the fixed work quantum benchmark on pinned CPUs.
@@ -78,43 +82,13 @@ pub struct RunArgs {
     pub command: Vec<OsString>,
 }
 
-fn print_syscalls(json: bool) -> anyhow::Result<()> {
-    let class = |c: &Class| match c {
-        Class::Local => ("local", None),
-        Class::Delegated => ("delegated", None),
-        Class::Special(why) => ("special", Some(*why)),
-    };
-    if json {
-        let rows: Vec<_> = TABLE
-            .iter()
-            .map(|s| {
-                let (c, why) = class(&s.class);
-                serde_json::json!({ "nr": s.nr, "name": s.name, "class": c, "reason": why })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
-    }
-    let mut counts = [0usize; 3];
-    println!("{:>4}  {:<24} {:<10} reason", "nr", "name", "class");
-    for s in TABLE {
-        let (c, why) = class(&s.class);
-        counts[match c {
-            "local" => 0,
-            "delegated" => 1,
-            _ => 2,
-        }] += 1;
-        println!("{:>4}  {:<24} {:<10} {}", s.nr, s.name, c, why.unwrap_or(""));
-    }
-    println!("{} system calls: {} local, {} delegated, {} special", TABLE.len(), counts[0], counts[1], counts[2]);
-    Ok(())
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
-        Command::Syscalls { json } => print_syscalls(json).map(|()| 0),
+        Command::Syscalls { format, json } => {
+            syscalls::print(if json { syscalls::Format::Json } else { format }).map(|()| 0)
+        }
         Command::Noise(args) => lwk_noise::run(&args).map(|()| 0),
         Command::Partition { cmd } => partition::main(cmd),
     };

@@ -920,40 +920,6 @@ fn lwk_output(args: &[&str]) -> Output {
 }
 
 #[test]
-fn syscalls_table_lists_read_delegated_and_mmap_local() {
-    let o = lwk_output(&["syscalls"]);
-    assert_exit_code(&o, 0);
-    let text = String::from_utf8(o.stdout).unwrap();
-    let row = |name: &str| -> Vec<String> {
-        text.lines()
-            .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>())
-            .find(|f| f.len() >= 3 && f[1] == name)
-            .unwrap_or_else(|| panic!("no row for {name} in:\n{text}"))
-    };
-    assert_eq!(row("read")[..3], ["0", "read", "delegated"]);
-    assert_eq!(row("mmap")[..3], ["9", "mmap", "local"]);
-    assert_eq!(row("exit_group")[2], "local");
-}
-
-#[test]
-fn syscalls_json_parses() {
-    let o = lwk_output(&["syscalls", "--json"]);
-    assert_exit_code(&o, 0);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("lwk syscalls --json is JSON");
-    let rows = v.as_array().expect("an array of syscalls");
-    assert!(rows.len() > 300, "only {} syscalls", rows.len());
-    let find = |name: &str| rows.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("no {name}"));
-    assert_eq!(find("read")["class"], "delegated");
-    assert_eq!(find("read")["nr"], 0);
-    assert_eq!(find("mmap")["class"], "local");
-    for r in rows {
-        assert!(r["nr"].is_u64() && r["name"].is_string(), "{r}");
-        assert!(["local", "delegated", "special"].contains(&r["class"].as_str().unwrap()), "{r}");
-        assert_eq!(r["class"] == "special", r["reason"].is_string(), "special calls (only) have a reason: {r}");
-    }
-}
-
-#[test]
 fn stats_prints_table_on_stderr() {
     let o = lwk_output(&["run", "--stats", "--", "true"]);
     assert_exit_code(&o, 0);

@@ -6,9 +6,15 @@
 use core::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
 use lwk_abi::control::{CH_DONE, CH_IDLE, CH_REQUEST};
+use lwk_abi::syscalls::{Sigpipe, Syscall};
 use lwk_rt as rt;
+use lwk_rt::{nr, EINTR, EPIPE};
 
-use crate::control;
+use crate::arch::UContext;
+use crate::trap::Ran;
+use crate::{control, procfs, signal};
+
+const SIGPIPE: u64 = 13;
 
 /// Delegate a call on the calling thread's channel.
 pub fn call(nr: u64, args: [u64; 6]) -> i64 {
@@ -96,4 +102,85 @@ fn nudge(ch: &lwk_abi::control::Channel) {
 /// Make the proxy apply every pending address-space change now.
 pub fn sync() {
     call(lwk_abi::control::REQ_SYNC, [0; 6]);
+}
+
+/// The application's delegated call `call`, as Linux would run it: a
+/// signal interrupts it (EINTR or restart), and an EPIPE raises SIGPIPE.
+pub fn syscall(call: &Syscall, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
+    let r = interruptible(call, a, uc);
+    if r == -EPIPE && raises_sigpipe(call, a) {
+        // The proxy ignores SIGPIPE; the application gets it as it would
+        // natively (delivered when we return).
+        // SAFETY: signals this process's own thread.
+        unsafe { rt::syscall3(nr::TGKILL, rt::getpid() as u64, crate::trap::gettid() as u64, SIGPIPE) };
+    }
+    (r, Ran::Delegated)
+}
+
+/// A delegated call whose argument `i` is a path: one under /proc/self
+/// must name the application, not the proxy (see procfs).
+pub fn syscall_with_path(call: &Syscall, i: usize, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
+    if procfs::names_proc(a[i]) {
+        syscall_proc(call, i, a, uc)
+    } else {
+        syscall(call, a, uc)
+    }
+}
+
+/// Kept out of line so that its path buffer is on the stack only for
+/// /proc paths.
+#[inline(never)]
+fn syscall_proc(call: &Syscall, i: usize, mut a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
+    // On this (the application's) stack, where the proxy sees it.
+    let mut path = procfs::Rewrite { buf: [0; 4096] };
+    match procfs::rewrite(call.nr as u64, i, &a, &mut path) {
+        procfs::Outcome::Done(r) => return (r, Ran::Local),
+        procfs::Outcome::Path => a[i] = path.buf.as_ptr() as u64,
+        procfs::Outcome::Unchanged => {}
+    }
+    syscall(call, a, uc)
+}
+
+/// A delegated call that a signal may interrupt. The proxy's call returns
+/// EINTR when a terminal signal (or the LWK's nudge) arrives; the
+/// application's own copy of the signal is pending here, blocked while the
+/// LWK runs. As Linux does: if a handler without SA_RESTART will run (or
+/// the call is never restarted), the application gets EINTR; otherwise the
+/// call is restarted after the signal, by returning to the `syscall`
+/// instruction. An EINTR for no signal of the application's is repeated.
+fn interruptible(call: &Syscall, a: [u64; 6], uc: &mut UContext) -> i64 {
+    let nr = call.nr as u64;
+    // ppoll, pselect6 and epoll_pwait(2) wait with a mask of their own.
+    let call_mask = signal::call_sigmask(call.mask, a);
+    let mask = call_mask.unwrap_or(uc.sigmask);
+    loop {
+        let r = call_interruptible(nr, a, mask);
+        if r != -EINTR {
+            return r;
+        }
+        let pending = signal::pending() & !mask;
+        if pending == 0 {
+            continue;
+        }
+        if let Some(m) = call_mask {
+            // As Linux does: the handlers run with the call's mask, and the
+            // application's own mask is back when they return.
+            signal::run_handlers_with(m);
+            return -EINTR;
+        }
+        if call.never_restarted || signal::any_without_restart(pending) {
+            return -EINTR;
+        }
+        uc.restart_syscall(nr);
+        return nr as i64; // the result goes to rax, which must hold the number again
+    }
+}
+
+fn raises_sigpipe(call: &Syscall, a: [u64; 6]) -> bool {
+    const MSG_NOSIGNAL: u64 = 0x4000;
+    match call.sigpipe {
+        Sigpipe::No => false,
+        Sigpipe::Yes => true,
+        Sigpipe::UnlessNoSignal(i) => a[i as usize] & MSG_NOSIGNAL == 0,
+    }
 }

@@ -8,10 +8,10 @@ use core::sync::atomic::Ordering::Relaxed;
 use lwk_rt::nr;
 use lwk_rt::*;
 
+use crate::arch::UContext;
 use crate::boot::CTL_FD;
 use crate::mm::{read_app, MM};
 use crate::sync::SpinLock;
-use crate::trap::UContext;
 use crate::{control, delegate, elf};
 
 const MAX_ARGS: usize = 1 << 16;

@@ -34,10 +34,10 @@ use lwk_rt::nr;
 use lwk_rt::thread::*;
 use lwk_rt::*;
 
+use crate::arch::{UContext, REG_RAX, REG_RSP};
 use crate::boot::CTL_FD;
 use crate::mm::MM;
 use crate::sync::SpinLock;
-use crate::trap::{UContext, REG_RAX, REG_RSP};
 use crate::{control, delegate, signal, thread};
 
 /// Where the parent maps the child's control region while preparing it.

@@ -8,12 +8,14 @@
 //! that needs a file descriptor to the proxy through [`delegate`].
 #![cfg_attr(not(test), no_std)]
 
+pub mod arch;
 pub mod boot;
 pub mod delegate;
 pub mod elf;
 pub mod exec;
 pub mod fork;
 pub mod guard;
+pub mod handlers;
 pub mod mm;
 pub mod persist;
 pub mod procfs;

@@ -52,22 +52,12 @@ pub fn set_exe(fd: i32, execfn: &[u8]) {
     unsafe { syscall3(nr::PRCTL, PR_SET_NAME, name.as_ptr() as u64, 0) };
 }
 
-/// Which argument of `nr` is a path, for the calls that take one.
-fn path_arg(nr: u64) -> Option<usize> {
-    match nr {
-        2 | 4 | 6 | 21 | 80 | 89 => Some(0), // open stat lstat access chdir readlink
-        257 | 262 | 267 | 269 | 332 | 437 | 439 => Some(1), // openat newfstatat readlinkat faccessat statx openat2 faccessat2
-        _ => None,
-    }
-}
-
-/// Does the path argument of `nr` start with /proc/? A cheap test (7 bytes
-/// read) that keeps the full rewrite, with its path-sized buffers, off the
-/// path of every other delegated call.
-pub fn names_proc(nr: u64, a: &[u64; 6]) -> bool {
-    let Some(i) = path_arg(nr) else { return false };
+/// Does the path at `path` start with /proc/? A cheap test (7 bytes read)
+/// that keeps the full rewrite, with its path-sized buffers, off the path
+/// of every other delegated call.
+pub fn names_proc(path: u64) -> bool {
     let mut head = [0u8; 7];
-    let r = read_cstr(a[i], &mut head);
+    let r = read_cstr(path, &mut head);
     (r.is_ok() || r == Err(-ENAMETOOLONG)) && head.starts_with(b"/proc/")
 }
 
@@ -80,19 +70,20 @@ pub struct Rewrite {
 pub enum Outcome {
     /// Not a /proc/self path: delegate as it is.
     Unchanged,
-    /// Delegate with this argument replaced by the rewritten path.
-    Path(usize),
+    /// Delegate with the path argument replaced by the rewritten path.
+    Path,
     /// Answered here.
     Done(i64),
 }
 
-pub fn rewrite(nr: u64, a: &[u64; 6], out: &mut Rewrite) -> Outcome {
-    let Some(i) = path_arg(nr) else { return Outcome::Unchanged };
+/// Rewrite argument `i` of call `nr`, a path, if it names the proxy's
+/// /proc/self where Linux would name the application's.
+pub fn rewrite(nr: u64, i: usize, a: &[u64; 6], out: &mut Rewrite) -> Outcome {
     let mut path = [0u8; PATH_MAX];
     let Ok(len) = read_cstr(a[i], &mut path) else { return Outcome::Unchanged };
     let p = &path[..len];
     let h = &control().header;
-    let is_readlink = nr == 89 || nr == 267;
+    let is_readlink = nr == nr::READLINK || nr == nr::READLINKAT;
     // /proc/self itself is a symlink (to the proxy, there): readlink must
     // give the application's pid, and /proc/PID/exe the program.
     if is_readlink {
@@ -125,7 +116,7 @@ pub fn rewrite(nr: u64, a: &[u64; 6], out: &mut Rewrite) -> Outcome {
         }
         out.buf[..e.1].copy_from_slice(&e.0[..e.1]);
         out.buf[e.1] = 0;
-        return Outcome::Path(i);
+        return Outcome::Path;
     }
     let mut w = Writer { buf: &mut out.buf, n: 0 };
     w.put(b"/proc/");
@@ -144,7 +135,7 @@ pub fn rewrite(nr: u64, a: &[u64; 6], out: &mut Rewrite) -> Outcome {
         return Outcome::Unchanged;
     }
     out.buf[w.n] = 0;
-    Outcome::Path(i)
+    Outcome::Path
 }
 
 /// `p` without the directory `dir` when `p` is `dir` or inside it.

@@ -12,7 +12,10 @@ use lwk_rt::*;
 
 use crate::mm::{read_app, write_app};
 use crate::sync::SpinLock;
-use crate::trap::{restorer_addr, UContext, SIGSYS};
+use lwk_abi::syscalls::CallMask;
+
+use crate::arch::UContext;
+use crate::trap::{restorer_addr, SIGSYS};
 
 const SIG_DFL: u64 = 0;
 const SIG_IGN: u64 = 1;
@@ -204,14 +207,14 @@ pub fn any_without_restart(set: u64) -> bool {
     })
 }
 
-/// The signal mask a call waits with, if it has its own: ppoll's and
-/// epoll_pwait's 4th argument, pselect6's through its 6th. None without one
+/// The signal mask a call waits with, if it has its own (the table's
+/// `mask`: ppoll's and epoll_pwait's 4th argument, pselect6's through its 6th). None without one
 /// (or if it cannot be read: the proxy's call will say EFAULT).
-pub fn call_sigmask(nr: u64, a: [u64; 6]) -> Option<u64> {
-    let set = match nr {
-        271 | 281 | 441 => a[3],
-        270 if a[5] != 0 => read_app::<1>(a[5]).ok()?[0],
-        _ => return None,
+pub fn call_sigmask(mask: CallMask, a: [u64; 6]) -> Option<u64> {
+    let set = match mask {
+        CallMask::Arg(i) => a[i as usize],
+        CallMask::Pselect if a[5] != 0 => read_app::<1>(a[5]).ok()?[0],
+        CallMask::Pselect | CallMask::None => return None,
     };
     if set == 0 {
         return None;

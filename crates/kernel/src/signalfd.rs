@@ -22,8 +22,8 @@ use lwk_rt::nr;
 use lwk_rt::thread::*;
 use lwk_rt::*;
 
+use crate::arch::UContext;
 use crate::sync::SpinLock;
-use crate::trap::UContext;
 use crate::{control, delegate, signal};
 
 const MAX: usize = 32;

@@ -21,8 +21,9 @@ use lwk_abi::control::{MAX_CHANNELS, REQ_NEW_WORKER};
 use lwk_rt::thread::*;
 use lwk_rt::*;
 
+use crate::arch::{UContext, REG_RAX, REG_RSP};
 use crate::delegate;
-use crate::trap::{self, UContext, REG_RAX, REG_RSP};
+use crate::trap;
 
 const STACK_SIZE: usize = 16 << 10;
 const ARCH_SET_GS: u64 = 0x1001;
@@ -298,7 +299,15 @@ pub fn enter(ctx: &UContext, keep_altstack: bool) -> ! {
     // SAFETY: below the application's fresh stack pointer nothing is in use.
     unsafe {
         (at as *mut UContext).write(uc);
-        asm!("mov rsp, {at}", "mov eax, 15", "syscall", "ud2", at = in(reg) at, options(noreturn));
+        asm!(
+            "mov rsp, {at}",
+            "mov eax, {nr}",
+            "syscall",
+            "ud2",
+            at = in(reg) at,
+            nr = const lwk_rt::nr::RT_SIGRETURN,
+            options(noreturn)
+        );
     }
 }
 

@@ -207,7 +207,7 @@ pub const F_GETFD: u64 = 1;
 
 pub fn sched_yield() {
     // SAFETY: no arguments.
-    unsafe { syscall3(24, 0, 0, 0) };
+    unsafe { syscall3(crate::nr::SCHED_YIELD, 0, 0, 0) };
 }
 
 /// How a channel side waits: a short pure spin (the other side is on

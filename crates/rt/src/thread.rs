@@ -11,7 +11,7 @@ global_asm!(
     ".globl lwk_rt_clone",
     "lwk_rt_clone:",
     "mov r10, rcx",
-    "mov eax, 56",
+    "mov eax, {clone}",
     "syscall",
     "test rax, rax",
     "jnz 2f",
@@ -22,6 +22,7 @@ global_asm!(
     "ud2",
     "2:",
     "ret",
+    clone = const crate::nr::CLONE,
 );
 
 extern "C" {
