@@ -72,6 +72,9 @@ pub struct Header {
     pub started: AtomicU32,
     /// The partition the application runs in (`lwk run --partition`).
     pub partition: PartitionInfo,
+    /// `lwk run --selftest-restore N`: every N-th trapped system call the
+    /// LWK saves its whole state, wipes it and restores it (0: never).
+    pub selftest_restore: AtomicU64,
 }
 
 /// Where the application's CPUs and memory come from when it runs in a
@@ -252,6 +255,8 @@ pub struct Stats {
     /// Of which on 2 MiB pages.
     pub huge_current: AtomicU64,
     pub huge_peak: AtomicU64,
+    /// Restores of the LWK's state onto itself (`selftest_restore`).
+    pub restores: AtomicU64,
 }
 
 #[repr(C)]

@@ -31,6 +31,13 @@ pub const CONTROL_ADDR: u64 = 0x6e00_0000_0000;
 /// A window the LWK uses for short-lived private mappings (copies when a
 /// huge page is split).
 pub const SCRATCH_ADDR: u64 = 0x6d00_0000_0000;
+/// Where a forking LWK maps its child's control region while it prepares
+/// it (below the scratch window).
+pub const CHILD_CONTROL_ADDR: u64 = SCRATCH_ADDR - (64 << 20);
+/// A window for snapshots of the LWK's own state (`kernel::persist`).
+pub const SNAPSHOT_ADDR: u64 = 0x6c00_0000_0000;
+/// Room in the snapshot window.
+pub const SNAPSHOT_SIZE: u64 = 1 << 30;
 
 pub const PAGE_SIZE: u64 = 4096;
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
@@ -43,6 +50,8 @@ mod tests {
         assert!(APP_START < PIE_BASE && PIE_BASE < MMAP_TOP && MMAP_TOP < STACK_TOP);
         assert!(STACK_TOP < APP_END);
         assert!(APP_END <= SCRATCH_ADDR && SCRATCH_ADDR < CONTROL_ADDR && CONTROL_ADDR < IMAGE_BASE);
+        assert!(APP_END <= SNAPSHOT_ADDR && SNAPSHOT_ADDR + SNAPSHOT_SIZE <= CHILD_CONTROL_ADDR);
+        assert!(CHILD_CONTROL_ADDR + (64 << 20) <= SCRATCH_ADDR);
         assert_eq!(PIE_BASE % HUGE_PAGE_SIZE, 0);
     }
 }

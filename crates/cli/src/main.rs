@@ -77,6 +77,11 @@ pub struct RunArgs {
     /// reservation, the proxy on the other CPUs.
     #[arg(long, value_name = "NAME")]
     pub partition: Option<String>,
+    /// Every N-th system call, save the LWK's whole state, wipe it and
+    /// restore it, and check that the restore rebuilt it: a test of the
+    /// state's save and restore, which the program must not notice.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub selftest_restore: u64,
     /// The program and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "PROGRAM")]
     pub command: Vec<OsString>,

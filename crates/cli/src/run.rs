@@ -317,6 +317,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         None => None,
     };
     let region = ControlRegion::create(options, spin_cycles())?;
+    region.get().header.selftest_restore.store(args.selftest_restore, Ordering::Relaxed);
     if let Some(p) = &part {
         let dir = p.part.mem_dir.as_os_str().as_bytes();
         if !region.get().header.partition.set(&p.part.cpus, p.part.page_size, dir) {

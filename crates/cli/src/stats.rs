@@ -36,6 +36,8 @@ pub struct Report {
     pub memory_peak_bytes: u64,
     pub memory_huge_peak_bytes: u64,
     pub huge_pages: &'static str,
+    /// Restores of the LWK's state onto itself (`--selftest-restore`).
+    pub selftest_restores: u64,
     pub syscalls: Vec<Row>,
 }
 
@@ -84,6 +86,7 @@ impl Report {
             } else {
                 "4K"
             },
+            selftest_restores: ctl.stats.restores.load(Relaxed),
             syscalls: rows,
         }
     }
@@ -101,6 +104,9 @@ impl Report {
             self.memory_huge_peak_bytes / 1024,
             self.huge_pages
         );
+        if self.selftest_restores > 0 {
+            let _ = writeln!(s, "lwk: the LWK's state was saved, wiped and restored {} times", self.selftest_restores);
+        }
         let _ =
             writeln!(s, "{:<22} {:<10} {:>10} {:>14} {:>10}", "syscall", "where", "count", "total (us)", "mean (us)");
         for r in &self.syscalls {

@@ -1447,3 +1447,57 @@ fn live_in_group(pgid: i32) -> Vec<(i32, String)> {
     }
     v
 }
+
+// ---------------------------------------------------------------------------
+// The LWK's state saved and restored onto itself (kernel::persist)
+// ---------------------------------------------------------------------------
+
+/// Every few system calls the LWK saves its whole state, wipes it (signal
+/// actions, timers, threads, signalfds, identity, the calling thread's
+/// registers, FPU state, TLS base and robust list), restores it and checks
+/// that the restore rebuilt it; the programs must not notice. (While a
+/// process has one thread: see kernel::persist.)
+#[test]
+fn programs_do_not_notice_the_lwk_restoring_its_state_onto_itself() {
+    let dir = tempdir();
+    let stats = dir.path().join("stats.json");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec![program("signals", Link::Pie), "alarm-restart".into()], "1"),
+        (vec![program("signals", Link::Pie), "pselect".into()], "1"),
+        (vec![program("signalfd", Link::Pie)], "2"),
+        (vec![program("vm_ops", Link::Static)], "1"),
+        (vec![program("args_malloc", Link::Pie), "a".into(), "b c".into()], "1"),
+        (vec!["python3".into(), "-c".into(), PYTHON_WITH_THREADS.into()], "7"),
+    ];
+    for (cmd, every) in &cases {
+        let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        let setup =
+            Setup { lwk_opts: vec!["--selftest-restore", every, "--stats-json", path_str(&stats)], ..Setup::default() };
+        let o = compare_with(&cmd, &setup);
+        assert_exit_code(&o, 0);
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+        let restores = report["selftest_restores"].as_u64().unwrap();
+        let calls = report["syscalls_total"].as_u64().unwrap();
+        let every: u64 = every.parse().unwrap();
+        // Counted in the first process, whose calls were nearly all trapped
+        // (the statistics also count calls the LWK makes no trap for).
+        assert!(restores > 0 && restores >= calls / every / 2, "{cmd:?}: {restores} restores in {calls} calls");
+    }
+}
+
+const PYTHON_WITH_THREADS: &str = "
+import hashlib, json, signal, threading
+hits = []
+signal.signal(signal.SIGALRM, lambda s, f: hits.append(s))
+signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+def work(i):
+    return hashlib.sha256(str(i).encode() * 1000).hexdigest()
+out = []
+ts = [threading.Thread(target=lambda i=i: out.append(work(i))) for i in range(4)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+while len(hits) < 5:
+    signal.pause()
+signal.setitimer(signal.ITIMER_REAL, 0)
+print(json.dumps(sorted(out))[:64], len(hits) >= 5)
+";

@@ -204,6 +204,7 @@ pub fn app_main(st: &Startup) -> ! {
             lwk_rt::diag!("LWK memory is not protected from the application: {}", why);
         }
     }
+    crate::persist::set_selftest(h.selftest_restore.load(Relaxed));
     let mut opts = h.options.load(Relaxed);
     let part_page = open_partition_memory();
     let huge = match part_page {

@@ -29,7 +29,6 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::Ordering::*;
 
 use lwk_abi::control::{Control, CONTROL_MAGIC, CONTROL_SIZE, REQ_FORK};
-use lwk_abi::layout::SCRATCH_ADDR;
 use lwk_rt::nr;
 use lwk_rt::thread::*;
 use lwk_rt::*;
@@ -41,7 +40,7 @@ use crate::sync::SpinLock;
 use crate::{control, delegate, signal, thread};
 
 /// Where the parent maps the child's control region while preparing it.
-const CHILD_CONTROL_AT: u64 = SCRATCH_ADDR - (64 << 20);
+const CHILD_CONTROL_AT: u64 = lwk_abi::layout::CHILD_CONTROL_ADDR;
 const STACK_SIZE: usize = 64 << 10;
 
 const FORK_DONE: u32 = 1;
@@ -264,6 +263,7 @@ fn prepare_child_control(cfd: i32) -> Result<(), i64> {
     let h = &control().header;
     c.header.options.store(h.options.load(Relaxed), Relaxed);
     c.header.spin_cycles.store(h.spin_cycles.load(Relaxed), Relaxed);
+    c.header.selftest_restore.store(h.selftest_restore.load(Relaxed), Relaxed);
     c.header.partition.copy_from(&h.partition);
     c.header.supervisor_pid.store(h.supervisor_pid.load(Relaxed), Relaxed);
     // The child's parent is this process.

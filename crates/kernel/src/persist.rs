@@ -26,3 +26,200 @@ pub trait Persist {
     /// subsystem is left as it was.
     fn restore(&mut self, s: &Self::Snapshot) -> Result<(), i64>;
 }
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use lwk_abi::layout::SNAPSHOT_ADDR;
+use lwk_rt::*;
+
+use crate::arch::UContext;
+use crate::procfs::IdentitySnapshot;
+use crate::signal::SignalsSnapshot;
+use crate::signalfd::SignalfdSnapshot;
+use crate::thread::{ContextSnapshot, Current, ThreadsSnapshot};
+use crate::{procfs, signal, signalfd, thread};
+
+pub const STATE_MAGIC: u64 = u64::from_le_bytes(*b"LWKSTATE");
+/// The layout of [`LwkState`] itself.
+pub const STATE_VERSION: u32 = 1;
+
+/// The whole LWK of a process, saved at a trapped system call of one of
+/// its threads: one snapshot per subsystem behind a header that says which
+/// code wrote it.
+///
+/// Not yet in it (see issue 8's notes): the contexts of the other threads
+/// (each must be parked at a known point and save its own), the memory
+/// map (its own snapshot, `mm`), and the proxy's side (descriptors, the
+/// delegation channels, which are idle while every thread is stopped).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LwkState {
+    pub magic: u64,
+    /// STATE_VERSION, then each subsystem's `Persist::VERSION`, in the
+    /// order of the fields below.
+    pub versions: [u32; 6],
+    pub signals: SignalsSnapshot,
+    pub threads: ThreadsSnapshot,
+    /// The thread that saved the state.
+    pub current: ContextSnapshot,
+    pub signalfd: SignalfdSnapshot,
+    pub identity: IdentitySnapshot,
+}
+
+fn versions() -> [u32; 6] {
+    [
+        STATE_VERSION,
+        <signal::Saved as Persist>::VERSION,
+        <&thread::Slots as Persist>::VERSION,
+        <Current as Persist>::VERSION,
+        <[signalfd::Entry; signalfd::MAX] as Persist>::VERSION,
+        <([u8; procfs::PATH_MAX], usize) as Persist>::VERSION,
+    ]
+}
+
+impl LwkState {
+    /// Save every subsystem, and the calling thread's context `uc`. Only
+    /// a snapshot while the process's other threads are stopped.
+    pub fn save(&mut self, uc: &mut UContext) {
+        self.magic = STATE_MAGIC;
+        self.versions = versions();
+        signal::save(&mut self.signals);
+        thread::save(&mut self.threads);
+        Current(uc).save(&mut self.current);
+        signalfd::save(&mut self.signalfd);
+        procfs::save(&mut self.identity);
+    }
+
+    /// Replace every subsystem, and the calling thread's context `uc`, by
+    /// this state. A state of other code (another version) is refused
+    /// before anything changes; a subsystem that refuses its snapshot
+    /// stops the restore there (-errno), with the subsystems before it
+    /// already restored.
+    pub fn restore(&self, uc: &mut UContext) -> Result<(), i64> {
+        if self.magic != STATE_MAGIC || self.versions != versions() {
+            return Err(-EINVAL);
+        }
+        procfs::restore(&self.identity)?;
+        signalfd::restore(&self.signalfd)?;
+        thread::restore(&self.threads)?;
+        signal::restore(&self.signals)?;
+        Current(uc).restore(&self.current)
+    }
+
+    /// Does `other` hold the same state? The interval timers' remaining
+    /// time runs on between two saves and is left out.
+    pub fn same_as(&self, other: &LwkState) -> Result<(), &'static str> {
+        let timers = |s: &SignalsSnapshot| s.itimers.map(|t| [t[0], t[1]]);
+        let checks: [(&'static str, bool); 9] = [
+            ("header", self.magic == other.magic && self.versions == other.versions),
+            ("signal actions", self.signals.actions == other.signals.actions),
+            ("signal restorers", self.signals.restorer == other.signals.restorer),
+            ("SIGSYS action", self.signals.sigsys == other.signals.sigsys),
+            ("interval timers", timers(&self.signals) == timers(&other.signals)),
+            ("threads", self.threads.used == other.threads.used && self.threads.tids == other.threads.tids),
+            ("calling thread's context", self.current == other.current),
+            ("signalfds", self.signalfd.entries == other.signalfd.entries),
+            ("identity", self.identity == other.identity),
+        ];
+        match checks.iter().find(|c| !c.1) {
+            Some((what, _)) => Err(what),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Forget the state of every subsystem and scramble the calling thread's
+/// context: what a restore must rebuild.
+fn wipe(uc: &mut UContext) {
+    procfs::wipe();
+    signalfd::wipe();
+    thread::wipe();
+    signal::wipe();
+    thread::wipe_current(uc);
+}
+
+/// `lwk run --selftest-restore N`: every N-th trapped call.
+static EVERY: AtomicU64 = AtomicU64::new(0);
+static CALLS: AtomicU64 = AtomicU64::new(0);
+static BUSY: AtomicBool = AtomicBool::new(false);
+
+/// Restore the LWK's state onto itself every `n`-th trapped call (0: never).
+pub fn set_selftest(n: u64) {
+    EVERY.store(n, Relaxed);
+}
+
+/// Called at every trapped call, before it runs: at every N-th (see
+/// [`set_selftest`]) the whole state is saved, wiped and restored, and
+/// saved again to check that the restore rebuilt it. The application must
+/// not notice; a restore that fails, or rebuilds something else, ends it
+/// with status 125 and a message saying which part.
+#[inline]
+pub fn maybe_selftest(uc: &mut UContext) {
+    let every = EVERY.load(Relaxed);
+    if every == 0 || CALLS.fetch_add(1, Relaxed) % every != every - 1 {
+        return;
+    }
+    if BUSY.swap(true, Relaxed) {
+        return; // another thread is at it
+    }
+    restore_onto_itself(uc);
+    BUSY.store(false, Relaxed);
+}
+
+/// Only while the calling thread is the process's only one: stopping the
+/// others takes the LWK's SIGSYS, and a stop signal that arrives as a
+/// thread traps a call makes the kernel drop the trap (a second SIGSYS
+/// while one is pending), so the call is lost. Parking every thread at a
+/// known point, which migration needs, must use a signal of its own.
+#[inline(never)]
+fn restore_onto_itself(uc: &mut UContext) {
+    let table = thread::freeze_table();
+    if !thread::alone() {
+        return;
+    }
+    let Some((saved, again)) = buffers() else { return };
+    saved.save(uc);
+    wipe(uc);
+    if let Err(e) = saved.restore(uc) {
+        lwk_rt::diag!("restore of the LWK's state onto itself failed: error {}", -e);
+        exit_group(125);
+    }
+    again.save(uc);
+    if let Err(what) = saved.same_as(again) {
+        lwk_rt::diag!("restore of the LWK's state onto itself rebuilt another state: {} differ", what);
+        exit_group(125);
+    }
+    crate::control().stats.restores.fetch_add(1, Relaxed);
+    drop(table);
+}
+
+/// Two states in the LWK's snapshot window, mapped at first use; zeroed.
+fn buffers() -> Option<(&'static mut LwkState, &'static mut LwkState)> {
+    static MAPPED: AtomicBool = AtomicBool::new(false);
+    let size = core::mem::size_of::<LwkState>().next_multiple_of(4096) as u64;
+    if !MAPPED.load(Relaxed) {
+        // SAFETY: a private mapping of our own in the LWK's window, above
+        // the application's range (layout.rs).
+        let r = unsafe {
+            mmap(
+                SNAPSHOT_ADDR,
+                2 * size,
+                PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if r < 0 {
+            lwk_rt::diag!("cannot map the LWK's snapshot window: error {}", -r);
+            return None;
+        }
+        MAPPED.store(true, Relaxed);
+    }
+    // SAFETY: the window holds two states; only the thread that set BUSY
+    // uses them; LwkState is plain data, valid when zeroed.
+    unsafe {
+        core::ptr::write_bytes(SNAPSHOT_ADDR as *mut u8, 0, 2 * size as usize);
+        Some((&mut *(SNAPSHOT_ADDR as *mut LwkState), &mut *((SNAPSHOT_ADDR + size) as *mut LwkState)))
+    }
+}

@@ -14,10 +14,11 @@ use lwk_rt::out::fmt_u64;
 use lwk_rt::*;
 
 use crate::exec::read_cstr;
+use crate::persist::Persist;
 use crate::sync::SpinLock;
 use crate::{control, trap};
 
-const PATH_MAX: usize = 4096;
+pub const PATH_MAX: usize = 4096;
 
 /// The program's canonical path, for /proc/self/exe.
 static EXE: SpinLock<([u8; PATH_MAX], usize)> = SpinLock::new(([0; PATH_MAX], 0));
@@ -43,7 +44,6 @@ pub fn set_exe(fd: i32, execfn: &[u8]) {
     e.1 = if r > 0 { r as usize } else { 0 };
     // The process's name (comm, what ps shows) is the program's, as after
     // a native exec, not the LWK image's.
-    const PR_SET_NAME: u64 = 15;
     let base = execfn.rsplit(|&c| c == b'/').next().unwrap_or(&[]);
     let mut name = [0u8; 16];
     let k = base.len().min(15);
@@ -178,4 +178,57 @@ fn copy_out(s: &[u8], buf: u64, size: u64) -> i64 {
     // SAFETY: n writable bytes of application memory (checked above).
     unsafe { core::ptr::copy_nonoverlapping(s.as_ptr(), buf as *mut u8, n) };
     n as i64
+}
+
+/// The process's identity as /proc shows it, saved: the program's path
+/// (for /proc/self/exe) and its name (comm).
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct IdentitySnapshot {
+    pub exe: [u8; PATH_MAX],
+    pub exe_len: u64,
+    pub comm: [u8; 16],
+}
+
+const PR_SET_NAME: u64 = 15;
+const PR_GET_NAME: u64 = 16;
+
+impl Persist for ([u8; PATH_MAX], usize) {
+    type Snapshot = IdentitySnapshot;
+    const VERSION: u32 = 1;
+
+    fn save(&self, out: &mut IdentitySnapshot) {
+        out.exe = self.0;
+        out.exe_len = self.1 as u64;
+        out.comm = [0; 16];
+        // SAFETY: a 16-byte buffer of ours, as PR_GET_NAME wants.
+        unsafe { syscall3(nr::PRCTL, PR_GET_NAME, out.comm.as_mut_ptr() as u64, 0) };
+    }
+
+    fn restore(&mut self, s: &IdentitySnapshot) -> Result<(), i64> {
+        if s.exe_len as usize >= PATH_MAX || s.comm[15] != 0 {
+            return Err(-EINVAL);
+        }
+        // SAFETY: NUL-terminated (checked above).
+        unsafe { syscall3(nr::PRCTL, PR_SET_NAME, s.comm.as_ptr() as u64, 0) };
+        *self = (s.exe, s.exe_len as usize);
+        Ok(())
+    }
+}
+
+/// Save the identity into `out`.
+pub fn save(out: &mut IdentitySnapshot) {
+    EXE.lock().save(out)
+}
+
+/// Replace the identity by `s`.
+pub fn restore(s: &IdentitySnapshot) -> Result<(), i64> {
+    EXE.lock().restore(s)
+}
+
+/// Forget the identity (for a test of restore).
+pub fn wipe() {
+    *EXE.lock() = ([0; PATH_MAX], 0);
+    // SAFETY: a NUL-terminated name.
+    unsafe { syscall3(nr::PRCTL, PR_SET_NAME, b"wiped\0".as_ptr() as u64, 0) };
 }

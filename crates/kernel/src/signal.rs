@@ -11,6 +11,7 @@ use lwk_rt::nr;
 use lwk_rt::*;
 
 use crate::mm::{read_app, write_app};
+use crate::persist::Persist;
 use crate::sync::SpinLock;
 use lwk_abi::syscalls::CallMask;
 
@@ -25,12 +26,116 @@ const UNBLOCKABLE: u64 = (1 << 8) | (1 << 18) | SIGSYS_BIT; // SIGKILL, SIGSTOP,
 
 /// What the application asked for that the kernel does not hold:
 /// the SIGSYS action, and each signal's own restorer and flags.
-struct Saved {
+pub struct Saved {
     sigsys: [u64; 4],
     restorer: [(u64, u64); 65],
 }
 
 static SAVED: SpinLock<Saved> = SpinLock::new(Saved { sigsys: [0; 4], restorer: [(0, 0); 65] });
+
+const SIGKILL: u64 = 9;
+const SIGSTOP: u64 = 19;
+const ITIMERS: usize = 3; // ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF
+
+/// The signal subsystem saved: what the LWK keeps ([`Saved`]) and what
+/// Linux holds for the process (each signal's action as installed, with
+/// the LWK's restorer, and the interval timers). Per-thread parts (masks,
+/// alternate stacks) are the threads'.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SignalsSnapshot {
+    pub sigsys: [u64; 4],
+    pub restorer: [(u64, u64); 65],
+    /// Linux's `struct sigaction` of signals 1..=64 (index 0 unused; SIGKILL,
+    /// SIGSTOP and SIGSYS, which are not the application's to set, zero).
+    pub actions: [[u64; 4]; 65],
+    /// getitimer(2) of each timer: interval and value, as two timevals.
+    pub itimers: [[u64; 4]; ITIMERS],
+}
+
+/// Signals whose action the application sets through the kernel.
+fn settable(sig: u64) -> bool {
+    sig != SIGKILL && sig != SIGSTOP && sig != SIGSYS
+}
+
+fn kernel_sigaction(sig: u64, new: Option<&[u64; 4]>, old: Option<&mut [u64; 4]>) -> i64 {
+    let new = new.map_or(0, |n| n.as_ptr() as u64);
+    let old = old.map_or(0, |o| o.as_mut_ptr() as u64);
+    // SAFETY: both are 0 or the LWK's own kernel sigactions.
+    unsafe { syscall6(nr::RT_SIGACTION, sig, new, old, 8, 0, 0) }
+}
+
+impl Persist for Saved {
+    type Snapshot = SignalsSnapshot;
+    const VERSION: u32 = 1;
+
+    fn save(&self, out: &mut SignalsSnapshot) {
+        out.sigsys = self.sigsys;
+        out.restorer = self.restorer;
+        out.actions = [[0; 4]; 65];
+        for sig in (1..=64).filter(|&s| settable(s)) {
+            kernel_sigaction(sig, None, Some(&mut out.actions[sig as usize]));
+        }
+        for (which, t) in out.itimers.iter_mut().enumerate() {
+            // SAFETY: t is ours, the size of struct itimerval.
+            unsafe { syscall3(nr::GETITIMER, which as u64, t.as_mut_ptr() as u64, 0) };
+        }
+    }
+
+    fn restore(&mut self, s: &SignalsSnapshot) -> Result<(), i64> {
+        // Linux takes an action or refuses it whole: check what can be
+        // checked before changing anything.
+        if s.actions[0] != [0; 4] || (1..=64).any(|sig| !settable(sig) && s.actions[sig as usize] != [0; 4]) {
+            return Err(-EINVAL);
+        }
+        for sig in (1..=64).filter(|&s| settable(s)) {
+            let r = kernel_sigaction(sig, Some(&s.actions[sig as usize]), None);
+            if r < 0 {
+                return Err(r);
+            }
+        }
+        for (which, t) in s.itimers.iter().enumerate() {
+            // SAFETY: t is a struct itimerval of the snapshot's.
+            let r = unsafe { syscall3(nr::SETITIMER, which as u64, t.as_ptr() as u64, 0) };
+            if r < 0 {
+                return Err(r);
+            }
+        }
+        self.sigsys = s.sigsys;
+        self.restorer = s.restorer;
+        Ok(())
+    }
+}
+
+/// Save the signal subsystem into `out`.
+pub fn save(out: &mut SignalsSnapshot) {
+    SAVED.lock().save(out)
+}
+
+/// Replace the signal subsystem by `s`.
+pub fn restore(s: &SignalsSnapshot) -> Result<(), i64> {
+    SAVED.lock().restore(s)
+}
+
+/// Forget the signal subsystem's state (for a test of restore): the LWK's
+/// part zeroed, every settable action replaced by one that would crash if
+/// it ran (a handler at the LWK's restorer, which never discards a pending
+/// signal, as SIG_IGN would), the timers stopped. Signals are blocked
+/// while the LWK runs, so nothing is delivered before the restore.
+pub fn wipe() {
+    let mut s = SAVED.lock();
+    s.sigsys = [0; 4];
+    s.restorer = [(0, 0); 65];
+    let poison = [restorer_addr(), SA_RESTORER, restorer_addr(), 0];
+    for sig in (1..=64).filter(|&s| settable(s)) {
+        kernel_sigaction(sig, Some(&poison), None);
+    }
+    for which in 0..ITIMERS as u64 {
+        let zero = [0u64; 4];
+        // SAFETY: a zero struct itimerval of ours stops the timer.
+        unsafe { syscall3(nr::SETITIMER, which, zero.as_ptr() as u64, 0) };
+    }
+}
 
 /// # Safety
 /// Only in the single thread of a freshly forked child.

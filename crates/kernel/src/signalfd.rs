@@ -23,10 +23,11 @@ use lwk_rt::thread::*;
 use lwk_rt::*;
 
 use crate::arch::UContext;
+use crate::persist::Persist;
 use crate::sync::SpinLock;
 use crate::{control, delegate, signal};
 
-const MAX: usize = 32;
+pub const MAX: usize = 32;
 const SFD_NONBLOCK: u64 = 0o4000;
 const SFD_CLOEXEC: u64 = 0o2000000;
 const SIGINFO_SIZE: u64 = 128;
@@ -36,16 +37,17 @@ const EFD_NONBLOCK: u64 = 0o4000;
 const O_NONBLOCK: u64 = 0o4000;
 const EMFILE: i64 = 24;
 
-#[derive(Clone, Copy)]
-struct Entry {
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
     /// The application's descriptor (in the proxy); -1: free entry.
-    app_fd: i32,
+    pub app_fd: i32,
     /// The real signalfd, here.
-    sfd: i32,
+    pub sfd: i32,
     /// The pipe behind app_fd, opened here read-write.
-    pipe: i32,
+    pub pipe: i32,
     /// The watcher reported this one and waits for a read to re-arm it.
-    reported: bool,
+    pub reported: bool,
 }
 
 const FREE: Entry = Entry { app_fd: -1, sfd: -1, pipe: -1, reported: false };
@@ -289,4 +291,53 @@ extern "C" fn watch(_: u64) -> ! {
             }
         }
     }
+}
+
+/// The signalfds saved: the table of the application's signalfds (the
+/// descriptors are numbers in the application process and the proxy).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SignalfdSnapshot {
+    pub entries: [Entry; MAX],
+}
+
+impl Persist for [Entry; MAX] {
+    type Snapshot = SignalfdSnapshot;
+    const VERSION: u32 = 1;
+
+    fn save(&self, out: &mut SignalfdSnapshot) {
+        out.entries = *self;
+    }
+
+    fn restore(&mut self, s: &SignalfdSnapshot) -> Result<(), i64> {
+        let valid = |e: &Entry| *e == FREE || (e.app_fd >= 0 && e.sfd >= 0 && e.pipe >= 0);
+        if !s.entries.iter().all(valid) {
+            return Err(-EINVAL);
+        }
+        *self = s.entries;
+        USED.store(s.entries.iter().filter(|e| e.app_fd >= 0).count() as u32, Relaxed);
+        Ok(())
+    }
+}
+
+/// Save the signalfd table into `out`.
+pub fn save(out: &mut SignalfdSnapshot) {
+    TABLE.lock().save(out)
+}
+
+/// Replace the signalfd table by `s`. A watcher thread serves it: the
+/// running one, or one started now (after a restore into a new process).
+pub fn restore(s: &SignalfdSnapshot) -> Result<(), i64> {
+    TABLE.lock().restore(s)?;
+    if USED.load(Relaxed) != 0 && !WATCHER.load(Relaxed) {
+        start_watcher();
+    }
+    wake_watcher();
+    Ok(())
+}
+
+/// Forget the table (for a test of restore); the descriptors stay open.
+pub fn wipe() {
+    *TABLE.lock() = [FREE; MAX];
+    USED.store(0, Relaxed);
 }

@@ -21,8 +21,10 @@ use lwk_abi::control::{MAX_CHANNELS, REQ_NEW_WORKER};
 use lwk_rt::thread::*;
 use lwk_rt::*;
 
-use crate::arch::{UContext, REG_RAX, REG_RSP};
+use crate::arch::{fpstate_intact, UContext, FPSTATE_MAX, REG_RAX, REG_RSP};
 use crate::delegate;
+use crate::persist::Persist;
+use crate::sync::SpinLock;
 use crate::trap;
 
 const STACK_SIZE: usize = 16 << 10;
@@ -40,7 +42,7 @@ pub struct Thread {
     stop_requests: AtomicU32,
 }
 
-struct Slots {
+pub struct Slots {
     threads: [Thread; MAX_CHANNELS],
     used: [AtomicU64; MAX_CHANNELS / 64],
     /// The parent's trapped context, for the child to start from.
@@ -103,6 +105,25 @@ pub fn init_main() {
     SLOTS.threads[0].tid.store(trap::gettid(), Relaxed);
 }
 
+/// Held while the thread table changes (a thread made or gone), and while
+/// it is saved or restored, so that a saved table is never half-changed.
+static TABLE: SpinLock<()> = SpinLock::new(());
+
+/// Keep the thread table as it is until the guard goes: no thread is
+/// made or ends meanwhile (they wait). For saving and restoring it.
+pub fn freeze_table() -> crate::sync::Guard<'static, ()> {
+    TABLE.lock()
+}
+
+/// Is the calling thread the only one of the process?
+pub fn alone() -> bool {
+    let me = current_slot();
+    SLOTS.used.iter().enumerate().all(|(w, word)| {
+        let mine = if me / 64 == w { 1u64 << (me % 64) } else { 0 };
+        word.load(SeqCst) & !mine == 0
+    })
+}
+
 fn alloc_slot() -> Option<usize> {
     for (w, word) in SLOTS.used.iter().enumerate() {
         let mut cur = word.load(Relaxed);
@@ -134,6 +155,7 @@ pub fn clone(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UConte
     if newsp == 0 || flags & CLONE_PIDFD != 0 {
         return Some(-EINVAL);
     }
+    let _table = TABLE.lock();
     let Some(slot) = alloc_slot() else { return Some(-EAGAIN) };
     let r = delegate::call(REQ_NEW_WORKER, [slot as u64, 0, 0, 0, 0, 0]);
     if r < 0 {
@@ -194,6 +216,9 @@ extern "C" fn thread_start(slot: u64) -> ! {
 /// In the child of a fork: only the forking thread exists, and it is the
 /// main thread (slot 0) of a new process.
 pub fn reset_for_fork() {
+    // SAFETY: only the forking thread exists in the child; another thread
+    // of the parent may have held the lock at the fork.
+    unsafe { TABLE.force_unlock() };
     for w in &SLOTS.used {
         w.store(0, SeqCst);
     }
@@ -315,7 +340,155 @@ pub fn enter(ctx: &UContext, keep_altstack: bool) -> ! {
 /// which stays, idle, for the slot's next thread) is free again.
 pub fn exit(code: u64) -> ! {
     let slot = current_slot();
+    let table = TABLE.lock();
     SLOTS.threads[slot].tid.store(0, Relaxed);
     free_slot(slot);
+    drop(table);
     exit_thread(code as i32)
+}
+
+/// The threads saved: which slots are in use and by which thread.
+/// Each thread's own context is a [`ContextSnapshot`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ThreadsSnapshot {
+    pub used: [u64; MAX_CHANNELS / 64],
+    pub tids: [i32; MAX_CHANNELS],
+}
+
+// The table is shared atomics: it is saved and restored through a shared
+// reference (`restore` takes `&mut self`, here a `&mut &Slots`).
+impl Persist for &Slots {
+    type Snapshot = ThreadsSnapshot;
+    const VERSION: u32 = 1;
+
+    fn save(&self, out: &mut ThreadsSnapshot) {
+        for (o, w) in out.used.iter_mut().zip(&self.used) {
+            *o = w.load(SeqCst);
+        }
+        for (o, t) in out.tids.iter_mut().zip(&self.threads) {
+            *o = t.tid.load(SeqCst);
+        }
+    }
+
+    fn restore(&mut self, s: &ThreadsSnapshot) -> Result<(), i64> {
+        // A free slot has no thread; a used one has one, or is being given
+        // one (a clone in flight sets the tid when the kernel returns it).
+        let used = |i: usize| s.used[i / 64] & (1 << (i % 64)) != 0;
+        if (0..MAX_CHANNELS).any(|i| (!used(i) && s.tids[i] != 0) || s.tids[i] < 0) {
+            return Err(-EINVAL);
+        }
+        for (w, &v) in self.used.iter().zip(&s.used) {
+            w.store(v, SeqCst);
+        }
+        for (t, &tid) in self.threads.iter().zip(&s.tids) {
+            t.tid.store(tid, SeqCst);
+        }
+        Ok(())
+    }
+}
+
+/// Save the thread table into `out`, with the table frozen
+/// ([`freeze_table`]).
+pub fn save(out: &mut ThreadsSnapshot) {
+    (&SLOTS).save(out)
+}
+
+/// Replace the thread table by `s`, with the table frozen.
+pub fn restore(s: &ThreadsSnapshot) -> Result<(), i64> {
+    (&SLOTS).restore(s)
+}
+
+/// Forget the thread table (for a test of restore).
+pub fn wipe() {
+    for w in &SLOTS.used {
+        w.store(0, SeqCst);
+    }
+    for t in &SLOTS.threads {
+        t.tid.store(0, SeqCst);
+    }
+}
+
+/// One thread's context saved: its trapped registers, signal mask and
+/// alternate stack (the ucontext, which rt_sigreturn puts back), its FPU
+/// and vector state (the XSAVE area, PKRU included), and what Linux holds
+/// for it outside the frame: the FS base (TLS) and the robust futex list.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ContextSnapshot {
+    pub uc: UContext,
+    pub fp_len: u64,
+    pub fpstate: [u8; FPSTATE_MAX],
+    pub fs_base: u64,
+    /// get_robust_list(2): head and length.
+    pub robust_list: [u64; 2],
+}
+
+const ARCH_SET_FS: u64 = 0x1002;
+const ARCH_GET_FS: u64 = 0x1003;
+
+/// The calling thread, stopped in the LWK at a trapped call whose frame is
+/// `uc`.
+pub struct Current<'a>(pub &'a mut UContext);
+
+impl Persist for Current<'_> {
+    type Snapshot = ContextSnapshot;
+    const VERSION: u32 = 1;
+
+    fn save(&self, out: &mut ContextSnapshot) {
+        out.uc = *self.0;
+        // SAFETY: the frame is the kernel's for the signal being handled.
+        let fp = unsafe { self.0.fpstate() }.unwrap_or(&[]);
+        out.fp_len = fp.len() as u64;
+        out.fpstate[..fp.len()].copy_from_slice(fp);
+        // SAFETY: the LWK's own output words; 0 is the calling thread.
+        unsafe {
+            syscall3(lwk_rt::nr::ARCH_PRCTL, ARCH_GET_FS, &mut out.fs_base as *mut u64 as u64, 0);
+            let (head, len) = (&mut out.robust_list[0] as *mut u64, &mut out.robust_list[1] as *mut u64);
+            syscall3(lwk_rt::nr::GET_ROBUST_LIST, 0, head as u64, len as u64);
+        }
+    }
+
+    fn restore(&mut self, s: &ContextSnapshot) -> Result<(), i64> {
+        // SAFETY: as in save.
+        let have = unsafe { self.0.fpstate() }.map_or(0, |f| f.len());
+        let n = s.fp_len as usize;
+        if n != have || n > FPSTATE_MAX || !fpstate_intact(&s.fpstate[..n]) || (n == 0) != (s.uc.fpregs == 0) {
+            return Err(-EINVAL); // another CPU's state layout: not this frame's
+        }
+        // SAFETY: the robust list and FS base are this thread's own; a bad
+        // value faults the application, as natively.
+        let r = unsafe { syscall3(lwk_rt::nr::SET_ROBUST_LIST, s.robust_list[0], s.robust_list[1], 0) };
+        if r < 0 {
+            return Err(r);
+        }
+        // SAFETY: as above.
+        unsafe { syscall3(lwk_rt::nr::ARCH_PRCTL, ARCH_SET_FS, s.fs_base, 0) };
+        let fpregs = self.0.fpregs;
+        *self.0 = s.uc;
+        // The frame's FPU state stays where the kernel put it.
+        self.0.fpregs = fpregs;
+        if n > 0 {
+            // SAFETY: the frame's FPU area is `n` bytes (checked above).
+            unsafe { core::ptr::copy_nonoverlapping(s.fpstate.as_ptr(), fpregs as *mut u8, n) };
+        }
+        Ok(())
+    }
+}
+
+/// Scramble the calling thread's context (for a test of restore): every
+/// general register, the XMM registers, the FS base and the robust list.
+pub fn wipe_current(uc: &mut UContext) {
+    uc.gregs = [0x5a5a_5a5a_5a5a_5a5a; crate::arch::NGREG];
+    uc.sigmask = 0;
+    if uc.fpregs != 0 {
+        // XMM0-15 in the legacy area: bytes 160..416.
+        // SAFETY: the frame's FPU state is at least the 512-byte legacy area.
+        unsafe { core::ptr::write_bytes((uc.fpregs + 160) as *mut u8, 0xa5, 256) };
+    }
+    // SAFETY: this thread's own FS base and robust list.
+    unsafe {
+        syscall3(lwk_rt::nr::ARCH_PRCTL, ARCH_SET_FS, 0, 0);
+        syscall3(lwk_rt::nr::SET_ROBUST_LIST, 0, 24, 0);
+    }
 }

@@ -101,6 +101,7 @@ pub unsafe extern "C" fn lwk_sigsys(_sig: i32, info: *mut u8, ctx: *mut UContext
         thread::leaving();
         return;
     }
+    crate::persist::maybe_selftest(uc);
     let (nr, a) = uc.syscall();
     let t0 = rdtsc();
     let (ret, ran) = dispatch(nr, a, uc);

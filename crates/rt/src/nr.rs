@@ -10,6 +10,10 @@ macro_rules! numbers {
 }
 
 numbers! {
+    GETITIMER = __NR_getitimer,
+    SETITIMER = __NR_setitimer,
+    GET_ROBUST_LIST = __NR_get_robust_list,
+    SET_ROBUST_LIST = __NR_set_robust_list,
     SCHED_YIELD = __NR_sched_yield,
     ARCH_PRCTL = __NR_arch_prctl,
     BRK = __NR_brk,
