@@ -101,7 +101,7 @@ fn bad_input_is_named() {
     fails_with(&["--quantum-us", "0"], "--quantum-us must be between 1 and");
     fails_with(&["--cpus", "3-1"], "goes backwards");
     fails_with(&["--cpus", "0,x"], "is not a CPU number");
-    fails_with(&["--cpus", ""], "empty CPU list");
+    fails_with(&["--cpus", ""], "bad CPU list \"\": it is empty");
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
     let beyond = lwk_cpus(&online).last().unwrap() + 1;
     fails_with(&["--cpus", &beyond.to_string(), "--samples", "10"], &format!("CPU {beyond} is not online"));

@@ -126,7 +126,7 @@ fn zero_or_huge_quantum_is_an_error() {
 #[test]
 fn a_cpu_that_is_not_online_is_named() {
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
-    let beyond = *lwk_noise::parse_cpu_list(&online).unwrap().last().unwrap() + 1;
+    let beyond = *lwk_partition::parse_cpu_list(&online).unwrap().last().unwrap() + 1;
     let mut a = args(10, 20);
     a.cpus = Some(CpuList(vec![beyond]));
     let err = measure(&a, &mut quiet()).unwrap_err().to_string();

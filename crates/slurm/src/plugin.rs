@@ -29,10 +29,12 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use lwk_partition::{format_cpu_list, parse_cpu_list, parse_size};
+
 use crate::accounting::{self, StepRecord, TaskRecord};
-use crate::cpus::{format_cpu_list, parse_cpu_list, CpuRequest};
+use crate::cpus::CpuRequest;
 use crate::ffi::{self, SpankT};
-use crate::site::{format_size, parse_size, SiteConfig};
+use crate::site::{format_size, SiteConfig};
 use crate::{env, Error};
 
 #[no_mangle]
@@ -309,14 +311,14 @@ fn get_u32(sp: SpankT, item: c_int) -> Option<u32> {
 }
 
 /// The job's CPUs on this node: S_JOB_ALLOC_CORES, else this process's affinity.
-fn allocated_cpus(sp: SpankT) -> Result<Vec<u32>, Error> {
+fn allocated_cpus(sp: SpankT) -> Result<Vec<usize>, Error> {
     let mut list: *const c_char = std::ptr::null();
     // SAFETY: S_JOB_ALLOC_CORES takes a char**; Slurm keeps the string.
     let rc = unsafe { ffi::spank_get_item(sp, ffi::S_JOB_ALLOC_CORES, &mut list as *mut *const c_char) };
     if rc == ffi::ESPANK_SUCCESS && !list.is_null() {
         let text = unsafe { CStr::from_ptr(list) }.to_string_lossy().into_owned();
         if !text.is_empty() {
-            return parse_cpu_list(&text);
+            return parse_cpu_list(&text).map_err(|e| Error::Io(format!("the job's CPUs from Slurm: {e}")));
         }
     }
     // SAFETY: a zeroed cpu_set_t filled by sched_getaffinity.
@@ -324,7 +326,7 @@ fn allocated_cpus(sp: SpankT) -> Result<Vec<u32>, Error> {
     if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
         return Err(Error::Io("cannot tell the job's CPUs on this node".into()));
     }
-    Ok((0..libc::CPU_SETSIZE as u32).filter(|&c| unsafe { libc::CPU_ISSET(c as usize, &set) }).collect())
+    Ok((0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect())
 }
 
 fn job_env(sp: SpankT, name: &str) -> Option<String> {
