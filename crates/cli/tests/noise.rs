@@ -115,10 +115,10 @@ fn a_cpu_outside_the_affinity_mask_is_named() {
     let (first, other) = (cpus[0], cpus[1]);
     let mut cmd = lwk();
     cmd.args(["noise", "--samples", "10", "--cpus", &other.to_string()]);
-    // SAFETY: between fork and exec the child only makes one system call,
-    // sched_setaffinity, on a mask built before the fork.
     let mut mask = rustix::thread::CpuSet::new();
     mask.set(first);
+    // SAFETY: between fork and exec the child only makes one system call,
+    // sched_setaffinity, on a mask built before the fork.
     unsafe {
         cmd.pre_exec(move || rustix::thread::sched_setaffinity(None, &mask).map_err(Into::into));
     }

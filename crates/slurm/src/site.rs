@@ -148,9 +148,9 @@ impl SiteConfig {
 /// A size in the form `lwk partition create --mem` takes: whole MiB ("256M")
 /// when it is one, else KiB rounded up.
 pub fn format_size(bytes: u64) -> String {
-    if bytes % (1 << 30) == 0 {
+    if bytes.is_multiple_of(1 << 30) {
         format!("{}G", bytes >> 30)
-    } else if bytes % (1 << 20) == 0 {
+    } else if bytes.is_multiple_of(1 << 20) {
         format!("{}M", bytes >> 20)
     } else {
         format!("{}K", bytes.div_ceil(1024))
