@@ -15,14 +15,14 @@ pub const NR_SLOTS: usize = 512;
 /// Requests on a channel that are not system calls (above any syscall nr).
 /// Apply the map log, nothing else.
 pub const REQ_SYNC: u64 = 0x1_0000;
-/// Make sure a proxy worker serves channel args[0] (a new application
+/// Make sure a proxy worker serves channel `args[0]` (a new application
 /// thread). Workers outlive their threads and serve the slot's next one.
 pub const REQ_NEW_WORKER: u64 = 0x1_0001;
 /// The application's image was replaced (execve): drop every mirrored
 /// mapping and close the application's close-on-exec descriptors.
 pub const REQ_EXEC_RESET: u64 = 0x1_0002;
 /// The application forks: fork the proxy too, and let the child proxy take
-/// the control region args[0], a descriptor of application process args[1].
+/// the control region `args[0]`, a descriptor of application process `args[1]`.
 /// Answers the child proxy's pid.
 pub const REQ_FORK: u64 = 0x1_0003;
 

@@ -119,7 +119,7 @@ fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>>
 fn execute(mut c: Command, stdin: Option<&[u8]>, what: &str) -> Output {
     c.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    let mut child = c.spawn().unwrap_or_else(|e| panic!("{what}: cannot start: {e}{}", install_hint(&c, &e)));
     let writer = stdin.map(|data| {
         let data = data.to_vec();
         let mut w = child.stdin.take().unwrap();
@@ -143,6 +143,23 @@ fn execute(mut c: Command, stdin: Option<&[u8]>, what: &str) -> Output {
         );
     };
     Output { status, stdout, stderr }
+}
+
+/// For a program the tests need that is not there: the Debian package to
+/// install, so that the failure says what to do.
+fn install_hint(c: &Command, e: &std::io::Error) -> String {
+    let name = Path::new(c.get_program()).file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let package = match name {
+        "python3" => "python3",
+        "make" => "make",
+        "gcc" => "gcc",
+        "busybox" => "busybox-static",
+        _ => return String::new(),
+    };
+    if e.kind() != std::io::ErrorKind::NotFound {
+        return String::new();
+    }
+    format!(" (install Debian's {package})")
 }
 
 fn run_native(cmd: &[&str], setup: &Setup) -> Output {
@@ -306,7 +323,7 @@ fn program(name: &str, link: Link) -> String {
             .arg(&src)
             .args(flags)
             .output()
-            .expect("running gcc (the e2e tests need gcc)");
+            .unwrap_or_else(|e| panic!("cannot run gcc ({e}): install Debian's gcc and libc6-dev"));
         assert!(o.status.success(), "gcc {}: {}", src.display(), String::from_utf8_lossy(&o.stderr));
         out
     });
@@ -340,14 +357,10 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-fn busybox_present() -> bool {
-    if Path::new(BUSYBOX).exists() {
-        return true;
-    }
-    // .ci/run installs busybox-static: in CI the test must not be skipped.
-    assert!(std::env::var_os("CI").is_none(), "{BUSYBOX} is missing in CI (Debian package busybox-static)");
-    eprintln!("note: {BUSYBOX} is missing (Debian package busybox-static): test skipped");
-    false
+/// Busybox can be installed: a test that needs it fails, naming the
+/// package, rather than passing without testing anything.
+fn require_busybox() {
+    assert!(Path::new(BUSYBOX).exists(), "{BUSYBOX} is missing: install Debian's busybox-static");
 }
 
 // ---------------------------------------------------------------------------
@@ -498,9 +511,7 @@ sys.stderr.write("done\n")
 
 #[test]
 fn busybox_applets_match_native() {
-    if !busybox_present() {
-        return;
-    }
+    require_busybox();
     let dir = tempdir();
     // Files in a subdirectory: `ls -la` shows `..`, which must not be the
     // temp root that parallel tests add directories to.
@@ -1242,17 +1253,15 @@ impl Drop for TestPartition {
     }
 }
 
-/// For a test that makes partitions: the CPU to give them (the last; one
-/// stays with Linux) and the turn to use it, or None (said on stderr) when
-/// this is not root or has a single CPU.
-fn partition_cpu(what: &str) -> Option<(usize, std::sync::MutexGuard<'static, ()>)> {
+/// For a test that makes partitions (`#[ignore]`d: they need root and a CPU
+/// besides the one Linux keeps): the CPU to give them (the last) and the
+/// turn to use it. Run without root or with one CPU, the test fails here.
+fn partition_cpu() -> (usize, std::sync::MutexGuard<'static, ()>) {
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || ncpu < 2 {
-        eprintln!("skipped {what}: partitions need root and a CPU besides the one Linux keeps");
-        return None;
-    }
-    Some((ncpu - 1, PARTITION_TESTS.lock().unwrap_or_else(|e| e.into_inner())))
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(root && ncpu >= 2, "partitions need root and a second CPU: this is uid != 0 or has {ncpu} CPU(s)");
+    (ncpu - 1, PARTITION_TESTS.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 fn run_in(part: &TestPartition, extra: &[&str], cmd: &[&str]) -> Output {
@@ -1262,8 +1271,9 @@ fn run_in(part: &TestPartition, extra: &[&str], cmd: &[&str]) -> Output {
 }
 
 #[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
 fn run_in_a_partition_pins_threads_to_its_cpu_and_takes_its_memory() {
-    let Some((cpu, _turn)) = partition_cpu("") else { return };
+    let (cpu, _turn) = partition_cpu();
     let prog = program("where", Link::Pie);
     let stats = tempdir();
     for pages in ["2M", "none"] {
@@ -1295,14 +1305,19 @@ fn run_in_a_partition_pins_threads_to_its_cpu_and_takes_its_memory() {
 }
 
 #[test]
-fn run_in_a_missing_or_busy_partition_fails_clearly() {
+fn run_in_a_missing_partition_fails_clearly() {
     let o = run_lwk(
         &["/bin/true"],
         &Setup { stdin: None, cwd: None, env: vec![], lwk_opts: vec!["--partition", "e2e-no-such"] },
     );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no partition e2e-no-such"), "{}", shorten(&o.stderr));
-    let Some((cpu, _turn)) = partition_cpu("the busy case") else { return };
+}
+
+#[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
+fn run_in_a_busy_partition_fails_clearly() {
+    let (cpu, _turn) = partition_cpu();
     let part = TestPartition::create("busy", cpu, "16M", "none");
     let mut first = Command::new(LWK).args(["run", "--partition", &part.0, "--", "/bin/sleep", "3"]).spawn().unwrap();
     // Wait until the first run holds the partition (show names its pid).
@@ -1324,12 +1339,10 @@ fn run_in_a_missing_or_busy_partition_fails_clearly() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_child_that_drops_root_for_nobody_still_runs_as_natively() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: changing uid needs root");
-        return;
-    }
+    assert_eq!(unsafe { libc::geteuid() }, 0, "changing uid to nobody needs root");
     let o = compare(
         &[
             "/usr/bin/python3",
@@ -1366,8 +1379,9 @@ fn sigio_and_sigurg_from_delegated_descriptors_reach_the_program() {
 }
 
 #[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
 fn destroy_force_ends_a_running_application_and_its_children() {
-    let Some((cpu, _turn)) = partition_cpu("") else { return };
+    let (cpu, _turn) = partition_cpu();
     let part = TestPartition::create("force", cpu, "16M", "none");
     let marker = format!("sleep 3{}", std::process::id() % 1000);
     let script = format!("{marker} & {marker}");

@@ -9,7 +9,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{can_run, cpuset_root, last_cpu, read, serial, snapshot};
+use common::{cpuset_root, last_cpu, read, require_partitions, serial, snapshot};
 
 const LWK: &str = env!("CARGO_BIN_EXE_lwk");
 /// Every step of create, in order (as lwk_partition::STEPS).
@@ -43,10 +43,9 @@ impl Drop for Cleanup {
 }
 
 #[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
 fn create_show_list_destroy_round_trip() {
-    if !can_run("round trip") {
-        return;
-    }
+    require_partitions();
     let _s = serial();
     let before = snapshot();
     let cpu = last_cpu().to_string();
@@ -111,10 +110,9 @@ fn create_show_list_destroy_round_trip() {
 }
 
 #[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
 fn tmpfs_memory_without_huge_pages() {
-    if !can_run("tmpfs") {
-        return;
-    }
+    require_partitions();
     let _s = serial();
     let before = snapshot();
     let _c = Cleanup("t-tmpfs");
@@ -143,10 +141,9 @@ fn tmpfs_memory_without_huge_pages() {
 }
 
 #[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
 fn bad_requests_change_nothing() {
-    if !can_run("bad requests") {
-        return;
-    }
+    require_partitions();
     let _s = serial();
     let before = snapshot();
     let cpu = last_cpu().to_string();
@@ -177,10 +174,9 @@ fn bad_requests_change_nothing() {
 }
 
 #[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
 fn overlapping_cpus_and_duplicate_names_are_refused() {
-    if !can_run("overlap") {
-        return;
-    }
+    require_partitions();
     let _s = serial();
     let before = snapshot();
     let cpu = last_cpu().to_string();
@@ -198,10 +194,9 @@ fn overlapping_cpus_and_duplicate_names_are_refused() {
 }
 
 #[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
 fn concurrent_creates_of_one_cpu_give_it_to_one() {
-    if !can_run("concurrent") {
-        return;
-    }
+    require_partitions();
     let _s = serial();
     let before = snapshot();
     let cpu = last_cpu().to_string();
@@ -228,10 +223,9 @@ fn concurrent_creates_of_one_cpu_give_it_to_one() {
 }
 
 #[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
 fn a_failure_at_any_step_rolls_everything_back() {
-    if !can_run("rollback") {
-        return;
-    }
+    require_partitions();
     let _s = serial();
     let before = snapshot();
     let cpu = last_cpu().to_string();
@@ -249,10 +243,9 @@ fn a_failure_at_any_step_rolls_everything_back() {
 }
 
 #[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
 fn destroy_cleans_up_after_a_create_killed_at_any_step() {
-    if !can_run("kill -9") {
-        return;
-    }
+    require_partitions();
     let _s = serial();
     let before = snapshot();
     let cpu = last_cpu().to_string();
@@ -278,10 +271,9 @@ fn destroy_cleans_up_after_a_create_killed_at_any_step() {
 }
 
 #[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
 fn a_destroy_killed_or_failed_at_any_step_can_be_run_again() {
-    if !can_run("destroy again") {
-        return;
-    }
+    require_partitions();
     let _s = serial();
     let before = snapshot();
     let cpu = last_cpu().to_string();
@@ -309,10 +301,9 @@ fn a_destroy_killed_or_failed_at_any_step_can_be_run_again() {
 }
 
 #[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
 fn destroy_all() {
-    if !can_run("destroy --all") {
-        return;
-    }
+    require_partitions();
     let _s = serial();
     let before = snapshot();
     ok(&lwk(&["partition", "destroy", "--all"]));
@@ -344,10 +335,9 @@ fn destroy_all() {
 }
 
 #[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
 fn busy_partitions_are_not_destroyed_unless_forced() {
-    if !can_run("busy") {
-        return;
-    }
+    require_partitions();
     let _s = serial();
     let before = snapshot();
     let _c = Cleanup("t-busy");
@@ -384,10 +374,9 @@ fn busy_partitions_are_not_destroyed_unless_forced() {
 }
 
 #[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
 fn create_and_destroy_need_root() {
-    if !can_run("root") {
-        return;
-    }
+    require_partitions();
     let _s = serial();
     let as_nobody = |args: &[&str]| {
         Command::new("setpriv")

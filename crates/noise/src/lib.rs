@@ -4,7 +4,6 @@
 //! longer than the shortest one lost time to something else: an interrupt,
 //! a timer tick, another task, the hypervisor.
 
-pub mod cpulist;
 pub mod fwq;
 pub mod plot;
 pub mod stats;
@@ -18,7 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::Serialize;
 
-pub use cpulist::{format_cpu_list, parse_cpu_list, CpuListError};
+use lwk_partition::{format_cpu_list, parse_cpu_list, CpuListError};
 pub use stats::{summarize, Summary};
 
 /// The largest quantum accepted: one second of work is far beyond any noise study.

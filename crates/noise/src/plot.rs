@@ -59,7 +59,7 @@ where
         "FWQ OS noise: quantum {} µs, {} samples per CPU (CPU {})",
         report.quantum_us,
         report.samples,
-        crate::format_cpu_list(&report.cpus.iter().map(|c| c.cpu).collect::<Vec<_>>())
+        lwk_partition::format_cpu_list(&report.cpus.iter().map(|c| c.cpu).collect::<Vec<_>>())
     );
     let mut chart = ChartBuilder::on(&root)
         .caption(caption, ("sans-serif", 24))

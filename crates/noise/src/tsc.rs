@@ -111,7 +111,7 @@ mod tests {
         let (t1, aux) = stop();
         assert!(t1 >= t0);
         let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
-        let online = crate::cpulist::parse_cpu_list(&online).unwrap();
+        let online = lwk_partition::parse_cpu_list(&online).unwrap();
         assert!(online.contains(&aux_cpu(aux)), "TSC_AUX {aux:#x} is not an online CPU {online:?}");
     }
 }

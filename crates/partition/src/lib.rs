@@ -37,7 +37,9 @@ use serde::{Deserialize, Serialize};
 
 use cgroup::Hierarchy;
 use irq::IrqOriginals;
-pub use spec::{format_cpu_list, format_size, parse_cpu_list, parse_size, validate_name, PageSize};
+pub use spec::{
+    format_cpu_list, format_size, parse_cpu_list, parse_size, validate_name, CpuListError, PageSize, SizeError, MAX_CPU,
+};
 use sys::{is_mount_point, is_root, read_opt, read_trim, write_raw, PathLock};
 
 /// Where partitions live. Tests and tools may read it; nothing else should

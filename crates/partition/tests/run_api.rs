@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{can_run, last_cpu, read, serial, snapshot};
+use common::{last_cpu, read, require_partitions, serial, snapshot};
 use lwk_partition::{PageSize, Request};
 
 /// Destroys the partition when the test ends, even by a panic.
@@ -28,10 +28,9 @@ fn request(name: &str, owner: u32) -> Request {
 }
 
 #[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
 fn open_lock_add_task_log() {
-    if !can_run("run api") {
-        return;
-    }
+    require_partitions();
     let _s = serial();
     let before = snapshot();
     let e = lwk_partition::open("t-api-none").unwrap_err().to_string();
@@ -90,10 +89,9 @@ fn open_lock_add_task_log() {
 }
 
 #[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup"]
 fn the_owner_can_run_without_root() {
-    if !can_run("owner") {
-        return;
-    }
+    require_partitions();
     let _s = serial();
     let before = snapshot();
     let _c = Cleanup("t-owner");

@@ -1,53 +1,9 @@
-//! CPU lists in the kernel's and Slurm's list format ("0-3,8,10-11") and the
-//! choice of the partition's CPUs inside a job's allocation.
+//! The choice of the partition's CPUs inside a job's allocation. CPU lists
+//! ("0-3,8,10-11", the kernel's and Slurm's format) are lwk-partition's.
+
+use lwk_partition::{format_cpu_list, parse_cpu_list};
 
 use crate::Error;
-
-/// Parses "0-3,8" into sorted, deduplicated CPU numbers.
-pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>, Error> {
-    let bad = |why: &str| Error::Invalid(format!("CPU list {text:?}: {why}"));
-    let mut cpus = Vec::new();
-    for piece in text.trim().split(',') {
-        let piece = piece.trim();
-        if piece.is_empty() {
-            return Err(bad("empty element"));
-        }
-        let number = |s: &str| s.trim().parse::<u32>().map_err(|_| bad(&format!("{s:?} is not a CPU number")));
-        match piece.split_once('-') {
-            Some((lo, hi)) => {
-                let (lo, hi) = (number(lo)?, number(hi)?);
-                if lo > hi {
-                    return Err(bad(&format!("range {piece} goes backwards")));
-                }
-                if hi - lo > 65535 {
-                    return Err(bad(&format!("range {piece} is too large")));
-                }
-                cpus.extend(lo..=hi);
-            }
-            None => cpus.push(number(piece)?),
-        }
-    }
-    cpus.sort_unstable();
-    cpus.dedup();
-    Ok(cpus)
-}
-
-/// Formats sorted CPU numbers as a list with ranges: [0,1,2,5] -> "0-2,5".
-pub fn format_cpu_list(cpus: &[u32]) -> String {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < cpus.len() {
-        let start = cpus[i];
-        let mut end = start;
-        while i + 1 < cpus.len() && cpus[i + 1] == end + 1 {
-            i += 1;
-            end = cpus[i];
-        }
-        out.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
-        i += 1;
-    }
-    out.join(",")
-}
 
 /// What the user asked for with `--lwk-cpus`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +11,7 @@ pub enum CpuRequest {
     /// N CPUs, chosen from the job's allocation on the node.
     Count(u32),
     /// Exactly these CPUs.
-    List(Vec<u32>),
+    List(Vec<usize>),
 }
 
 impl CpuRequest {
@@ -71,13 +27,13 @@ impl CpuRequest {
             return Ok(CpuRequest::Count(n));
         }
         let list = text.trim_end_matches(',');
-        Ok(CpuRequest::List(parse_cpu_list(list).map_err(|e| Error::Invalid(format!("--lwk-cpus: {e}")))?))
+        Ok(CpuRequest::List(parse_cpu_list(list).map_err(|e| Error::Invalid(format!("--lwk-cpus={text}: {e}")))?))
     }
 
     /// The partition's CPUs inside `allocated` (the job's CPUs on this node).
     /// At least one allocated CPU always stays with Linux: slurmstepd, the
     /// proxies and `lwk run` itself run there.
-    pub fn choose(&self, allocated: &[u32]) -> Result<Vec<u32>, Error> {
+    pub fn choose(&self, allocated: &[usize]) -> Result<Vec<usize>, Error> {
         let alloc = format_cpu_list(allocated);
         match self {
             CpuRequest::Count(n) => {
@@ -96,7 +52,7 @@ impl CpuRequest {
                 Ok(allocated[allocated.len() - n..].to_vec())
             }
             CpuRequest::List(list) => {
-                let outside: Vec<u32> = list.iter().copied().filter(|c| !allocated.contains(c)).collect();
+                let outside: Vec<usize> = list.iter().copied().filter(|c| !allocated.contains(c)).collect();
                 if !outside.is_empty() {
                     return Err(Error::Policy(format!(
                         "--lwk-cpus={}: CPU(s) {} are not allocated to the job on this node (it has {alloc})",
@@ -121,16 +77,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lists_parse_and_format_round_trip() {
-        assert_eq!(parse_cpu_list("0-2,5,4").unwrap(), vec![0, 1, 2, 4, 5]);
-        assert_eq!(format_cpu_list(&[0, 1, 2, 4, 5, 7]), "0-2,4-5,7");
-        assert_eq!(parse_cpu_list(" 3 ").unwrap(), vec![3]);
-        assert!(parse_cpu_list("2-1").is_err());
-        assert!(parse_cpu_list("a").is_err());
-        assert!(parse_cpu_list("1,,2").is_err());
-    }
-
-    #[test]
     fn count_takes_highest_cpus_and_keeps_one_for_linux() {
         let r = CpuRequest::parse("2").unwrap();
         assert_eq!(r, CpuRequest::Count(2));
@@ -149,5 +95,17 @@ mod tests {
         assert!(err.contains("CPU(s) 3 are not allocated"), "{err}");
         assert!(CpuRequest::parse("0-1").unwrap().choose(&[0, 1]).is_err());
         assert_eq!(CpuRequest::parse("1,").unwrap(), CpuRequest::List(vec![1]));
+        assert_eq!(CpuRequest::parse(" 3-3 ").unwrap(), CpuRequest::List(vec![3]));
+    }
+
+    #[test]
+    fn bad_lists_name_the_option_and_the_list() {
+        for (bad, why) in
+            [("2-1", "goes backwards"), ("a", "is not a CPU number"), ("1,,2", "empty item"), ("1,1", "twice")]
+        {
+            let err = CpuRequest::parse(bad).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("--lwk-cpus={bad}: bad CPU list {bad:?}: ")), "{err}");
+            assert!(err.contains(why), "{err}");
+        }
     }
 }

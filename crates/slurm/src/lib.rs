@@ -30,7 +30,7 @@ pub mod env {
     pub const PARTITION: &str = "LWK_SLURM_PARTITION";
     /// Where `lwk run` writes the task's statistics.
     pub const STATS: &str = "LWK_SLURM_STATS";
-    /// The task's own argv[0], which the plugin replaced by the helper's path.
+    /// The task's own `argv[0]`, which the plugin replaced by the helper's path.
     pub const ARGV0: &str = "LWK_SLURM_ARGV0";
 }
 

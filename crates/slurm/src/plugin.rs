@@ -29,10 +29,12 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use lwk_partition::{format_cpu_list, parse_cpu_list, parse_size};
+
 use crate::accounting::{self, StepRecord, TaskRecord};
-use crate::cpus::{format_cpu_list, parse_cpu_list, CpuRequest};
+use crate::cpus::CpuRequest;
 use crate::ffi::{self, SpankT};
-use crate::site::{format_size, parse_size, SiteConfig};
+use crate::site::{format_size, SiteConfig};
 use crate::{env, Error};
 
 #[no_mangle]
@@ -99,8 +101,11 @@ fn plugin_args(ac: c_int, av: *mut *mut c_char) -> Vec<String> {
     }
     (0..ac as usize)
         .filter_map(|i| {
-            // SAFETY: Slurm passes ac valid C strings in av.
+            // SAFETY: Slurm passes an array of ac pointers in av (not null,
+            // checked above), and i < ac.
             let p = unsafe { *av.add(i) };
+            // SAFETY: each non-null entry is a NUL-terminated C string that
+            // Slurm keeps for the duration of the callback; it is copied here.
             (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
         })
         .collect()
@@ -180,6 +185,8 @@ fn register_options(sp: SpankT) -> Result<(), Error> {
 
 #[no_mangle]
 pub extern "C" fn slurm_spank_init(sp: SpankT, ac: c_int, av: *mut *mut c_char) -> c_int {
+    // SAFETY: spank_context takes nothing and only reads the state of the
+    // Slurm program that loaded this plugin and calls this callback.
     let ctx = unsafe { ffi::spank_context() };
     let cfg = match site(ac, av) {
         Ok(cfg) => cfg,
@@ -210,6 +217,7 @@ pub extern "C" fn slurm_spank_init_post_opt(sp: SpankT, ac: c_int, av: *mut *mut
             return -1;
         }
     };
+    // SAFETY: as in slurm_spank_init: no arguments, called from a Slurm callback.
     let ctx = unsafe { ffi::spank_context() };
     if ctx == ffi::S_CTX_REMOTE {
         match prepare_step(sp, &cfg) {
@@ -309,22 +317,28 @@ fn get_u32(sp: SpankT, item: c_int) -> Option<u32> {
 }
 
 /// The job's CPUs on this node: S_JOB_ALLOC_CORES, else this process's affinity.
-fn allocated_cpus(sp: SpankT) -> Result<Vec<u32>, Error> {
+fn allocated_cpus(sp: SpankT) -> Result<Vec<usize>, Error> {
     let mut list: *const c_char = std::ptr::null();
     // SAFETY: S_JOB_ALLOC_CORES takes a char**; Slurm keeps the string.
     let rc = unsafe { ffi::spank_get_item(sp, ffi::S_JOB_ALLOC_CORES, &mut list as *mut *const c_char) };
     if rc == ffi::ESPANK_SUCCESS && !list.is_null() {
+        // SAFETY: on success the item is a NUL-terminated string that Slurm
+        // owns and keeps for the step; it is copied here.
         let text = unsafe { CStr::from_ptr(list) }.to_string_lossy().into_owned();
         if !text.is_empty() {
-            return parse_cpu_list(&text);
+            return parse_cpu_list(&text).map_err(|e| Error::Io(format!("the job's CPUs from Slurm: {e}")));
         }
     }
-    // SAFETY: a zeroed cpu_set_t filled by sched_getaffinity.
+    // SAFETY: cpu_set_t is a plain bit array, for which all zeroes is valid
+    // (the empty set).
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most the size given, which is that
+    // of `set`.
     if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
         return Err(Error::Io("cannot tell the job's CPUs on this node".into()));
     }
-    Ok((0..libc::CPU_SETSIZE as u32).filter(|&c| unsafe { libc::CPU_ISSET(c as usize, &set) }).collect())
+    // SAFETY: CPU_ISSET reads bit c of the set; c < CPU_SETSIZE, its size in bits.
+    Ok((0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect())
 }
 
 fn job_env(sp: SpankT, name: &str) -> Option<String> {
@@ -338,10 +352,14 @@ fn job_env(sp: SpankT, name: &str) -> Option<String> {
     let prefix = format!("{name}=");
     let mut i = 0;
     loop {
+        // SAFETY: argv is the job's NULL-terminated environment array (not
+        // null, checked above) and entries up to its NULL are read, no further.
         let p = unsafe { *argv.add(i) };
         if p.is_null() {
             return None;
         }
+        // SAFETY: every entry before the NULL is a NUL-terminated "NAME=value"
+        // string that slurmstepd keeps for the step.
         let entry = unsafe { CStr::from_ptr(p) }.to_string_lossy();
         if let Some(v) = entry.strip_prefix(&prefix) {
             return Some(v.to_string());
@@ -534,6 +552,8 @@ fn wrap_task(sp: SpankT, cfg: &SiteConfig, step: &ActiveStep) -> Result<(), Erro
     if argv0.is_null() {
         return Err(Error::Io("empty task argv".into()));
     }
+    // SAFETY: argv[0], not null, is the task's NUL-terminated program name,
+    // which slurmstepd keeps until the task's execve; it is copied here.
     let argv0_str = unsafe { CStr::from_ptr(argv0) }.to_string_lossy().into_owned();
     if job_env(sp, "SLURM_MULTI_PROG").is_some() {
         return Err(Error::Policy("--lwk does not support --multi-prog".into()));
@@ -636,6 +656,7 @@ fn step_record(step: &ActiveStep, statuses: &[(u32, i32)]) -> StepRecord {
 /// slurmstepd (and srun, sbatch, salloc, which have nothing to do): the step ended.
 #[no_mangle]
 pub extern "C" fn slurm_spank_exit(_sp: SpankT, ac: c_int, av: *mut *mut c_char) -> c_int {
+    // SAFETY: as in slurm_spank_init: no arguments, called from a Slurm callback.
     if unsafe { ffi::spank_context() } != ffi::S_CTX_REMOTE {
         return 0;
     }

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use lwk_partition::parse_size;
+
 use crate::Error;
 
 pub const DEFAULT_LWK: &str = "/usr/local/bin/lwk";
@@ -143,39 +145,12 @@ impl SiteConfig {
     }
 }
 
-/// "256M", "1G", "512K", "1048576" (bytes); K, M, G, T are powers of 1024, an
-/// optional trailing "B"/"iB" is accepted.
-pub fn parse_size(text: &str) -> Result<u64, Error> {
-    let bad = || Error::Invalid(format!("size {text:?}: want a number with an optional K, M, G or T suffix"));
-    let t = text.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(bad()),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let bytes = n.checked_mul(1u64 << shift).ok_or_else(bad)?;
-    if bytes == 0 {
-        return Err(Error::Invalid(format!("size {text:?}: must be more than 0")));
-    }
-    Ok(bytes)
-}
-
 /// A size in the form `lwk partition create --mem` takes: whole MiB ("256M")
 /// when it is one, else KiB rounded up.
 pub fn format_size(bytes: u64) -> String {
-    if bytes % (1 << 30) == 0 {
+    if bytes.is_multiple_of(1 << 30) {
         format!("{}G", bytes >> 30)
-    } else if bytes % (1 << 20) == 0 {
+    } else if bytes.is_multiple_of(1 << 20) {
         format!("{}M", bytes >> 20)
     } else {
         format!("{}K", bytes.div_ceil(1024))
@@ -187,15 +162,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
-        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
-        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("M").is_err());
-        assert!(parse_size("99999999999T").is_err());
+    fn sizes_for_the_lwk_command() {
+        // Parsed back by `lwk partition create --mem` (lwk_partition::parse_size).
+        for bytes in [256 << 20, 2 << 30, 1000, 4096, 3 << 10] {
+            assert!(parse_size(&format_size(bytes)).unwrap() >= bytes, "{bytes}");
+        }
         assert_eq!(format_size(256 << 20), "256M");
         assert_eq!(format_size(2 << 30), "2G");
         assert_eq!(format_size(1000), "1K");
@@ -226,6 +197,8 @@ mod tests {
             let err = SiteConfig::from_args(&[bad]).unwrap_err().to_string();
             assert!(err.contains(bad.split('=').next().unwrap()), "{bad}: {err}");
         }
+        let err = SiteConfig::from_args(&["default_mem=0"]).unwrap_err().to_string();
+        assert_eq!(err, r#"plugstack.conf: lwk plugin: default_mem: bad memory size "0": must be more than 0"#);
         assert!(SiteConfig::from_args::<&str>(&[]).unwrap().allows("anyone", &[]));
     }
 }

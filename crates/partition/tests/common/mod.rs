@@ -1,4 +1,4 @@
-//! What the partition tests share: the root check, one test at a time, and a
+//! What the partition tests share: the check of what they need, one test at a time, and a
 //! snapshot of everything a partition changes, to compare before and after.
 #![allow(dead_code)]
 
@@ -25,24 +25,25 @@ pub fn serial() -> MutexGuard<'static, ()> {
     guard
 }
 
-/// True when the test can run; prints why not otherwise.
-pub fn can_run(test: &str) -> bool {
+/// What every partition test needs and cannot install: root, a CPU besides
+/// the one Linux keeps, a cpuset cgroup. The tests are `#[ignore]`d for
+/// that; run anyway (`--include-ignored`) without them, they fail here,
+/// saying what is missing, instead of passing without testing anything.
+pub fn require_partitions() {
+    let mut missing = Vec::new();
     if !rustix::process::geteuid().is_root() {
-        eprintln!("{test}: skipped: partitions need root");
-        return false;
+        missing.push("root (partitions change machine-wide state: run the tests as root)");
     }
     let online = fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
     if online.trim() == "0" {
-        eprintln!("{test}: skipped: one CPU only, none can be given to a partition");
-        return false;
+        missing.push("a second online CPU (one always stays with Linux)");
     }
     if !std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
         && !fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().contains("cpuset")
     {
-        eprintln!("{test}: skipped: no cpuset cgroup");
-        return false;
+        missing.push("a cpuset cgroup (cgroup v2 at /sys/fs/cgroup, or a v1 cpuset hierarchy)");
     }
-    true
+    assert!(missing.is_empty(), "this partition test cannot run: it needs {}", missing.join("; "));
 }
 
 /// The cpuset hierarchy's root (v2 /sys/fs/cgroup, v1 the cpuset mount).

@@ -1,6 +1,6 @@
 //! What slurmstepd executes in place of a task of an `--lwk` step: the lwk
-//! SPANK plugin replaced the task's argv[0] by this program's path and put the
-//! real argv[0], the partition and the statistics file in the environment.
+//! SPANK plugin replaced the task's `argv[0]` by this program's path and put the
+//! real `argv[0]`, the partition and the statistics file in the environment.
 //! This turns `lwk-slurm-exec ARGS...` into
 //! `lwk run --partition P --stats-json F -- ARGV0 ARGS...`.
 
