@@ -245,6 +245,10 @@ impl Extents {
         self.n = 1;
     }
 
+    pub fn as_slice(&self) -> &[Extent] {
+        &self.ext[..self.n]
+    }
+
     pub fn alloc(&mut self, len: u64) -> Option<u64> {
         let i = (0..self.n).find(|&i| self.ext[i].len >= len)?;
         let Extent { off, len: l } = self.ext[i];
