@@ -67,6 +67,7 @@ mod imp {
     /// Standard bcmp contract.
     #[no_mangle]
     pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+        // SAFETY: the caller's bcmp contract is memcmp's.
         unsafe { memcmp(a, b, n) }
     }
 }

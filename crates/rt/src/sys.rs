@@ -25,6 +25,7 @@ pub unsafe fn syscall6(n: u64, a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -
 /// See [`syscall6`].
 #[inline(always)]
 pub unsafe fn syscall3(n: u64, a: u64, b: u64, c: u64) -> i64 {
+    // SAFETY: the caller keeps syscall6's contract.
     unsafe { syscall6(n, a, b, c, 0, 0, 0) }
 }
 
@@ -78,18 +79,21 @@ pub fn pread(fd: i32, buf: &mut [u8], off: u64) -> i64 {
 /// # Safety
 /// Mapping at a fixed address replaces whatever was there.
 pub unsafe fn mmap(addr: u64, len: u64, prot: u64, flags: u64, fd: i32, off: u64) -> i64 {
+    // SAFETY: the caller vouches for the range (see above).
     unsafe { syscall6(nr::MMAP, addr, len, prot, flags, fd as i64 as u64, off) }
 }
 
 /// # Safety
 /// The range must not hold memory anyone still uses.
 pub unsafe fn munmap(addr: u64, len: u64) -> i64 {
+    // SAFETY: the caller vouches for the range (see above).
     unsafe { syscall3(nr::MUNMAP, addr, len, 0) }
 }
 
 /// # Safety
 /// Changing protection can make live memory inaccessible.
 pub unsafe fn mprotect(addr: u64, len: u64, prot: u64) -> i64 {
+    // SAFETY: the caller vouches for the range (see above).
     unsafe { syscall3(nr::MPROTECT, addr, len, prot) }
 }
 
