@@ -42,16 +42,12 @@ pub const SNAPSHOT_SIZE: u64 = 1 << 30;
 pub const PAGE_SIZE: u64 = 4096;
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    #[test]
-    fn regions_do_not_overlap() {
-        assert!(APP_START < PIE_BASE && PIE_BASE < MMAP_TOP && MMAP_TOP < STACK_TOP);
-        assert!(STACK_TOP < APP_END);
-        assert!(APP_END <= SCRATCH_ADDR && SCRATCH_ADDR < CONTROL_ADDR && CONTROL_ADDR < IMAGE_BASE);
-        assert!(APP_END <= SNAPSHOT_ADDR && SNAPSHOT_ADDR + SNAPSHOT_SIZE <= CHILD_CONTROL_ADDR);
-        assert!(CHILD_CONTROL_ADDR + (64 << 20) <= SCRATCH_ADDR);
-        assert_eq!(PIE_BASE % HUGE_PAGE_SIZE, 0);
-    }
-}
+// The regions do not overlap: checked when the crate compiles.
+const _: () = {
+    assert!(APP_START < PIE_BASE && PIE_BASE < MMAP_TOP && MMAP_TOP < STACK_TOP);
+    assert!(STACK_TOP < APP_END);
+    assert!(APP_END <= SCRATCH_ADDR && SCRATCH_ADDR < CONTROL_ADDR && CONTROL_ADDR < IMAGE_BASE);
+    assert!(APP_END <= SNAPSHOT_ADDR && SNAPSHOT_ADDR + SNAPSHOT_SIZE <= CHILD_CONTROL_ADDR);
+    assert!(CHILD_CONTROL_ADDR + (64 << 20) <= SCRATCH_ADDR);
+    assert!(PIE_BASE.is_multiple_of(HUGE_PAGE_SIZE));
+};

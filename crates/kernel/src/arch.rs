@@ -106,7 +106,7 @@ pub fn fpstate_size(legacy: &[u8]) -> usize {
     }
     // extended_size: the XSAVE area plus FP_XSTATE_MAGIC2.
     let extended = rd(SW_BYTES + 4) as usize;
-    if extended < FXSAVE_SIZE || extended > FPSTATE_MAX {
+    if !(FXSAVE_SIZE..=FPSTATE_MAX).contains(&extended) {
         return FXSAVE_SIZE;
     }
     extended

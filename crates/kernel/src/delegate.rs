@@ -64,7 +64,7 @@ fn call_on(nr: u64, args: [u64; 6], app_mask: Option<u64>) -> i64 {
                             nudge(ch);
                         }
                         waited_ms += 2;
-                        if waited_ms % 1000 == 0 {
+                        if waited_ms.is_multiple_of(1000) {
                             check_proxy_alive();
                         }
                     }

@@ -219,7 +219,7 @@ fn execve_at_path(a: &mut ExecArgs, len: usize, argv: u64, envp: u64, uc: &UCont
         app_argc = 1;
     }
     a.argv[0] = a.argv[5];
-    a.argv[1] = b"exec\0".as_ptr() as u64;
+    a.argv[1] = c"exec".as_ptr() as u64;
     a.argv[2] = a.numbers[0].as_ptr() as u64;
     a.argv[3] = a.numbers[1].as_ptr() as u64;
     a.argv[4] = a.path.as_ptr() as u64;
@@ -232,7 +232,7 @@ fn execve_at_path(a: &mut ExecArgs, len: usize, argv: u64, envp: u64, uc: &UCont
     s.local[nr::EXECVE as usize].add(0);
     // SAFETY: argv and its strings stay valid until the kernel has copied
     // them; envp is the application's, checked by the kernel.
-    let r = unsafe { syscall3(nr::EXECVE, b"/proc/self/exe\0".as_ptr() as u64, a.argv.as_ptr() as u64, envp) };
+    let r = unsafe { syscall3(nr::EXECVE, c"/proc/self/exe".as_ptr() as u64, a.argv.as_ptr() as u64, envp) };
     // Only reached on failure (E2BIG, ENOMEM...): this process goes on.
     r
 }

@@ -107,7 +107,7 @@ fn fork_inner(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UCont
     // The child's control region, prepared here.
     // SAFETY: the name is NUL-terminated; not close-on-exec: the child keeps
     // it across its own execs.
-    let cfd = unsafe { syscall3(nr::MEMFD_CREATE, b"lwk-control\0".as_ptr() as u64, 0, 0) };
+    let cfd = unsafe { syscall3(nr::MEMFD_CREATE, c"lwk-control".as_ptr() as u64, 0, 0) };
     if cfd < 0 {
         return Err(cfd);
     }

@@ -230,5 +230,5 @@ pub fn restore(s: &IdentitySnapshot) -> Result<(), i64> {
 pub fn wipe() {
     *EXE.lock() = ([0; PATH_MAX], 0);
     // SAFETY: a NUL-terminated name.
-    unsafe { syscall3(nr::PRCTL, PR_SET_NAME, b"wiped\0".as_ptr() as u64, 0) };
+    unsafe { syscall3(nr::PRCTL, PR_SET_NAME, c"wiped".as_ptr() as u64, 0) };
 }

@@ -169,7 +169,7 @@ impl<H: Host> Mm<H> {
         if i == self.pieces.len() || self.pieces[i].start >= addr {
             return Ok(());
         }
-        if self.pieces[i].src == SRC_MEMFD_HUGE && addr % HUGE != 0 {
+        if self.pieces[i].src == SRC_MEMFD_HUGE && !addr.is_multiple_of(HUGE) {
             self.demote(i, huge_down(addr))?;
             return self.split_at(addr);
         }

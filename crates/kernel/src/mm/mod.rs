@@ -182,7 +182,7 @@ impl<H: Host> Mm<H> {
     }
 
     fn mmap_inner(&mut self, addr: u64, len: u64, prot: u64, flags: u64, fd: i32, off: u64) -> Result<u64, i64> {
-        if len == 0 || off % PAGE != 0 {
+        if len == 0 || !off.is_multiple_of(PAGE) {
             return Err(-EINVAL);
         }
         let len = if len > APP_END {
@@ -200,7 +200,7 @@ impl<H: Host> Mm<H> {
         let anon = flags & MAP_ANONYMOUS != 0;
         let lazy = flags & MAP_NORESERVE != 0;
         let start = if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0 {
-            if addr % PAGE != 0 {
+            if !addr.is_multiple_of(PAGE) {
                 return Err(-EINVAL);
             }
             if !Self::in_app_range(addr, len) {
@@ -210,7 +210,11 @@ impl<H: Host> Mm<H> {
                 return Err(-EEXIST);
             }
             addr
-        } else if addr != 0 && addr % PAGE == 0 && Self::in_app_range(addr, len) && self.is_free(addr, addr + len) {
+        } else if addr != 0
+            && addr.is_multiple_of(PAGE)
+            && Self::in_app_range(addr, len)
+            && self.is_free(addr, addr + len)
+        {
             addr
         } else {
             let align = if anon && typ == MAP_PRIVATE && !lazy && self.huge_ok && len >= HUGE { HUGE } else { PAGE };
@@ -232,7 +236,7 @@ impl<H: Host> Mm<H> {
         if let Err(e) = self.own() {
             return e;
         }
-        if addr % PAGE != 0 || len == 0 {
+        if !addr.is_multiple_of(PAGE) || len == 0 {
             return -EINVAL;
         }
         let start = addr.max(APP_START);
@@ -253,7 +257,7 @@ impl<H: Host> Mm<H> {
         if let Err(e) = self.own() {
             return e;
         }
-        if addr % PAGE != 0 {
+        if !addr.is_multiple_of(PAGE) {
             return -EINVAL;
         }
         if prot & !(PROT_READ | PROT_WRITE | PROT_EXEC) != 0 {
@@ -287,7 +291,7 @@ impl<H: Host> Mm<H> {
     }
 
     fn mremap_inner(&mut self, old: u64, old_len: u64, new_len: u64, flags: u64, new_addr: u64) -> Result<u64, i64> {
-        if old % PAGE != 0 || flags & !(MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP) != 0 {
+        if !old.is_multiple_of(PAGE) || flags & !(MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP) != 0 {
             return Err(-EINVAL);
         }
         if flags & MREMAP_FIXED != 0 && flags & MREMAP_MAYMOVE == 0 {
@@ -305,7 +309,7 @@ impl<H: Host> Mm<H> {
             return Err(-EFAULT);
         }
         if flags & MREMAP_FIXED != 0 {
-            if new_addr % PAGE != 0 || !Self::in_app_range(new_addr, new_len) {
+            if !new_addr.is_multiple_of(PAGE) || !Self::in_app_range(new_addr, new_len) {
                 return Err(-EINVAL);
             }
             if new_addr < old_end && old < new_addr + new_len {
@@ -347,7 +351,7 @@ impl<H: Host> Mm<H> {
             return e;
         }
         const MADV_FREE: u64 = 8;
-        if addr % PAGE != 0 {
+        if !addr.is_multiple_of(PAGE) {
             return -EINVAL;
         }
         let end = addr.saturating_add(page_up(len));

@@ -176,6 +176,7 @@ impl<H: Host> Mm<H> {
 
     /// Map a file MAP_PRIVATE, read-only, from `lfd` (open in this
     /// process); the proxy maps the same file from `src`/`fd`.
+    #[allow(clippy::too_many_arguments)] // mmap's six, plus the two descriptors it needs
     pub fn map_file(
         &mut self,
         start: u64,

@@ -245,6 +245,7 @@ impl Extents {
         self.n = 1;
     }
 
+    #[cfg(test)]
     pub fn as_slice(&self) -> &[Extent] {
         &self.ext[..self.n]
     }
