@@ -28,7 +28,7 @@ pub struct UContext {
     pub _pad: u32,
     pub ss_size: u64,
     pub gregs: [u64; NGREG],
-    /// The FPU/vector state ([`FpState`]), in the same signal frame; 0 for
+    /// The FPU/vector state (see [`UContext::fpstate`]), in the same signal frame; 0 for
     /// a fresh state on rt_sigreturn.
     pub fpregs: u64,
     pub reserved: [u64; 8],
