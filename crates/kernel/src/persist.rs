@@ -12,6 +12,24 @@
 //! Snapshots can be large (the memory map has thousands of pieces) and the
 //! LWK has no allocator and runs on the application's stack, so `save`
 //! writes into a snapshot the caller placed, never onto the stack.
+//!
+//! Every piece of mutable state the LWK has, and where it is saved:
+//!
+//! | state | owner | in [`LwkState`] |
+//! |---|---|---|
+//! | memory map, memory files, brk (`MM`) | `mm` | its own snapshot, `mm::MmSnapshot` (not yet joined) |
+//! | thread table (`SLOTS`: slots in use, tids) | `thread` | `threads` |
+//! | each thread's registers, mask, alternate stack, XSAVE area, FS base, robust list | `thread::Current` | `current` (the saving thread's; the others' when they can be parked, see below) |
+//! | signal actions as Linux holds them, the LWK's own SIGSYS action and each handler's restorer (`SAVED`), interval timers | `signal` | `signals` |
+//! | signalfds (`TABLE`) | `signalfd` | `signalfd` |
+//! | program path for /proc/self/exe, comm (`EXE`) | `procfs` | `identity` |
+//! | the control region: channels, map log, statistics | shared with the proxy and `lwk run` | no: the channels are idle while the threads are stopped, the map log is drained by every delegated call |
+//! | a fork or exec in progress (`fork::START`, `fork::VFORK`, `exec::ARGS`), `thread::STOP` | `fork`, `exec`, `thread` | no: only inside one call |
+//! | protection keys and the dispatch selector (`guard`, `trap::SELECTOR`), the control descriptor (`boot::CTL_FD`), the signalfd watcher (`WATCHER`, `WAKE`) | set up at start | no: made again by the image that restores |
+//!
+//! Pending signals stay with Linux and are delivered after a restore in the
+//! same process; carrying them to another process (migration) is still to
+//! do, as are the proxy's descriptors.
 
 /// A subsystem whose state can be saved and restored.
 pub trait Persist {
@@ -47,10 +65,9 @@ pub const STATE_VERSION: u32 = 1;
 /// its threads: one snapshot per subsystem behind a header that says which
 /// code wrote it.
 ///
-/// Not yet in it (see issue 8's notes): the contexts of the other threads
-/// (each must be parked at a known point and save its own), the memory
-/// map (its own snapshot, `mm`), and the proxy's side (descriptors, the
-/// delegation channels, which are idle while every thread is stopped).
+/// Not yet in it (see the table above): the contexts of the other threads
+/// (each must be parked at a known point and save its own), and the
+/// proxy's side (descriptors).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct LwkState {
