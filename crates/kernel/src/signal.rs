@@ -10,9 +10,9 @@
 use lwk_rt::nr;
 use lwk_rt::*;
 
-use crate::mm::{read_app, write_app};
 use crate::sync::SpinLock;
 use crate::trap::{restorer_addr, UContext, SIGSYS};
+use crate::uaccess::{read_app, write_app};
 
 const SIG_DFL: u64 = 0;
 const SIG_IGN: u64 = 1;

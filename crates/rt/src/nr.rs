@@ -78,3 +78,5 @@ pub const GETDENTS64: u64 = 217;
 pub const CHDIR: u64 = 80;
 pub const LSEEK: u64 = 8;
 pub const READLINKAT: u64 = 267;
+pub const PROCESS_VM_READV: u64 = 310;
+pub const PROCESS_VM_WRITEV: u64 = 311;

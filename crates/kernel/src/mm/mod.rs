@@ -146,11 +146,6 @@ impl<H: Host> Mm<H> {
         self.pieces.access(addr, len, write, self.part_page != 0)
     }
 
-    /// May the LWK itself read (or write) [addr, addr+len) of the application?
-    pub fn accessible(&self, addr: u64, len: u64, write: bool) -> bool {
-        self.access(addr, len, write) != Access::Denied
-    }
-
     pub fn pieces(&self) -> &[Piece] {
         self.pieces.as_slice()
     }
@@ -454,23 +449,4 @@ impl<H: Host> Mm<H> {
         }
         Ok(())
     }
-}
-
-/// Read N words of the application's memory, EFAULT unless readable.
-pub fn read_app<const N: usize>(addr: u64) -> Result<[u64; N], i64> {
-    if MM.lock().access(addr, 8 * N as u64, false) == Access::Denied {
-        return Err(-EFAULT);
-    }
-    // SAFETY: the range is mapped readable application memory.
-    Ok(unsafe { core::ptr::read_unaligned(addr as *const [u64; N]) })
-}
-
-/// Write N words into the application's memory, EFAULT unless writable.
-pub fn write_app<const N: usize>(addr: u64, v: [u64; N]) -> Result<(), i64> {
-    if MM.lock().access(addr, 8 * N as u64, true) == Access::Denied {
-        return Err(-EFAULT);
-    }
-    // SAFETY: the range is mapped writable application memory.
-    unsafe { core::ptr::write_unaligned(addr as *mut [u64; N], v) };
-    Ok(())
 }
