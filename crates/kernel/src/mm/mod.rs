@@ -39,6 +39,7 @@ mod backing;
 mod host;
 mod ops;
 mod pieces;
+mod snapshot;
 #[cfg(test)]
 mod tests;
 
@@ -50,6 +51,10 @@ use lwk_rt::*;
 
 pub use host::{Host, Linux};
 pub use pieces::{Access, Extent, Piece, MAX_EXTENTS, MAX_PIECES};
+pub use snapshot::{
+    ExtentsRecord, MmSnapshot, PieceRecord, MM_BORROWED, MM_HUGE_OK, MM_PREFAULT_ALL, MM_REQUIRE_HUGE, MM_VERBOSE,
+    PIECE_LAZY,
+};
 
 use crate::sync::SpinLock;
 use pieces::{Extents, Pieces};
