@@ -82,7 +82,8 @@ pub struct Mm<H: Host = Linux> {
     extents: [Extents; 3],
     memfd: [i32; 3],
     /// The partition's memory directory (a descriptor) and its page size:
-    /// application memory files are made there instead of memfds.
+    /// application memory files are made there instead of memfds. Without
+    /// a partition the page size is 0 and the directory is not used.
     part_dir: i32,
     part_page: u64,
     /// A vfork child using its parent's memory (and memfds) as they are.
@@ -105,8 +106,10 @@ impl<H: Host> Mm<H> {
         Mm {
             pieces: Pieces::new(),
             extents: [Extents::new(), Extents::new(), Extents::new()],
-            memfd: [0, 0, 0], // zero so the whole table is .bss; set by init
-            part_dir: -1,
+            // All zero, so that the whole table is .bss, not 850 KiB of the
+            // image: memfd is set by init, part_dir by set_partition.
+            memfd: [0, 0, 0],
+            part_dir: 0,
             part_page: 0,
             borrowed: false,
             huge_ok: false,

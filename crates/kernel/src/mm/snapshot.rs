@@ -62,8 +62,8 @@ pub struct MmSnapshot {
     pub extents: [ExtentsRecord; 3],
     /// The memory files' descriptors in the application process (-1: none).
     pub memfd: [i32; 3],
-    /// The partition's memory directory (-1: none) and its page size
-    /// (0: no partition).
+    /// The partition's memory directory and its page size (0: no
+    /// partition, and the directory is not used).
     pub part_dir: i32,
     pub part_page: u64,
     pub brk_start: u64,

@@ -305,10 +305,8 @@ fn mm(huge: bool) -> Box<Mm<Fake>> {
 /// `Mm::new()`, on the heap (it is about 850 KiB).
 fn blank() -> Box<Mm<Fake>> {
     // SAFETY: every field of Mm is an integer, a bool, an array of those,
-    // or a PhantomData: all zero bytes is a valid Mm.
-    let mut m: Box<Mm<Fake>> = unsafe { Box::new_zeroed().assume_init() };
-    m.part_dir = -1;
-    m
+    // or a PhantomData: all zero bytes is a valid Mm, and it is Mm::new().
+    unsafe { Box::new_zeroed().assume_init() }
 }
 
 /// The table as (start, end, prot, src, off).
