@@ -18,9 +18,10 @@
 //!   another thread that unmaps the range waits until the copy is done, and
 //!   the answer is the one Linux gives when the copy comes first. (The lock
 //!   used to be dropped between the check and the copy; an unmap in between
-//!   made the LWK fault where Linux returns EFAULT.) Holding a spin lock for
-//!   a copy of at most a page is cheap; a fault-safe copy of every range
-//!   (the other way to be safe) would cost a system call each time.
+//!   made the LWK fault where Linux returns EFAULT.) Holding a spin lock
+//!   for a copy of a few words, or of a path, is cheap; a fault-safe copy
+//!   of every range (the other way to be safe) would cost a system call
+//!   each time.
 //! * **Pages that can vanish are copied fault-safe.** A mapped page of the
 //!   LWK's memory files is present or can always be made present. A file's
 //!   page cannot, if the file was truncated under its mapping (SIGBUS), nor
@@ -97,11 +98,14 @@ unsafe fn copy(mm: &Mm, app: u64, lwk: *mut u8, len: usize, write: bool) -> Resu
             // SAFETY: [app, app+len) is mapped application memory with the
             // protection needed, whose pages cannot fail to appear, and
             // stays so while `mm` is locked; `lwk` as the caller promised.
+            // `copy`, not `copy_nonoverlapping`: the LWK's buffers may lie on
+            // the application's stack (the handler runs there), where a
+            // pointer of the application may reach them.
             unsafe {
                 if write {
-                    core::ptr::copy_nonoverlapping(lwk as *const u8, app as *mut u8, len);
+                    core::ptr::copy(lwk as *const u8, app as *mut u8, len);
                 } else {
-                    core::ptr::copy_nonoverlapping(app as *const u8, lwk, len);
+                    core::ptr::copy(app as *const u8, lwk, len);
                 }
             }
             Ok(())
