@@ -12,7 +12,9 @@
 //! pattern is a value and a snapshot can be sent as bytes; `restore`
 //! checks what the values mean before it changes anything.
 
-use lwk_abi::control::{memfd_slot, SRC_MEMFD_HUGE};
+use lwk_abi::control::{
+    memfd_slot, SRC_APP_FD, SRC_APP_FD_PRIVATE, SRC_LWK_FD_PRIVATE, SRC_MEMFD_HUGE, SRC_MEMFD_SHARED, SRC_MEMFD_SMALL,
+};
 use lwk_abi::layout::{APP_END, APP_START};
 use lwk_rt::{EINVAL, PROT_EXEC, PROT_READ, PROT_WRITE};
 
@@ -144,8 +146,7 @@ impl MmSnapshot {
     /// offsets that are not free; free offsets sorted, apart and inside the
     /// files; the heap's bounds in order.
     fn check(&self) -> Result<(), i64> {
-        let ok = self.check_values();
-        if ok {
+        if self.check_values() {
             Ok(())
         } else {
             Err(-EINVAL)
@@ -187,7 +188,15 @@ impl MmSnapshot {
         }
         let mut prev_end = APP_START;
         for r in &self.pieces[..self.n_pieces as usize] {
-            let known_src = r.src <= 5;
+            let known_src = matches!(
+                r.src,
+                SRC_MEMFD_SMALL
+                    | SRC_MEMFD_HUGE
+                    | SRC_MEMFD_SHARED
+                    | SRC_APP_FD
+                    | SRC_APP_FD_PRIVATE
+                    | SRC_LWK_FD_PRIVATE
+            );
             if !(known_src
                 && r.flags & !PIECE_LAZY == 0
                 && r.prot as u64 & !(PROT_READ | PROT_WRITE | PROT_EXEC) == 0
