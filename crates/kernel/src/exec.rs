@@ -10,8 +10,8 @@ use lwk_rt::*;
 
 use crate::arch::UContext;
 use crate::boot::CTL_FD;
-use crate::mm::{read_app, MM};
 use crate::sync::SpinLock;
+use crate::uaccess::{read_app, read_cstr};
 use crate::{control, delegate, elf};
 
 const MAX_ARGS: usize = 1 << 16;
@@ -26,30 +26,6 @@ struct ExecArgs {
 
 static ARGS: SpinLock<ExecArgs> =
     SpinLock::new(ExecArgs { argv: [0; MAX_ARGS + 8], path: [0; PATH_MAX], numbers: [[0; 24]; 2] });
-
-/// Copy a NUL-terminated string of the application into `buf` (with its
-/// NUL), checking each page is readable. Returns its length.
-pub fn read_cstr(addr: u64, buf: &mut [u8]) -> Result<usize, i64> {
-    let mm = MM.lock();
-    let mut i = 0;
-    while i < buf.len() {
-        let a = addr.checked_add(i as u64).ok_or(-EFAULT)?;
-        let page_left = (4096 - (a & 4095)) as usize;
-        let chunk = page_left.min(buf.len() - i);
-        if !mm.accessible(a, 1, false) {
-            return Err(-EFAULT);
-        }
-        // SAFETY: the page holding [a, a+chunk) is readable application memory.
-        let src = unsafe { core::slice::from_raw_parts(a as *const u8, chunk) };
-        if let Some(z) = src.iter().position(|&c| c == 0) {
-            buf[i..i + z + 1].copy_from_slice(&src[..z + 1]);
-            return Ok(i + z);
-        }
-        buf[i..i + chunk].copy_from_slice(src);
-        i += chunk;
-    }
-    Err(-ENAMETOOLONG)
-}
 
 /// Make this process's working directory the application's (which lives
 /// in the proxy), so relative paths mean the same here.

@@ -25,6 +25,7 @@ pub mod stack;
 pub mod sync;
 pub mod thread;
 pub mod trap;
+pub mod uaccess;
 
 use lwk_abi::control::Control;
 use lwk_abi::layout::CONTROL_ADDR;

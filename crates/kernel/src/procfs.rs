@@ -13,9 +13,9 @@ use lwk_rt::nr;
 use lwk_rt::out::fmt_u64;
 use lwk_rt::*;
 
-use crate::exec::read_cstr;
 use crate::persist::Persist;
 use crate::sync::SpinLock;
+use crate::uaccess::{copy_to_app, read_cstr};
 use crate::{control, trap};
 
 pub const PATH_MAX: usize = 4096;
@@ -172,12 +172,10 @@ fn copy_out(s: &[u8], buf: u64, size: u64) -> i64 {
         return -EINVAL;
     }
     let n = s.len().min(size as usize);
-    if !crate::mm::MM.lock().accessible(buf, n as u64, true) {
-        return -EFAULT;
+    match copy_to_app(buf, &s[..n]) {
+        Ok(()) => n as i64,
+        Err(e) => e,
     }
-    // SAFETY: n writable bytes of application memory (checked above).
-    unsafe { core::ptr::copy_nonoverlapping(s.as_ptr(), buf as *mut u8, n) };
-    n as i64
 }
 
 /// The process's identity as /proc shows it, saved: the program's path

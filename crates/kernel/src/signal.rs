@@ -10,13 +10,13 @@
 use lwk_rt::nr;
 use lwk_rt::*;
 
-use crate::mm::{read_app, write_app};
-use crate::persist::Persist;
-use crate::sync::SpinLock;
 use lwk_abi::syscalls::CallMask;
 
 use crate::arch::UContext;
+use crate::persist::Persist;
+use crate::sync::SpinLock;
 use crate::trap::{restorer_addr, SIGSYS};
+use crate::uaccess::{read_app, write_app};
 
 const SIG_DFL: u64 = 0;
 const SIG_IGN: u64 = 1;

@@ -77,7 +77,7 @@ pub fn signalfd4(fd: u64, mask: u64, size: u64, flags: u64) -> i64 {
     if size != 8 || flags & !(SFD_NONBLOCK | SFD_CLOEXEC) != 0 {
         return -EINVAL;
     }
-    let set = match crate::mm::read_app::<1>(mask) {
+    let set = match crate::uaccess::read_app::<1>(mask) {
         Ok(v) => v[0],
         Err(e) => return e,
     };

@@ -185,7 +185,7 @@ pub fn clone3(args: u64, size: u64, uc: &UContext) -> Option<i64> {
     if size < 64 {
         return Some(-EINVAL);
     }
-    let a = match crate::mm::read_app::<8>(args) {
+    let a = match crate::uaccess::read_app::<8>(args) {
         Ok(a) => a,
         Err(e) => return Some(e),
     };

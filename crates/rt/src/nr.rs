@@ -10,6 +10,8 @@ macro_rules! numbers {
 }
 
 numbers! {
+    PROCESS_VM_READV = __NR_process_vm_readv,
+    PROCESS_VM_WRITEV = __NR_process_vm_writev,
     GETITIMER = __NR_getitimer,
     SETITIMER = __NR_setitimer,
     GET_ROBUST_LIST = __NR_get_robust_list,

@@ -1,7 +1,8 @@
 //! The memory files behind the application's memory: making them (memfds,
 //! or files in a partition's memory directory), reserving, pre-faulting and
 //! giving back their pages, mapping a piece from its file and mirroring it
-//! to the proxy, and demoting a huge page to 4 KiB pages.
+//! to the proxy, and splitting a piece, which inside a huge page means
+//! demoting that page to 4 KiB pages first.
 
 use lwk_abi::control::{memfd_slot, MapOp, OP_MAP, SRC_MEMFD_HUGE, SRC_MEMFD_SHARED, SRC_MEMFD_SMALL};
 use lwk_rt::*;

@@ -39,6 +39,7 @@ mod backing;
 mod host;
 mod ops;
 mod pieces;
+mod snapshot;
 #[cfg(test)]
 mod tests;
 
@@ -50,6 +51,10 @@ use lwk_rt::*;
 
 pub use host::{Host, Linux};
 pub use pieces::{Access, Extent, Piece, MAX_EXTENTS, MAX_PIECES};
+pub use snapshot::{
+    ExtentsRecord, MmSnapshot, PieceRecord, MM_BORROWED, MM_HUGE_OK, MM_PREFAULT_ALL, MM_REQUIRE_HUGE, MM_VERBOSE,
+    PIECE_LAZY,
+};
 
 use crate::sync::SpinLock;
 use pieces::{Extents, Pieces};
@@ -77,7 +82,8 @@ pub struct Mm<H: Host = Linux> {
     extents: [Extents; 3],
     memfd: [i32; 3],
     /// The partition's memory directory (a descriptor) and its page size:
-    /// application memory files are made there instead of memfds.
+    /// application memory files are made there instead of memfds. Without
+    /// a partition the page size is 0 and the directory is not used.
     part_dir: i32,
     part_page: u64,
     /// A vfork child using its parent's memory (and memfds) as they are.
@@ -100,8 +106,10 @@ impl<H: Host> Mm<H> {
         Mm {
             pieces: Pieces::new(),
             extents: [Extents::new(), Extents::new(), Extents::new()],
-            memfd: [0, 0, 0], // zero so the whole table is .bss; set by init
-            part_dir: -1,
+            // All zero, so that the whole table is .bss, not 850 KiB of the
+            // image: memfd is set by init, part_dir by set_partition.
+            memfd: [0, 0, 0],
+            part_dir: 0,
             part_page: 0,
             borrowed: false,
             huge_ok: false,
@@ -144,11 +152,6 @@ impl<H: Host> Mm<H> {
     /// application, and how (see `crate::uaccess`)?
     pub fn access(&self, addr: u64, len: u64, write: bool) -> Access {
         self.pieces.access(addr, len, write, self.part_page != 0)
-    }
-
-    /// May the LWK itself read (or write) [addr, addr+len) of the application?
-    pub fn accessible(&self, addr: u64, len: u64, write: bool) -> bool {
-        self.access(addr, len, write) != Access::Denied
     }
 
     pub fn pieces(&self) -> &[Piece] {
@@ -458,23 +461,4 @@ impl<H: Host> Mm<H> {
         }
         Ok(())
     }
-}
-
-/// Read N words of the application's memory, EFAULT unless readable.
-pub fn read_app<const N: usize>(addr: u64) -> Result<[u64; N], i64> {
-    if MM.lock().access(addr, 8 * N as u64, false) == Access::Denied {
-        return Err(-EFAULT);
-    }
-    // SAFETY: the range is mapped readable application memory.
-    Ok(unsafe { core::ptr::read_unaligned(addr as *const [u64; N]) })
-}
-
-/// Write N words into the application's memory, EFAULT unless writable.
-pub fn write_app<const N: usize>(addr: u64, v: [u64; N]) -> Result<(), i64> {
-    if MM.lock().access(addr, 8 * N as u64, true) == Access::Denied {
-        return Err(-EFAULT);
-    }
-    // SAFETY: the range is mapped writable application memory.
-    unsafe { core::ptr::write_unaligned(addr as *mut [u64; N], v) };
-    Ok(())
 }

@@ -217,6 +217,16 @@ impl Pieces {
         }
         fit(APP_START.max(floor), hi)
     }
+
+    /// Replace the whole table by `pieces`: sorted, not overlapping, at
+    /// most MAX_PIECES.
+    pub fn set(&mut self, pieces: impl Iterator<Item = Piece>) {
+        self.n = 0;
+        for p in pieces {
+            self.list[self.n] = p;
+            self.n += 1;
+        }
+    }
 }
 
 /// A free range of a memory file: `len` bytes from `off`.
@@ -245,9 +255,15 @@ impl Extents {
         self.n = 1;
     }
 
-    #[cfg(test)]
     pub fn as_slice(&self) -> &[Extent] {
         &self.ext[..self.n]
+    }
+
+    /// Replace the free ranges by `free`: sorted, not adjacent, at most
+    /// MAX_EXTENTS.
+    pub fn set(&mut self, free: &[Extent]) {
+        self.ext[..free.len()].copy_from_slice(free);
+        self.n = free.len();
     }
 
     pub fn alloc(&mut self, len: u64) -> Option<u64> {

@@ -305,10 +305,8 @@ fn mm(huge: bool) -> Box<Mm<Fake>> {
 /// `Mm::new()`, on the heap (it is about 850 KiB).
 fn blank() -> Box<Mm<Fake>> {
     // SAFETY: every field of Mm is an integer, a bool, an array of those,
-    // or a PhantomData: all zero bytes is a valid Mm.
-    let mut m: Box<Mm<Fake>> = unsafe { Box::new_zeroed().assume_init() };
-    m.part_dir = -1;
-    m
+    // or a PhantomData: all zero bytes is a valid Mm, and it is Mm::new().
+    unsafe { Box::new_zeroed().assume_init() }
 }
 
 /// The table as (start, end, prot, src, off).
@@ -1033,4 +1031,146 @@ fn mapping_over_memory_gives_the_old_pages_back() {
     assert_eq!(take()[0], Call::Punch { fd: SMALL_FD, off: 2 * P, len: 2 * P });
     assert_eq!(free(&m, 0), [(8, MEMFD_SPACE / P - 8)]);
     assert_eq!(memory(), (8 * P, 0));
+}
+
+/// A snapshot on the heap (it is about 850 KiB), all zeros.
+fn snapshot() -> Box<MmSnapshot> {
+    // SAFETY: every field of MmSnapshot is an integer or an array of
+    // integers: all zero bytes is a valid value.
+    unsafe { Box::new_zeroed().assume_init() }
+}
+
+/// A memory manager with a bit of everything: 4 KiB, huge, shared and
+/// file pieces, split protections, a hole in a memory file, a heap.
+fn busy() -> Box<Mm<Fake>> {
+    let mut m = mm(true);
+    m.set_brk_start(BASE + 0x1234);
+    m.brk(BASE + 3 * MB);
+    mmap_fixed(&mut m, BASE + 8 * MB, 4 * MB, RW);
+    mmap_fixed(&mut m, BASE + 12 * MB, 8 * P, RW);
+    m.mprotect(BASE + 12 * MB + 2 * P, 2 * P, R);
+    m.munmap(BASE + 12 * MB + 6 * P, P);
+    m.mmap(0, 2 * P, RW, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    m.mmap(0, 4 * P, RW, ANON | MAP_NORESERVE, -1, 0);
+    m.map_file(BASE + 16 * MB, BASE + 16 * MB + 2 * P, R as u32, 3, 0, SRC_LWK_FD_PRIVATE, 3).unwrap();
+    take();
+    m
+}
+
+/// Everything `Mm` holds, comparable.
+#[allow(clippy::type_complexity)]
+fn state(m: &Mm<Fake>) -> (Vec<Piece>, Vec<Vec<Extent>>, [i32; 3], i32, u64, [bool; 5], [u64; 4]) {
+    (
+        m.pieces().to_vec(),
+        m.extents.iter().map(|e| e.as_slice().to_vec()).collect(),
+        m.memfd,
+        m.part_dir,
+        m.part_page,
+        [m.borrowed, m.huge_ok, m.require_huge, m.prefault_all, m.verbose],
+        [m.brk_start, m.brk_cur, m.brk_end, m.brk_dirty],
+    )
+}
+
+#[test]
+fn save_then_restore_into_a_fresh_memory_manager_gives_the_same_state() {
+    use crate::persist::Persist;
+    let mut m = busy();
+    m.borrowed = true;
+    m.verbose = true;
+    let mut s = snapshot();
+    m.save(&mut s);
+    assert_eq!(s.n_pieces as usize, m.pieces().len());
+    assert!(s.n_pieces >= 8, "{}", s.n_pieces);
+    assert_eq!(s.flags, MM_BORROWED | MM_HUGE_OK | MM_VERBOSE);
+    assert!(s.pieces.iter().any(|p| p.flags == PIECE_LAZY));
+
+    let mut fresh = blank();
+    assert_eq!(fresh.restore(&s), Ok(()));
+    assert_eq!(state(&fresh), state(&m));
+    assert_eq!(take(), [Call::Publish(m.memfd)], "bookkeeping only, and the proxy told of the memory files");
+    let mut again = snapshot();
+    fresh.save(&mut again);
+    assert!(*again == *s, "equal states, equal snapshots");
+
+    // The restored one goes on as the original would.
+    m.borrowed = false;
+    fresh.borrowed = false;
+    let a = m.mmap(0, 3 * MB, RW, ANON, -1, 0);
+    let original = take();
+    assert_eq!(fresh.mmap(0, 3 * MB, RW, ANON, -1, 0), a);
+    assert_eq!(take(), original);
+    assert_eq!(state(&fresh), state(&m));
+}
+
+#[test]
+fn save_zeroes_what_the_state_does_not_use() {
+    use crate::persist::Persist;
+    let m = busy();
+    let mut s = snapshot();
+    s.pieces[MAX_PIECES - 1].start = 12345;
+    s.extents[2].free[MAX_EXTENTS - 1].len = 1;
+    s.reserved = 7;
+    m.save(&mut s);
+    let mut clean = snapshot();
+    m.save(&mut clean);
+    assert!(*s == *clean);
+}
+
+#[test]
+fn a_bad_snapshot_is_refused_and_changes_nothing() {
+    use crate::persist::Persist;
+    let mut good = snapshot();
+    let saved = busy();
+    saved.save(&mut good);
+    let n = good.n_pieces as usize;
+    let huge = good.pieces[..n].iter().position(|p| p.src == SRC_MEMFD_HUGE).unwrap();
+    let small = good.pieces[..n].iter().position(|p| p.src == SRC_MEMFD_SMALL).unwrap();
+    type Corruption = (&'static str, Box<dyn Fn(&mut MmSnapshot)>);
+    let corruptions: Vec<Corruption> = vec![
+        ("more pieces than fit", Box::new(|s| s.n_pieces = MAX_PIECES as u64 + 1)),
+        ("unsorted pieces", Box::new(move |s| s.pieces.swap(0, n - 1))),
+        ("overlapping pieces", Box::new(|s| s.pieces[1].start = s.pieces[0].end - P)),
+        ("an empty piece", Box::new(|s| s.pieces[0].end = s.pieces[0].start)),
+        ("a piece not on a page boundary", Box::new(|s| s.pieces[0].end -= 1)),
+        ("a piece below the application's range", Box::new(|s| s.pieces[0].start = 0)),
+        ("a piece above it", Box::new(move |s| s.pieces[n - 1].end = APP_END + P)),
+        ("an unknown source", Box::new(|s| s.pieces[0].src = 6)),
+        ("unknown piece flags", Box::new(|s| s.pieces[0].flags = 2)),
+        ("unknown protection", Box::new(|s| s.pieces[0].prot = 8)),
+        ("a huge piece off a 2 MiB boundary", Box::new(move |s| s.pieces[huge].off += P)),
+        ("memory at a free offset", Box::new(move |s| s.pieces[small].off = s.extents[0].free[0].off)),
+        ("memory past the end of its file", Box::new(move |s| s.pieces[small].off = MEMFD_SPACE)),
+        ("memory in a file that is not there", Box::new(|s| s.memfd[1] = -1)),
+        ("more free ranges than fit", Box::new(|s| s.extents[0].n = MAX_EXTENTS as u64 + 1)),
+        (
+            "unsorted free ranges",
+            Box::new(|s| {
+                s.extents[1].n = 2;
+                s.extents[1].free[1] = Extent { off: 0, len: P };
+            }),
+        ),
+        ("an empty free range", Box::new(|s| s.extents[0].free[0].len = 0)),
+        ("a free range past the end of its file", Box::new(|s| s.extents[2].free[0].len = MEMFD_SPACE)),
+        ("a bad partition page size", Box::new(|s| s.part_page = 8192)),
+        ("a bad descriptor", Box::new(|s| s.memfd[2] = -2)),
+        ("a heap ending past its limit", Box::new(|s| s.brk_cur = s.brk_end + 1)),
+        ("a heap past the application's range", Box::new(|s| s.brk_end = APP_END + 2 * MB)),
+        ("unknown flags", Box::new(|s| s.flags |= 1 << 31)),
+        ("the reserved word", Box::new(|s| s.reserved = 1)),
+    ];
+    let mut m = busy();
+    let before = state(&m);
+    let mut bad = snapshot();
+    for (what, corrupt) in &corruptions {
+        *bad = *good;
+        corrupt(&mut bad);
+        assert!(*bad != *good, "{what}: the corruption changes something");
+        assert_eq!(m.restore(&bad), Err(-EINVAL), "{what}");
+        assert!(state(&m) == before, "{what}: the memory manager changed");
+    }
+    assert!(take().is_empty(), "nothing done");
+    // The good one is taken.
+    let mut other = blank();
+    assert_eq!(other.restore(&good), Ok(()));
+    assert!(state(&other) == state(&saved));
 }
