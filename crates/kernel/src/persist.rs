@@ -17,7 +17,7 @@
 //!
 //! | state | owner | in [`LwkState`] |
 //! |---|---|---|
-//! | memory map, memory files, brk (`MM`) | `mm` | its own snapshot, `mm::MmSnapshot` (not yet joined) |
+//! | memory map, memory files' descriptors and free offsets, brk (`MM`) | `mm` | `mm` (the bookkeeping: the memory is in the files) |
 //! | thread table (`SLOTS`: slots in use, tids) | `thread` | `threads` |
 //! | each thread's registers, mask, alternate stack, XSAVE area, FS base, robust list | `thread::Current` | `current` (the saving thread's; the others' when they can be parked, see below) |
 //! | signal actions as Linux holds them, the LWK's own SIGSYS action and each handler's restorer (`SAVED`), interval timers | `signal` | `signals` |
@@ -51,6 +51,7 @@ use lwk_abi::layout::SNAPSHOT_ADDR;
 use lwk_rt::*;
 
 use crate::arch::UContext;
+use crate::mm::{MmSnapshot, MM};
 use crate::procfs::IdentitySnapshot;
 use crate::signal::SignalsSnapshot;
 use crate::signalfd::SignalfdSnapshot;
@@ -74,7 +75,8 @@ pub struct LwkState {
     pub magic: u64,
     /// STATE_VERSION, then each subsystem's `Persist::VERSION`, in the
     /// order of the fields below.
-    pub versions: [u32; 6],
+    pub versions: [u32; 7],
+    pub mm: MmSnapshot,
     pub signals: SignalsSnapshot,
     pub threads: ThreadsSnapshot,
     /// The thread that saved the state.
@@ -83,9 +85,10 @@ pub struct LwkState {
     pub identity: IdentitySnapshot,
 }
 
-fn versions() -> [u32; 6] {
+fn versions() -> [u32; 7] {
     [
         STATE_VERSION,
+        <crate::mm::Mm as Persist>::VERSION,
         <signal::Saved as Persist>::VERSION,
         <&thread::Slots as Persist>::VERSION,
         <Current as Persist>::VERSION,
@@ -100,6 +103,7 @@ impl LwkState {
     pub fn save(&mut self, uc: &mut UContext) {
         self.magic = STATE_MAGIC;
         self.versions = versions();
+        MM.lock().save(&mut self.mm);
         signal::save(&mut self.signals);
         thread::save(&mut self.threads);
         Current(uc).save(&mut self.current);
@@ -116,6 +120,7 @@ impl LwkState {
         if self.magic != STATE_MAGIC || self.versions != versions() {
             return Err(-EINVAL);
         }
+        MM.lock().restore(&self.mm)?;
         procfs::restore(&self.identity)?;
         signalfd::restore(&self.signalfd)?;
         thread::restore(&self.threads)?;
@@ -127,8 +132,9 @@ impl LwkState {
     /// time runs on between two saves and is left out.
     pub fn same_as(&self, other: &LwkState) -> Result<(), &'static str> {
         let timers = |s: &SignalsSnapshot| s.itimers.map(|t| [t[0], t[1]]);
-        let checks: [(&'static str, bool); 9] = [
+        let checks: [(&'static str, bool); 10] = [
             ("header", self.magic == other.magic && self.versions == other.versions),
+            ("memory map", self.mm == other.mm),
             ("signal actions", self.signals.actions == other.signals.actions),
             ("signal restorers", self.signals.restorer == other.signals.restorer),
             ("SIGSYS action", self.signals.sigsys == other.signals.sigsys),
@@ -148,6 +154,7 @@ impl LwkState {
 /// Forget the state of every subsystem and scramble the calling thread's
 /// context: what a restore must rebuild.
 fn wipe(uc: &mut UContext) {
+    MM.lock().wipe();
     procfs::wipe();
     signalfd::wipe();
     thread::wipe();

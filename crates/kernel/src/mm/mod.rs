@@ -102,6 +102,12 @@ pub struct Mm<H: Host = Linux> {
 pub static MM: SpinLock<Mm> = SpinLock::new(Mm::new());
 
 impl<H: Host> Mm<H> {
+    /// Forget all bookkeeping, as a fresh memory manager has none (for a
+    /// test of restore; the memory and the mappings stay).
+    pub fn wipe(&mut self) {
+        *self = Self::new();
+    }
+
     const fn new() -> Self {
         Mm {
             pieces: Pieces::new(),
