@@ -653,8 +653,23 @@ fn has_line(text: &str, line: &str) -> bool {
     text.lines().any(|l| l == line)
 }
 
+/// Only memory protection keys let lwk answer EFAULT for a pointer into its
+/// own memory (README, "Bad pointers"). Without them the bad-pointer tests
+/// cannot pass: they fail at once, saying why, instead of after a diff or
+/// a hang.
+fn require_pku() {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap_or("");
+    assert!(
+        flags.split_whitespace().any(|f| f == "pku"),
+        "this CPU has no memory protection keys (no pku in /proc/cpuinfo): lwk cannot make pointers into its \
+         own memory give EFAULT"
+    );
+}
+
 #[test]
 fn bad_pointers_to_delegated_calls_give_native_errnos() {
+    require_pku();
     let dir = tempdir();
     let file = dir.path().join("readable");
     std::fs::write(&file, "0123456789abcdef0123456789abcdef").unwrap();
@@ -671,6 +686,7 @@ fn bad_pointers_to_delegated_calls_give_native_errnos() {
 
 #[test]
 fn bad_pointers_to_local_calls_give_native_errnos() {
+    require_pku();
     for link in [Link::Static, Link::Pie] {
         let o = compare(&[&program("bad_pointers", link), "local"], None);
         assert_exit_code(&o, 0);
@@ -1254,14 +1270,21 @@ impl Drop for TestPartition {
 }
 
 /// For a test that makes partitions (`#[ignore]`d: they need root and a CPU
-/// besides the one Linux keeps): the CPU to give them (the last) and the
-/// turn to use it. Run without root or with one CPU, the test fails here.
+/// besides the one Linux keeps): the CPU to give them (the last online one)
+/// and the turn to use it. Run without root or with one CPU, the test fails
+/// here. The turn comes first: while another test's partition exists, this
+/// process runs on Linux's CPUs only, so its own affinity would hide a CPU.
 fn partition_cpu() -> (usize, std::sync::MutexGuard<'static, ()>) {
-    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let turn = PARTITION_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    let online = lwk_partition::parse_cpu_list(&online).unwrap();
     // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    assert!(root && ncpu >= 2, "partitions need root and a second CPU: this is uid != 0 or has {ncpu} CPU(s)");
-    (ncpu - 1, PARTITION_TESTS.lock().unwrap_or_else(|e| e.into_inner()))
+    let uid = unsafe { libc::geteuid() };
+    assert!(
+        uid == 0 && online.len() >= 2,
+        "partitions need root and a second online CPU: this is uid {uid}, online CPUs {online:?}"
+    );
+    (*online.last().unwrap(), turn)
 }
 
 fn run_in(part: &TestPartition, extra: &[&str], cmd: &[&str]) -> Output {

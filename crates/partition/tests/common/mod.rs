@@ -1,5 +1,6 @@
-//! What the partition tests share: the check of what they need, one test at a time, and a
-//! snapshot of everything a partition changes, to compare before and after.
+//! What the partition tests share: the check of what they need, one test at
+//! a time, and a snapshot of everything a partition changes, to compare
+//! before and after.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
