@@ -93,19 +93,11 @@ fn check(path: &Path) -> Result<(), NotRunnable> {
     if !head.starts_with(b"\x7fELF") {
         return Err(not_runnable(126, p, "not an ELF executable and no #! line (Exec format error)"));
     }
-    if head.get(4) == Some(&goblin::elf::header::ELFCLASS32) {
-        return Err(not_runnable(126, p, "32-bit ELF is not supported (x86-64 only)"));
-    }
-    let header =
-        goblin::elf::Elf::parse_header(head).map_err(|e| not_runnable(126, p, &format!("bad ELF header: {e}")))?;
-    if header.e_machine != goblin::elf::header::EM_X86_64 {
-        let m = goblin::elf::header::machine_to_str(header.e_machine);
-        return Err(not_runnable(126, p, &format!("not an x86-64 ELF (machine {m})")));
-    }
-    if header.e_type != goblin::elf::header::ET_EXEC && header.e_type != goblin::elf::header::ET_DYN {
-        let t = goblin::elf::header::et_to_str(header.e_type);
-        return Err(not_runnable(126, p, &format!("not an executable ELF (type {t})")));
-    }
+    // The LWK's own check, so that lwk run refuses early exactly what the
+    // loader would.
+    let mut h = [0u8; 64];
+    h[..head.len()].copy_from_slice(head);
+    lwk_kernel::elf::check_header(&h).map_err(|e| not_runnable(126, p, e.reason))?;
     Ok(())
 }
 

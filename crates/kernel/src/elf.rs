@@ -78,26 +78,55 @@ fn pread_exact(fd: i32, buf: &mut [u8], off: u64) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Check the ELF header; returns (type, entry, phoff, phnum).
+/// Check the ELF header; returns (type, entry, phoff, phnum). The one
+/// check: the LWK's loader and `lwk run`'s early refusal both use it.
 pub fn check_header(h: &[u8; 64]) -> Result<(u16, u64, u64, usize), LoadError> {
     if &h[..4] != b"\x7fELF" {
         return Err(LoadError::exec("not an ELF executable"));
     }
-    if h[4] != 2 {
-        return Err(LoadError::exec("32-bit ELF is not supported (x86-64 only)"));
+    match h[4] {
+        ELFCLASS64 => {}
+        ELFCLASS32 => return Err(LoadError::exec("32-bit ELF is not supported (x86-64 only)")),
+        _ => return Err(LoadError::exec("bad ELF header (class)")),
     }
-    if h[5] != 1 || rd16(h, 18) != EM_X86_64 {
-        return Err(LoadError::exec("not an x86-64 ELF"));
+    if h[5] != ELFDATA2LSB {
+        return Err(LoadError::exec("not an x86-64 ELF (big-endian)"));
+    }
+    if rd16(h, 18) != EM_X86_64 {
+        return Err(LoadError::exec(other_machine(rd16(h, 18))));
     }
     let ty = rd16(h, 16);
     if ty != ET_EXEC && ty != ET_DYN {
-        return Err(LoadError::exec("ELF file is not an executable"));
+        return Err(LoadError::exec(match ty {
+            ET_REL => "not an executable ELF (type REL, an object file)",
+            ET_CORE => "not an executable ELF (type CORE, a core dump)",
+            _ => "not an executable ELF",
+        }));
     }
     let phnum = rd16(h, 56) as usize;
     if rd16(h, 54) as usize != PHDR_SIZE || phnum == 0 || phnum > MAX_PHDRS {
         return Err(LoadError::exec("bad ELF program headers"));
     }
     Ok((ty, rd64(h, 24), rd64(h, 32), phnum))
+}
+
+const ELFCLASS32: u8 = 1;
+const ELFCLASS64: u8 = 2;
+const ELFDATA2LSB: u8 = 1;
+const ET_REL: u16 = 1;
+const ET_CORE: u16 = 4;
+
+/// The refusal for an ELF of another machine, naming the common ones.
+fn other_machine(m: u16) -> &'static str {
+    match m {
+        3 => "not an x86-64 ELF (machine i386)",
+        40 => "not an x86-64 ELF (machine ARM)",
+        183 => "not an x86-64 ELF (machine AArch64)",
+        243 => "not an x86-64 ELF (machine RISC-V)",
+        21 => "not an x86-64 ELF (machine PowerPC64)",
+        22 => "not an x86-64 ELF (machine S/390)",
+        _ => "not an x86-64 ELF",
+    }
 }
 
 /// Load the ELF open on `fd`. The main program of a PIE goes to PIE_BASE,
@@ -226,8 +255,14 @@ mod tests {
     fn header_checks_name_the_reason() {
         assert!(check_header(&header(2, EM_X86_64, ET_DYN)).is_ok());
         assert!(check_header(&header(1, EM_X86_64, ET_EXEC)).unwrap_err().reason.contains("32-bit"));
-        assert!(check_header(&header(2, 183, ET_EXEC)).unwrap_err().reason.contains("x86-64"));
-        assert!(check_header(&header(2, EM_X86_64, 1)).unwrap_err().reason.contains("not an executable"));
+        assert_eq!(check_header(&header(2, 183, ET_EXEC)).unwrap_err().reason, "not an x86-64 ELF (machine AArch64)");
+        assert_eq!(check_header(&header(2, 9999, ET_EXEC)).unwrap_err().reason, "not an x86-64 ELF");
+        let rel = check_header(&header(2, EM_X86_64, ET_REL)).unwrap_err().reason;
+        assert_eq!(rel, "not an executable ELF (type REL, an object file)");
+        assert_eq!(check_header(&header(0, EM_X86_64, ET_EXEC)).unwrap_err().reason, "bad ELF header (class)");
+        let mut be = header(2, EM_X86_64, ET_EXEC);
+        be[5] = 2;
+        assert!(check_header(&be).unwrap_err().reason.contains("big-endian"));
         let mut h = header(2, EM_X86_64, ET_EXEC);
         h[0] = b'#';
         let e = check_header(&h).unwrap_err();
