@@ -5,9 +5,11 @@
 //! replaces the subsystem's state by a snapshot. A snapshot is plain data:
 //! `Copy`, `#[repr(C)]`, no pointers into the LWK (addresses of application
 //! memory are fine: they mean the same after a restore), descriptors as
-//! numbers in the application process. That is what lets fork and exec
-//! carry state into a new image with the same code, and what a migration
-//! sends to another node.
+//! numbers in the application process. That is what a migration will send
+//! to another node. (Fork and exec do not go through snapshots: a fork's
+//! child starts from the kernel's copy of the LWK and resets what is the
+//! parent's, an exec starts a fresh image; the memory manager's fork, exec
+//! and restore share the code that makes and publishes memory files.)
 //!
 //! Snapshots can be large (the memory map has thousands of pieces) and the
 //! LWK has no allocator and runs on the application's stack, so `save`
@@ -31,6 +33,19 @@
 //! same process; carrying them to another process (migration) is still to
 //! do, as are the proxy's descriptors.
 
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use lwk_abi::layout::SNAPSHOT_ADDR;
+use lwk_rt::*;
+
+use crate::arch::UContext;
+use crate::mm::{MmSnapshot, MM};
+use crate::procfs::IdentitySnapshot;
+use crate::signal::SignalsSnapshot;
+use crate::signalfd::SignalfdSnapshot;
+use crate::thread::{ContextSnapshot, Current, ThreadsSnapshot};
+use crate::{procfs, signal, signalfd, thread};
+
 /// A subsystem whose state can be saved and restored.
 pub trait Persist {
     /// The saved state: plain data.
@@ -44,19 +59,6 @@ pub trait Persist {
     /// subsystem is left as it was.
     fn restore(&mut self, s: &Self::Snapshot) -> Result<(), i64>;
 }
-
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-
-use lwk_abi::layout::SNAPSHOT_ADDR;
-use lwk_rt::*;
-
-use crate::arch::UContext;
-use crate::mm::{MmSnapshot, MM};
-use crate::procfs::IdentitySnapshot;
-use crate::signal::SignalsSnapshot;
-use crate::signalfd::SignalfdSnapshot;
-use crate::thread::{ContextSnapshot, Current, ThreadsSnapshot};
-use crate::{procfs, signal, signalfd, thread};
 
 pub const STATE_MAGIC: u64 = u64::from_le_bytes(*b"LWKSTATE");
 /// The layout of [`LwkState`] itself.
@@ -245,5 +247,77 @@ fn buffers() -> Option<(&'static mut LwkState, &'static mut LwkState)> {
     unsafe {
         core::ptr::write_bytes(SNAPSHOT_ADDR as *mut u8, 0, 2 * size as usize);
         Some((&mut *(SNAPSHOT_ADDR as *mut LwkState), &mut *((SNAPSHOT_ADDR + size) as *mut LwkState)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signalfd::{Entry, MAX};
+
+    // A snapshot is refused before anything changes (these are checked
+    // without touching the test process).
+
+    #[test]
+    fn a_signal_snapshot_with_a_bad_timer_or_action_is_refused() {
+        let mut saved = signal::Saved { sigsys: [0; 4], restorer: [(0, 0); 65] };
+        // SAFETY: plain data, valid when zeroed.
+        let mut s: Box<SignalsSnapshot> = Box::new(unsafe { core::mem::zeroed() });
+        s.sigsys = [1, 2, 3, 4];
+        s.itimers[0][1] = 1_000_000; // a microsecond field of a whole second
+        assert_eq!(saved.restore(&s), Err(-EINVAL));
+        s.itimers[0][1] = 0;
+        s.actions[9] = [1, 0, 0, 0]; // SIGKILL's action is not the application's to set
+        assert_eq!(saved.restore(&s), Err(-EINVAL));
+        assert_eq!(saved.sigsys, [0; 4], "left as it was");
+    }
+
+    #[test]
+    fn a_thread_table_with_a_thread_in_a_free_slot_is_refused() {
+        let mut t = ThreadsSnapshot { used: [0; 4], tids: [0; 256] };
+        t.tids[3] = 1234; // slot 3 is not in use
+        assert_eq!(thread::restore(&t), Err(-EINVAL));
+        t.used[0] = 1 << 3;
+        t.tids[5] = -1;
+        assert_eq!(thread::restore(&t), Err(-EINVAL));
+    }
+
+    #[test]
+    fn signalfd_and_identity_snapshots_are_checked() {
+        let mut table = [Entry { app_fd: -1, sfd: -1, pipe: -1, reported: false }; MAX];
+        let mut s = SignalfdSnapshot { entries: table };
+        s.entries[0] = Entry { app_fd: 5, sfd: -1, pipe: 7, reported: false }; // no signalfd behind it
+        assert_eq!(table.restore(&s), Err(-EINVAL));
+        s.entries[0].sfd = 6;
+        assert_eq!(table.restore(&s), Ok(()));
+        let mut again = SignalfdSnapshot { entries: [s.entries[1]; MAX] };
+        table.save(&mut again);
+        assert!(again.entries == s.entries, "what was restored is saved again");
+
+        let mut exe = ([0u8; procfs::PATH_MAX], 0usize);
+        let mut id = IdentitySnapshot { exe: [0; procfs::PATH_MAX], exe_len: 0, comm: [b'x'; 16] };
+        assert_eq!(exe.restore(&id), Err(-EINVAL), "a name without its NUL");
+        id.comm[15] = 0;
+        id.exe_len = procfs::PATH_MAX as u64;
+        assert_eq!(exe.restore(&id), Err(-EINVAL), "a path as long as the buffer");
+    }
+
+    #[test]
+    fn the_whole_state_says_which_code_wrote_it() {
+        // SAFETY: plain data, valid when zeroed; boxed, it is too large for a stack.
+        let mut s: Box<LwkState> = Box::new(unsafe { core::mem::zeroed() });
+        let mut uc = UContext::ZERO;
+        assert_eq!(s.restore(&mut uc), Err(-EINVAL), "no magic");
+        s.magic = STATE_MAGIC;
+        s.versions = versions();
+        s.versions[1] += 1; // a memory snapshot of another version
+        assert_eq!(s.restore(&mut uc), Err(-EINVAL));
+        let t = s.clone();
+        assert_eq!(s.same_as(&t), Ok(()));
+        let mut u = s.clone();
+        u.signals.itimers[0][2] = 5; // the time left runs on: not a difference
+        assert_eq!(s.same_as(&u), Ok(()));
+        u.threads.tids[0] = 42;
+        assert_eq!(s.same_as(&u), Err("threads"));
     }
 }

@@ -27,8 +27,8 @@ const UNBLOCKABLE: u64 = (1 << 8) | (1 << 18) | SIGSYS_BIT; // SIGKILL, SIGSTOP,
 /// What the application asked for that the kernel does not hold:
 /// the SIGSYS action, and each signal's own restorer and flags.
 pub struct Saved {
-    sigsys: [u64; 4],
-    restorer: [(u64, u64); 65],
+    pub sigsys: [u64; 4],
+    pub restorer: [(u64, u64); 65],
 }
 
 static SAVED: SpinLock<Saved> = SpinLock::new(Saved { sigsys: [0; 4], restorer: [(0, 0); 65] });
@@ -86,6 +86,10 @@ impl Persist for Saved {
         // Linux takes an action or refuses it whole: check what can be
         // checked before changing anything.
         if s.actions[0] != [0; 4] || (1..=64).any(|sig| !settable(sig) && s.actions[sig as usize] != [0; 4]) {
+            return Err(-EINVAL);
+        }
+        // Two timevals each, microseconds below a second.
+        if s.itimers.iter().any(|t| t[1] >= 1_000_000 || t[3] >= 1_000_000 || (t[0] | t[2]) >> 63 != 0) {
             return Err(-EINVAL);
         }
         for sig in (1..=64).filter(|&s| settable(s)) {

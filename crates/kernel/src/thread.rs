@@ -424,6 +424,8 @@ pub struct ContextSnapshot {
     pub robust_list: [u64; 2],
 }
 
+/// sizeof(struct robust_list_head): the only length set_robust_list takes.
+const ROBUST_LIST_HEAD_SIZE: u64 = 24;
 const ARCH_SET_FS: u64 = 0x1002;
 const ARCH_GET_FS: u64 = 0x1003;
 
@@ -455,6 +457,9 @@ impl Persist for Current<'_> {
         let n = s.fp_len as usize;
         if n != have || n > FPSTATE_MAX || !fpstate_intact(&s.fpstate[..n]) || (n == 0) != (s.uc.fpregs == 0) {
             return Err(-EINVAL); // another CPU's state layout: not this frame's
+        }
+        if s.robust_list[1] != ROBUST_LIST_HEAD_SIZE {
+            return Err(-EINVAL);
         }
         // SAFETY: the robust list and FS base are this thread's own; a bad
         // value faults the application, as natively.
@@ -489,6 +494,6 @@ pub fn wipe_current(uc: &mut UContext) {
     // SAFETY: this thread's own FS base and robust list.
     unsafe {
         syscall3(lwk_rt::nr::ARCH_PRCTL, ARCH_SET_FS, 0, 0);
-        syscall3(lwk_rt::nr::SET_ROBUST_LIST, 0, 24, 0);
+        syscall3(lwk_rt::nr::SET_ROBUST_LIST, 0, ROBUST_LIST_HEAD_SIZE, 0);
     }
 }

@@ -371,7 +371,7 @@ mod tests {
         for i in 0..MAX_PIECES as u64 {
             t.insert(piece(APP_START + 2 * i * 4096, APP_START + (2 * i + 1) * 4096, RW)).unwrap();
         }
-        assert_eq!(t.insert(piece(0x4000_0000_0000 - 8192, 0x4000_0000_0000 - 4096, RW)), Err(-ENOMEM));
+        assert_eq!(t.insert(piece(APP_END - 8192, APP_END - 4096, RW)), Err(-ENOMEM));
         assert_eq!(t.split(0, APP_START + 2048), Err(-ENOMEM));
         assert_eq!(t.len(), MAX_PIECES);
     }
