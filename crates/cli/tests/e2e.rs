@@ -1466,6 +1466,13 @@ fn a_sigsys_sent_to_the_program_is_its_own_not_a_system_call() {
     assert_eq!(o.status.signal(), Some(libc::SIGSYS));
     let o = compare(&[&prog, "ignore"], None);
     assert!(has_line(&String::from_utf8_lossy(&o.stdout), "ignored SIGSYS, still here"));
+    // Across execve an ignored SIGSYS stays ignored, a handled one goes back
+    // to the default (the LWK keeps SIGSYS's action itself, so it must carry
+    // that over by itself).
+    let o = compare(&["sh", "-c", "trap '' SYS; exec sh -c 'kill -SYS $$; echo still here'"], None);
+    assert!(has_line(&String::from_utf8_lossy(&o.stdout), "still here"));
+    let o = compare(&["sh", "-c", "trap 'echo handler' SYS; exec sh -c 'kill -SYS $$; echo still here'"], None);
+    assert_eq!(o.status.signal(), Some(libc::SIGSYS));
 }
 
 #[test]

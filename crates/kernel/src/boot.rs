@@ -317,6 +317,7 @@ pub fn app_main(st: &Startup) -> ! {
         let mask = h.exec_sigmask.load(Relaxed);
         // SAFETY: mask is our own word.
         unsafe { syscall6(nr::RT_SIGPROCMASK, 2, &mask as *const u64 as u64, 0, 8, 0, 0) };
+        crate::signal::after_exec();
     }
     // SAFETY: entry and sp describe a fully loaded program and its stack.
     unsafe { jump(sp, entry, crate::guard::app_pkru()) }

@@ -203,6 +203,7 @@ fn execve_at_path(a: &mut ExecArgs, len: usize, argv: u64, envp: u64, uc: &UCont
     // The new image restores the mask the application had; the proxy must
     // have mirrored everything before this address space goes away.
     control().header.exec_sigmask.store(uc.sigmask, Relaxed);
+    crate::signal::before_exec();
     delegate::sync();
     let s = &control().stats;
     s.local[nr::EXECVE as usize].add(0);

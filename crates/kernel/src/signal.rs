@@ -7,6 +7,8 @@
 //! application sees is the one saved in the signal frame, which is what
 //! rt_sigprocmask reads and changes.
 
+use core::sync::atomic::Ordering::Relaxed;
+
 use lwk_rt::nr;
 use lwk_rt::*;
 
@@ -108,6 +110,22 @@ impl Persist for Saved {
         self.sigsys = s.sigsys;
         self.restorer = s.restorer;
         Ok(())
+    }
+}
+
+/// What execve keeps of the signal subsystem that the kernel does not
+/// keep for the LWK: an ignored SIGSYS stays ignored (a handled one goes
+/// back to the default, as every handled signal does). Recorded for the
+/// new image, which takes it with [`after_exec`].
+pub fn before_exec() {
+    let ignored = SAVED.lock().sigsys[0] == SIG_IGN;
+    crate::control().header.exec_sigsys_ignored.store(ignored as u32, Relaxed);
+}
+
+/// In the image that execve started: take what [`before_exec`] recorded.
+pub fn after_exec() {
+    if crate::control().header.exec_sigsys_ignored.load(Relaxed) != 0 {
+        SAVED.lock().sigsys = [SIG_IGN, 0, 0, 0];
     }
 }
 
