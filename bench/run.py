@@ -835,9 +835,9 @@ def main():
 
     plan = {
         "getppid": lambda: bench_micro(
-            "getppid", "getppid_loop", "getppid round trip (the issue's 'delegated' call; LOCAL in lwk)",
+            "getppid", "getppid_loop", "getppid round trip (the issue's 'delegated' call; answered by the LWK)",
             30, "<= 30x", cfg,
-            note="`lwk syscalls` lists getppid as local: this measures a trap + LWK handler, not delegation"),
+            note="`lwk syscalls` shows getppid answered by the LWK's own handler: this measures a trap + LWK handler, not delegation"),
         "delegated": lambda: bench_micro(
             "delegated", "delegated_loop", "delegated round trip: fcntl(F_GETFD)", 30, "<= 30x", cfg,
             note="fcntl is delegated to the proxy (the fd table lives there)"),

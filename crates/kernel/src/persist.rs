@@ -25,7 +25,8 @@
 //! | signal actions as Linux holds them, the LWK's own SIGSYS action and each handler's restorer (`SAVED`), interval timers | `signal` | `signals` |
 //! | signalfds (`TABLE`) | `signalfd` | `signalfd` |
 //! | program path for /proc/self/exe, comm (`EXE`) | `procfs` | `identity` |
-//! | the control region: channels, map log, statistics | shared with the proxy and `lwk run` | no: the channels are idle while the threads are stopped, the map log is drained by every delegated call |
+//! | delegation channels (one per thread slot, each served by a proxy worker of its own) | the control region, shared with the proxy | through `threads`: a restore needs a worker for every slot in use; a channel holds a call only while its thread waits in the LWK, never at a save |
+//! | the map log, the statistics | the control region | no: the proxy drains the log at every delegated call; statistics are counters |
 //! | a fork or exec in progress (`fork::START`, `fork::VFORK`, `exec::ARGS`), `thread::STOP` | `fork`, `exec`, `thread` | no: only inside one call |
 //! | protection keys and the dispatch selector (`guard`, `trap::SELECTOR`), the control descriptor (`boot::CTL_FD`), the signalfd watcher (`WATCHER`, `WAKE`) | set up at start | no: made again by the image that restores |
 //!
