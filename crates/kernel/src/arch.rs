@@ -4,6 +4,29 @@
 //! XSAVE area). The trap layer reads the system call from it and writes the
 //! result back; threads start from one; a saved thread is one.
 
+use core::arch::global_asm;
+
+// The return from every signal handler the LWK installs: rt_sigreturn,
+// from inside the LWK's text (the region Syscall User Dispatch allows), or
+// the rt_sigreturn would itself trap.
+global_asm!(
+    ".globl lwk_restorer",
+    "lwk_restorer:",
+    "mov eax, {nr}",
+    "syscall",
+    "ud2",
+    nr = const lwk_rt::nr::RT_SIGRETURN
+);
+
+extern "C" {
+    fn lwk_restorer();
+}
+
+/// The address of the LWK's signal restorer (`sa_restorer`).
+pub fn restorer_addr() -> u64 {
+    lwk_restorer as *const () as u64
+}
+
 /// Indexes of `UContext::gregs` (the kernel's `struct sigcontext` order).
 pub const REG_R8: usize = 0;
 pub const REG_R9: usize = 1;

@@ -112,7 +112,7 @@ pub fn syscall(call: &Syscall, a: [u64; 6], uc: &mut UContext) -> (i64, Ran) {
         // The proxy ignores SIGPIPE; the application gets it as it would
         // natively (delivered when we return).
         // SAFETY: signals this process's own thread.
-        unsafe { rt::syscall3(nr::TGKILL, rt::getpid() as u64, crate::trap::gettid() as u64, SIGPIPE) };
+        unsafe { rt::syscall3(nr::TGKILL, rt::getpid() as u64, rt::gettid() as u64, SIGPIPE) };
     }
     (r, Ran::Delegated)
 }

@@ -50,7 +50,7 @@ pub fn run(h: Handler, call: &Syscall, a: [u64; 6], uc: &mut UContext) -> (i64, 
         Handler::Futex => passthrough(nr, a),
         Handler::RtSigreturn => {
             lwk_rt::diag!("rt_sigreturn from application code is not supported yet");
-            exit_group(128 + crate::trap::SIGSYS as i32)
+            exit_group(128 + crate::signal::SIGSYS as i32)
         }
         Handler::Exit | Handler::ExitGroup => {
             // Counted here: the call does not return to lwk_sigsys.

@@ -13,10 +13,10 @@ use lwk_rt::nr;
 use lwk_rt::out::fmt_u64;
 use lwk_rt::*;
 
+use crate::control;
 use crate::persist::Persist;
 use crate::sync::SpinLock;
 use crate::uaccess::{copy_to_app, read_cstr};
-use crate::{control, trap};
 
 pub const PATH_MAX: usize = 4096;
 
@@ -127,7 +127,7 @@ pub fn rewrite(nr: u64, i: usize, a: &[u64; 6], out: &mut Rewrite) -> Outcome {
         w.put(fmt_u64(&mut [0; 20], h.app_pid.load(Relaxed) as u64));
         if thread {
             w.put(b"/task/");
-            w.put(fmt_u64(&mut [0; 20], trap::gettid() as u64));
+            w.put(fmt_u64(&mut [0; 20], gettid() as u64));
         }
     }
     w.put(rest);

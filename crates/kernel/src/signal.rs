@@ -14,12 +14,14 @@ use lwk_rt::*;
 
 use lwk_abi::syscalls::CallMask;
 
+use crate::arch::restorer_addr;
 use crate::arch::UContext;
 use crate::persist::Persist;
 use crate::sync::SpinLock;
-use crate::trap::{restorer_addr, SIGSYS};
 use crate::uaccess::{read_app, write_app};
 
+/// The LWK's own signal: every trapped system call arrives as one.
+pub const SIGSYS: u64 = 31;
 const SIG_DFL: u64 = 0;
 const SIG_IGN: u64 = 1;
 const SA_RESTORER: u64 = 0x0400_0000;
@@ -239,7 +241,7 @@ pub fn app_sigsys() {
             // SAFETY: a valid kernel sigaction; then a signal to this thread.
             unsafe {
                 syscall6(nr::RT_SIGACTION, SIGSYS, dfl.as_ptr() as u64, 0, 8, 0, 0);
-                syscall3(nr::TGKILL, getpid() as u64, crate::trap::gettid() as u64, SIGSYS);
+                syscall3(nr::TGKILL, getpid() as u64, gettid() as u64, SIGSYS);
             }
         }
         _ => {

@@ -102,7 +102,7 @@ pub fn init_main() {
     SLOTS.used[0].fetch_or(1, SeqCst);
     set_gs(0);
     pin(0);
-    SLOTS.threads[0].tid.store(trap::gettid(), Relaxed);
+    SLOTS.threads[0].tid.store(gettid(), Relaxed);
 }
 
 /// Held while the thread table changes (a thread made or gone), and while
@@ -286,7 +286,7 @@ pub fn stop_others() {
     for (t, tid) in others().filter_map(in_app) {
         t.stop_requests.fetch_add(1, SeqCst);
         // SAFETY: signals a thread of this process.
-        unsafe { syscall3(lwk_rt::nr::TGKILL, pid as u64, tid as u64, trap::SIGSYS) };
+        unsafe { syscall3(lwk_rt::nr::TGKILL, pid as u64, tid as u64, crate::signal::SIGSYS) };
     }
     for _ in 0..10_000 {
         if others().all(|s| in_app(s).is_none()) {

@@ -2,18 +2,15 @@
 //! application makes from outside the LWK's text as SIGSYS to
 //! [`lwk_sigsys`], which routes it by the one syscall table.
 
-use core::arch::global_asm;
-
 use lwk_abi::control::NR_SLOTS;
 use lwk_abi::syscalls::{self, Rule, Syscall};
 use lwk_rt::nr;
 use lwk_rt::*;
 
-use crate::arch::UContext;
-use crate::arch::REG_RAX;
+use crate::arch::{restorer_addr, UContext, REG_RAX};
+use crate::signal::SIGSYS;
 use crate::{control, delegate, handlers, signal, thread};
 
-pub const SIGSYS: u64 = 31;
 const SA_SIGINFO: u64 = 4;
 /// si_code of a SIGSYS from Syscall User Dispatch.
 const SYS_USER_DISPATCH: i32 = 2;
@@ -22,18 +19,9 @@ const PR_SET_SYSCALL_USER_DISPATCH: u64 = 59;
 const PR_SYS_DISPATCH_ON: u64 = 1;
 const SYSCALL_DISPATCH_FILTER_BLOCK: u8 = 1;
 
-// The signal return path must be inside the allowed region, or the
-// rt_sigreturn would itself trap.
-global_asm!(".globl lwk_restorer", "lwk_restorer:", "mov eax, {nr}", "syscall", "ud2", nr = const nr::RT_SIGRETURN);
-
 extern "C" {
-    fn lwk_restorer();
     static __ehdr_start: u8;
     static etext: u8;
-}
-
-pub fn restorer_addr() -> u64 {
-    lwk_restorer as *const () as u64
 }
 
 /// Read by the kernel on every system call of this thread.
@@ -145,9 +133,4 @@ fn refuse(call: &Syscall, errno: u32) -> i64 {
         lwk_rt::diag!("{} is not supported ({}): returning error {}", call.name, why, errno);
     }
     -(errno as i64)
-}
-
-pub fn gettid() -> i32 {
-    // SAFETY: no arguments.
-    unsafe { syscall3(nr::GETTID, 0, 0, 0) as i32 }
 }
