@@ -37,7 +37,7 @@ use crate::arch::{UContext, REG_RAX, REG_RSP};
 use crate::boot::CTL_FD;
 use crate::mm::MM;
 use crate::sync::SpinLock;
-use crate::{control, delegate, signal, thread};
+use crate::{control, delegate, thread};
 
 /// Where the parent maps the child's control region while preparing it.
 const CHILD_CONTROL_AT: u64 = lwk_abi::layout::CHILD_CONTROL_ADDR;
@@ -310,8 +310,7 @@ extern "C" fn child_start(_: u64) -> ! {
     // SAFETY: this thread is the only one in the new process.
     unsafe {
         START.force_unlock();
-        MM.force_unlock();
-        signal::force_unlock();
+        crate::persist::unlock_in_forked_child();
     }
     let (uc, cfd, share) = {
         let s = START.lock();

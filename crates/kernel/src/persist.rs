@@ -47,6 +47,25 @@ use crate::signalfd::SignalfdSnapshot;
 use crate::thread::{ContextSnapshot, Current, ThreadsSnapshot};
 use crate::{procfs, signal, signalfd, thread};
 
+/// In a forked child, whose only thread is the one that forked: release
+/// every subsystem's lock, which another thread of the parent may have held
+/// at the fork (the same list as the table above). Each subsystem then
+/// resets what was the parent's (`thread::reset_for_fork`,
+/// `signalfd::reset_for_fork`; the memory manager copies or borrows).
+///
+/// # Safety
+/// Only in the single thread of a freshly forked child.
+pub unsafe fn unlock_in_forked_child() {
+    // SAFETY: as documented.
+    unsafe {
+        MM.force_unlock();
+        signal::force_unlock();
+        thread::force_unlock();
+        signalfd::force_unlock();
+        procfs::force_unlock();
+    }
+}
+
 /// A subsystem whose state can be saved and restored.
 pub trait Persist {
     /// The saved state: plain data.

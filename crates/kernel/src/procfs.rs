@@ -23,6 +23,13 @@ pub const PATH_MAX: usize = 4096;
 /// The program's canonical path, for /proc/self/exe.
 static EXE: SpinLock<([u8; PATH_MAX], usize)> = SpinLock::new(([0; PATH_MAX], 0));
 
+/// # Safety
+/// Only in the single thread of a freshly forked child.
+pub unsafe fn force_unlock() {
+    // SAFETY: as documented.
+    unsafe { EXE.force_unlock() };
+}
+
 /// Remember the program open on `fd` (at load time) as /proc/self/exe,
 /// and name the process after `execfn`, the path it was started by.
 pub fn set_exe(fd: i32, execfn: &[u8]) {

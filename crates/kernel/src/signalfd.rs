@@ -202,13 +202,18 @@ pub fn forget(lo: u64, hi: u64) {
     wake_watcher();
 }
 
+/// # Safety
+/// Only in the single thread of a freshly forked child.
+pub unsafe fn force_unlock() {
+    // SAFETY: as documented.
+    unsafe { TABLE.force_unlock() };
+}
+
 /// In a forked child: the watcher thread is not there; the real signalfds
 /// now read the child's signals, as natively. The pipes are shared with
 /// the parent (the proxy forked its descriptors), so a poll in one may see
 /// the other's signals.
 pub fn reset_for_fork() {
-    // SAFETY: only the forking thread exists in the child.
-    unsafe { TABLE.force_unlock() };
     WATCHER.store(false, Relaxed);
     WAKE.store(-1, Relaxed);
     if USED.load(Relaxed) != 0 {

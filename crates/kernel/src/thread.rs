@@ -109,6 +109,13 @@ pub fn init_main() {
 /// it is saved or restored, so that a saved table is never half-changed.
 static TABLE: SpinLock<()> = SpinLock::new(());
 
+/// # Safety
+/// Only in the single thread of a freshly forked child.
+pub unsafe fn force_unlock() {
+    // SAFETY: as documented.
+    unsafe { TABLE.force_unlock() };
+}
+
 /// Keep the thread table as it is until the guard goes: no thread is
 /// made or ends meanwhile (they wait). For saving and restoring it.
 pub fn freeze_table() -> crate::sync::Guard<'static, ()> {
@@ -216,9 +223,6 @@ extern "C" fn thread_start(slot: u64) -> ! {
 /// In the child of a fork: only the forking thread exists, and it is the
 /// main thread (slot 0) of a new process.
 pub fn reset_for_fork() {
-    // SAFETY: only the forking thread exists in the child; another thread
-    // of the parent may have held the lock at the fork.
-    unsafe { TABLE.force_unlock() };
     for w in &SLOTS.used {
         w.store(0, SeqCst);
     }
