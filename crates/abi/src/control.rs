@@ -57,10 +57,10 @@ pub struct Header {
     pub supervisor_pid: AtomicI32,
     /// The signal mask the application had when it called execve.
     pub exec_sigmask: AtomicU64,
-    /// 1 when the application's SIGSYS (the LWK's to keep, see
-    /// kernel::signal) was ignored at execve: it stays ignored, as an
-    /// ignored signal does across exec.
-    pub exec_sigsys_ignored: AtomicU32,
+    /// Which of the LWK's signals (1: SIGSYS, 2: SIGLWK, see
+    /// kernel::signal) the application had ignored at execve: they stay
+    /// ignored, as an ignored signal does across exec.
+    pub exec_own_ignored: AtomicU32,
     /// A child's control region: 0 while the child copies its memory, 1 when
     /// done, 2 when it failed. The parent waits on it.
     pub fork_state: AtomicU32,

@@ -1466,6 +1466,11 @@ fn a_sigsys_sent_to_the_program_is_its_own_not_a_system_call() {
     assert_eq!(o.status.signal(), Some(libc::SIGSYS));
     let o = compare(&[&prog, "ignore"], None);
     assert!(has_line(&String::from_utf8_lossy(&o.stdout), "ignored SIGSYS, still here"));
+    // SIGRTMAX is the LWK's too (it stops threads): sent to the program it
+    // kills it by default, and ignored it is ignored, as natively.
+    compare(&["sh", "-c", "kill -64 $$; echo not reached"], None);
+    let o = compare(&["sh", "-c", "trap '' 64; kill -64 $$; echo still here"], None);
+    assert!(has_line(&String::from_utf8_lossy(&o.stdout), "still here"));
     // Across execve an ignored SIGSYS stays ignored, a handled one goes back
     // to the default (the LWK keeps SIGSYS's action itself, so it must carry
     // that over by itself).
@@ -1528,8 +1533,9 @@ fn live_in_group(pgid: i32) -> Vec<(i32, String)> {
 /// Every few system calls the LWK saves its whole state, wipes it (signal
 /// actions, timers, threads, signalfds, identity, the calling thread's
 /// registers, FPU state, TLS base and robust list), restores it and checks
-/// that the restore rebuilt it; the programs must not notice. (While a
-/// process has one thread: see kernel::persist.)
+/// that the restore rebuilt it; the programs must not notice. The other
+/// threads of a multithreaded one are stopped meanwhile (the LWK's
+/// SIGRTMAX) and find their state as they left it.
 #[test]
 fn programs_do_not_notice_the_lwk_restoring_its_state_onto_itself() {
     let dir = tempdir();
@@ -1537,6 +1543,7 @@ fn programs_do_not_notice_the_lwk_restoring_its_state_onto_itself() {
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec![program("signals", Link::Pie), "alarm-restart".into()], "1"),
         (vec![program("signals", Link::Pie), "pselect".into()], "1"),
+        (vec![program("threads", Link::Static), "stress".into()], "5"),
         (vec![program("signalfd", Link::Pie)], "2"),
         (vec![program("vm_ops", Link::Static)], "1"),
         (vec![program("args_malloc", Link::Pie), "a".into(), "b c".into()], "1"),

@@ -22,7 +22,7 @@
 //! | memory map, memory files' descriptors and free offsets, brk (`MM`) | `mm` | `mm` (the bookkeeping: the memory is in the files) |
 //! | thread table (`SLOTS`: slots in use, tids) | `thread` | `threads` |
 //! | each thread's registers, mask, alternate stack, XSAVE area, FS base, robust list | `thread::Current` | `current` (the saving thread's; the others' when they can be parked, see below) |
-//! | signal actions as Linux holds them, the LWK's own SIGSYS action and each handler's restorer (`SAVED`), interval timers | `signal` | `signals` |
+//! | signal actions as Linux holds them, the application's actions for the LWK's own signals (SIGSYS, SIGRTMAX) and each handler's restorer (`SAVED`), interval timers | `signal` | `signals` |
 //! | signalfds (`TABLE`) | `signalfd` | `signalfd` |
 //! | program path for /proc/self/exe, comm (`EXE`) | `procfs` | `identity` |
 //! | delegation channels (one per thread slot, each served by a proxy worker of its own) | the control region, shared with the proxy | through `threads`: a restore needs a worker for every slot in use; a channel holds a call only while its thread waits in the LWK, never at a save |
@@ -40,10 +40,11 @@ use lwk_abi::layout::SNAPSHOT_ADDR;
 use lwk_rt::*;
 
 use crate::arch::UContext;
-use crate::mm::{MmSnapshot, MM};
+use crate::mm::{Mm, MmSnapshot, MM};
 use crate::procfs::IdentitySnapshot;
 use crate::signal::SignalsSnapshot;
 use crate::signalfd::SignalfdSnapshot;
+use crate::sync::Guard;
 use crate::thread::{ContextSnapshot, Current, ThreadsSnapshot};
 use crate::{procfs, signal, signalfd, thread};
 
@@ -119,34 +120,59 @@ fn versions() -> [u32; 7] {
     ]
 }
 
+/// Every subsystem's lock, held while the state is saved, wiped or
+/// restored, so that no other thread changes a subsystem in between. Taken
+/// in the order the LWK takes them elsewhere: the thread table first; a
+/// signalfd's or the identity's before the memory manager's (copies of
+/// application memory take it while holding them).
+pub struct Held {
+    _threads: Guard<'static, ()>,
+    signalfd: Guard<'static, [signalfd::Entry; signalfd::MAX]>,
+    identity: Guard<'static, ([u8; procfs::PATH_MAX], usize)>,
+    signals: Guard<'static, signal::Saved>,
+    mm: Guard<'static, Mm>,
+}
+
+/// Hold every subsystem (see [`Held`]).
+pub fn hold() -> Held {
+    let _threads = thread::freeze_table();
+    let signalfd = signalfd::lock();
+    let identity = procfs::lock();
+    let signals = signal::lock();
+    let mm = MM.lock();
+    Held { _threads, signalfd, identity, signals, mm }
+}
+
 impl LwkState {
-    /// Save every subsystem, and the calling thread's context `uc`. Only
-    /// a snapshot while the process's other threads are stopped.
-    pub fn save(&mut self, uc: &mut UContext) {
+    /// Save every subsystem, and the calling thread's context `uc`. A
+    /// snapshot when the process's other threads are stopped or wait in
+    /// the LWK (`thread::stop_others`).
+    pub fn save(&mut self, h: &Held, uc: &mut UContext) {
         self.magic = STATE_MAGIC;
         self.versions = versions();
-        MM.lock().save(&mut self.mm);
-        signal::save(&mut self.signals);
+        h.mm.save(&mut self.mm);
+        h.signals.save(&mut self.signals);
         thread::save(&mut self.threads);
         Current(uc).save(&mut self.current);
-        signalfd::save(&mut self.signalfd);
-        procfs::save(&mut self.identity);
+        h.signalfd.save(&mut self.signalfd);
+        h.identity.save(&mut self.identity);
     }
 
     /// Replace every subsystem, and the calling thread's context `uc`, by
     /// this state. A state of other code (another version) is refused
     /// before anything changes; a subsystem that refuses its snapshot
     /// stops the restore there (-errno), with the subsystems before it
-    /// already restored.
-    pub fn restore(&self, uc: &mut UContext) -> Result<(), i64> {
+    /// already restored. Call `signalfd::after_restore` once `h` is
+    /// released.
+    pub fn restore(&self, h: &mut Held, uc: &mut UContext) -> Result<(), i64> {
         if self.magic != STATE_MAGIC || self.versions != versions() {
             return Err(-EINVAL);
         }
-        MM.lock().restore(&self.mm)?;
-        procfs::restore(&self.identity)?;
-        signalfd::restore(&self.signalfd)?;
+        h.mm.restore(&self.mm)?;
+        h.identity.restore(&self.identity)?;
+        h.signalfd.restore(&self.signalfd)?;
         thread::restore(&self.threads)?;
-        signal::restore(&self.signals)?;
+        h.signals.restore(&self.signals)?;
         Current(uc).restore(&self.current)
     }
 
@@ -159,7 +185,10 @@ impl LwkState {
             ("memory map", self.mm == other.mm),
             ("signal actions", self.signals.actions == other.signals.actions),
             ("signal restorers", self.signals.restorer == other.signals.restorer),
-            ("SIGSYS action", self.signals.sigsys == other.signals.sigsys),
+            (
+                "SIGSYS and SIGLWK actions",
+                self.signals.sigsys == other.signals.sigsys && self.signals.siglwk == other.signals.siglwk,
+            ),
             ("interval timers", timers(&self.signals) == timers(&other.signals)),
             ("threads", self.threads.used == other.threads.used && self.threads.tids == other.threads.tids),
             ("calling thread's context", self.current == other.current),
@@ -174,13 +203,14 @@ impl LwkState {
 }
 
 /// Forget the state of every subsystem and scramble the calling thread's
-/// context: what a restore must rebuild.
-fn wipe(uc: &mut UContext) {
-    MM.lock().wipe();
-    procfs::wipe();
-    signalfd::wipe();
+/// context: what a restore must rebuild. The signal actions too when the
+/// caller is `alone` (see `signal::wipe`).
+fn wipe(h: &mut Held, uc: &mut UContext, alone: bool) {
+    h.mm.wipe();
+    procfs::wipe(&mut h.identity);
+    signalfd::wipe(&mut h.signalfd);
     thread::wipe();
-    signal::wipe();
+    signal::wipe(&mut h.signals, alone);
     thread::wipe_current(uc);
 }
 
@@ -212,31 +242,35 @@ pub fn maybe_selftest(uc: &mut UContext) {
     BUSY.store(false, Relaxed);
 }
 
-/// Only while the calling thread is the process's only one: stopping the
-/// others takes the LWK's SIGSYS, and a stop signal that arrives as a
-/// thread traps a call makes the kernel drop the trap (a second SIGSYS
-/// while one is pending), so the call is lost. Parking every thread at a
-/// known point, which migration needs, must use a signal of its own.
+/// Every subsystem is held throughout (no thread is made or ends), and the
+/// other threads are stopped: those in application code wait at their
+/// return; those in the LWK keep their call and wait for the subsystems'
+/// locks if they need one.
 #[inline(never)]
 fn restore_onto_itself(uc: &mut UContext) {
-    let table = thread::freeze_table();
-    if !thread::alone() {
-        return;
-    }
     let Some((saved, again)) = buffers() else { return };
-    saved.save(uc);
-    wipe(uc);
-    if let Err(e) = saved.restore(uc) {
+    let mut h = hold();
+    let alone = thread::alone();
+    if !alone {
+        thread::stop_others();
+    }
+    saved.save(&h, uc);
+    wipe(&mut h, uc, alone);
+    if let Err(e) = saved.restore(&mut h, uc) {
         lwk_rt::diag!("restore of the LWK's state onto itself failed: error {}", -e);
         exit_group(125);
     }
-    again.save(uc);
+    again.save(&h, uc);
     if let Err(what) = saved.same_as(again) {
         lwk_rt::diag!("restore of the LWK's state onto itself rebuilt another state: {} differ", what);
         exit_group(125);
     }
+    drop(h);
+    signalfd::after_restore();
+    if !alone {
+        thread::resume_others();
+    }
     crate::control().stats.restores.fetch_add(1, Relaxed);
-    drop(table);
 }
 
 /// Two states in the LWK's snapshot window, mapped at first use; zeroed.
@@ -280,7 +314,7 @@ mod tests {
 
     #[test]
     fn a_signal_snapshot_with_a_bad_timer_or_action_is_refused() {
-        let mut saved = signal::Saved { sigsys: [0; 4], restorer: [(0, 0); 65] };
+        let mut saved = signal::Saved { sigsys: [0; 4], siglwk: [0; 4], restorer: [(0, 0); 65] };
         // SAFETY: plain data, valid when zeroed.
         let mut s: Box<SignalsSnapshot> = Box::new(unsafe { core::mem::zeroed() });
         s.sigsys = [1, 2, 3, 4];
@@ -327,11 +361,13 @@ mod tests {
         // SAFETY: plain data, valid when zeroed; boxed, it is too large for a stack.
         let mut s: Box<LwkState> = Box::new(unsafe { core::mem::zeroed() });
         let mut uc = UContext::ZERO;
-        assert_eq!(s.restore(&mut uc), Err(-EINVAL), "no magic");
+        let mut h = hold();
+        assert_eq!(s.restore(&mut h, &mut uc), Err(-EINVAL), "no magic");
         s.magic = STATE_MAGIC;
         s.versions = versions();
         s.versions[1] += 1; // a memory snapshot of another version
-        assert_eq!(s.restore(&mut uc), Err(-EINVAL));
+        assert_eq!(s.restore(&mut h, &mut uc), Err(-EINVAL));
+        drop(h);
         let t = s.clone();
         assert_eq!(s.same_as(&t), Ok(()));
         let mut u = s.clone();

@@ -221,19 +221,14 @@ impl Persist for ([u8; PATH_MAX], usize) {
     }
 }
 
-/// Save the identity into `out`.
-pub fn save(out: &mut IdentitySnapshot) {
-    EXE.lock().save(out)
-}
-
-/// Replace the identity by `s`.
-pub fn restore(s: &IdentitySnapshot) -> Result<(), i64> {
-    EXE.lock().restore(s)
+/// The identity, locked (to save or restore it).
+pub fn lock() -> crate::sync::Guard<'static, ([u8; PATH_MAX], usize)> {
+    EXE.lock()
 }
 
 /// Forget the identity (for a test of restore).
-pub fn wipe() {
-    *EXE.lock() = ([0; PATH_MAX], 0);
+pub fn wipe(e: &mut ([u8; PATH_MAX], usize)) {
+    *e = ([0; PATH_MAX], 0);
     // SAFETY: a NUL-terminated name.
     unsafe { syscall3(nr::PRCTL, PR_SET_NAME, c"wiped".as_ptr() as u64, 0) };
 }

@@ -1,7 +1,11 @@
-//! Signals of the application. The LWK keeps SIGSYS for itself: the
-//! application's view of SIGSYS is virtual, it can never block it, and
-//! every handler it installs returns through the LWK's restorer (inside the
-//! allowed region), so rt_sigreturn never traps.
+//! Signals of the application. The LWK keeps two signals for itself:
+//! SIGSYS, as which every trapped system call arrives, and SIGRTMAX
+//! ([`SIGLWK`]), with which it stops the process's other threads (a
+//! real-time signal queues, so a stop request never displaces a trapped
+//! call's SIGSYS, as a second SIGSYS would). The application's view of both
+//! is virtual: it can never block them, its actions for them are recorded
+//! but not installed. Every handler it installs returns through the LWK's
+//! restorer (inside the allowed region), so rt_sigreturn never traps.
 //!
 //! Inside the SIGSYS handler every other signal is blocked; the mask the
 //! application sees is the one saved in the signal frame, which is what
@@ -25,17 +29,34 @@ pub const SIGSYS: u64 = 31;
 const SIG_DFL: u64 = 0;
 const SIG_IGN: u64 = 1;
 const SA_RESTORER: u64 = 0x0400_0000;
+/// The LWK's other signal (SIGRTMAX): stop requests to other threads.
+pub const SIGLWK: u64 = 64;
 const SIGSYS_BIT: u64 = 1 << (SIGSYS - 1);
-const UNBLOCKABLE: u64 = (1 << 8) | (1 << 18) | SIGSYS_BIT; // SIGKILL, SIGSTOP, SIGSYS
+pub const SIGLWK_BIT: u64 = 1 << (SIGLWK - 1);
+/// SIGKILL, SIGSTOP, and the LWK's two signals.
+const UNBLOCKABLE: u64 = (1 << 8) | (1 << 18) | SIGSYS_BIT | SIGLWK_BIT;
 
-/// What the application asked for that the kernel does not hold:
-/// the SIGSYS action, and each signal's own restorer and flags.
+/// What the application asked for that the kernel does not hold: its
+/// actions for the LWK's signals (SIGSYS, SIGLWK), and each signal's own
+/// restorer and flags.
 pub struct Saved {
     pub sigsys: [u64; 4],
+    pub siglwk: [u64; 4],
     pub restorer: [(u64, u64); 65],
 }
 
-static SAVED: SpinLock<Saved> = SpinLock::new(Saved { sigsys: [0; 4], restorer: [(0, 0); 65] });
+static SAVED: SpinLock<Saved> = SpinLock::new(Saved { sigsys: [0; 4], siglwk: [0; 4], restorer: [(0, 0); 65] });
+
+impl Saved {
+    /// The application's recorded action for one of the LWK's signals.
+    fn own(&mut self, sig: u64) -> &mut [u64; 4] {
+        if sig == SIGSYS {
+            &mut self.sigsys
+        } else {
+            &mut self.siglwk
+        }
+    }
+}
 
 const SIGKILL: u64 = 9;
 const SIGSTOP: u64 = 19;
@@ -49,9 +70,11 @@ const ITIMERS: usize = 3; // ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF
 #[derive(Clone, Copy)]
 pub struct SignalsSnapshot {
     pub sigsys: [u64; 4],
+    pub siglwk: [u64; 4],
     pub restorer: [(u64, u64); 65],
     /// Linux's `struct sigaction` of signals 1..=64 (index 0 unused; SIGKILL,
-    /// SIGSTOP and SIGSYS, which are not the application's to set, zero).
+    /// SIGSTOP and the LWK's signals, which are not the application's to
+    /// set, zero).
     pub actions: [[u64; 4]; 65],
     /// getitimer(2) of each timer: interval and value, as two timevals.
     pub itimers: [[u64; 4]; ITIMERS],
@@ -59,7 +82,7 @@ pub struct SignalsSnapshot {
 
 /// Signals whose action the application sets through the kernel.
 fn settable(sig: u64) -> bool {
-    sig != SIGKILL && sig != SIGSTOP && sig != SIGSYS
+    sig != SIGKILL && sig != SIGSTOP && sig != SIGSYS && sig != SIGLWK
 }
 
 fn kernel_sigaction(sig: u64, new: Option<&[u64; 4]>, old: Option<&mut [u64; 4]>) -> i64 {
@@ -71,10 +94,11 @@ fn kernel_sigaction(sig: u64, new: Option<&[u64; 4]>, old: Option<&mut [u64; 4]>
 
 impl Persist for Saved {
     type Snapshot = SignalsSnapshot;
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
     fn save(&self, out: &mut SignalsSnapshot) {
         out.sigsys = self.sigsys;
+        out.siglwk = self.siglwk;
         out.restorer = self.restorer;
         out.actions = [[0; 4]; 65];
         for sig in (1..=64).filter(|&s| settable(s)) {
@@ -110,48 +134,52 @@ impl Persist for Saved {
             }
         }
         self.sigsys = s.sigsys;
+        self.siglwk = s.siglwk;
         self.restorer = s.restorer;
         Ok(())
     }
 }
 
 /// What execve keeps of the signal subsystem that the kernel does not
-/// keep for the LWK: an ignored SIGSYS stays ignored (a handled one goes
-/// back to the default, as every handled signal does). Recorded for the
-/// new image, which takes it with [`after_exec`].
+/// keep for the LWK: an ignored SIGSYS or SIGLWK stays ignored (a handled
+/// one goes back to the default, as every handled signal does). Recorded
+/// for the new image, which takes it with [`after_exec`].
 pub fn before_exec() {
-    let ignored = SAVED.lock().sigsys[0] == SIG_IGN;
-    crate::control().header.exec_sigsys_ignored.store(ignored as u32, Relaxed);
+    let s = SAVED.lock();
+    let ignored = (s.sigsys[0] == SIG_IGN) as u32 | ((s.siglwk[0] == SIG_IGN) as u32) << 1;
+    crate::control().header.exec_own_ignored.store(ignored, Relaxed);
 }
 
 /// In the image that execve started: take what [`before_exec`] recorded.
 pub fn after_exec() {
-    if crate::control().header.exec_sigsys_ignored.load(Relaxed) != 0 {
-        SAVED.lock().sigsys = [SIG_IGN, 0, 0, 0];
+    let ignored = crate::control().header.exec_own_ignored.load(Relaxed);
+    let mut s = SAVED.lock();
+    if ignored & 1 != 0 {
+        s.sigsys = [SIG_IGN, 0, 0, 0];
+    }
+    if ignored & 2 != 0 {
+        s.siglwk = [SIG_IGN, 0, 0, 0];
     }
 }
 
-/// Save the signal subsystem into `out`.
-pub fn save(out: &mut SignalsSnapshot) {
-    SAVED.lock().save(out)
-}
-
-/// Replace the signal subsystem by `s`.
-pub fn restore(s: &SignalsSnapshot) -> Result<(), i64> {
-    SAVED.lock().restore(s)
+/// The signal subsystem, locked (to save or restore it).
+pub fn lock() -> crate::sync::Guard<'static, Saved> {
+    SAVED.lock()
 }
 
 /// Forget the signal subsystem's state (for a test of restore): the LWK's
-/// part zeroed, every settable action replaced by one that would crash if
-/// it ran (a handler at the LWK's restorer, which never discards a pending
-/// signal, as SIG_IGN would), the timers stopped. Signals are blocked
-/// while the LWK runs, so nothing is delivered before the restore.
-pub fn wipe() {
-    let mut s = SAVED.lock();
+/// part zeroed, the timers stopped, and with `actions` every settable
+/// action replaced by one that would crash if it ran (a handler at the
+/// LWK's restorer, which never discards a pending signal, as SIG_IGN
+/// would). Signals are blocked while the LWK runs, so nothing is delivered
+/// before the restore; but a thread that waits with the application's mask
+/// would take them, so `actions` only when the caller is alone.
+pub fn wipe(s: &mut Saved, actions: bool) {
     s.sigsys = [0; 4];
+    s.siglwk = [0; 4];
     s.restorer = [(0, 0); 65];
     let poison = [restorer_addr(), SA_RESTORER, restorer_addr(), 0];
-    for sig in (1..=64).filter(|&s| settable(s)) {
+    for sig in (1..=64).filter(|&s| settable(s) && actions) {
         kernel_sigaction(sig, Some(&poison), None);
     }
     for which in 0..ITIMERS as u64 {
@@ -180,11 +208,11 @@ fn sigaction(sig: u64, act: u64, oact: u64, size: u64) -> Result<(), i64> {
         return Err(-EINVAL);
     }
     let new: Option<[u64; 4]> = if act != 0 { Some(read_app(act)?) } else { None };
-    if sig == SIGSYS {
+    if sig == SIGSYS || sig == SIGLWK {
         let mut s = SAVED.lock();
-        let old = s.sigsys;
+        let old = *s.own(sig);
         if let Some(n) = new {
-            s.sigsys = n;
+            *s.own(sig) = n;
         }
         drop(s);
         if oact != 0 {
@@ -198,7 +226,7 @@ fn sigaction(sig: u64, act: u64, oact: u64, size: u64) -> Result<(), i64> {
         k[1] |= SA_RESTORER;
         k[2] = restorer_addr();
     }
-    k[3] &= !SIGSYS_BIT;
+    k[3] &= !(SIGSYS_BIT | SIGLWK_BIT);
     let mut old = [0u64; 4];
     // SAFETY: both buffers are the LWK's own.
     let r = unsafe {
@@ -226,27 +254,31 @@ fn sigaction(sig: u64, act: u64, oact: u64, size: u64) -> Result<(), i64> {
     Ok(())
 }
 
-/// A SIGSYS that is no trapped call arrived: the application's, whose
-/// action the LWK keeps. Default: the process dies of it, as natively (the
-/// kernel's action becomes the default and the signal is sent again; it is
-/// delivered when the LWK's handler returns). Ignored: nothing. A handler of
-/// the application's cannot run there (SIGSYS must stay the LWK's for every
-/// trapped call), so it is reported and the signal dropped.
-pub fn app_sigsys() {
-    let action = SAVED.lock().sigsys[0];
+/// A SIGSYS that is no trapped call, or a SIGLWK that is no stop request,
+/// arrived: the application's, whose action the LWK keeps. Default: the
+/// process dies of it, as natively (the kernel's action becomes the default
+/// and the signal is sent again; it is delivered when the LWK's handler
+/// returns). Ignored: nothing. A handler of the application's cannot run
+/// there (the signal must stay the LWK's), so it is reported and the
+/// signal dropped.
+pub fn app_own_signal(sig: u64) {
+    let action = SAVED.lock().own(sig)[0];
     match action {
         SIG_IGN => {}
         SIG_DFL => {
             let dfl = [SIG_DFL, 0, 0, 0u64];
             // SAFETY: a valid kernel sigaction; then a signal to this thread.
             unsafe {
-                syscall6(nr::RT_SIGACTION, SIGSYS, dfl.as_ptr() as u64, 0, 8, 0, 0);
-                syscall3(nr::TGKILL, getpid() as u64, gettid() as u64, SIGSYS);
+                syscall6(nr::RT_SIGACTION, sig, dfl.as_ptr() as u64, 0, 8, 0, 0);
+                syscall3(nr::TGKILL, getpid() as u64, gettid() as u64, sig);
             }
         }
-        _ => {
-            lwk_rt::diag!("the application's SIGSYS handler cannot run under the LWK: a SIGSYS it was sent is dropped")
-        }
+        _ => lwk_rt::diag!(
+            "the application's handler of signal {} cannot run under the LWK (the signal is the LWK's): \
+             a signal {} it was sent is dropped",
+            sig,
+            sig
+        ),
     }
 }
 
@@ -290,9 +322,11 @@ pub fn pause(uc: &UContext) -> i64 {
     suspend(uc.sigmask)
 }
 
-/// Wait for a signal with `mask` (never blocking the unblockable ones).
+/// Wait for a signal with `mask` (never blocking the unblockable ones,
+/// but for the LWK's stop requests: a thread waiting in the LWK is stopped
+/// already, and takes them when it returns to the application).
 fn suspend(mask: u64) -> i64 {
-    let m = mask & !UNBLOCKABLE;
+    let m = (mask & !UNBLOCKABLE) | SIGLWK_BIT;
     // SAFETY: m is the LWK's own.
     unsafe { syscall3(nr::RT_SIGSUSPEND, &m as *const u64 as u64, 8, 0) }
 }
@@ -303,11 +337,12 @@ pub fn with_app_mask(uc: &UContext, f: impl FnOnce() -> i64) -> i64 {
     with_mask(uc.sigmask, f)
 }
 
-/// Run `f` with `mask` in force (the unblockable signals never blocked):
-/// pending signals it lets through are delivered, their handlers run on
-/// this stack. The LWK's all-blocked mask is back afterwards.
+/// Run `f` with `mask` in force (the unblockable signals never blocked,
+/// but for the LWK's stop requests, as in `suspend`): pending signals it
+/// lets through are delivered, their handlers run on this stack. The LWK's
+/// all-blocked mask is back afterwards.
 fn with_mask(mask: u64, f: impl FnOnce() -> i64) -> i64 {
-    let m = mask & !UNBLOCKABLE;
+    let m = (mask & !UNBLOCKABLE) | SIGLWK_BIT;
     let mut saved = 0u64;
     // SAFETY: masks are the LWK's own words.
     unsafe { syscall6(nr::RT_SIGPROCMASK, 2, &m as *const u64 as u64, &mut saved as *mut u64 as u64, 8, 0, 0) };

@@ -325,24 +325,23 @@ impl Persist for [Entry; MAX] {
     }
 }
 
-/// Save the signalfd table into `out`.
-pub fn save(out: &mut SignalfdSnapshot) {
-    TABLE.lock().save(out)
+/// The signalfd table, locked (to save or restore it).
+pub fn lock() -> crate::sync::Guard<'static, [Entry; MAX]> {
+    TABLE.lock()
 }
 
-/// Replace the signalfd table by `s`. A watcher thread serves it: the
-/// running one, or one started now (after a restore into a new process).
-pub fn restore(s: &SignalfdSnapshot) -> Result<(), i64> {
-    TABLE.lock().restore(s)?;
+/// After a restore of the table, with its lock released: a watcher thread
+/// serves it, the running one or one started now (after a restore into a
+/// new process).
+pub fn after_restore() {
     if USED.load(Relaxed) != 0 && !WATCHER.load(Relaxed) {
         start_watcher();
     }
     wake_watcher();
-    Ok(())
 }
 
 /// Forget the table (for a test of restore); the descriptors stay open.
-pub fn wipe() {
-    *TABLE.lock() = [FREE; MAX];
+pub fn wipe(t: &mut [Entry; MAX]) {
+    *t = [FREE; MAX];
     USED.store(0, Relaxed);
 }

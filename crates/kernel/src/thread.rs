@@ -38,8 +38,6 @@ pub struct Thread {
     tid: AtomicI32,
     /// 1 while the thread runs LWK code (not application code).
     in_lwk: AtomicU32,
-    /// SIGSYS sent by `stop_others` and not yet taken.
-    stop_requests: AtomicU32,
 }
 
 pub struct Slots {
@@ -55,9 +53,7 @@ pub struct Slots {
 unsafe impl Sync for Slots {}
 
 static SLOTS: Slots = Slots {
-    threads: [const {
-        Thread { slot: 0, tid: AtomicI32::new(0), in_lwk: AtomicU32::new(0), stop_requests: AtomicU32::new(0) }
-    }; MAX_CHANNELS],
+    threads: [const { Thread { slot: 0, tid: AtomicI32::new(0), in_lwk: AtomicU32::new(0) } }; MAX_CHANNELS],
     used: [const { AtomicU64::new(0) }; MAX_CHANNELS / 64],
     start: [const { UnsafeCell::new(UContext::ZERO) }; MAX_CHANNELS],
     stacks: [const { UnsafeCell::new([0; STACK_SIZE]) }; MAX_CHANNELS],
@@ -228,7 +224,6 @@ pub fn reset_for_fork() {
     }
     for t in &SLOTS.threads {
         t.in_lwk.store(0, SeqCst);
-        t.stop_requests.store(0, SeqCst);
     }
     STOP.store(0, SeqCst);
     init_main();
@@ -266,15 +261,34 @@ pub fn leaving() {
     }
 }
 
-/// Was this SIGSYS one that `stop_others` sent? Takes it.
-pub fn take_stop_request() -> bool {
-    SLOTS.threads[current_slot()].stop_requests.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok()
+/// A stop request is a SIGLWK queued by this process with this value.
+const STOP_COOKIE: u64 = u64::from_le_bytes(*b"LWKSTOP\0");
+/// si_code of a signal sent with sigqueue or rt_tgsigqueueinfo.
+const SI_QUEUE: i32 = -1;
+
+/// Is the SIGLWK whose siginfo is `info` a stop request of `stop_others`?
+///
+/// # Safety
+/// `info` points to a siginfo_t.
+pub unsafe fn is_stop_request(info: *const u8) -> bool {
+    // SAFETY: si_code at 8, si_pid at 16, si_value at 24 (the _rt member).
+    let (code, pid, value) = unsafe {
+        ((info.add(8) as *const i32).read(), (info.add(16) as *const i32).read(), (info.add(24) as *const u64).read())
+    };
+    code == SI_QUEUE && pid == getpid() && value == STOP_COOKIE
 }
 
-/// Before a fork copies memory: have every other thread of the process
-/// wait inside the LWK, so the copy is a snapshot, as a kernel fork's is.
-/// A thread running application code gets a SIGSYS (the LWK's, which it
-/// cannot block) and stops on its way back. Gives up after a second.
+/// Before a fork copies memory, or the LWK's state is saved: have every
+/// other thread of the process wait inside the LWK, so the copy is a
+/// snapshot, as a kernel fork's is. A thread running application code gets
+/// a SIGLWK (the LWK's, which it cannot block) and stops on its way back;
+/// one in the LWK stops when it leaves. Gives up after a second.
+///
+/// Not SIGSYS: a second SIGSYS while one is pending is dropped by the
+/// kernel, and a stop request arriving as the thread traps a system call
+/// made the kernel drop the trap, losing the call. SIGLWK is a real-time
+/// signal, which queues, and the LWK's handler of SIGSYS blocks it, so it
+/// arrives after the trapped call is done.
 pub fn stop_others() {
     let me = current_slot();
     STOP.store(1, SeqCst);
@@ -287,10 +301,16 @@ pub fn stop_others() {
         let tid = t.tid.load(SeqCst);
         (tid != 0 && t.in_lwk.load(SeqCst) == 0).then_some((t, tid))
     };
-    for (t, tid) in others().filter_map(in_app) {
-        t.stop_requests.fetch_add(1, SeqCst);
-        // SAFETY: signals a thread of this process.
-        unsafe { syscall3(lwk_rt::nr::TGKILL, pid as u64, tid as u64, crate::signal::SIGSYS) };
+    for (_, tid) in others().filter_map(in_app) {
+        // siginfo_t: signo, errno, code; pid and uid at 16; the value at 24.
+        let mut info = [0u64; 16];
+        info[0] = crate::signal::SIGLWK;
+        info[1] = SI_QUEUE as u32 as u64;
+        info[2] = pid as u32 as u64 | (getuid() as u64) << 32;
+        info[3] = STOP_COOKIE;
+        // SAFETY: queues a signal to a thread of this process, with a
+        // siginfo of ours.
+        unsafe { syscall6(lwk_rt::nr::RT_TGSIGQUEUEINFO, pid as u64, tid as u64, info[0], info.as_ptr() as u64, 0, 0) };
     }
     for _ in 0..10_000 {
         if others().all(|s| in_app(s).is_none()) {

@@ -8,7 +8,7 @@ use lwk_rt::nr;
 use lwk_rt::*;
 
 use crate::arch::{restorer_addr, UContext, REG_RAX};
-use crate::signal::SIGSYS;
+use crate::signal::{SIGLWK, SIGSYS};
 use crate::{control, delegate, handlers, signal, thread};
 
 const SA_SIGINFO: u64 = 4;
@@ -27,14 +27,18 @@ extern "C" {
 /// Read by the kernel on every system call of this thread.
 static SELECTOR: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(SYSCALL_DISPATCH_FILTER_BLOCK);
 
-/// Install the SIGSYS handler and switch dispatch on for this thread.
+/// Install the handler of the LWK's signals (SIGSYS and SIGLWK, both
+/// arrive in [`lwk_sigsys`], every other signal blocked) and switch
+/// dispatch on for this thread.
 pub fn enable() -> Result<(), i64> {
     let entry = crate::guard::sigsys_entry(lwk_sigsys as *const () as u64);
     let act: [u64; 4] = [entry, SA_SIGINFO | SA_RESTORER, restorer_addr(), !0];
-    // SAFETY: act is a valid kernel sigaction for SIGSYS.
-    let r = unsafe { syscall6(nr::RT_SIGACTION, SIGSYS, act.as_ptr() as u64, 0, 8, 0, 0) };
-    if r < 0 {
-        return Err(r);
+    for sig in [SIGSYS, SIGLWK] {
+        // SAFETY: act is a valid kernel sigaction.
+        let r = unsafe { syscall6(nr::RT_SIGACTION, sig, act.as_ptr() as u64, 0, 8, 0, 0) };
+        if r < 0 {
+            return Err(r);
+        }
     }
     enable_thread()
 }
@@ -69,12 +73,14 @@ pub enum Ran {
     Delegated,
 }
 
-/// The SIGSYS handler: one trapped system call.
+/// The handler of the LWK's signals: a trapped system call (SIGSYS), or a
+/// request to stop while another thread of the process forks or saves the
+/// LWK's state (SIGLWK).
 ///
 /// # Safety
-/// Called by the kernel with a valid ucontext.
+/// Called by the kernel with a valid siginfo and ucontext.
 #[no_mangle]
-pub unsafe extern "C" fn lwk_sigsys(_sig: i32, info: *mut u8, ctx: *mut UContext) {
+pub unsafe extern "C" fn lwk_sigsys(sig: i32, info: *mut u8, ctx: *mut UContext) {
     // SAFETY: the kernel passes the frame it built for this signal.
     let uc = unsafe { &mut *ctx };
     // si_code: a trapped system call, or a SIGSYS someone sent (kill,
@@ -82,10 +88,18 @@ pub unsafe extern "C" fn lwk_sigsys(_sig: i32, info: *mut u8, ctx: *mut UContext
     // SAFETY: info points to the siginfo_t of this signal.
     let code = unsafe { (info.add(8) as *const i32).read() };
     thread::entered();
-    if code != SYS_USER_DISPATCH {
-        if !thread::take_stop_request() {
-            signal::app_sigsys();
+    if sig as u64 == SIGLWK {
+        // A stop request waits in `leaving` until the stop is over; a
+        // SIGLWK someone else sent is the application's.
+        // SAFETY: as above.
+        if !unsafe { thread::is_stop_request(info) } {
+            signal::app_own_signal(SIGLWK);
         }
+        thread::leaving();
+        return;
+    }
+    if code != SYS_USER_DISPATCH {
+        signal::app_own_signal(SIGSYS);
         thread::leaving();
         return;
     }

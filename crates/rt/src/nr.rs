@@ -10,6 +10,8 @@ macro_rules! numbers {
 }
 
 numbers! {
+    RT_TGSIGQUEUEINFO = __NR_rt_tgsigqueueinfo,
+    GETUID = __NR_getuid,
     PROCESS_VM_READV = __NR_process_vm_readv,
     PROCESS_VM_WRITEV = __NR_process_vm_writev,
     GETITIMER = __NR_getitimer,

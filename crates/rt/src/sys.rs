@@ -57,6 +57,11 @@ pub fn getpid() -> i32 {
     unsafe { syscall3(nr::GETPID, 0, 0, 0) as i32 }
 }
 
+pub fn getuid() -> u32 {
+    // SAFETY: no arguments.
+    unsafe { syscall3(nr::GETUID, 0, 0, 0) as u32 }
+}
+
 pub fn gettid() -> i32 {
     // SAFETY: no arguments.
     unsafe { syscall3(nr::GETTID, 0, 0, 0) as i32 }
