@@ -25,7 +25,7 @@
 //! | signal actions as Linux holds them, the application's actions for the LWK's own signals (SIGSYS, SIGRTMAX) and each handler's restorer (`SAVED`), interval timers | `signal` | `signals` |
 //! | signalfds (`TABLE`) | `signalfd` | `signalfd` |
 //! | program path for /proc/self/exe, comm (`EXE`) | `procfs` | `identity` |
-//! | delegation channels (one per thread slot, each served by a proxy worker of its own) | the control region, shared with the proxy | through `threads`: a restore needs a worker for every slot in use; a channel holds a call only while its thread waits in the LWK, never at a save |
+//! | delegation channels (one per thread slot, each served by a proxy worker of its own) | the control region, shared with the proxy | through `threads`: a restore needs a worker for every slot in use. A channel holds a call while its thread waits in the LWK, and a save may find one: in the same process the call goes on; a migration must interrupt it and restart it after the restore, as a signal does |
 //! | the map log, the statistics | the control region | no: the proxy drains the log at every delegated call; statistics are counters |
 //! | a fork or exec in progress (`fork::START`, `fork::VFORK`, `exec::ARGS`), `thread::STOP` | `fork`, `exec`, `thread` | no: only inside one call |
 //! | protection keys and the dispatch selector (`guard`, `trap::SELECTOR`), the control descriptor (`boot::CTL_FD`), the signalfd watcher (`WATCHER`, `WAKE`) | set up at start | no: made again by the image that restores |
