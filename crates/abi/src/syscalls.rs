@@ -99,6 +99,9 @@ pub enum Handler {
     Rlimit,
     /// A change of credentials is made in both processes.
     Credentials,
+    /// setitimer, alarm: in the application process, under the signal
+    /// subsystem's lock (the timers are part of its saved state).
+    Itimer,
 }
 
 /// How much of Linux's behaviour the LWK gives for a call.
@@ -248,6 +251,7 @@ const RLIMIT: &str = "limits split: NOFILE belongs to the proxy, the rest to the
 const CREDS: &str = "credentials must change in both processes";
 const JOB: &str = "job control: acts on the application process";
 const PORT_IO: &str = "port I/O privilege of the app process";
+const ITIMER: &str = "the interval timers are saved with the signals: changed under their lock";
 const UPROBE: &str = "uprobe trampoline: valid only at the kernel's trampoline address";
 // Why a call is refused.
 const TRACE: &str = "acts on a process: app process vs its proxy";
@@ -301,8 +305,8 @@ const ENTRIES: &[Syscall] = &[
     sys!(__NR_pause, Rule::Handler(Handler::Pause)).never_restarted(),
     sys!(__NR_nanosleep, Rule::Handler(Handler::WaitWithAppMask)).never_restarted(),
     sys!(__NR_getitimer, Rule::Local),
-    sys!(__NR_alarm, Rule::Local),
-    sys!(__NR_setitimer, Rule::Local),
+    sys!(__NR_alarm, Rule::Handler(Handler::Itimer)).note(ITIMER),
+    sys!(__NR_setitimer, Rule::Handler(Handler::Itimer)).note(ITIMER),
     sys!(__NR_getpid, Rule::Local),
     sys!(__NR_sendfile, Rule::Delegate).sigpipe(),
     sys!(__NR_socket, Rule::Delegate),
@@ -830,7 +834,8 @@ mod tests {
             | Handler::ArchPrctl
             | Handler::Getppid
             | Handler::Rlimit
-            | Handler::Credentials => (),
+            | Handler::Credentials
+            | Handler::Itimer => (),
         };
         let used: Vec<Handler> = TABLE
             .iter()
@@ -849,7 +854,7 @@ mod tests {
                     v
                 })
                 .len(),
-            29
+            30
         );
     }
 

@@ -87,6 +87,12 @@ pub fn run(h: Handler, call: &Syscall, a: [u64; 6], uc: &mut UContext) -> (i64, 
         Handler::Getppid => control().header.parent_pid.load(Relaxed) as i64,
         Handler::Rlimit => return rlimit(nr, a),
         Handler::Credentials => return (credentials(nr, a), Ran::Delegated),
+        // Not while the signal subsystem, which holds the timers, is saved
+        // or restored.
+        Handler::Itimer => {
+            let _signals = signal::lock();
+            passthrough(nr, a)
+        }
     };
     (r, Local)
 }

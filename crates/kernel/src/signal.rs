@@ -127,7 +127,16 @@ impl Persist for Saved {
             }
         }
         for (which, t) in s.itimers.iter().enumerate() {
-            // SAFETY: t is a struct itimerval of the snapshot's.
+            // A periodic timer that has expired reads as stopped (value 0)
+            // until its signal is taken, which re-arms it; setitimer with
+            // value 0 would stop it for good. Arm it for one period: its
+            // pending signal is delivered as before, the next one comes
+            // about when it would have.
+            let mut t = *t;
+            if t[2] == 0 && t[3] == 0 {
+                (t[2], t[3]) = (t[0], t[1]);
+            }
+            // SAFETY: t is a struct itimerval of ours.
             let r = unsafe { syscall3(nr::SETITIMER, which as u64, t.as_ptr() as u64, 0) };
             if r < 0 {
                 return Err(r);
