@@ -27,6 +27,13 @@ pub fn restorer_addr() -> u64 {
     lwk_restorer as *const () as u64
 }
 
+/// arch_prctl(2) codes: the FS base is the application's TLS, the GS base
+/// the LWK's way to its thread slots.
+pub const ARCH_SET_GS: u64 = 0x1001;
+pub const ARCH_SET_FS: u64 = 0x1002;
+pub const ARCH_GET_FS: u64 = 0x1003;
+pub const ARCH_GET_GS: u64 = 0x1004;
+
 /// Indexes of `UContext::gregs` (the kernel's `struct sigcontext` order).
 pub const REG_R8: usize = 0;
 pub const REG_R9: usize = 1;

@@ -8,18 +8,16 @@ use lwk_abi::syscalls::{Handler, Syscall};
 use lwk_rt::nr;
 use lwk_rt::*;
 
-use crate::arch::UContext;
+use lwk_rt::thread::{CLONE_VFORK, CLONE_VM};
+
+use crate::arch::{UContext, ARCH_GET_GS, ARCH_SET_GS};
 use crate::mm::MM;
 use crate::trap::{passthrough, Ran};
 use crate::{control, delegate, exec, fork, signal, signalfd, thread};
 
 const RLIMIT_NOFILE: u64 = 7;
-const CLONE_VM: u64 = 0x100;
-const CLONE_VFORK: u64 = 0x4000;
 const SIGCHLD: u64 = 17;
 const CLOSE_RANGE_CLOEXEC: u64 = 4;
-const ARCH_SET_GS: u64 = 0x1001;
-const ARCH_GET_GS: u64 = 0x1004;
 const PR_SET_DUMPABLE: u64 = 4;
 /// futex operations that wait (FUTEX_WAIT, _LOCK_PI, _WAIT_BITSET,
 /// _WAIT_REQUEUE_PI, _LOCK_PI2), without the private/clock flags.

@@ -28,7 +28,7 @@ use crate::uaccess::{read_app, write_app};
 pub const SIGSYS: u64 = 31;
 const SIG_DFL: u64 = 0;
 const SIG_IGN: u64 = 1;
-const SA_RESTORER: u64 = 0x0400_0000;
+pub const SA_RESTORER: u64 = 0x0400_0000;
 /// The LWK's other signal (SIGRTMAX): stop requests to other threads.
 pub const SIGLWK: u64 = 64;
 const SIGSYS_BIT: u64 = 1 << (SIGSYS - 1);
@@ -187,9 +187,11 @@ pub fn wipe(s: &mut Saved, actions: bool) {
     s.sigsys = [0; 4];
     s.siglwk = [0; 4];
     s.restorer = [(0, 0); 65];
-    let poison = [restorer_addr(), SA_RESTORER, restorer_addr(), 0];
-    for sig in (1..=64).filter(|&s| settable(s) && actions) {
-        kernel_sigaction(sig, Some(&poison), None);
+    if actions {
+        let poison = [restorer_addr(), SA_RESTORER, restorer_addr(), 0];
+        for sig in (1..=64).filter(|&s| settable(s)) {
+            kernel_sigaction(sig, Some(&poison), None);
+        }
     }
     for which in 0..ITIMERS as u64 {
         let zero = [0u64; 4];

@@ -21,14 +21,13 @@ use lwk_abi::control::{MAX_CHANNELS, REQ_NEW_WORKER};
 use lwk_rt::thread::*;
 use lwk_rt::*;
 
-use crate::arch::{fpstate_intact, UContext, FPSTATE_MAX, REG_RAX, REG_RSP};
+use crate::arch::{fpstate_intact, UContext, ARCH_GET_FS, ARCH_SET_FS, ARCH_SET_GS, FPSTATE_MAX, REG_RAX, REG_RSP};
 use crate::delegate;
 use crate::persist::Persist;
 use crate::sync::SpinLock;
 use crate::trap;
 
 const STACK_SIZE: usize = 16 << 10;
-const ARCH_SET_GS: u64 = 0x1001;
 
 /// What the GS base of an application thread points at.
 #[repr(C)]
@@ -118,13 +117,15 @@ pub fn freeze_table() -> crate::sync::Guard<'static, ()> {
     TABLE.lock()
 }
 
+/// The slots in use by threads other than the calling one.
+fn others() -> impl Iterator<Item = usize> {
+    let me = current_slot();
+    (0..MAX_CHANNELS).filter(move |&s| s != me && SLOTS.used[s / 64].load(SeqCst) & (1 << (s % 64)) != 0)
+}
+
 /// Is the calling thread the only one of the process?
 pub fn alone() -> bool {
-    let me = current_slot();
-    SLOTS.used.iter().enumerate().all(|(w, word)| {
-        let mine = if me / 64 == w { 1u64 << (me % 64) } else { 0 };
-        word.load(SeqCst) & !mine == 0
-    })
+    others().next().is_none()
 }
 
 fn alloc_slot() -> Option<usize> {
@@ -290,24 +291,21 @@ pub unsafe fn is_stop_request(info: *const u8) -> bool {
 /// signal, which queues, and the LWK's handler of SIGSYS blocks it, so it
 /// arrives after the trapped call is done.
 pub fn stop_others() {
-    let me = current_slot();
     STOP.store(1, SeqCst);
     let pid = getpid();
-    let others =
-        || (0..MAX_CHANNELS).filter(move |&s| s != me && SLOTS.used[s / 64].load(SeqCst) & (1 << (s % 64)) != 0);
-    // A live thread of slot s that runs application code, and its tid.
+    // The tid of the thread of slot s, if it runs application code.
     let in_app = |s: usize| {
         let t = &SLOTS.threads[s];
         let tid = t.tid.load(SeqCst);
-        (tid != 0 && t.in_lwk.load(SeqCst) == 0).then_some((t, tid))
+        (tid != 0 && t.in_lwk.load(SeqCst) == 0).then_some(tid)
     };
-    for (_, tid) in others().filter_map(in_app) {
-        // siginfo_t: signo, errno, code; pid and uid at 16; the value at 24.
-        let mut info = [0u64; 16];
-        info[0] = crate::signal::SIGLWK;
-        info[1] = SI_QUEUE as u32 as u64;
-        info[2] = pid as u32 as u64 | (getuid() as u64) << 32;
-        info[3] = STOP_COOKIE;
+    // siginfo_t: signo, errno, code; pid and uid at 16; the value at 24.
+    let mut info = [0u64; 16];
+    info[0] = crate::signal::SIGLWK;
+    info[1] = SI_QUEUE as u32 as u64;
+    info[2] = pid as u32 as u64 | (getuid() as u64) << 32;
+    info[3] = STOP_COOKIE;
+    for tid in others().filter_map(in_app) {
         // SAFETY: queues a signal to a thread of this process, with a
         // siginfo of ours.
         unsafe { syscall6(lwk_rt::nr::RT_TGSIGQUEUEINFO, pid as u64, tid as u64, info[0], info.as_ptr() as u64, 0, 0) };
@@ -450,8 +448,6 @@ pub struct ContextSnapshot {
 
 /// sizeof(struct robust_list_head): the only length set_robust_list takes.
 const ROBUST_LIST_HEAD_SIZE: u64 = 24;
-const ARCH_SET_FS: u64 = 0x1002;
-const ARCH_GET_FS: u64 = 0x1003;
 
 /// The calling thread, stopped in the LWK at a trapped call whose frame is
 /// `uc`.

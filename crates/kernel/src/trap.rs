@@ -8,13 +8,12 @@ use lwk_rt::nr;
 use lwk_rt::*;
 
 use crate::arch::{restorer_addr, UContext, REG_RAX};
-use crate::signal::{SIGLWK, SIGSYS};
+use crate::signal::{SA_RESTORER, SIGLWK, SIGSYS};
 use crate::{control, delegate, handlers, signal, thread};
 
 const SA_SIGINFO: u64 = 4;
 /// si_code of a SIGSYS from Syscall User Dispatch.
 const SYS_USER_DISPATCH: i32 = 2;
-const SA_RESTORER: u64 = 0x0400_0000;
 const PR_SET_SYSCALL_USER_DISPATCH: u64 = 59;
 const PR_SYS_DISPATCH_ON: u64 = 1;
 const SYSCALL_DISPATCH_FILTER_BLOCK: u8 = 1;
