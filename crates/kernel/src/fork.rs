@@ -29,6 +29,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::Ordering::*;
 
 use lwk_abi::control::{Control, CONTROL_MAGIC, CONTROL_SIZE, REQ_FORK};
+use lwk_abi::layout::CHILD_CONTROL_ADDR;
 use lwk_rt::nr;
 use lwk_rt::thread::*;
 use lwk_rt::*;
@@ -39,8 +40,6 @@ use crate::mm::MM;
 use crate::sync::SpinLock;
 use crate::{control, delegate, thread};
 
-/// Where the parent maps the child's control region while preparing it.
-const CHILD_CONTROL_AT: u64 = lwk_abi::layout::CHILD_CONTROL_ADDR;
 const STACK_SIZE: usize = 64 << 10;
 
 const FORK_DONE: u32 = 1;
@@ -118,7 +117,7 @@ fn fork_inner(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UCont
         return Err(e);
     }
     // SAFETY: mapped by prepare_child_control, unmapped before returning.
-    let child_ctl = unsafe { &*(CHILD_CONTROL_AT as *const Control) };
+    let child_ctl = unsafe { &*(CHILD_CONTROL_ADDR as *const Control) };
     let result = (|| {
         let proxy = delegate::call(REQ_FORK, [cfd as u64, getpid() as u64, 0, 0, 0, 0]);
         if proxy < 0 {
@@ -191,7 +190,7 @@ fn fork_inner(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UCont
         Ok(pid)
     })();
     // SAFETY: our own temporary mapping.
-    unsafe { munmap(CHILD_CONTROL_AT, CONTROL_SIZE as u64) };
+    unsafe { munmap(CHILD_CONTROL_ADDR, CONTROL_SIZE as u64) };
     close(cfd);
     result
 }
@@ -253,13 +252,13 @@ fn prepare_child_control(cfd: i32) -> Result<(), i64> {
         if r < 0 {
             return Err(r);
         }
-        let r = mmap(CHILD_CONTROL_AT, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, cfd, 0);
+        let r = mmap(CHILD_CONTROL_ADDR, CONTROL_SIZE as u64, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, cfd, 0);
         if r < 0 {
             return Err(r);
         }
     }
     // SAFETY: just mapped.
-    let c = unsafe { &*(CHILD_CONTROL_AT as *const Control) };
+    let c = unsafe { &*(CHILD_CONTROL_ADDR as *const Control) };
     let h = &control().header;
     c.header.options.store(h.options.load(Relaxed), Relaxed);
     c.header.spin_cycles.store(h.spin_cycles.load(Relaxed), Relaxed);
