@@ -1,0 +1,20 @@
+//! Moving an lwk application between processes, disks and nodes: the
+//! Linux side of checkpoint, restore and live migration (std Rust; the LWK
+//! side, which parks threads and saves its own state, is
+//! `lwk_kernel::freeze` and `lwk_kernel::persist`).
+//!
+//! One module per job:
+//!
+//! | module | job |
+//! |---|---|
+//! | [`image`] | the image format: framed, versioned, checksummed records, on disk and on the wire |
+//! | [`fds`] | a process's descriptors captured (files, pipes with their bytes, eventfd, timerfd, epoll, ...) and rebuilt at the same numbers |
+//! | [`sockets`] | TCP connections moved with `TCP_REPAIR`, listening sockets, UDP sockets with their queued datagrams |
+//! | [`dirty`] | pages written since the last look: userfaultfd write-protection (async) and `PAGEMAP_SCAN` |
+//!
+//! See docs/migration.md for how they fit together.
+
+pub mod dirty;
+pub mod fds;
+pub mod image;
+pub mod sockets;
