@@ -79,7 +79,33 @@ pub struct Header {
     /// `lwk run --selftest-restore N`: every N-th trapped system call the
     /// LWK saves its whole state, wipes it and restores it (0: never).
     pub selftest_restore: AtomicU64,
+    /// A freeze of the application (FREEZE_*): the state of the protocol
+    /// between a requester outside (`lwk checkpoint`, the node daemon) and
+    /// the LWK (`kernel::freeze`). Also the futex word both sides wait on.
+    pub freeze: AtomicU32,
+    /// Why the last freeze failed (errno), 0 if it did not.
+    pub freeze_error: AtomicI32,
+    /// The requester's pid: a freeze whose requester is gone is undone.
+    pub freeze_requester: AtomicI32,
+    /// While FREEZE_FROZEN: the memfd (a descriptor of the application
+    /// process) holding the saved state, a `kernel::freeze::FreezeExport`.
+    pub freeze_fd: AtomicI32,
 }
+
+/// No freeze: the application runs.
+pub const FREEZE_NONE: u32 = 0;
+/// The requester asks for a freeze (and signals the application's threads).
+pub const FREEZE_REQUESTED: u32 = 1;
+/// A thread of the application took the request and is parking the others.
+pub const FREEZE_TAKEN: u32 = 2;
+/// Every thread is parked and the state is in `freeze_fd`: the requester
+/// reads it (and the application's memory) and then says FREEZE_RESUME.
+pub const FREEZE_FROZEN: u32 = 3;
+/// The requester lets the application go on.
+pub const FREEZE_RESUME: u32 = 4;
+/// The freeze could not be done (`freeze_error` says why); the
+/// application runs on. The requester sets FREEZE_NONE when it has read it.
+pub const FREEZE_FAILED: u32 = 5;
 
 /// Where the application's CPUs and memory come from when it runs in a
 /// partition. Written by the supervisor before the application starts,

@@ -38,6 +38,9 @@ pub const CHILD_CONTROL_ADDR: u64 = SCRATCH_ADDR - (64 << 20);
 pub const SNAPSHOT_ADDR: u64 = 0x6c00_0000_0000;
 /// Room in the snapshot window.
 pub const SNAPSHOT_SIZE: u64 = 1 << 30;
+/// Where a freezing LWK maps the state it exports (`kernel::freeze`), in
+/// the upper half of the snapshot window.
+pub const FREEZE_EXPORT_ADDR: u64 = SNAPSHOT_ADDR + (SNAPSHOT_SIZE / 2);
 
 pub const PAGE_SIZE: u64 = 4096;
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;

@@ -60,7 +60,9 @@ fn call_on(nr: u64, args: [u64; 6], app_mask: Option<u64>) -> i64 {
                         // Nudge on every check while the signal stays
                         // pending: a nudge can land just before the worker
                         // enters its blocking call and be lost.
-                        if ch.state.load(SeqCst) != CH_DONE && crate::signal::pending() & !mask != 0 {
+                        if ch.state.load(SeqCst) != CH_DONE
+                            && (crate::signal::pending() & !mask != 0 || crate::freeze::requested())
+                        {
                             nudge(ch);
                         }
                         waited_ms += 2;
@@ -160,6 +162,11 @@ fn interruptible(call: &Syscall, a: [u64; 6], uc: &mut UContext) -> i64 {
         }
         let pending = signal::pending() & !mask;
         if pending == 0 {
+            if crate::freeze::requested() {
+                // Interrupted for a freeze: the call runs again after it.
+                crate::thread::mark_interrupted();
+                return -EINTR;
+            }
             continue;
         }
         if let Some(m) = call_mask {

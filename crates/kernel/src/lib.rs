@@ -14,6 +14,7 @@ pub mod delegate;
 pub mod elf;
 pub mod exec;
 pub mod fork;
+pub mod freeze;
 pub mod guard;
 pub mod handlers;
 pub mod mm;

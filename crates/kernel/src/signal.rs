@@ -333,13 +333,16 @@ pub fn pause(uc: &UContext) -> i64 {
     suspend(uc.sigmask)
 }
 
-/// Wait for a signal with `mask` (never blocking the unblockable ones,
-/// but for the LWK's stop requests: a thread waiting in the LWK is stopped
-/// already, and takes them when it returns to the application).
+/// Wait for a signal with `mask` (never blocking the unblockable ones:
+/// the LWK's own signal interrupts the wait, which then runs again, see
+/// `thread::interrupt_wait`).
 fn suspend(mask: u64) -> i64 {
-    let m = (mask & !UNBLOCKABLE) | SIGLWK_BIT;
+    let m = mask & !UNBLOCKABLE;
+    crate::thread::set_waiting(true);
     // SAFETY: m is the LWK's own.
-    unsafe { syscall3(nr::RT_SIGSUSPEND, &m as *const u64 as u64, 8, 0) }
+    let r = unsafe { syscall3(nr::RT_SIGSUSPEND, &m as *const u64 as u64, 8, 0) };
+    crate::thread::set_waiting(false);
+    r
 }
 
 /// Run a blocking call with the application's signal mask, so a signal
@@ -349,26 +352,30 @@ pub fn with_app_mask(uc: &UContext, f: impl FnOnce() -> i64) -> i64 {
 }
 
 /// Run `f` with `mask` in force (the unblockable signals never blocked,
-/// but for the LWK's stop requests, as in `suspend`): pending signals it
-/// lets through are delivered, their handlers run on this stack. The LWK's
-/// all-blocked mask is back afterwards.
+/// as in `suspend`): pending signals it lets through are delivered, their
+/// handlers run on this stack. The LWK's all-blocked mask is back
+/// afterwards.
 fn with_mask(mask: u64, f: impl FnOnce() -> i64) -> i64 {
-    let m = (mask & !UNBLOCKABLE) | SIGLWK_BIT;
+    let m = mask & !UNBLOCKABLE;
     let mut saved = 0u64;
+    crate::thread::set_waiting(true);
     // SAFETY: masks are the LWK's own words.
     unsafe { syscall6(nr::RT_SIGPROCMASK, 2, &m as *const u64 as u64, &mut saved as *mut u64 as u64, 8, 0, 0) };
     let r = f();
     // SAFETY: as above.
     unsafe { syscall6(nr::RT_SIGPROCMASK, 2, &saved as *const u64 as u64, 0, 8, 0, 0) };
+    crate::thread::set_waiting(false);
     r
 }
 
-/// Signals pending for this thread or process.
+/// Signals pending for this thread or process, but for the LWK's own
+/// requests (SIGLWK: a stop or freeze request waits for the thread to
+/// leave the LWK, and interrupts no call of the application's).
 pub fn pending() -> u64 {
     let mut set = 0u64;
     // SAFETY: set is the LWK's own.
     unsafe { syscall3(nr::RT_SIGPENDING, &mut set as *mut u64 as u64, 8, 0) };
-    set
+    set & !SIGLWK_BIT
 }
 
 /// Will any signal of `set` run a handler installed without SA_RESTART?

@@ -37,6 +37,14 @@ pub struct Thread {
     tid: AtomicI32,
     /// 1 while the thread runs LWK code (not application code).
     in_lwk: AtomicU32,
+    /// 1 while the thread waits in the LWK with the application's signal
+    /// mask (`signal::with_mask`), where the LWK's own signal interrupts it.
+    waiting: AtomicU32,
+    /// Set when the LWK's signal interrupted that wait: the call is run
+    /// again rather than failed (see `trap::lwk_sigsys`).
+    interrupted: AtomicU32,
+    /// 1 while the thread is parked by a freeze, its context saved.
+    parked: AtomicU32,
 }
 
 pub struct Slots {
@@ -52,7 +60,16 @@ pub struct Slots {
 unsafe impl Sync for Slots {}
 
 static SLOTS: Slots = Slots {
-    threads: [const { Thread { slot: 0, tid: AtomicI32::new(0), in_lwk: AtomicU32::new(0) } }; MAX_CHANNELS],
+    threads: [const {
+        Thread {
+            slot: 0,
+            tid: AtomicI32::new(0),
+            in_lwk: AtomicU32::new(0),
+            waiting: AtomicU32::new(0),
+            interrupted: AtomicU32::new(0),
+            parked: AtomicU32::new(0),
+        }
+    }; MAX_CHANNELS],
     used: [const { AtomicU64::new(0) }; MAX_CHANNELS / 64],
     start: [const { UnsafeCell::new(UContext::ZERO) }; MAX_CHANNELS],
     stacks: [const { UnsafeCell::new([0; STACK_SIZE]) }; MAX_CHANNELS],
@@ -118,7 +135,7 @@ pub fn freeze_table() -> crate::sync::Guard<'static, ()> {
 }
 
 /// The slots in use by threads other than the calling one.
-fn others() -> impl Iterator<Item = usize> {
+pub fn others() -> impl Iterator<Item = usize> {
     let me = current_slot();
     (0..MAX_CHANNELS).filter(move |&s| s != me && SLOTS.used[s / 64].load(SeqCst) & (1 << (s % 64)) != 0)
 }
@@ -212,8 +229,11 @@ extern "C" fn thread_start(slot: u64) -> ! {
         exit_group(125);
     }
     // SAFETY: written by the parent before clone, ours now.
-    let start = unsafe { &*SLOTS.start[slot].get() };
-    leaving();
+    let start = unsafe { &mut *SLOTS.start[slot].get() };
+    // A freeze may park it here: its context is the start context, with
+    // fresh FPU state (as `enter` gives it).
+    start.fpregs = 0;
+    leaving(start);
     enter(start, false)
 }
 
@@ -225,6 +245,9 @@ pub fn reset_for_fork() {
     }
     for t in &SLOTS.threads {
         t.in_lwk.store(0, SeqCst);
+        t.waiting.store(0, SeqCst);
+        t.interrupted.store(0, SeqCst);
+        t.parked.store(0, SeqCst);
     }
     STOP.store(0, SeqCst);
     init_main();
@@ -242,24 +265,81 @@ pub fn entered() {
     SLOTS.threads[current_slot()].in_lwk.store(1, SeqCst);
 }
 
-/// The calling thread is about to return to application code: not while a
-/// fork copies memory. (With `stop_others`, a Dekker pair: the thread
-/// clears `in_lwk` and then looks at STOP; the forker sets STOP and then
-/// looks at `in_lwk`. Either the thread sees STOP, or the forker sees it in
-/// application code and signals it.)
+/// The calling thread is about to return to application code with the
+/// context `uc`: not while a fork copies memory or the process is frozen.
+/// (With `stop_others`, a Dekker pair: the thread clears `in_lwk` and then
+/// looks at STOP; the forker sets STOP and then looks at `in_lwk`. Either
+/// the thread sees STOP, or the forker sees it in application code and
+/// signals it.) A freeze requested from outside is taken here, by the
+/// first thread that comes by (`freeze::take`); the others park here,
+/// saving `uc` first.
 #[inline]
-pub fn leaving() {
-    let t = &SLOTS.threads[current_slot()];
+pub fn leaving(uc: &mut UContext) {
+    let slot = current_slot();
+    let t = &SLOTS.threads[slot];
     loop {
         t.in_lwk.store(0, SeqCst);
-        if STOP.load(SeqCst) == 0 {
+        if STOP.load(SeqCst) == 0 && !crate::freeze::requested() {
             return;
         }
         t.in_lwk.store(1, SeqCst);
+        if crate::freeze::take(uc) {
+            continue;
+        }
+        if STOP.load(SeqCst) == 0 {
+            // Another thread took the freeze and is about to stop us.
+            futex_wait_timeout(&STOP, 0, 1_000_000);
+            continue;
+        }
+        let parked = crate::freeze::park(slot, uc);
+        if parked {
+            t.parked.store(1, SeqCst);
+            futex_wake(&STOP, u32::MAX >> 1); // the freezer waits on it too
+        }
         while STOP.load(Acquire) != 0 {
             futex_wait_timeout(&STOP, 1, 10_000_000);
         }
+        t.parked.store(0, SeqCst);
     }
+}
+
+/// Is the thread of `slot` parked by the freeze?
+pub fn is_parked(slot: usize) -> bool {
+    SLOTS.threads[slot].parked.load(SeqCst) != 0
+}
+
+/// The tid of the thread of `slot` (0: none yet).
+pub fn tid_of(slot: usize) -> i32 {
+    SLOTS.threads[slot].tid.load(SeqCst)
+}
+
+/// Wait until STOP changes from `seen` or `ns` pass (for the freezer).
+pub fn wait_stop_change(ns: u64) {
+    futex_wait_timeout(&STOP, 1, ns);
+}
+
+/// Around a wait with the application's signal mask: the LWK's signal
+/// may arrive inside it (see `interrupt_wait`).
+pub fn set_waiting(on: bool) {
+    SLOTS.threads[current_slot()].waiting.store(on as u32, SeqCst);
+}
+
+/// Does the calling thread wait in the LWK with the application's mask
+/// (so a signal arriving now arrived inside that wait)?
+pub fn waiting() -> bool {
+    SLOTS.threads[current_slot()].waiting.load(SeqCst) != 0
+}
+
+/// Note that the calling thread's call was interrupted for the LWK's own
+/// sake (a freeze), not the application's: it is run again.
+pub fn mark_interrupted() {
+    SLOTS.threads[current_slot()].interrupted.store(1, SeqCst);
+}
+
+/// Was the calling thread's call interrupted for the LWK's sake since
+/// the last look? Clears the note.
+pub fn take_interrupted() -> bool {
+    SLOTS.threads[current_slot()].interrupted.swap(0, SeqCst) != 0
 }
 
 /// A stop request is a SIGLWK queued by this process with this value.
@@ -319,6 +399,29 @@ pub fn stop_others() {
         unsafe { syscall3(lwk_rt::nr::NANOSLEEP, ts.as_ptr() as u64, 0, 0) };
     }
     lwk_rt::diag!("fork: other threads did not stop within a second; copying memory while they run");
+}
+
+/// Queue the LWK's signal with `cookie` to every other thread of the
+/// process, in application code or not (a thread waiting in the LWK with
+/// the application's mask is interrupted; one in a delegated call takes it
+/// when it returns).
+pub fn signal_others(cookie: u64) {
+    let pid = getpid();
+    let mut info = [0u64; 16];
+    info[0] = crate::signal::SIGLWK;
+    info[1] = SI_QUEUE as u32 as u64;
+    info[2] = pid as u32 as u64 | (getuid() as u64) << 32;
+    info[3] = cookie;
+    for tid in others().map(tid_of).filter(|&t| t != 0) {
+        // SAFETY: queues a signal to a thread of this process, with a
+        // siginfo of ours.
+        unsafe { syscall6(lwk_rt::nr::RT_TGSIGQUEUEINFO, pid as u64, tid as u64, info[0], info.as_ptr() as u64, 0, 0) };
+    }
+}
+
+/// Stop every other thread for a freeze: they park in `leaving`.
+pub fn stop_for_freeze() {
+    STOP.store(1, SeqCst);
 }
 
 /// After the fork's copy: let the other threads go on.

@@ -86,26 +86,47 @@ pub unsafe extern "C" fn lwk_sigsys(sig: i32, info: *mut u8, ctx: *mut UContext)
     // tgkill, a seccomp filter), which is the application's.
     // SAFETY: info points to the siginfo_t of this signal.
     let code = unsafe { (info.add(8) as *const i32).read() };
-    thread::entered();
-    if sig as u64 == SIGLWK {
-        // A stop request waits in `leaving` until the stop is over; a
-        // SIGLWK someone else sent is the application's.
-        // SAFETY: as above.
-        if !unsafe { thread::is_stop_request(info) } {
+    // SAFETY: as above.
+    let request = sig as u64 == SIGLWK && unsafe { thread::is_stop_request(info) || crate::freeze::is_request(info) };
+    if sig as u64 == SIGLWK && thread::waiting() {
+        // Inside a wait of the LWK's (with the application's mask): a
+        // request ends the wait with EINTR, and its call runs again when
+        // the thread leaves the LWK, where it stops.
+        if request {
+            thread::mark_interrupted();
+        } else {
             signal::app_own_signal(SIGLWK);
         }
-        thread::leaving();
+        return;
+    }
+    thread::entered();
+    if sig as u64 == SIGLWK {
+        // A stop or freeze request waits in `leaving` until it is over; a
+        // SIGLWK someone else sent is the application's.
+        if !request {
+            signal::app_own_signal(SIGLWK);
+        }
+        thread::leaving(uc);
         return;
     }
     if code != SYS_USER_DISPATCH {
         signal::app_own_signal(SIGSYS);
-        thread::leaving();
+        thread::leaving(uc);
         return;
     }
     crate::persist::maybe_selftest(uc);
     let (nr, a) = uc.syscall();
     let t0 = rdtsc();
-    let (ret, ran) = dispatch(nr, a, uc);
+    thread::take_interrupted();
+    let (mut ret, ran) = dispatch(nr, a, uc);
+    if ret == -EINTR && thread::take_interrupted() {
+        // Interrupted for the LWK's sake (a freeze), not by a signal of the
+        // application's: the call runs again when the thread goes on, here
+        // or wherever the process is restored, as after a signal with
+        // SA_RESTART. (A relative timeout starts again in full.)
+        uc.restart_syscall(nr);
+        ret = nr as i64;
+    }
     let dt = rdtsc().wrapping_sub(t0);
     if (nr as usize) < NR_SLOTS {
         let s = &control().stats;
@@ -113,7 +134,7 @@ pub unsafe extern "C" fn lwk_sigsys(sig: i32, info: *mut u8, ctx: *mut UContext)
         c.add(dt);
     }
     uc.gregs[REG_RAX] = ret as u64;
-    thread::leaving();
+    thread::leaving(uc);
 }
 
 /// One lookup in the syscall table, and what its row says.
