@@ -1,6 +1,7 @@
 //! `lwk`: run unmodified Linux programs on the lightweight kernel.
 
 mod partition;
+mod ps;
 mod run;
 mod stats;
 mod syscalls;
@@ -39,6 +40,13 @@ enum Command {
     Partition {
         #[command(subcommand)]
         cmd: partition::PartitionCmd,
+    },
+    /// The lwk applications on this node: one line per application
+    /// process, with its proxy, threads, memory, descriptors and TCP
+    /// connections.
+    Ps {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -96,6 +104,7 @@ fn main() -> ExitCode {
         }
         Command::Noise(args) => lwk_noise::run(&args).map(|()| 0),
         Command::Partition { cmd } => partition::main(cmd),
+        Command::Ps { json } => ps::main(json),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

@@ -1,0 +1,167 @@
+//! Freezing a running application from outside (`lwk_migrate::app`, the
+//! requester's half; `lwk_kernel::freeze`, the LWK's): every thread parks
+//! with its context saved, wherever it was (application code, a futex
+//! wait, a sleep, a delegated read), and goes on after the resume as if
+//! nothing happened: the program prints what it prints natively.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use lwk_migrate::app::{App, AppError};
+
+const LWK: &str = env!("CARGO_BIN_EXE_lwk");
+const PROGRAMS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs");
+const TMP_ROOT: &str = env!("CARGO_TARGET_TMPDIR");
+
+/// tests/programs/freeze_target.c, compiled once per test process.
+fn target() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("lwk-freeze-").tempdir_in(TMP_ROOT).unwrap().keep();
+        let out = dir.join("freeze_target");
+        let o = Command::new("gcc")
+            .args(["-O1", "-Wall", "-pthread", "-o"])
+            .arg(&out)
+            .arg(Path::new(PROGRAMS).join("freeze_target.c"))
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run gcc ({e}): install Debian's gcc and libc6-dev"));
+        assert!(o.status.success(), "gcc: {}", String::from_utf8_lossy(&o.stderr));
+        out
+    })
+}
+
+fn native(args: &[&str]) -> String {
+    let o = Command::new(target()).args(args).output().unwrap();
+    assert!(o.status.success());
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Start the target under lwk; returns it once it printed "ready", with
+/// the rest of its stdout to read.
+fn start(args: &[&str]) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    let mut child =
+        Command::new(LWK).arg("run").arg("--").arg(target()).args(args).stdout(Stdio::piped()).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    (child, out)
+}
+
+#[test]
+fn a_frozen_and_resumed_program_goes_on_as_if_nothing_happened() {
+    let expected = native(&[]);
+    let (mut child, mut out) = start(&[]);
+    // Attached through `lwk run`'s pid: the application is its child.
+    let app = App::attach(child.id() as i32).expect("attach");
+    assert_ne!(app.pid, child.id() as i32, "the application process, not lwk run");
+    let mut freezes = 0;
+    let mut saw_all_threads = false;
+    for _ in 0..25 {
+        let threads = app.threads().unwrap();
+        let frozen = match app.freeze(Duration::from_secs(5)) {
+            Ok(f) => f,
+            Err(AppError::NoSuchProcess(_) | AppError::Sys { .. }) => break, // it ended
+            Err(e) => panic!("freeze {freezes}: {e}"),
+        };
+        let x = frozen.export();
+        let saved: Vec<i32> = x.threads.iter().filter(|t| t.saved != 0).map(|t| t.tid).collect();
+        assert_eq!(saved.len(), x.n_threads as usize);
+        assert!(saved.contains(&app.pid), "the main thread is saved");
+        for tid in &saved {
+            assert!(threads.contains(tid) || app.threads().unwrap().contains(tid), "thread {tid} is the application's");
+        }
+        saw_all_threads |= saved.len() == 4;
+        let freezer = &x.threads[x.freezer_slot as usize];
+        assert_eq!(freezer.saved, 1, "the freezer saves itself too");
+        assert!(x.state.threads.used.iter().any(|&w| w != 0));
+        frozen.resume().expect("resume");
+        freezes += 1;
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(format!("ready\n{rest}"), expected, "the output of a run frozen {freezes} times");
+    assert!(freezes >= 10, "only {freezes} freezes before the program ended");
+    assert!(saw_all_threads, "no freeze caught all four threads");
+}
+
+#[test]
+fn a_thread_that_no_signal_interrupts_fails_the_freeze_and_the_program_goes_on() {
+    let expected = native(&["vfork"]);
+    let (mut child, mut out) = start(&["vfork"]);
+    let app = App::attach(child.id() as i32).unwrap();
+    // The main thread waits for its vfork child (3 s), killable only.
+    std::thread::sleep(Duration::from_millis(300));
+    match app.freeze(Duration::from_secs(5)) {
+        Err(AppError::FreezeFailed { errno, .. }) => assert_eq!(errno, libc::EBUSY),
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("froze a thread waiting for its vfork child"),
+    }
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(format!("ready\n{rest}"), expected);
+}
+
+#[test]
+fn a_stopped_application_does_not_answer_and_goes_on_when_continued() {
+    let expected = native(&[]);
+    let (mut child, mut out) = start(&[]);
+    let app = App::attach(child.id() as i32).unwrap();
+    // SAFETY: signalling our own grandchild, the application.
+    unsafe { libc::kill(app.pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(100));
+    match app.freeze(Duration::from_millis(500)) {
+        Err(AppError::NoAnswer { .. }) => {}
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("a stopped process froze"),
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(app.pid, libc::SIGCONT) };
+    // The request it takes late is void: it goes on, and freezes again.
+    std::thread::sleep(Duration::from_millis(100));
+    app.freeze(Duration::from_secs(5)).expect("a freeze after SIGCONT").resume().unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(format!("ready\n{rest}"), expected);
+}
+
+#[test]
+fn attaching_to_a_process_that_is_not_lwk_says_so() {
+    let me = std::process::id() as i32;
+    assert!(matches!(App::attach(me), Err(AppError::NotLwk(p)) if p == me));
+    assert!(matches!(App::attach(i32::MAX - 1), Err(AppError::NoSuchProcess(_))));
+}
+
+#[test]
+fn lwk_ps_lists_the_application_with_its_proxy_threads_and_descriptors() {
+    let (mut child, mut out) = start(&[]);
+    let app = App::attach(child.id() as i32).unwrap();
+    let o = Command::new(LWK).args(["ps", "--json"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let me = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["pid"] == app.pid)
+        .unwrap_or_else(|| panic!("pid {} not in {list}", app.pid));
+    assert_eq!(me["proxy_pid"], app.proxy_pid());
+    assert_eq!(me["parent_pid"], child.id(), "the first process's parent is lwk run");
+    assert_eq!(me["threads"], 4);
+    assert!(me["command"].as_str().unwrap().ends_with("freeze_target"), "{me}");
+    assert!(me["descriptors"]["pipe"].as_u64().unwrap() >= 2, "{me}");
+    assert!(me["memory_bytes"].as_u64().unwrap() > 0);
+    let text = Command::new(LWK).arg("ps").output().unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).lines().any(|l| l.trim_start().starts_with(&app.pid.to_string())));
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+}
