@@ -491,12 +491,11 @@ enum ReaderState {
 ///
 /// The reader reads exactly the stream's bytes and nothing past END (the
 /// source can go on with other traffic, see [`into_inner`](Self::into_inner)).
-/// It reads each record in three calls, so give it a `BufReader` when the
-/// source is unbuffered and the records small.
+/// It reads each record with a few calls (header, payload, hash), so give it
+/// a `BufReader` when the source is unbuffered and the records small.
 pub struct ImageReader<R: Read> {
     source: R,
     header: StreamHeader,
-    keyed: bool,
     record_hasher: blake3::Hasher,
     next_seq: u64,
     state: ReaderState,
@@ -518,7 +517,6 @@ impl<R: Read> ImageReader<R> {
         Ok(ImageReader {
             source,
             header,
-            keyed: header.keyed,
             record_hasher: header.record_hasher(key),
             next_seq: 0,
             state: ReaderState::Reading,
@@ -577,7 +575,7 @@ impl<R: Read> ImageReader<R> {
         hasher.update(&payload);
         // blake3::Hash compares in constant time, as a MAC check must.
         if hasher.finalize() != blake3::Hash::from_bytes(hash) {
-            return Err(if self.keyed && position == 0 {
+            return Err(if self.header.keyed && position == 0 {
                 ImageError::WrongKey
             } else {
                 ImageError::CorruptRecord { position }
