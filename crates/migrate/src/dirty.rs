@@ -1035,4 +1035,225 @@ mod tests {
             again.as_secs_f64() * 1e3
         );
     }
+
+    /// Pages the child writes directly; and the one it fills by read()
+    /// from a pipe, a kernel-mode write as the proxy makes for the LWK.
+    const CHILD_PAGES: [u64; 4] = [1, 2, 40, 63];
+    const CHILD_READ_PAGE: u64 = 20;
+    const PARENT_PAGES: [u64; 3] = [2, 3, 50];
+
+    /// A forked child that maps the parent's memfd at the same address (by
+    /// inheritance), makes two userfaultfds, sends their numbers and writes
+    /// its pages on command. Only raw calls after the fork: the test
+    /// harness has other threads.
+    struct Child {
+        pid: i32,
+        commands: OwnedFd,
+        answers: OwnedFd,
+    }
+
+    impl Child {
+        fn fork(map: &SharedMapping) -> Child {
+            let (cmd_read, cmd_write) = rustix::pipe::pipe().unwrap();
+            let (ans_read, ans_write) = rustix::pipe::pipe().unwrap();
+            let (data_read, data_write) = rustix::pipe::pipe().unwrap();
+            let addr = map.addr;
+            // SAFETY: the child below makes only async-signal-safe raw calls
+            // and leaves with _exit.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+            if pid == 0 {
+                // SAFETY: in the child: raw calls on descriptors and memory it owns.
+                unsafe {
+                    child_main(
+                        addr,
+                        cmd_read.as_raw_fd(),
+                        ans_write.as_raw_fd(),
+                        [data_read.as_raw_fd(), data_write.as_raw_fd()],
+                    )
+                }
+            }
+            Child { pid, commands: cmd_write, answers: ans_read }
+        }
+
+        fn userfaultfds(&self) -> [RawFd; 2] {
+            let mut buf = [0u8; 8];
+            rustix::io::read(&self.answers, &mut buf).unwrap();
+            [i32::from_ne_bytes(buf[..4].try_into().unwrap()), i32::from_ne_bytes(buf[4..].try_into().unwrap())]
+        }
+
+        fn command(&self, c: u8) {
+            rustix::io::write(&self.commands, &[c]).unwrap();
+            if c == b'w' {
+                let mut ok = [0u8];
+                rustix::io::read(&self.answers, &mut ok).unwrap();
+                assert_eq!(&ok, b"k", "the child failed to write its pages");
+            }
+        }
+
+        fn wait(self) {
+            self.command(b'q');
+            let mut status = 0;
+            // SAFETY: our own child.
+            unsafe { libc::waitpid(self.pid, &mut status, 0) };
+            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child status {status:#x}");
+        }
+    }
+
+    /// # Safety
+    /// Only in a freshly forked child; `addr` maps 64 pages.
+    unsafe fn child_main(addr: u64, commands: RawFd, answers: RawFd, data: [RawFd; 2]) -> ! {
+        static FILL: [u8; 4096] = [0x5a; 4096];
+        // SAFETY: raw calls on this process's own descriptors and its
+        // inherited mapping of 64 pages at `addr`; the pages are in range.
+        unsafe {
+            let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+            let uffds = [
+                libc::syscall(libc::SYS_userfaultfd, flags) as i32,
+                libc::syscall(libc::SYS_userfaultfd, flags) as i32,
+            ];
+            if uffds[0] < 0 || uffds[1] < 0 {
+                libc::_exit(2);
+            }
+            let mut numbers = [0u8; 8];
+            numbers[..4].copy_from_slice(&uffds[0].to_ne_bytes());
+            numbers[4..].copy_from_slice(&uffds[1].to_ne_bytes());
+            libc::write(answers, numbers.as_ptr().cast(), 8);
+            loop {
+                let mut c = 0u8;
+                if libc::read(commands, (&mut c as *mut u8).cast(), 1) != 1 || c != b'w' {
+                    libc::_exit(0);
+                }
+                for p in CHILD_PAGES {
+                    std::ptr::write_volatile((addr + p * 4096 + 9) as *mut u8, 0xc1);
+                }
+                let page = (addr + CHILD_READ_PAGE * 4096) as *mut libc::c_void;
+                if libc::write(data[1], FILL.as_ptr().cast(), 4096) != 4096 || libc::read(data[0], page, 4096) != 4096 {
+                    libc::_exit(3);
+                }
+                libc::write(answers, b"k".as_ptr().cast(), 1);
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs root (pidfd_getfd)"]
+    fn two_processes_each_tracked_through_their_own_userfaultfd_and_joined() {
+        let map = SharedMapping::new(64 * KIB4, false, false);
+        let child = Child::fork(&map);
+        let [uffd, other_uffd] = child.userfaultfds();
+
+        // The child's userfaultfd registers the child's memory: given as
+        // ours, it is caught (our pagemap shows no registration).
+        let me = std::process::id() as i32;
+        let mut wrong = WriteTracker::for_process(me, take_userfaultfd(child.pid, other_uffd).unwrap()).unwrap();
+        let err = wrong.track(map.range(), PageSize::BASE).unwrap_err();
+        assert!(matches!(err, DirtyError::NotThisProcess { .. }), "{err}");
+        drop(wrong);
+
+        let mut child_tracker =
+            WriteTracker::for_process(child.pid, take_userfaultfd(child.pid, uffd).unwrap()).unwrap();
+        child_tracker.track(map.range(), PageSize::BASE).unwrap();
+        let mut own_tracker = WriteTracker::for_self().unwrap();
+        own_tracker.track(map.range(), PageSize::BASE).unwrap();
+
+        child.command(b'w');
+        for p in PARENT_PAGES {
+            map.write(p * KIB4);
+        }
+        let by_child = scan(&mut child_tracker);
+        let by_parent = scan(&mut own_tracker);
+        let mut child_pages = CHILD_PAGES.to_vec();
+        child_pages.push(CHILD_READ_PAGE);
+        // Each sees only the writes through its own process's mapping...
+        assert_eq!(pages_of(&by_child), addrs(&map, &child_pages, KIB4));
+        assert_eq!(pages_of(&by_parent), addrs(&map, &PARENT_PAGES, KIB4));
+        // ...and joined they are every write, a page written by both once.
+        let mut joined = by_child.clone();
+        joined.join(&by_parent);
+        let all: BTreeSet<u64> = pages_of(&by_child).union(&pages_of(&by_parent)).copied().collect();
+        assert_eq!(pages_of(&joined), all);
+        assert_eq!(joined.pages(), 7);
+
+        assert!(scan(&mut child_tracker).is_empty() && scan(&mut own_tracker).is_empty());
+        child.command(b'w');
+        assert_eq!(pages_of(&scan(&mut child_tracker)), addrs(&map, &child_pages, KIB4));
+        assert!(scan(&mut own_tracker).is_empty(), "the child's writes are not the parent's");
+        child.wait();
+    }
+
+    /// `count` distinct page numbers below `pages`, spread pseudo-randomly.
+    fn sparse_pages(pages: u64, count: usize, mut seed: u64) -> BTreeSet<u64> {
+        let mut chosen = BTreeSet::new();
+        while chosen.len() < count {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            chosen.insert(seed % pages);
+        }
+        chosen
+    }
+
+    /// Runs of consecutive pages: the regions a scan reports.
+    fn runs(pages: &BTreeSet<u64>) -> usize {
+        pages.iter().filter(|&&p| p == 0 || !pages.contains(&(p - 1))).count()
+    }
+
+    #[test]
+    #[ignore = "needs root (userfaultfd)"]
+    fn one_gib_sparse_every_written_page_once_past_the_512_region_stop() {
+        const PAGES: u64 = (1 << 30) / KIB4;
+        let map = SharedMapping::new(PAGES * KIB4, false, false);
+        let mut tracker = WriteTracker::for_self().unwrap();
+        let t = Instant::now();
+        tracker.track(map.range(), PageSize::BASE).unwrap();
+        let track_time = t.elapsed();
+        let count = (PAGES / 100) as usize;
+
+        for (round, (seed, batch)) in
+            [(0x9e37_79b9_7f4a_7c15, SCAN_BATCH), (0x2545_f491_4f6c_dd1d, 100), (7, SCAN_BATCH)].into_iter().enumerate()
+        {
+            let written = sparse_pages(PAGES, count, seed);
+            assert!(runs(&written) > 512, "the early-stop case needs more than 512 regions");
+            for p in &written {
+                map.write(p * KIB4);
+            }
+            if round == 0 {
+                // What the kernel does with one large buffer, without re-protecting.
+                let mut buffer = vec![uapi::page_region { start: 0, end: 0, categories: 0 }; SCAN_BATCH];
+                let (n, walk_end) = tracker.pagemap_scan(map.addr, map.addr + map.len, &mut buffer, false).unwrap();
+                println!(
+                    "one PAGEMAP_SCAN call, {} regions written: {n} returned, walk_end at {:#x} of {:#x}",
+                    runs(&written),
+                    walk_end - map.addr,
+                    map.len
+                );
+            }
+            tracker.scan_batch = batch;
+            let mut set = DirtySet::new();
+            let t = Instant::now();
+            let report = tracker.scan_and_reprotect(&mut set).unwrap();
+            let elapsed = t.elapsed();
+            let expected: BTreeSet<u64> = written.iter().map(|p| map.addr + p * KIB4).collect();
+            assert_eq!(pages_of(&set), expected, "round {round}");
+            assert_eq!(report.bytes, count as u64 * KIB4, "round {round}: every page reported once ({report:?})");
+            assert_eq!(report.regions as usize, runs(&written));
+            println!(
+                "1 GiB of 4 KiB pages, {count} written in {} regions, batch {batch}: scan + re-protect {:.3} ms, {} calls, {} bytes reported twice and dropped",
+                runs(&written),
+                elapsed.as_secs_f64() * 1e3,
+                report.calls,
+                report.repeated_bytes
+            );
+            assert!(scan(&mut tracker).is_empty(), "round {round}: all re-protected");
+        }
+        let mut set = DirtySet::new();
+        let t = Instant::now();
+        tracker.scan_and_reprotect(&mut set).unwrap();
+        println!(
+            "1 GiB of 4 KiB pages: track {:.3} ms; scan with nothing written {:.3} ms",
+            track_time.as_secs_f64() * 1e3,
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
 }
