@@ -1,5 +1,6 @@
 //! `lwk`: run unmodified Linux programs on the lightweight kernel.
 
+mod checkpoint;
 mod partition;
 mod ps;
 mod run;
@@ -48,6 +49,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Freeze an lwk application and write its image (its LWK state, every
+    /// thread's context and its memory) to DIR/image.lwk.
+    Checkpoint(checkpoint::CheckpointArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
         Command::Noise(args) => lwk_noise::run(&args).map(|()| 0),
         Command::Partition { cmd } => partition::main(cmd),
         Command::Ps { json } => ps::main(json),
+        Command::Checkpoint(args) => checkpoint::main(args),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

@@ -8,6 +8,7 @@
 //! | module | job |
 //! |---|---|
 //! | [`app`] | an lwk application seen from outside: attached, frozen, resumed |
+//! | [`checkpoint`] | a frozen application written as an image |
 //! | [`image`] | the image format: framed, versioned, checksummed records, on disk and on the wire |
 //! | [`fds`] | a process's descriptors captured (files, pipes with their bytes, eventfd, timerfd, epoll, ...) and rebuilt at the same numbers |
 //! | [`sockets`] | TCP connections moved with `TCP_REPAIR`, listening sockets, UDP sockets with their queued datagrams |
@@ -16,6 +17,7 @@
 //! See docs/migration.md for how they fit together.
 
 pub mod app;
+pub mod checkpoint;
 pub mod dirty;
 pub mod fds;
 pub mod image;

@@ -20,6 +20,8 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int finished;
 static int pipefd[2];
+/* On the heap, for a checkpoint's memory to be searched for. */
+char *volatile marker;
 
 static void *waiter(void *arg) {
     (void)arg;
@@ -57,6 +59,7 @@ static void *reader(void *arg) {
 
 int main(int argc, char **argv) {
     pthread_t t[3];
+    marker = strdup("freeze-target heap marker 7f3a");
     if (pipe(pipefd) != 0)
         return 1;
     pthread_create(&t[0], NULL, waiter, NULL);

@@ -1,8 +1,10 @@
-//! Freezing a running application from outside (`lwk_migrate::app`, the
-//! requester's half; `lwk_kernel::freeze`, the LWK's): every thread parks
-//! with its context saved, wherever it was (application code, a futex
-//! wait, a sleep, a delegated read), and goes on after the resume as if
-//! nothing happened: the program prints what it prints natively.
+//! An application seen and taken from outside while it runs: frozen and
+//! resumed (`lwk_migrate::app`, the requester's half; `lwk_kernel::freeze`,
+//! the LWK's), listed by `lwk ps`, and written to an image by
+//! `lwk checkpoint`. Every thread parks with its context saved, wherever
+//! it was (application code, a futex wait, a sleep, a delegated read,
+//! wait4), and goes on after the resume as if nothing happened: the
+//! program prints what it prints natively.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -11,6 +13,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use lwk_migrate::app::{App, AppError};
+use lwk_migrate::image::{ImageReader, Record, RecordKind};
 
 const LWK: &str = env!("CARGO_BIN_EXE_lwk");
 const PROGRAMS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs");
@@ -164,4 +167,74 @@ fn lwk_ps_lists_the_application_with_its_proxy_threads_and_descriptors() {
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
     assert!(child.wait().unwrap().success());
+}
+
+/// Read an image: its manifest, its record kinds in order, and whether its
+/// memory holds `needle`.
+fn read_image(path: &Path, needle: &[u8]) -> (serde_json::Value, Vec<RecordKind>, bool, usize) {
+    let f = std::io::BufReader::new(std::fs::File::open(path).unwrap());
+    let mut r = ImageReader::new(f, None).unwrap();
+    let (mut manifest, mut kinds, mut found, mut threads_len) = (serde_json::Value::Null, Vec::new(), false, 0);
+    while let Some(rec) = r.next_record().unwrap() {
+        match &rec {
+            Record::Memory(m) => found |= m.bytes.windows(needle.len()).any(|w| w == needle),
+            Record::Known { kind: RecordKind::Manifest, .. } => manifest = rec.json().unwrap(),
+            Record::Known { kind: RecordKind::ThreadContexts, payload } => threads_len = payload.len(),
+            _ => {}
+        }
+        kinds.push(rec.kind().unwrap());
+    }
+    (manifest, kinds, found, threads_len)
+}
+
+#[test]
+fn lwk_checkpoint_leave_running_writes_a_whole_image_and_the_program_goes_on() {
+    let expected = native(&[]);
+    let (mut child, mut out) = start(&[]);
+    let app = App::attach(child.id() as i32).unwrap();
+    let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
+    let o = Command::new(LWK)
+        .args(["checkpoint", &child.id().to_string()])
+        .arg(dir.path())
+        .args(["--leave-running", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["left_running"], true);
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["image.lwk"], "only the whole image is left");
+    let (manifest, kinds, found, threads_len) =
+        read_image(&dir.path().join("image.lwk"), b"freeze-target heap marker 7f3a");
+    assert_eq!(manifest["pid"], app.pid);
+    assert_eq!(manifest["threads"], 4);
+    assert_eq!(
+        threads_len as u64,
+        4 * (4 + manifest["thread_record_size"].as_u64().unwrap()),
+        "four thread records, each after its slot"
+    );
+    assert_eq!(&kinds[..3], [RecordKind::Manifest, RecordKind::LwkState, RecordKind::ThreadContexts]);
+    assert!(kinds[3..].iter().all(|k| *k == RecordKind::Memory));
+    assert!(found, "the heap is in the image's memory");
+    assert_eq!(report["manifest"]["memory_bytes"], manifest["memory_bytes"]);
+    // A second checkpoint into the same directory is refused.
+    let again = Command::new(LWK).args(["checkpoint", &child.id().to_string()]).arg(dir.path()).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds an image"));
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(format!("ready\n{rest}"), expected);
+}
+
+#[test]
+fn lwk_checkpoint_without_leave_running_stops_the_application_after_the_image() {
+    let (mut child, _out) = start(&[]);
+    let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
+    let o = Command::new(LWK).args(["checkpoint", &child.id().to_string()]).arg(dir.path()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("stopped"));
+    let status = child.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{status:?}");
+    assert!(dir.path().join("image.lwk").exists());
 }

@@ -1,0 +1,184 @@
+//! A frozen application written as an image (`image`): what
+//! `lwk checkpoint` writes to disk and what a migration streams.
+//!
+//! The records, in order:
+//!
+//! | record | payload |
+//! |---|---|
+//! | Manifest | JSON [`Manifest`]: what the image holds, from which process |
+//! | LwkState | the LWK's whole state, `lwk_kernel::persist::LwkState` as its bytes |
+//! | ThreadContexts | each saved thread: its slot (u32 LE), then `lwk_kernel::freeze::ThreadRecord` as its bytes |
+//! | Memory | the application's memory by virtual address: the LWK's memory files' data under each piece of the map that is backed by one (holes are skipped: a restore reads them as zeros) |
+//! | End | |
+//!
+//! The binary records are the LWK's own `#[repr(C)]` snapshots: an image
+//! is restored by the same lwk build (the manifest names it, and each
+//! snapshot carries its subsystems' versions). Descriptors and sockets are
+//! added by `fds` and `sockets` (not yet in the image).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
+
+use lwk_abi::control::memfd_slot;
+use lwk_kernel::freeze::ThreadRecord;
+use lwk_kernel::persist::LwkState;
+
+use crate::app::{AppInfo, Frozen};
+use crate::image::{ImageError, ImageWriter, RecordKind};
+
+/// What an image holds, and from where.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    /// The lwk version that wrote it (`CARGO_PKG_VERSION`).
+    pub lwk_version: String,
+    /// Seconds since the epoch when the application was frozen.
+    pub frozen_at: u64,
+    /// The node (host name) it was frozen on.
+    pub node: String,
+    pub pid: i32,
+    pub proxy_pid: i32,
+    pub command: String,
+    pub threads: u32,
+    /// Bytes of LwkState and of each ThreadRecord: a reader of another
+    /// build refuses a mismatch before it looks further.
+    pub lwk_state_size: u64,
+    pub thread_record_size: u64,
+    /// Pieces of the memory map backed by the LWK's memory files, and the
+    /// bytes of data under them written to the image.
+    pub memory_pieces: u64,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot open memory file {fd} of process {pid}: {source}")]
+    MemoryFile { pid: i32, fd: i32, source: std::io::Error },
+    #[error("cannot read memory file {fd} of process {pid} at offset {offset:#x}: {source}")]
+    ReadMemory { pid: i32, fd: i32, offset: u64, source: std::io::Error },
+    #[error("writing the image: {0}")]
+    Image(#[from] ImageError),
+}
+
+/// What writing an image took.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Written {
+    pub manifest: Manifest,
+    /// Bytes of image written (after compression).
+    pub image_bytes: u64,
+    pub seconds: f64,
+}
+
+/// The bytes of a plain-data value.
+fn bytes_of<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: T is one of the LWK's #[repr(C)] snapshots, plain data that
+    // is read here as the bytes it is made of (padding included: it is
+    // whatever the LWK left there, and read back as such).
+    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
+}
+
+/// Write the frozen application `frozen` (described by `info`) as an image.
+pub fn write_image<W: Write>(
+    frozen: &Frozen<'_>,
+    info: &AppInfo,
+    mut out: ImageWriter<W>,
+) -> Result<(Written, W), CheckpointError> {
+    let t0 = Instant::now();
+    let x = frozen.export();
+    let pid = frozen.app.pid;
+    let mm = &x.state.mm;
+    let pieces = &mm.pieces[..(mm.n_pieces as usize).min(mm.pieces.len())];
+    let backed: Vec<_> = pieces.iter().filter(|p| memfd_slot(p.src).is_some()).collect();
+
+    // The memory goes after the small records, but the manifest counts it:
+    // find the data extents first.
+    let mut files: [Option<File>; 3] = [None, None, None];
+    let mut extents = Vec::new();
+    for p in &backed {
+        let k = memfd_slot(p.src).expect("filtered above");
+        let fd = mm.memfd[k];
+        if files[k].is_none() {
+            let f = File::open(format!("/proc/{pid}/fd/{fd}")).map_err(|source| CheckpointError::MemoryFile {
+                pid,
+                fd,
+                source,
+            })?;
+            files[k] = Some(f);
+        }
+        let f = files[k].as_ref().expect("opened above");
+        for (off, len) in data_extents(f, p.off, p.end - p.start) {
+            extents.push((k, fd, p.start + (off - p.off), off, len));
+        }
+    }
+    let saved: Vec<(usize, &ThreadRecord)> = x.threads.iter().enumerate().filter(|(_, t)| t.saved != 0).collect();
+    let manifest = Manifest {
+        lwk_version: env!("CARGO_PKG_VERSION").to_string(),
+        frozen_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        node: rustix::system::uname().nodename().to_string_lossy().into_owned(),
+        pid,
+        proxy_pid: info.proxy_pid,
+        command: info.command.clone(),
+        threads: saved.len() as u32,
+        lwk_state_size: std::mem::size_of::<LwkState>() as u64,
+        thread_record_size: std::mem::size_of::<ThreadRecord>() as u64,
+        memory_pieces: backed.len() as u64,
+        memory_bytes: extents.iter().map(|e| e.4).sum(),
+    };
+    out.json(RecordKind::Manifest, &manifest)?;
+    out.record(RecordKind::LwkState, bytes_of(&x.state))?;
+    let mut threads = Vec::with_capacity(saved.len() * (4 + std::mem::size_of::<ThreadRecord>()));
+    for (slot, t) in &saved {
+        threads.extend_from_slice(&(*slot as u32).to_le_bytes());
+        threads.extend_from_slice(bytes_of(*t));
+    }
+    out.record(RecordKind::ThreadContexts, &threads)?;
+    let mut buf = vec![0u8; crate::image::MEMORY_CHUNK_LEN];
+    for (k, fd, addr, off, len) in extents {
+        let f = files[k].as_ref().expect("opened above");
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            f.read_exact_at(&mut buf[..n], off + done).map_err(|source| CheckpointError::ReadMemory {
+                pid,
+                fd,
+                offset: off + done,
+                source,
+            })?;
+            out.memory(addr + done, &buf[..n])?;
+            done += n as u64;
+        }
+    }
+    let image_bytes = out.bytes_written();
+    let w = out.finish()?;
+    Ok((Written { manifest, image_bytes, seconds: t0.elapsed().as_secs_f64() }, w))
+}
+
+/// The extents of [off, off+len) of `f` that hold data (SEEK_DATA,
+/// SEEK_HOLE); all of it where the file system cannot say.
+fn data_extents(f: &File, off: u64, len: u64) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let end = off + len;
+    let mut out = Vec::new();
+    let mut at = off;
+    while at < end {
+        // SAFETY: lseek on our own descriptor.
+        let data = unsafe { libc::lseek(f.as_raw_fd(), at as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after `at`
+            }
+            return vec![(off, len)];
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(f.as_raw_fd(), data as i64, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+        out.push((data, hole - data));
+        at = hole;
+    }
+    out
+}
