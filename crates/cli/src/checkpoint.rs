@@ -58,16 +58,14 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
         }
     };
     std::fs::rename(&partial, &path).with_context(|| format!("cannot rename {}", partial.display()))?;
+    let frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
     if args.leave_running {
         frozen.resume()?;
     } else {
         // The image is complete: the application ends where it stands
         // (its `lwk run` reports the SIGKILL).
-        // SAFETY: plain kill of the application process.
-        unsafe { libc::kill(app.pid, libc::SIGKILL) };
-        drop(frozen);
+        frozen.kill();
     }
-    let frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
     let m = &written.manifest;
     if args.json {
         let report = serde_json::json!({

@@ -3,6 +3,7 @@
 mod checkpoint;
 mod partition;
 mod ps;
+mod restore;
 mod run;
 mod stats;
 mod syscalls;
@@ -52,6 +53,9 @@ enum Command {
     /// Freeze an lwk application and write its image (its LWK state, every
     /// thread's context and its memory) to DIR/image.lwk.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Put an application that `lwk checkpoint` wrote back into new
+    /// processes, and stand for it as `lwk run` does.
+    Restore(restore::RestoreArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
         Command::Partition { cmd } => partition::main(cmd),
         Command::Ps { json } => ps::main(json),
         Command::Checkpoint(args) => checkpoint::main(args),
+        Command::Restore(args) => restore::main(args),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

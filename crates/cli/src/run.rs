@@ -102,7 +102,7 @@ fn check(path: &Path) -> Result<(), NotRunnable> {
 }
 
 /// The LWK image: `lwk-kernel` next to this binary, or $LWK_KERNEL.
-fn kernel_image() -> Result<PathBuf> {
+pub(crate) fn kernel_image() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("LWK_KERNEL") {
         return Ok(PathBuf::from(p));
     }
@@ -116,12 +116,12 @@ fn kernel_image() -> Result<PathBuf> {
 
 /// The control region, mapped in the supervisor too.
 pub struct ControlRegion {
-    fd: OwnedFd,
+    pub(crate) fd: OwnedFd,
     ptr: *mut Control,
 }
 
 impl ControlRegion {
-    fn create(options: u64, spin_cycles: u64) -> Result<Self> {
+    pub(crate) fn create(options: u64, spin_cycles: u64) -> Result<Self> {
         use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
         use rustix::mm::{mmap, MapFlags, ProtFlags};
         let fd = memfd_create("lwk-control", MemfdFlags::CLOEXEC).context("memfd_create for the control region")?;
@@ -160,7 +160,7 @@ impl Drop for ControlRegion {
 /// without close-on-exec). Without a partition no code runs between fork
 /// and exec, so std can use posix_spawn; the image itself arranges to die
 /// with the supervisor.
-fn spawn(
+pub(crate) fn spawn(
     kernel: &Path,
     argv0: &OsStr,
     mode: &str,
@@ -241,7 +241,7 @@ impl InPartition {
     }
 }
 
-static APP_PID: AtomicI32 = AtomicI32::new(0);
+pub(crate) static APP_PID: AtomicI32 = AtomicI32::new(0);
 
 /// Forward a signal to the application. If it waits for a delegated call,
 /// its LWK interrupts that call's proxy worker and the signal is delivered
@@ -259,7 +259,7 @@ extern "C" fn forward_signal(sig: libc::c_int) {
 /// supervisor's pid are forwarded to the application. Called after both
 /// children exist, so they inherit the dispositions `lwk run` was started
 /// with (a shell ignores SIGINT for background jobs, and so must they).
-fn setup_signals() {
+pub(crate) fn setup_signals() {
     // SAFETY: changing our own dispositions; no other thread exists.
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
@@ -272,7 +272,7 @@ fn setup_signals() {
     }
 }
 
-fn spin_cycles() -> u64 {
+pub(crate) fn spin_cycles() -> u64 {
     if let Some(v) = std::env::var("LWK_SPIN_CYCLES").ok().and_then(|v| v.parse().ok()) {
         return v;
     }
@@ -386,9 +386,9 @@ pub enum ExitStatus {
     Signal(i32),
 }
 
-struct Outcome {
-    status: ExitStatus,
-    proxy_failure: Option<String>,
+pub(crate) struct Outcome {
+    pub(crate) status: ExitStatus,
+    pub(crate) proxy_failure: Option<String>,
 }
 
 fn decode(status: i32) -> ExitStatus {
@@ -401,7 +401,7 @@ fn decode(status: i32) -> ExitStatus {
 
 /// Wait for the application; the proxy goes when it goes. If the proxy dies
 /// first, the application cannot continue: stop it.
-fn wait_both(app: &Child, proxy: &mut Child) -> Result<Outcome> {
+pub(crate) fn wait_both(app: &Child, proxy: &mut Child) -> Result<Outcome> {
     let (app_pid, proxy_pid) = (app.id() as i32, proxy.id() as i32);
     let mut app_status = None;
     let mut proxy_failure = None;
@@ -450,7 +450,7 @@ fn has_terminated(pid: i32) -> bool {
 
 /// Die of the same signal as the application, so the calling shell sees
 /// what it would see natively; without a core dump of our own.
-fn reraise(sig: i32) -> i32 {
+pub(crate) fn reraise(sig: i32) -> i32 {
     // SAFETY: resetting our own dispositions and signalling ourselves.
     unsafe {
         let rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

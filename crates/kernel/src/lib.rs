@@ -20,6 +20,7 @@ pub mod handlers;
 pub mod mm;
 pub mod persist;
 pub mod procfs;
+pub mod restore;
 pub mod signal;
 pub mod signalfd;
 pub mod stack;

@@ -165,6 +165,15 @@ impl LwkState {
     /// already restored. Call `signalfd::after_restore` once `h` is
     /// released.
     pub fn restore(&self, h: &mut Held, uc: &mut UContext) -> Result<(), i64> {
+        self.restore_process(h)?;
+        Current(uc).restore(&self.current)
+    }
+
+    /// Replace every subsystem by this state, but not a thread's context
+    /// (a restore into a new process enters each thread from its own
+    /// saved context). Refused, and nothing changed, for a state of other
+    /// code.
+    pub fn restore_process(&self, h: &mut Held) -> Result<(), i64> {
         if self.magic != STATE_MAGIC || self.versions != versions() {
             return Err(-EINVAL);
         }
@@ -172,8 +181,7 @@ impl LwkState {
         h.identity.restore(&self.identity)?;
         h.signalfd.restore(&self.signalfd)?;
         thread::restore(&self.threads)?;
-        h.signals.restore(&self.signals)?;
-        Current(uc).restore(&self.current)
+        h.signals.restore(&self.signals)
     }
 
     /// Does `other` hold the same state? The interval timers' remaining

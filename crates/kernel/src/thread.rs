@@ -111,10 +111,90 @@ fn pin(slot: usize) {
 
 /// The main thread takes slot 0.
 pub fn init_main() {
-    SLOTS.used[0].fetch_or(1, SeqCst);
-    set_gs(0);
-    pin(0);
-    SLOTS.threads[0].tid.store(gettid(), Relaxed);
+    init_as(0);
+}
+
+/// The calling thread takes `slot` (a restore gives each thread the slot it
+/// had).
+pub fn init_as(slot: usize) {
+    SLOTS.used[slot / 64].fetch_or(1 << (slot % 64), SeqCst);
+    set_gs(slot);
+    pin(slot);
+    SLOTS.threads[slot].tid.store(gettid(), Relaxed);
+}
+
+/// Start a thread in `slot` (which a restored table says is in use) that
+/// runs `entry(slot)` on the slot's LWK stack, with the FS base `tls` and
+/// the clear-tid address `clear_tid`, and a proxy worker for it. The new
+/// thread calls [`begin`] first. Returns its tid or -errno.
+pub fn start_in_slot(slot: usize, tls: u64, clear_tid: u64, entry: extern "C" fn(u64) -> !) -> i64 {
+    let r = delegate::call(REQ_NEW_WORKER, [slot as u64, 0, 0, 0, 0, 0]);
+    if r < 0 {
+        return r;
+    }
+    let flags = CLONE_VM
+        | CLONE_FS
+        | CLONE_FILES
+        | CLONE_SIGHAND
+        | CLONE_THREAD
+        | CLONE_SYSVSEM
+        | CLONE_SETTLS
+        | if clear_tid != 0 { CLONE_CHILD_CLEARTID } else { 0 };
+    let top = (SLOTS.stacks[slot].get() as u64 + STACK_SIZE as u64) & !15;
+    // SAFETY: the slot's LWK stack is free: no thread of this new process
+    // ran in the slot yet.
+    let tid = unsafe { spawn(flags, top, 0, clear_tid, tls, entry, slot as u64) };
+    if tid > 0 {
+        SLOTS.threads[slot].tid.store(tid as i32, SeqCst);
+    }
+    tid
+}
+
+/// First steps of a thread started by [`start_in_slot`]: its slot, its CPU,
+/// Syscall User Dispatch.
+pub fn begin(slot: usize) {
+    set_gs(slot);
+    entered();
+    pin(slot);
+    if let Err(e) = trap::enable_thread() {
+        lwk_rt::diag!("cannot enable Syscall User Dispatch in a restored thread: error {}", -e);
+        exit_group(125);
+    }
+}
+
+/// Enter the application with a saved context: its registers, mask and
+/// alternate stack, its FPU and vector state (PKRU included), its FS base
+/// and robust list, through rt_sigreturn on a frame built below its stack
+/// pointer (past the red zone).
+pub fn enter_saved(ctx: &ContextSnapshot) -> ! {
+    // SAFETY: this thread's own FS base and robust list; a bad value
+    // faults the application, as it would have where it was saved.
+    unsafe {
+        syscall3(lwk_rt::nr::ARCH_PRCTL, ARCH_SET_FS, ctx.fs_base, 0);
+        syscall3(lwk_rt::nr::SET_ROBUST_LIST, ctx.robust_list[0], ctx.robust_list[1], 0);
+    }
+    let mut uc = ctx.uc;
+    let n = (ctx.fp_len as usize).min(FPSTATE_MAX);
+    let fp_at = (uc.gregs[REG_RSP] - 256 - n as u64) & !63; // XRSTOR wants 64-byte alignment
+    let at = (fp_at - core::mem::size_of::<UContext>() as u64) & !15;
+    // SAFETY: below the saved stack pointer and its red zone nothing of the
+    // application's is in use (a signal frame would go there too).
+    unsafe {
+        if n > 0 {
+            core::ptr::copy_nonoverlapping(ctx.fpstate.as_ptr(), fp_at as *mut u8, n);
+        }
+        uc.fpregs = if n > 0 { fp_at } else { 0 };
+        (at as *mut UContext).write(uc);
+        asm!(
+            "mov rsp, {at}",
+            "mov eax, {nr}",
+            "syscall",
+            "ud2",
+            at = in(reg) at,
+            nr = const lwk_rt::nr::RT_SIGRETURN,
+            options(noreturn)
+        );
+    }
 }
 
 /// Held while the thread table changes (a thread made or gone), and while
@@ -301,6 +381,12 @@ pub fn leaving(uc: &mut UContext) {
         }
         t.parked.store(0, SeqCst);
     }
+}
+
+/// A restored thread is about to enter the application for the first
+/// time (a stop or freeze that comes now reaches it there, by signal).
+pub fn leaving_restored() {
+    SLOTS.threads[current_slot()].in_lwk.store(0, SeqCst);
 }
 
 /// Is the thread of `slot` parked by the freeze?

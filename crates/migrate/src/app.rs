@@ -210,6 +210,15 @@ impl Frozen<'_> {
         self.resume_inner()
     }
 
+    /// End the application where it stands (it runs elsewhere now, or its
+    /// image is all that is wanted): SIGKILL, no resume.
+    pub fn kill(mut self) {
+        self.resumed = true;
+        self.export = None;
+        // SAFETY: plain kill of the application process.
+        unsafe { libc::kill(self.app.pid, libc::SIGKILL) };
+    }
+
     fn resume_inner(&mut self) -> Result<()> {
         if self.resumed {
             return Ok(());

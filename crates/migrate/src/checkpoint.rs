@@ -49,6 +49,29 @@ pub struct Manifest {
     /// bytes of data under them written to the image.
     pub memory_pieces: u64,
     pub memory_bytes: u64,
+    /// What `getppid` answers (the parent of the first `lwk run`).
+    pub parent_pid: i32,
+    /// The control region's options (`lwk run` flags).
+    pub options: u64,
+    /// Where the kernel's [vdso], [vvar] and [vvar_vclock] were: the program
+    /// knows them by address.
+    pub specials: [[u64; 2]; 3],
+    /// The pieces of the memory map that are mapped from files.
+    pub file_mappings: Vec<FileMappingInfo>,
+    /// The proxy's descriptors: number and what it is (the link in
+    /// /proc/PID/fd).
+    pub descriptors: Vec<(i32, String)>,
+}
+
+/// A piece of the address space mapped (privately) from a file.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FileMappingInfo {
+    pub start: u64,
+    pub end: u64,
+    pub path: String,
+    /// The file as it was: a restore refuses another one.
+    pub size: u64,
+    pub mtime_ns: i128,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +82,10 @@ pub enum CheckpointError {
     ReadMemory { pid: i32, fd: i32, offset: u64, source: std::io::Error },
     #[error("writing the image: {0}")]
     Image(#[from] ImageError),
+    #[error("process {pid} cannot be checkpointed yet: {what}")]
+    Unmovable { pid: i32, what: String },
+    #[error("cannot read {what} of process {pid}: {source}")]
+    Proc { pid: i32, what: String, source: std::io::Error },
 }
 
 /// What writing an image took.
@@ -111,6 +138,59 @@ pub fn write_image<W: Write>(
             extents.push((k, fd, p.start + (off - p.off), off, len));
         }
     }
+    let unmovable = |what: String| CheckpointError::Unmovable { pid, what };
+    if mm.part_page != 0 {
+        return Err(unmovable("it runs in a partition (restoring into one is not built yet)".into()));
+    }
+    if x.state.signalfd.entries.iter().any(|e| e.app_fd >= 0) {
+        return Err(unmovable("it uses a signalfd (not movable yet)".into()));
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| CheckpointError::Proc {
+        pid,
+        what: "the memory map".into(),
+        source,
+    })?;
+    let mut file_mappings = Vec::new();
+    for p in pieces.iter().filter(|p| memfd_slot(p.src).is_none()) {
+        if p.src == lwk_abi::control::SRC_APP_FD {
+            return Err(unmovable(format!("a shared mapping of a file at {:#x} (not movable yet)", p.start)));
+        }
+        let path = maps_path(&maps, p.start)
+            .ok_or_else(|| unmovable(format!("the file mapped at {:#x} has no path", p.start)))?;
+        if path.ends_with(" (deleted)") {
+            return Err(unmovable(format!("the file mapped at {:#x}, {path}, was deleted", p.start)));
+        }
+        let meta = std::fs::metadata(&path).map_err(|source| CheckpointError::Proc {
+            pid,
+            what: format!("the mapped file {path}"),
+            source,
+        })?;
+        file_mappings.push(FileMappingInfo {
+            start: p.start,
+            end: p.end,
+            path,
+            size: meta.len(),
+            mtime_ns: mtime_ns(&meta),
+        });
+    }
+    let mut specials = [[0u64; 2]; 3];
+    for line in maps.lines() {
+        for (k, name) in lwk_kernel::restore::SPECIAL_NAMES.iter().enumerate() {
+            if line.ends_with(std::str::from_utf8(name).unwrap_or("?")) {
+                specials[k] = maps_range(line).unwrap_or([0, 0]);
+            }
+        }
+    }
+    let mut descriptors: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{}/fd", info.proxy_pid))
+        .map_err(|source| CheckpointError::Proc { pid: info.proxy_pid, what: "the descriptors".into(), source })?
+        .flatten()
+        .filter_map(|e| {
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            Some((fd, std::fs::read_link(e.path()).ok()?.to_string_lossy().into_owned()))
+        })
+        .collect();
+    descriptors.sort();
+    let h = &frozen.app.control().header;
     let saved: Vec<(usize, &ThreadRecord)> = x.threads.iter().enumerate().filter(|(_, t)| t.saved != 0).collect();
     let manifest = Manifest {
         lwk_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -124,6 +204,11 @@ pub fn write_image<W: Write>(
         thread_record_size: std::mem::size_of::<ThreadRecord>() as u64,
         memory_pieces: backed.len() as u64,
         memory_bytes: extents.iter().map(|e| e.4).sum(),
+        parent_pid: h.parent_pid.load(std::sync::atomic::Ordering::SeqCst),
+        options: h.options.load(std::sync::atomic::Ordering::SeqCst),
+        specials,
+        file_mappings,
+        descriptors,
     };
     out.json(RecordKind::Manifest, &manifest)?;
     out.record(RecordKind::LwkState, bytes_of(&x.state))?;
@@ -181,4 +266,29 @@ fn data_extents(f: &File, off: u64, len: u64) -> Vec<(u64, u64)> {
         at = hole;
     }
     out
+}
+
+/// [start, end) of a /proc/PID/maps line.
+fn maps_range(line: &str) -> Option<[u64; 2]> {
+    let (s, e) = line.split_whitespace().next()?.split_once('-')?;
+    Some([u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?])
+}
+
+/// The path of the mapping of /proc/PID/maps that holds `addr`.
+fn maps_path(maps: &str, addr: u64) -> Option<String> {
+    maps.lines().find_map(|line| {
+        let [s, e] = maps_range(line)?;
+        if !(s..e).contains(&addr) {
+            return None;
+        }
+        // address perms offset dev inode path (the path may hold spaces)
+        let rest = line.splitn(6, char::is_whitespace).nth(5)?.trim_start();
+        rest.starts_with('/').then(|| rest.to_string())
+    })
+}
+
+/// A file's modification time in nanoseconds since the epoch.
+pub fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
+    use std::os::unix::fs::MetadataExt;
+    meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128
 }

@@ -199,6 +199,7 @@ pub const ECHILD: i64 = 10;
 pub const EBADF: i64 = 9;
 pub const EAGAIN: i64 = 11;
 pub const EBUSY: i64 = 16;
+pub const ENOTSUP: i64 = 95;
 pub const ENOMEM: i64 = 12;
 pub const EACCES: i64 = 13;
 pub const EFAULT: i64 = 14;

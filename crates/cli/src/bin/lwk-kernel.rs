@@ -1,6 +1,8 @@
 //! The LWK image. `lwk run` starts it twice: once as the application
 //! process (`app`), where it becomes the lightweight kernel under the
 //! program, and once as the proxy (`proxy`), the Linux-side delegate.
+//! `lwk restore` starts the application process as `restore`, to put a
+//! frozen application back.
 #![no_std]
 #![no_main]
 
@@ -20,6 +22,7 @@ pub unsafe extern "C" fn lwk_entry(sp: *const u64) -> ! {
     let st = unsafe { Startup::parse(sp) };
     match (st.argc > 2).then(|| st.arg(1)) {
         Some(b"app") | Some(b"exec") => boot::app_main(&st),
+        Some(b"restore") => lwk_kernel::restore::restore_main(&st),
         Some(b"proxy") => {
             let fd = boot::parse_int(st.arg(2)).unwrap_or(-1) as i32;
             // The first proxy, like the first application process, dies

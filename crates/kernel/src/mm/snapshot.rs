@@ -16,7 +16,7 @@ use lwk_abi::control::{
     memfd_slot, SRC_APP_FD, SRC_APP_FD_PRIVATE, SRC_LWK_FD_PRIVATE, SRC_MEMFD_HUGE, SRC_MEMFD_SHARED, SRC_MEMFD_SMALL,
 };
 use lwk_abi::layout::{APP_END, APP_START};
-use lwk_rt::{EINVAL, PROT_EXEC, PROT_READ, PROT_WRITE};
+use lwk_rt::{EINVAL, MAP_FIXED, MAP_PRIVATE, PROT_EXEC, PROT_READ, PROT_WRITE};
 
 use super::host::Host;
 use super::pieces::{Extent, Piece, MAX_EXTENTS, MAX_PIECES};
@@ -288,6 +288,41 @@ impl<H: Host> Persist for Mm<H> {
         self.prefault_all = on(MM_PREFAULT_ALL);
         self.verbose = on(MM_VERBOSE);
         self.publish_memfds();
+        Ok(())
+    }
+}
+
+impl<H: Host> Mm<H> {
+    /// After a restore into a new process (whose memory files the restorer
+    /// filled and passed at the descriptor numbers the snapshot names): map
+    /// every piece again, here and in the proxy. A file piece is mapped
+    /// privately from the descriptor `file(start)` gives (the same file,
+    /// opened again by path) and becomes the LWK's own file mapping; a
+    /// shared mapping of a file cannot be rebuilt this way (ENOTSUP).
+    pub fn rebuild(&mut self, file: impl Fn(u64) -> Option<i32>) -> Result<(), i64> {
+        for i in 0..self.pieces.len() {
+            let p = self.pieces[i];
+            if p.is_memfd() {
+                let r = self.map_piece(&p);
+                if r < 0 {
+                    return Err(r);
+                }
+                H::add_memory(p.len(), p.src == SRC_MEMFD_HUGE);
+            } else if p.src == SRC_APP_FD {
+                return Err(-lwk_rt::ENOTSUP);
+            } else {
+                let fd = file(p.start).ok_or(-EINVAL)?;
+                // SAFETY: the piece lies in the application's range, which
+                // holds nothing else in a process being restored.
+                let r = unsafe { H::mmap(p.start, p.len(), p.prot as u64, MAP_PRIVATE | MAP_FIXED, fd, p.off) };
+                if r < 0 {
+                    return Err(r);
+                }
+                self.pieces[i].src = SRC_LWK_FD_PRIVATE;
+                self.pieces[i].fd = fd;
+            }
+            super::backing::mirror_piece::<H>(&self.pieces[i]);
+        }
         Ok(())
     }
 }

@@ -1,0 +1,356 @@
+//! `lwk restore DIR`: put an application that `lwk checkpoint` wrote back
+//! into new processes, on this node, and stand for it as `lwk run` does
+//! (wait, report its exit status, forward signals).
+//!
+//! Everything is checked and built before the application's process
+//! starts: the image is read whole (every record's hash, the LWK build),
+//! the files it had mapped must be the same here (size and modification
+//! time), the memory files are filled. Then the proxy starts, and the LWK
+//! image in restore mode (`lwk_kernel::restore`) puts the rest back.
+//! The application's standard input, output and error are this command's.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::BufReader;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::Ordering;
+
+use anyhow::{bail, Context, Result};
+use lwk_abi::control::memfd_slot;
+use lwk_kernel::freeze::{ThreadRecord, EXPORT_MAGIC, EXPORT_VERSION};
+use lwk_kernel::mm::{MmSnapshot, PieceRecord};
+use lwk_kernel::persist::LwkState;
+use lwk_kernel::restore::{FileMapping, RestoreInput, FILE_PATH_MAX, INPUT_MAGIC, INPUT_SIZE, MAX_FILE_MAPPINGS};
+use lwk_migrate::checkpoint::{mtime_ns, Manifest};
+use lwk_migrate::image::{ImageReader, Record, RecordKind};
+
+use crate::checkpoint::IMAGE_FILE;
+use crate::run::{self, ExitStatus};
+
+#[derive(clap::Args)]
+pub struct RestoreArgs {
+    /// The directory `lwk checkpoint` wrote.
+    dir: PathBuf,
+}
+
+/// The size of each memory file (sparse), as the LWK makes them.
+const MEMFD_SPACE: u64 = 1 << 40;
+const HUGE: u64 = 2 << 20;
+
+/// A shared mapping of a file, unmapped on drop.
+struct Mapped {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapped {
+    fn new(fd: i32, len: usize, off: u64) -> std::io::Result<Mapped> {
+        // SAFETY: a fresh shared mapping of our own descriptor.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, off as i64)
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapped { ptr: ptr.cast(), len })
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; nothing borrowed from it outlives self.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn memfd(name: &str, flags: libc::c_uint) -> Result<OwnedFd> {
+    let cname = std::ffi::CString::new(name).expect("no NUL");
+    // SAFETY: plain memfd_create.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags | libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("memfd_create {name}"));
+    }
+    // SAFETY: a fresh descriptor of ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The image read and checked, and the application's memory files filled.
+struct Prepared {
+    manifest: Manifest,
+    input: OwnedFd,
+    /// The memory files, with the descriptor number each must have in the
+    /// application process.
+    memfds: Vec<(OwnedFd, i32)>,
+}
+
+fn prepare(dir: &Path) -> Result<Prepared> {
+    let path = dir.join(IMAGE_FILE);
+    let f = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut r = ImageReader::new(BufReader::new(f), None).with_context(|| format!("{}", path.display()))?;
+    let bad = |what: &str| anyhow::anyhow!("{}: {what}", path.display());
+
+    let input_fd = memfd("lwk-restore", 0)?;
+    rustix::fs::ftruncate(&input_fd, INPUT_SIZE).context("sizing the restore input")?;
+    let input_map = Mapped::new(input_fd.as_raw_fd(), INPUT_SIZE as usize, 0).context("mapping the restore input")?;
+    // SAFETY: the mapping is INPUT_SIZE zeroed bytes, RestoreInput is plain
+    // data valid when zeroed, and only this function uses it.
+    let input = unsafe { &mut *(input_map.ptr as *mut RestoreInput) };
+
+    let mut manifest: Option<Manifest> = None;
+    let mut have_state = false;
+    let mut memfds: [Option<OwnedFd>; 3] = [None, None, None];
+    let mut memory_bytes = 0u64;
+    while let Some(rec) = r.next_record().with_context(|| format!("reading {}", path.display()))? {
+        match rec {
+            Record::Known { kind: RecordKind::Manifest, .. } => {
+                let m: Manifest = rec.json()?;
+                if m.lwk_state_size != std::mem::size_of::<LwkState>() as u64
+                    || m.thread_record_size != std::mem::size_of::<ThreadRecord>() as u64
+                {
+                    bail!(
+                        "{}: written by another lwk build ({}); restore it with that build",
+                        path.display(),
+                        m.lwk_version
+                    );
+                }
+                check_files(&m)?;
+                check_descriptors(&m)?;
+                manifest = Some(m);
+            }
+            Record::Known { kind: RecordKind::LwkState, payload } => {
+                if payload.len() != std::mem::size_of::<LwkState>() || manifest.is_none() {
+                    return Err(bad("the LWK state record is out of place or of the wrong size"));
+                }
+                // SAFETY: the record holds the bytes of an LwkState written
+                // by this build (its size checked, its hash verified); the
+                // LWK checks every value before it uses it.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        payload.as_ptr(),
+                        &mut input.export.state as *mut LwkState as *mut u8,
+                        payload.len(),
+                    )
+                };
+                have_state = true;
+                let mm = &input.export.state.mm;
+                for (k, slot) in memfds.iter_mut().enumerate() {
+                    if mm.memfd[k] >= 0 {
+                        let (name, flags) = match k {
+                            0 => ("lwk-mem", 0),
+                            1 => ("lwk-huge", libc::MFD_HUGETLB | libc::MFD_HUGE_2MB),
+                            _ => ("lwk-shared", 0),
+                        };
+                        let fd = memfd(name, flags)?;
+                        rustix::fs::ftruncate(&fd, MEMFD_SPACE).context("sizing a memory file")?;
+                        *slot = Some(fd);
+                    }
+                }
+            }
+            Record::Known { kind: RecordKind::ThreadContexts, payload } => {
+                let size = 4 + std::mem::size_of::<ThreadRecord>();
+                if payload.len() % size != 0 || !have_state {
+                    return Err(bad("the thread record is out of place or of the wrong size"));
+                }
+                for chunk in payload.chunks(size) {
+                    let slot = u32::from_le_bytes(chunk[..4].try_into().expect("4 bytes")) as usize;
+                    let Some(t) = input.export.threads.get_mut(slot) else {
+                        return Err(bad("a thread slot is out of range"));
+                    };
+                    // SAFETY: as for the state: a ThreadRecord's bytes from
+                    // this build; the LWK checks what it uses.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(chunk[4..].as_ptr(), t as *mut ThreadRecord as *mut u8, size - 4)
+                    };
+                    t.saved = 1;
+                }
+            }
+            Record::Memory(m) => {
+                if !have_state {
+                    return Err(bad("memory before the LWK state"));
+                }
+                write_memory(&input.export.state.mm, &memfds, m.addr, &m.bytes)
+                    .with_context(|| format!("restoring memory at {:#x}", m.addr))?;
+                memory_bytes += m.bytes.len() as u64;
+            }
+            Record::Known { .. } | Record::Unknown { .. } => {}
+        }
+    }
+    let manifest = manifest.ok_or_else(|| bad("no manifest"))?;
+    if !have_state {
+        return Err(bad("no LWK state"));
+    }
+    if memory_bytes != manifest.memory_bytes {
+        return Err(bad("the memory records do not add up to what the manifest says"));
+    }
+    let x = &mut input.export;
+    x.magic = EXPORT_MAGIC;
+    x.version = EXPORT_VERSION;
+    x.n_threads = x.threads.iter().filter(|t| t.saved != 0).count() as u32;
+    if x.n_threads != manifest.threads {
+        return Err(bad("the thread records do not match the manifest"));
+    }
+    input.magic = INPUT_MAGIC;
+    input.specials = manifest.specials;
+    if manifest.file_mappings.len() > MAX_FILE_MAPPINGS {
+        bail!("{}: more than {MAX_FILE_MAPPINGS} file mappings", path.display());
+    }
+    input.n_files = manifest.file_mappings.len() as u64;
+    for (slot, f) in input.files.iter_mut().zip(&manifest.file_mappings) {
+        let p = f.path.as_bytes();
+        if p.len() >= FILE_PATH_MAX {
+            bail!("{}: the path is too long for a restore", f.path);
+        }
+        *slot = FileMapping { start: f.start, end: f.end, path: [0; FILE_PATH_MAX] };
+        slot.path[..p.len()].copy_from_slice(p);
+    }
+    let mm_fds = input.export.state.mm.memfd;
+    drop(input_map);
+    let memfds = memfds.into_iter().enumerate().filter_map(|(k, fd)| Some((fd?, mm_fds[k]))).collect();
+    Ok(Prepared { manifest, input: input_fd, memfds })
+}
+
+/// The files the program had mapped must be the same here.
+fn check_files(m: &Manifest) -> Result<()> {
+    for f in &m.file_mappings {
+        let meta = std::fs::metadata(&f.path)
+            .with_context(|| format!("{}, which the program had mapped, is not here", f.path))?;
+        if meta.len() != f.size || mtime_ns(&meta) != f.mtime_ns {
+            bail!(
+                "{}, which the program had mapped, has changed since the checkpoint (size or modification time)",
+                f.path
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Standard input, output and error are handed over (this command's);
+/// other descriptors cannot be rebuilt yet.
+fn check_descriptors(m: &Manifest) -> Result<()> {
+    let others: Vec<String> =
+        m.descriptors.iter().filter(|(fd, _)| *fd > 2).map(|(fd, t)| format!("{fd} ({t})")).collect();
+    if !others.is_empty() {
+        bail!("the application had descriptors that lwk cannot rebuild yet: {}", others.join(", "));
+    }
+    Ok(())
+}
+
+/// Put `bytes`, the application's memory at `addr`, into the memory file
+/// of the piece that holds it.
+fn write_memory(mm: &MmSnapshot, files: &[Option<OwnedFd>; 3], addr: u64, bytes: &[u8]) -> Result<()> {
+    let pieces: &[PieceRecord] = &mm.pieces[..(mm.n_pieces as usize).min(mm.pieces.len())];
+    let end = addr.checked_add(bytes.len() as u64).context("the range wraps")?;
+    let i = pieces.partition_point(|p| p.end <= addr);
+    let p = pieces.get(i).filter(|p| p.start <= addr && end <= p.end).context("no single piece of the map holds it")?;
+    let k = memfd_slot(p.src).context("the piece is not backed by a memory file")?;
+    let file = files[k].as_ref().context("its memory file is missing")?;
+    let off = p.off + (addr - p.start);
+    if k == 1 {
+        // hugetlbfs has no write(): map the huge pages and copy.
+        let (lo, hi) = (off & !(HUGE - 1), (off + bytes.len() as u64).next_multiple_of(HUGE));
+        let m = Mapped::new(file.as_raw_fd(), (hi - lo) as usize, lo)
+            .context("mapping 2 MiB pages (are enough huge pages free? /proc/sys/vm/nr_hugepages)")?;
+        // SAFETY: the mapping covers [lo, hi), which holds [off, off+len).
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), m.ptr.add((off - lo) as usize), bytes.len()) };
+    } else {
+        // SAFETY: a File borrowing our descriptor, not closing it.
+        let f = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(file.as_raw_fd()) });
+        f.write_all_at(bytes, off)?;
+    }
+    Ok(())
+}
+
+pub fn main(args: RestoreArgs) -> Result<i32> {
+    let p = prepare(&args.dir)?;
+    let kernel = run::kernel_image()?;
+    let region = run::ControlRegion::create(p.manifest.options, run::spin_cycles())?;
+    let h = &region.get().header;
+    h.parent_pid.store(p.manifest.parent_pid, Ordering::Relaxed);
+
+    // Descriptor numbers for the application process: its memory files
+    // where the saved state says, the control region, stderr for the LWK's
+    // messages and the input above all of them.
+    let top = p.memfds.iter().map(|m| m.1).max().unwrap_or(2).max(2) + 1;
+    let (ctl_at, diag_at, input_at) = (top, top + 1, top + 2);
+    let mut places: Vec<(i32, i32)> = p.memfds.iter().map(|(fd, at)| (fd.as_raw_fd(), *at)).collect();
+    places.push((region.fd.as_raw_fd(), ctl_at));
+    places.push((2, diag_at));
+    places.push((p.input.as_raw_fd(), input_at));
+
+    // SAFETY: duplicating our own descriptor for the proxy (not close-on-exec).
+    let ctl_fd = unsafe { libc::fcntl(region.fd.as_raw_fd(), libc::F_DUPFD, 3) };
+    if ctl_fd < 0 {
+        bail!("cannot pass the control region on: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: ctl_fd is ours alone from here.
+    let ctl_fd = unsafe { OwnedFd::from_raw_fd(ctl_fd) };
+    let mut proxy = run::spawn(&kernel, OsStr::new("lwk-proxy"), "proxy", ctl_fd.as_raw_fd(), &[], None)?;
+    drop(ctl_fd);
+    let app = match spawn_restoring(&kernel, &p.manifest.command, &places, ctl_at, diag_at, input_at) {
+        Ok(c) => c,
+        Err(e) => {
+            proxy.kill().ok();
+            proxy.wait().ok();
+            return Err(e);
+        }
+    };
+    drop(p.memfds);
+    drop(p.input);
+    run::APP_PID.store(app.id() as i32, Ordering::Relaxed);
+    run::setup_signals();
+    let outcome = run::wait_both(&app, &mut proxy)?;
+    run::APP_PID.store(0, Ordering::Relaxed);
+    if let Some(e) = outcome.proxy_failure {
+        bail!("the proxy process failed ({e}); the application was stopped");
+    }
+    Ok(match outcome.status {
+        ExitStatus::Code(c) => c,
+        ExitStatus::Signal(sig) => run::reraise(sig),
+    })
+}
+
+/// At most three memory files, the control region, stderr and the input.
+const MAX_PLACES: usize = 6;
+
+/// Start the LWK image in restore mode with `places` (descriptor, number)
+/// in place; everything else of ours closes on exec.
+fn spawn_restoring(
+    kernel: &Path,
+    command: &str,
+    places: &[(i32, i32)],
+    ctl_at: i32,
+    diag_at: i32,
+    input_at: i32,
+) -> Result<Child> {
+    assert!(places.len() <= MAX_PLACES);
+    let argv0 = command.split(' ').next().unwrap_or("lwk-restored");
+    let mut cmd = Command::new(kernel);
+    cmd.arg0(argv0).arg("restore").arg(ctl_at.to_string()).arg(diag_at.to_string()).arg(input_at.to_string());
+    let places = places.to_vec();
+    // SAFETY: only dup2 and fcntl on open descriptors run in the child;
+    // every source is moved above every target first, so no dup2 lands on
+    // a source not yet placed.
+    unsafe {
+        cmd.pre_exec(move || {
+            let high = 1 + places.iter().map(|&(f, t)| f.max(t)).max().unwrap_or(0);
+            let mut moved = [-1; MAX_PLACES];
+            for (m, &(from, _)) in moved.iter_mut().zip(&places) {
+                *m = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, high);
+                if *m < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (&fd, &(_, to)) in moved.iter().zip(&places) {
+                if libc::dup2(fd, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        })
+    };
+    cmd.spawn().with_context(|| format!("cannot start the LWK image {}", kernel.display()))
+}
