@@ -19,25 +19,35 @@ const LWK: &str = env!("CARGO_BIN_EXE_lwk");
 const PROGRAMS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs");
 const TMP_ROOT: &str = env!("CARGO_TARGET_TMPDIR");
 
-/// tests/programs/freeze_target.c, compiled once per test process.
-fn target() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
+/// tests/programs/NAME.c, compiled once per test process.
+fn compiled(name: &'static str) -> &'static Path {
+    type Bins = std::sync::Mutex<std::collections::HashMap<&'static str, &'static Path>>;
+    static BINS: OnceLock<Bins> = OnceLock::new();
+    let mut bins = BINS.get_or_init(Default::default).lock().unwrap();
+    bins.entry(name).or_insert_with(|| {
         let dir = tempfile::Builder::new().prefix("lwk-freeze-").tempdir_in(TMP_ROOT).unwrap().keep();
-        let out = dir.join("freeze_target");
+        let out = dir.join(name);
         let o = Command::new("gcc")
             .args(["-O1", "-Wall", "-pthread", "-o"])
             .arg(&out)
-            .arg(Path::new(PROGRAMS).join("freeze_target.c"))
+            .arg(Path::new(PROGRAMS).join(format!("{name}.c")))
             .output()
             .unwrap_or_else(|e| panic!("cannot run gcc ({e}): install Debian's gcc and libc6-dev"));
         assert!(o.status.success(), "gcc: {}", String::from_utf8_lossy(&o.stderr));
-        out
+        Box::leak(out.into_boxed_path())
     })
 }
 
+fn target() -> &'static Path {
+    compiled("freeze_target")
+}
+
 fn native(args: &[&str]) -> String {
-    let o = Command::new(target()).args(args).output().unwrap();
+    native_of(target(), args)
+}
+
+fn native_of(prog: &Path, args: &[&str]) -> String {
+    let o = Command::new(prog).args(args).output().unwrap();
     assert!(o.status.success());
     String::from_utf8(o.stdout).unwrap()
 }
@@ -45,8 +55,21 @@ fn native(args: &[&str]) -> String {
 /// Start the target under lwk; returns it once it printed "ready", with
 /// the rest of its stdout to read.
 fn start(args: &[&str]) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
-    let mut child =
-        Command::new(LWK).arg("run").arg("--").arg(target()).args(args).stdout(Stdio::piped()).spawn().unwrap();
+    start_of(target(), args)
+}
+
+fn start_of(prog: &Path, args: &[&str]) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    let mut cmd = Command::new(LWK);
+    cmd.arg("run").arg("--").arg(prog).args(args).stdin(Stdio::null()).stdout(Stdio::piped());
+    // Only stdin, stdout and stderr, whatever the test runner was given.
+    // SAFETY: close_range is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::syscall(libc::SYS_close_range, 3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            Ok(())
+        })
+    };
+    let mut child = cmd.spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
@@ -237,4 +260,65 @@ fn lwk_checkpoint_without_leave_running_stops_the_application_after_the_image() 
     let status = child.wait().unwrap();
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{status:?}");
     assert!(dir.path().join("image.lwk").exists());
+}
+
+#[test]
+fn a_checkpointed_program_restored_in_new_processes_finishes_as_a_native_run_does() {
+    let prog = compiled("restore_target");
+    let expected = native_of(prog, &[]);
+    let (mut child, mut out) = start_of(prog, &[]);
+    let app = App::attach(child.id() as i32).unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
+    let o = Command::new(LWK).args(["checkpoint", &app.pid.to_string()]).arg(dir.path()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut before = String::new();
+    out.read_to_string(&mut before).unwrap();
+    assert_eq!(before, "", "the checkpointed run stops after its image is written");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&child.wait().unwrap()), Some(libc::SIGKILL));
+    // Restored twice from the same image: each run finishes the work.
+    for _ in 0..2 {
+        let r = Command::new(LWK).arg("restore").arg(dir.path()).stdin(Stdio::null()).output().unwrap();
+        assert!(r.status.success(), "{:?}: {}", r.status, String::from_utf8_lossy(&r.stderr));
+        let after = String::from_utf8(r.stdout).unwrap();
+        assert_eq!(format!("ready\n{after}"), expected, "stderr: {}", String::from_utf8_lossy(&r.stderr));
+    }
+}
+
+#[test]
+fn lwk_restore_refuses_a_damaged_image_or_a_changed_file_before_anything_starts() {
+    let prog = compiled("restore_target");
+    // A copy of the program: it is changed after the checkpoint.
+    let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
+    let copy = dir.path().join("restore_target");
+    std::fs::copy(prog, &copy).unwrap();
+    let (mut child, _out) = start_of(&copy, &[]);
+    let app = App::attach(child.id() as i32).unwrap();
+    let image_dir = dir.path().join("image");
+    let o = Command::new(LWK).args(["checkpoint", &app.pid.to_string()]).arg(&image_dir).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    child.wait().unwrap();
+    let image = image_dir.join("image.lwk");
+
+    // One byte flipped in the middle of the image.
+    let good = std::fs::read(&image).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x40;
+    std::fs::write(&image, &bad).unwrap();
+    let r = Command::new(LWK).arg("restore").arg(&image_dir).output().unwrap();
+    assert_eq!(r.status.code(), Some(125));
+    assert!(r.stdout.is_empty(), "nothing of the program ran");
+    assert!(String::from_utf8_lossy(&r.stderr).contains("image.lwk"), "{}", String::from_utf8_lossy(&r.stderr));
+
+    // Whole again, but the program's file changed since.
+    std::fs::write(&image, &good).unwrap();
+    let f = std::fs::OpenOptions::new().append(true).open(&copy).unwrap();
+    std::io::Write::write_all(&mut &f, b"\0").unwrap();
+    drop(f);
+    let r = Command::new(LWK).arg("restore").arg(&image_dir).output().unwrap();
+    assert_eq!(r.status.code(), Some(125));
+    assert!(r.stdout.is_empty(), "nothing of the program ran");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("restore_target") && err.contains("changed"), "{err}");
 }
