@@ -1561,3 +1561,637 @@ pub fn apply_process_fs(settings: &ProcessFs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Child, Command, Stdio};
+
+    // ------------------------------------------------------------ units
+
+    #[test]
+    fn fdinfo_of_an_epoll_instance() {
+        let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t17\nino:\t26\n\
+                    tfd:        3 events:       19 data:                3  pos:0 ino:1a sdev:10\n\
+                    tfd:        4 events: 80000019 data:     deadbeef0004  pos:0 ino:8a729 sdev:f\n";
+        let info = parse_fdinfo(text).unwrap();
+        assert_eq!(info.flags, 0o2000002);
+        assert_eq!(
+            info.epoll,
+            vec![
+                EpollWatch { registration: EpollRegistration { fd: 3, events: 0x19, data: 3 }, inode: 0x1a },
+                EpollWatch {
+                    registration: EpollRegistration { fd: 4, events: 0x8000_0019, data: 0xdead_beef_0004 },
+                    inode: 0x8a729,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn fdinfo_of_an_eventfd_and_a_timerfd() {
+        let eventfd = parse_fdinfo(
+            "pos:\t0\nflags:\t04002\nmnt_id:\t17\nino:\t26\n\
+             eventfd-count:               11\neventfd-id: 1\neventfd-semaphore: 1\n",
+        )
+        .unwrap();
+        assert_eq!(eventfd.fields["eventfd-count"], "11");
+        assert_eq!(eventfd.fields["eventfd-semaphore"], "1");
+        let flags = OpenFlags(eventfd.flags);
+        assert!(flags.nonblocking() && !flags.append());
+        assert_eq!(flags.access_mode(), AccessMode::ReadWrite);
+
+        let timer = parse_fdinfo(
+            "pos:\t0\nflags:\t02\nmnt_id:\t17\nino:\t26\nclockid: 1\nticks: 0\n\
+             settime flags: 01\nit_value: (9, 999335690)\nit_interval: (1, 0)\n",
+        )
+        .unwrap();
+        assert_eq!(timer.fields["settime flags"], "01");
+        assert_eq!(timer.fields["it_value"], "(9, 999335690)");
+    }
+
+    #[test]
+    fn unmovable_entries_are_named_by_number() {
+        let entry = |fd, disposition| FdEntry {
+            fd,
+            close_on_exec: false,
+            flags: OpenFlags(2),
+            same_description_as: None,
+            kind: FdKind::Other { link: "x".into() },
+            disposition,
+        };
+        let table = FdTable {
+            pid: 1,
+            fds: vec![
+                entry(3, Disposition::Rebuild),
+                entry(7, cannot_move("a unix socket")),
+                entry(8, supply("a terminal")),
+            ],
+            pipes: vec![],
+            process: ProcessFs { cwd: "/".into(), umask: 0o22, limits: vec![] },
+        };
+        let unmovable: Vec<String> = table.unmovable().iter().map(|u| u.to_string()).collect();
+        assert_eq!(unmovable, ["fd 7: a unix socket"]);
+        assert_eq!(table.to_supply(), [(8, "a terminal")]);
+        let json = serde_json::to_string(&table).unwrap();
+        assert_eq!(serde_json::from_str::<FdTable>(&json).unwrap(), table);
+    }
+
+    #[test]
+    fn check_wants_read_only_files_unchanged_and_written_ones_present() {
+        let dir = tempfile::tempdir().unwrap();
+        let read_only = dir.path().join("ro");
+        let written = dir.path().join("rw");
+        std::fs::write(&read_only, b"contents").unwrap();
+        std::fs::write(&written, b"contents").unwrap();
+        let file = |fd, path: &Path, flags| {
+            let meta = std::fs::metadata(path).unwrap();
+            FdEntry {
+                fd,
+                close_on_exec: true,
+                flags: OpenFlags(flags),
+                same_description_as: None,
+                kind: FdKind::File {
+                    path: path.to_str().unwrap().into(),
+                    offset: 0,
+                    identity: FileIdentity {
+                        dev: meta.dev(),
+                        inode: meta.ino(),
+                        size: meta.size(),
+                        mtime_sec: meta.mtime(),
+                        mtime_nsec: meta.mtime_nsec(),
+                    },
+                },
+                disposition: Disposition::Rebuild,
+            }
+        };
+        let table = FdTable {
+            pid: 1,
+            fds: vec![file(3, &read_only, libc::O_RDONLY as u32), file(4, &written, libc::O_WRONLY as u32)],
+            pipes: vec![],
+            process: ProcessFs { cwd: "/".into(), umask: 0o22, limits: vec![] },
+        };
+        check(&table).unwrap();
+
+        // The application's own writes: fine.
+        std::fs::write(&written, b"longer contents").unwrap();
+        check(&table).unwrap();
+
+        std::fs::write(&read_only, b"other contents").unwrap();
+        let Err(Error::Mismatch(problems)) = check(&table) else {
+            panic!("a changed read-only file must fail the check");
+        };
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].fd, 3);
+        assert!(problems[0].problem.contains("size"), "{}", problems[0]);
+
+        std::fs::remove_file(&written).unwrap();
+        let Err(Error::Mismatch(problems)) = check(&table) else {
+            panic!("a missing file must fail the check");
+        };
+        assert_eq!(problems.iter().map(|p| p.fd).collect::<Vec<_>>(), [3, 4]);
+    }
+
+    // ------------------------------------------------ helper processes
+
+    /// The tests start helper processes that are this test binary again,
+    /// running only this test, with the role in this variable; without it
+    /// this test does nothing.
+    const ROLE: &str = "LWK_FDS_TEST_ROLE";
+    const WORK_DIR: &str = "LWK_FDS_TEST_DIR";
+    const TABLE_FILE: &str = "LWK_FDS_TEST_TABLE";
+
+    #[test]
+    fn helper_process() {
+        let Ok(role) = std::env::var(ROLE) else {
+            return;
+        };
+        let code = match role.as_str() {
+            "hold" => hold(HeldSet::Movable),
+            "hold-unmovable" => hold(HeldSet::Unmovable),
+            "restore" => match restore_and_verify() {
+                Ok(()) => 0,
+                Err(message) => {
+                    eprintln!("restore helper: {message}");
+                    1
+                }
+            },
+            other => {
+                eprintln!("unknown helper role {other}");
+                2
+            }
+        };
+        std::process::exit(code);
+    }
+
+    fn helper(role: &str) -> Command {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command.args(["--exact", "fds::tests::helper_process", "--nocapture", "--test-threads=1"]).env(ROLE, role);
+        command
+    }
+
+    /// A helper holding descriptors, started and ready to be captured.
+    struct Holder {
+        child: Child,
+    }
+
+    impl Holder {
+        fn start(role: &str, dir: &Path) -> Holder {
+            let mut child =
+                helper(role).env(WORK_DIR, dir).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+            // The test harness of the helper prints its own lines first.
+            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+            let ready = lines.any(|line| line.is_ok_and(|l| l.ends_with("ready")));
+            assert!(ready, "the helper did not get ready");
+            Holder { child }
+        }
+        fn pid(&self) -> i32 {
+            self.child.id() as i32
+        }
+    }
+
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Put `fd` at number `n`.
+    fn place(fd: OwnedFd, n: RawFd, close_on_exec: bool) {
+        // SAFETY: dup3 takes numbers; `n` is free in the helper, which
+        // closed everything above 2.
+        let r = unsafe { libc::dup3(fd.as_raw_fd(), n, cloexec_flag(close_on_exec)) };
+        assert_eq!(r, n, "dup3 to {n}: {}", io::Error::last_os_error());
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    const DATA_FILE: RawFd = 10;
+    const DATA_FILE_DUP: RawFd = 11;
+    const DIRECTORY: RawFd = 12;
+    const PIPE_READ: RawFd = 13;
+    const PIPE_WRITE: RawFd = 14;
+    const EVENTFD: RawFd = 15;
+    const SEMAPHORE: RawFd = 16;
+    const TIMERFD: RawFd = 17;
+    const EPOLL: RawFd = 18;
+    const DEV_NULL: RawFd = 19;
+    const SIGNALFD: RawFd = 20;
+    const READ_ONLY_FILE: RawFd = 21;
+
+    const PIPE_BYTES: usize = 10 * 1024;
+    const PIPE_CAPACITY: usize = 128 * 1024;
+    const PIPE_DATA: u64 = 0x1111_0013;
+    const EVENTFD_DATA: u64 = 0x2222_0015;
+    const SIGNAL_MASK: u64 = (1 << (libc::SIGUSR1 - 1)) | (1 << (libc::SIGUSR2 - 1));
+
+    const UNIX_A: RawFd = 10;
+    const UNIX_B: RawFd = 11;
+    const INOTIFY: RawFd = 12;
+    const DELETED_FILE: RawFd = 13;
+    const TCP_LISTENER: RawFd = 14;
+
+    enum HeldSet {
+        Movable,
+        Unmovable,
+    }
+
+    /// The helper that holds descriptors: sets them up at known numbers,
+    /// says "ready" and waits for its stdin to close.
+    fn hold(set: HeldSet) -> i32 {
+        // Nothing but the descriptors of the test (and stdio).
+        // SAFETY: close_range takes numbers; this process uses none above 2.
+        unsafe { libc::syscall(libc::SYS_close_range, 3, u32::MAX, 0) };
+        let dir = PathBuf::from(std::env::var_os(WORK_DIR).unwrap());
+        match set {
+            HeldSet::Movable => hold_movable(&dir),
+            HeldSet::Unmovable => hold_unmovable(&dir),
+        }
+        rustix::io::write(std::io::stdout().as_fd(), b"ready\n").unwrap();
+        let mut rest = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut rest);
+        0
+    }
+
+    fn hold_movable(dir: &Path) {
+        let data = rustix::fs::open(
+            dir.join("data"),
+            OFlags::RDWR | OFlags::CREATE | OFlags::APPEND | OFlags::CLOEXEC,
+            Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        rustix::io::write(&data, &pattern(100)).unwrap();
+        rustix::fs::seek(&data, SeekFrom::Start(40)).unwrap();
+        place(data.try_clone().unwrap(), DATA_FILE, true);
+        place(data, DATA_FILE_DUP, true);
+
+        let directory =
+            rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).unwrap();
+        place(directory, DIRECTORY, true);
+
+        let (r, w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC).unwrap();
+        rustix::pipe::fcntl_setpipe_size(&w, PIPE_CAPACITY).unwrap();
+        write_all(&w, &pattern(PIPE_BYTES)).unwrap();
+        rustix::fs::fcntl_setfl(&w, OFlags::NONBLOCK).unwrap();
+        place(r, PIPE_READ, true);
+        place(w, PIPE_WRITE, true);
+
+        let counter = eventfd(5, EventfdFlags::NONBLOCK).unwrap();
+        place(counter, EVENTFD, true);
+        let semaphore = eventfd(17, EventfdFlags::SEMAPHORE).unwrap();
+        place(semaphore, SEMAPHORE, true);
+
+        let timer = rustix::time::timerfd_create(TimerfdClockId::Monotonic, TimerfdFlags::empty()).unwrap();
+        let spec = Itimerspec {
+            it_interval: timespec_of(Duration::from_secs(1)),
+            it_value: timespec_of(Duration::from_secs(10)),
+        };
+        rustix::time::timerfd_settime(&timer, TimerfdTimerFlags::empty(), &spec).unwrap();
+        place(timer, TIMERFD, true);
+
+        let ep = epoll::create(epoll::CreateFlags::empty()).unwrap();
+        epoll::add(&ep, borrow(PIPE_READ), epoll::EventData::new_u64(PIPE_DATA), epoll::EventFlags::IN).unwrap();
+        epoll::add(
+            &ep,
+            borrow(EVENTFD),
+            epoll::EventData::new_u64(EVENTFD_DATA),
+            epoll::EventFlags::IN | epoll::EventFlags::ET,
+        )
+        .unwrap();
+        place(ep, EPOLL, true);
+
+        let null = rustix::fs::open("/dev/null", OFlags::RDWR, Mode::empty()).unwrap();
+        place(null, DEV_NULL, false);
+
+        let sfd = rebuild_signalfd(SIGNALFD, SIGNAL_MASK).unwrap();
+        place(sfd, SIGNALFD, true);
+
+        std::fs::write(dir.join("ro"), b"read only").unwrap();
+        let ro = rustix::fs::open(dir.join("ro"), OFlags::RDONLY, Mode::empty()).unwrap();
+        place(ro, READ_ONLY_FILE, true);
+    }
+
+    fn hold_unmovable(dir: &Path) {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType as RxType};
+        let (a, b) = rustix::net::socketpair(AddressFamily::UNIX, RxType::STREAM, SocketFlags::empty(), None).unwrap();
+        place(a, UNIX_A, true);
+        place(b, UNIX_B, true);
+        let inotify = rustix::fs::inotify::init(rustix::fs::inotify::CreateFlags::empty()).unwrap();
+        place(inotify, INOTIFY, true);
+        let path = dir.join("deleted");
+        let deleted = rustix::fs::open(&path, OFlags::RDWR | OFlags::CREATE, Mode::from_bits_truncate(0o600)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        place(deleted, DELETED_FILE, true);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        place(OwnedFd::from(listener), TCP_LISTENER, true);
+    }
+
+    // --------------------------------------------------------- capture
+
+    fn kind_of(table: &FdTable, fd: RawFd) -> &FdKind {
+        &table.entry(fd).unwrap_or_else(|| panic!("no fd {fd} in {table:#?}")).kind
+    }
+
+    #[test]
+    #[ignore = "needs root (pidfd_getfd of another process)"]
+    fn capture_check_and_restore_in_another_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let holder = Holder::start("hold", dir.path());
+        let table = capture(holder.pid()).unwrap();
+        let again = capture(holder.pid()).unwrap();
+        drop(holder);
+
+        // Peeking left the pipe as it was.
+        assert_eq!(table.pipes, again.pipes);
+        assert_captured_as_set_up(&table, dir.path());
+        check(&table).unwrap();
+        let json = serde_json::to_string_pretty(&table).unwrap();
+        assert_eq!(serde_json::from_str::<FdTable>(&json).unwrap(), table);
+
+        let table_file = dir.path().join("table.json");
+        std::fs::write(&table_file, &json).unwrap();
+        let output = helper("restore")
+            .env(TABLE_FILE, &table_file)
+            .env(WORK_DIR, dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "the restore helper failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+
+        // The file opened read-only changes: the next check says so.
+        std::fs::write(dir.path().join("ro"), b"changed since").unwrap();
+        let Err(Error::Mismatch(problems)) = check(&table) else {
+            panic!("check must see the changed read-only file");
+        };
+        assert_eq!(problems.iter().map(|p| p.fd).collect::<Vec<_>>(), [READ_ONLY_FILE]);
+    }
+
+    fn assert_captured_as_set_up(table: &FdTable, dir: &Path) {
+        let numbers: Vec<RawFd> = table.fds.iter().map(|e| e.fd).filter(|&fd| fd > 2).collect();
+        assert_eq!(numbers, (DATA_FILE..=READ_ONLY_FILE).collect::<Vec<_>>());
+        // stdin and stdout are pipes to the test: outside the application.
+        for fd in [0, 1] {
+            let e = table.entry(fd).unwrap();
+            assert!(matches!(e.kind, FdKind::Pipe { fifo: None, .. }), "{e:?}");
+            assert!(matches!(&e.disposition, Disposition::Supply { why } if why.contains("outside")), "{e:?}");
+        }
+        for e in table.fds.iter().filter(|e| e.fd > 2) {
+            assert_eq!(e.disposition, Disposition::Rebuild, "{e:?}");
+            assert_eq!(e.close_on_exec, e.fd != DEV_NULL, "{e:?}");
+        }
+
+        let data = table.entry(DATA_FILE).unwrap();
+        let FdKind::File { path, offset, identity } = &data.kind else {
+            panic!("{data:?}");
+        };
+        assert_eq!(Path::new(path), dir.join("data"));
+        assert_eq!((*offset, identity.size), (40, 100));
+        assert!(data.flags.append());
+        assert_eq!(data.flags.access_mode(), AccessMode::ReadWrite);
+        assert_eq!(table.entry(DATA_FILE_DUP).unwrap().same_description_as, Some(DATA_FILE));
+
+        assert!(matches!(kind_of(table, DIRECTORY), FdKind::Directory { path, .. } if Path::new(path) == dir));
+
+        let (
+            FdKind::Pipe { inode: read_inode, end: PipeEnd::Read, fifo: None },
+            FdKind::Pipe { inode: write_inode, end: PipeEnd::Write, fifo: None },
+        ) = (kind_of(table, PIPE_READ), kind_of(table, PIPE_WRITE))
+        else {
+            panic!("pipe ends: {table:#?}");
+        };
+        assert_eq!(read_inode, write_inode);
+        assert!(table.entry(PIPE_WRITE).unwrap().flags.nonblocking());
+        let contents = table.pipe_contents(*read_inode).unwrap();
+        assert_eq!(contents.capacity, PIPE_CAPACITY);
+        assert!(contents.buffered == pattern(PIPE_BYTES), "the pipe's bytes differ");
+        // Once per pipe: the stdio pipes to the test are not captured.
+        assert_eq!(table.pipes.len(), 1);
+
+        assert_eq!(*kind_of(table, EVENTFD), FdKind::EventFd { count: 5, semaphore: false });
+        assert!(table.entry(EVENTFD).unwrap().flags.nonblocking());
+        assert_eq!(*kind_of(table, SEMAPHORE), FdKind::EventFd { count: 17, semaphore: true });
+
+        let FdKind::TimerFd(timer) = kind_of(table, TIMERFD) else {
+            panic!("{table:#?}");
+        };
+        assert_eq!(timer.clock, TimerClock::Monotonic);
+        assert!(!timer.absolute && timer.realtime_deadline.is_none());
+        assert_eq!(timer.interval, Duration::from_secs(1));
+        assert!(timer.remaining > Duration::from_secs(5) && timer.remaining <= Duration::from_secs(10), "{timer:?}");
+
+        let FdKind::Epoll { registrations } = kind_of(table, EPOLL) else {
+            panic!("{table:#?}");
+        };
+        let mut registrations = registrations.clone();
+        registrations.sort_by_key(|r| r.fd);
+        let hup_err = (libc::EPOLLERR | libc::EPOLLHUP) as u32;
+        assert_eq!(
+            registrations,
+            [
+                EpollRegistration { fd: PIPE_READ, events: libc::EPOLLIN as u32 | hup_err, data: PIPE_DATA },
+                EpollRegistration {
+                    fd: EVENTFD,
+                    events: (libc::EPOLLIN | libc::EPOLLET) as u32 | hup_err,
+                    data: EVENTFD_DATA
+                },
+            ]
+        );
+
+        assert!(matches!(kind_of(table, DEV_NULL), FdKind::CharDevice { path, .. } if path == "/dev/null"));
+        assert_eq!(*kind_of(table, SIGNALFD), FdKind::SignalFd { mask: SIGNAL_MASK });
+        assert!(matches!(kind_of(table, READ_ONLY_FILE), FdKind::File { .. }));
+        assert_eq!(table.entry(READ_ONLY_FILE).unwrap().flags.access_mode(), AccessMode::Read);
+
+        assert_eq!(table.process.cwd, std::env::current_dir().unwrap().to_str().unwrap());
+        assert!(table.process.limits.iter().any(|l| l.resource == "NOFILE" && l.soft.is_some()));
+    }
+
+    #[test]
+    #[ignore = "needs root (pidfd_getfd of another process)"]
+    fn unmovable_descriptors_are_named_before_anything_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let holder = Holder::start("hold-unmovable", dir.path());
+        let table = capture(holder.pid()).unwrap();
+        drop(holder);
+
+        let unmovable = table.unmovable();
+        let numbers: Vec<RawFd> = unmovable.iter().map(|u| u.fd).filter(|&fd| fd > 2).collect();
+        assert_eq!(numbers, [UNIX_A, UNIX_B, INOTIFY, DELETED_FILE], "{unmovable:?}");
+        let said = |fd: RawFd| unmovable.iter().find(|u| u.fd == fd).unwrap().to_string();
+        assert!(said(UNIX_A).starts_with("fd 10: a unix socket"), "{}", said(UNIX_A));
+        assert!(said(INOTIFY).contains("inotify"), "{}", said(INOTIFY));
+        assert!(said(DELETED_FILE).contains("deleted"), "{}", said(DELETED_FILE));
+        assert!(matches!(
+            kind_of(&table, UNIX_A),
+            FdKind::Socket { family: SocketFamily::Unix, socket_type: SocketType::Stream, .. }
+        ));
+
+        // A TCP socket travels, but through lwk_migrate::sockets.
+        let listener = table.entry(TCP_LISTENER).unwrap();
+        assert!(matches!(
+            listener.kind,
+            FdKind::Socket {
+                family: SocketFamily::Inet,
+                socket_type: SocketType::Stream,
+                protocol: libc::IPPROTO_TCP,
+                ..
+            }
+        ));
+        assert!(table.to_supply().iter().any(|&(fd, why)| fd == TCP_LISTENER && why.contains("TCP")));
+    }
+
+    // --------------------------------------------------------- restore
+
+    /// The restore helper: rebuilds the table in itself, then looks at
+    /// every descriptor. Its own stdio is handed in for the table's.
+    fn restore_and_verify() -> Result<(), String> {
+        let table_file = std::env::var_os(TABLE_FILE).ok_or("no table")?;
+        let dir = PathBuf::from(std::env::var_os(WORK_DIR).ok_or("no work dir")?);
+        let json = std::fs::read_to_string(table_file).map_err(|e| e.to_string())?;
+        let table: FdTable = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+
+        // Something of ours in the way, to be moved aside.
+        let zero = rustix::fs::open("/dev/zero", OFlags::RDONLY, Mode::empty()).map_err(|e| e.to_string())?;
+        place(zero, PIPE_READ, false);
+
+        let mut options = RestoreOptions::default();
+        for (fd, own) in [(0, 0), (1, 1), (2, 2)] {
+            let dup = borrow(own).try_clone_to_owned().map_err(|e| e.to_string())?;
+            options.supplied.insert(fd, dup);
+        }
+        let restored = restore(&table, options).map_err(|e| e.to_string())?;
+
+        let expect = |ok: bool, what: String| if ok { Ok(()) } else { Err(what) };
+        expect(restored.supplied == [0, 1, 2], format!("supplied {:?}", restored.supplied))?;
+        let rebuilt: Vec<RawFd> = (DATA_FILE..=READ_ONLY_FILE).collect();
+        expect(restored.rebuilt == rebuilt, format!("rebuilt {:?}", restored.rebuilt))?;
+        let moved = restored.moved_aside.iter().find(|m| m.was == PIPE_READ).ok_or("fd 13 was not moved aside")?;
+        let moved_meta = File::from(borrow(moved.now).try_clone_to_owned().map_err(|e| e.to_string())?)
+            .metadata()
+            .map_err(|e| e.to_string())?;
+        expect(moved_meta.rdev() == libc::makedev(1, 5), "fd 13 moved aside is not /dev/zero".into())?;
+
+        // Before anything is read: what the process looks like from
+        // outside is what was captured.
+        let mine = capture(std::process::id() as i32).map_err(|e| e.to_string())?;
+        for original in table.fds.iter().filter(|e| e.disposition == Disposition::Rebuild) {
+            let now = mine.entry(original.fd).ok_or(format!("fd {} is missing", original.fd))?;
+            expect(
+                comparable(original, &table) == comparable(now, &mine),
+                format!("fd {}: captured\n{original:#?}\nrestored\n{now:#?}", original.fd),
+            )?;
+        }
+
+        verify_by_use(&dir)
+    }
+
+    /// An entry with what may differ between two captures taken apart
+    /// (pipe inode, time left, epoll registration order) made equal.
+    fn comparable(entry: &FdEntry, table: &FdTable) -> (FdEntry, Option<PipeContents>) {
+        let mut entry = entry.clone();
+        let mut contents = None;
+        match &mut entry.kind {
+            FdKind::Pipe { inode, .. } => {
+                contents = table.pipe_contents(*inode).cloned().map(|c| PipeContents { inode: 0, ..c });
+                *inode = 0;
+            }
+            FdKind::TimerFd(timer) => timer.remaining = Duration::ZERO,
+            FdKind::Epoll { registrations } => registrations.sort_by_key(|r| r.fd),
+            _ => {}
+        }
+        (entry, contents)
+    }
+
+    fn verify_by_use(dir: &Path) -> Result<(), String> {
+        let fail = |what: &'static str| move |e: rustix::io::Errno| format!("{what}: {e}");
+        let expect = |ok: bool, what: String| if ok { Ok(()) } else { Err(what) };
+
+        // epoll first, while the pipe still holds its bytes.
+        let mut events = Vec::with_capacity(8);
+        let zero = timespec_of(Duration::ZERO);
+        epoll::wait(borrow(EPOLL), rustix::buffer::spare_capacity(&mut events), Some(&zero))
+            .map_err(fail("epoll_wait"))?;
+        let mut data: Vec<u64> = events.iter().map(|e| e.data.u64()).collect();
+        data.sort_unstable();
+        expect(data == [PIPE_DATA, EVENTFD_DATA], format!("epoll reported {data:x?}"))?;
+
+        let flags = rustix::fs::fcntl_getfl(borrow(DATA_FILE)).map_err(fail("F_GETFL"))?;
+        expect(flags.contains(OFlags::APPEND | OFlags::RDWR), format!("data file flags {flags:?}"))?;
+        let offset = rustix::fs::seek(borrow(DATA_FILE), SeekFrom::Current(0)).map_err(fail("lseek"))?;
+        expect(offset == 40, format!("data file offset {offset}"))?;
+        let mut rest = [0u8; 100];
+        let n = rustix::io::read(borrow(DATA_FILE), &mut rest).map_err(fail("read"))?;
+        expect(rest[..n] == pattern(100)[40..], "data file contents from the offset".into())?;
+        let shared = rustix::fs::seek(borrow(DATA_FILE_DUP), SeekFrom::Current(0)).map_err(fail("lseek"))?;
+        expect(shared == 100, format!("the dup's offset is {shared}: not shared"))?;
+        let cloexec = rustix::io::fcntl_getfd(borrow(DATA_FILE)).map_err(fail("F_GETFD"))?;
+        expect(cloexec.contains(rustix::io::FdFlags::CLOEXEC), "data file close-on-exec".into())?;
+
+        let dir_meta = rustix::fs::fstat(borrow(DIRECTORY)).map_err(fail("fstat"))?;
+        let want_dir = std::fs::metadata(dir).map_err(|e| e.to_string())?;
+        expect(dir_meta.st_ino == want_dir.ino(), "the directory is another one".into())?;
+
+        let size = rustix::pipe::fcntl_getpipe_size(borrow(PIPE_WRITE)).map_err(fail("F_GETPIPE_SZ"))?;
+        expect(size == PIPE_CAPACITY, format!("pipe capacity {size}"))?;
+        let flags = rustix::fs::fcntl_getfl(borrow(PIPE_WRITE)).map_err(fail("F_GETFL"))?;
+        expect(flags.contains(OFlags::NONBLOCK), "pipe write end not O_NONBLOCK".into())?;
+        rustix::io::write(borrow(PIPE_WRITE), b"!").map_err(fail("write to the pipe"))?;
+        let mut bytes = vec![0u8; PIPE_BYTES + 1];
+        let mut got = 0;
+        while got < bytes.len() {
+            got += rustix::io::read(borrow(PIPE_READ), &mut bytes[got..]).map_err(fail("read the pipe"))?;
+        }
+        let mut want = pattern(PIPE_BYTES);
+        want.push(b'!');
+        expect(bytes == want, "the pipe's bytes differ".into())?;
+
+        let mut count = [0u8; 8];
+        rustix::io::read(borrow(EVENTFD), &mut count).map_err(fail("read the eventfd"))?;
+        expect(u64::from_ne_bytes(count) == 5, format!("eventfd count {}", u64::from_ne_bytes(count)))?;
+        rustix::io::read(borrow(SEMAPHORE), &mut count).map_err(fail("read the semaphore"))?;
+        expect(u64::from_ne_bytes(count) == 1, "the semaphore eventfd gave more than 1".into())?;
+
+        let timer = rustix::time::timerfd_gettime(borrow(TIMERFD)).map_err(fail("timerfd_gettime"))?;
+        let (value, interval) = (duration_of(timer.it_value), duration_of(timer.it_interval));
+        expect(
+            interval == Duration::from_secs(1) && value > Duration::from_secs(5) && value <= Duration::from_secs(10),
+            format!("timer {value:?} every {interval:?}"),
+        )?;
+
+        let null = rustix::fs::fstat(borrow(DEV_NULL)).map_err(fail("fstat"))?;
+        expect(null.st_rdev == libc::makedev(1, 3), "fd 19 is not /dev/null".into())?;
+        let cloexec = rustix::io::fcntl_getfd(borrow(DEV_NULL)).map_err(fail("F_GETFD"))?;
+        expect(cloexec.is_empty(), "/dev/null got close-on-exec".into())?;
+        Ok(())
+    }
+
+    #[test]
+    fn restore_refuses_an_unsupplied_descriptor_before_touching_anything() {
+        let table = FdTable {
+            pid: 1,
+            fds: vec![FdEntry {
+                fd: 0,
+                close_on_exec: false,
+                flags: OpenFlags(0),
+                same_description_as: None,
+                kind: FdKind::CharDevice { path: "/dev/pts/0".into(), rdev: libc::makedev(136, 0) },
+                disposition: supply("a terminal"),
+            }],
+            pipes: vec![],
+            process: ProcessFs { cwd: "/".into(), umask: 0o22, limits: vec![] },
+        };
+        let before = rustix::fs::fstat(std::io::stdin().as_fd()).map(|s| s.st_ino);
+        let err = restore(&table, RestoreOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::NotSupplied { fd: 0, .. }), "{err}");
+        assert_eq!(rustix::fs::fstat(std::io::stdin().as_fd()).map(|s| s.st_ino), before);
+    }
+}
