@@ -1782,6 +1782,14 @@ mod tests {
     const DEV_NULL: RawFd = 19;
     const SIGNALFD: RawFd = 20;
     const READ_ONLY_FILE: RawFd = 21;
+    const FIFO_BOTH: RawFd = 22;
+    const FIFO_READ: RawFd = 23;
+    const WALL_CLOCK_TIMER: RawFd = 24;
+    const LAST: RawFd = WALL_CLOCK_TIMER;
+
+    const FIFO_BYTES: &[u8] = b"in the fifo";
+    const UMASK: u32 = 0o027;
+    const NOFILE_SOFT: u64 = 1000;
 
     const PIPE_BYTES: usize = 10 * 1024;
     const PIPE_CAPACITY: usize = 128 * 1024;
@@ -1873,6 +1881,30 @@ mod tests {
         std::fs::write(dir.join("ro"), b"read only").unwrap();
         let ro = rustix::fs::open(dir.join("ro"), OFlags::RDONLY, Mode::empty()).unwrap();
         place(ro, READ_ONLY_FILE, true);
+
+        let fifo = dir.join("fifo");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, Mode::from_bits_truncate(0o600)).unwrap();
+        let both = rustix::fs::open(&fifo, OFlags::RDWR, Mode::empty()).unwrap();
+        let reader = rustix::fs::open(&fifo, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty()).unwrap();
+        write_all(&both, FIFO_BYTES).unwrap();
+        place(both, FIFO_BOTH, true);
+        place(reader, FIFO_READ, true);
+
+        // Twenty seconds from now, in wall-clock time.
+        let wall = rustix::time::timerfd_create(TimerfdClockId::Realtime, TimerfdFlags::empty()).unwrap();
+        let now = duration_of(rustix::time::clock_gettime(rustix::time::ClockId::Realtime));
+        let spec = Itimerspec {
+            it_interval: timespec_of(Duration::ZERO),
+            it_value: timespec_of(now + Duration::from_secs(20)),
+        };
+        rustix::time::timerfd_settime(&wall, TimerfdTimerFlags::ABSTIME, &spec).unwrap();
+        place(wall, WALL_CLOCK_TIMER, true);
+
+        std::env::set_current_dir(dir).unwrap();
+        rustix::process::umask(Mode::from_bits_truncate(UMASK));
+        let nofile = libc::rlimit { rlim_cur: NOFILE_SOFT, rlim_max: NOFILE_SOFT * 2 };
+        // SAFETY: `nofile` is a valid rlimit.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &nofile) }, 0);
     }
 
     fn hold_unmovable(dir: &Path) {
@@ -1937,7 +1969,7 @@ mod tests {
 
     fn assert_captured_as_set_up(table: &FdTable, dir: &Path) {
         let numbers: Vec<RawFd> = table.fds.iter().map(|e| e.fd).filter(|&fd| fd > 2).collect();
-        assert_eq!(numbers, (DATA_FILE..=READ_ONLY_FILE).collect::<Vec<_>>());
+        assert_eq!(numbers, (DATA_FILE..=LAST).collect::<Vec<_>>());
         // stdin and stdout are pipes to the test: outside the application.
         for fd in [0, 1] {
             let e = table.entry(fd).unwrap();
@@ -1973,8 +2005,9 @@ mod tests {
         let contents = table.pipe_contents(*read_inode).unwrap();
         assert_eq!(contents.capacity, PIPE_CAPACITY);
         assert!(contents.buffered == pattern(PIPE_BYTES), "the pipe's bytes differ");
-        // Once per pipe: the stdio pipes to the test are not captured.
-        assert_eq!(table.pipes.len(), 1);
+        // Once per pipe (and FIFO): the stdio pipes to the test are not
+        // captured.
+        assert_eq!(table.pipes.len(), 2);
 
         assert_eq!(*kind_of(table, EVENTFD), FdKind::EventFd { count: 5, semaphore: false });
         assert!(table.entry(EVENTFD).unwrap().flags.nonblocking());
@@ -2011,7 +2044,22 @@ mod tests {
         assert!(matches!(kind_of(table, READ_ONLY_FILE), FdKind::File { .. }));
         assert_eq!(table.entry(READ_ONLY_FILE).unwrap().flags.access_mode(), AccessMode::Read);
 
-        assert_eq!(table.process.cwd, std::env::current_dir().unwrap().to_str().unwrap());
+        let FdKind::Pipe { inode, end: PipeEnd::ReadWrite, fifo: Some(path) } = kind_of(table, FIFO_BOTH) else {
+            panic!("{table:#?}");
+        };
+        assert_eq!(Path::new(path), dir.join("fifo"));
+        assert!(matches!(kind_of(table, FIFO_READ), FdKind::Pipe { end: PipeEnd::Read, fifo: Some(_), .. }));
+        assert_eq!(table.pipe_contents(*inode).unwrap().buffered, FIFO_BYTES);
+
+        let FdKind::TimerFd(wall) = kind_of(table, WALL_CLOCK_TIMER) else {
+            panic!("{table:#?}");
+        };
+        assert!(wall.absolute && wall.clock == TimerClock::Realtime && wall.realtime_deadline.is_some(), "{wall:?}");
+
+        assert_eq!(Path::new(&table.process.cwd), dir);
+        assert_eq!(table.process.umask, UMASK);
+        let nofile = table.process.limits.iter().find(|l| l.resource == "NOFILE").unwrap();
+        assert_eq!((nofile.soft, nofile.hard), (Some(NOFILE_SOFT), Some(NOFILE_SOFT * 2)));
         assert!(table.process.limits.iter().any(|l| l.resource == "NOFILE" && l.soft.is_some()));
     }
 
@@ -2072,7 +2120,7 @@ mod tests {
 
         let expect = |ok: bool, what: String| if ok { Ok(()) } else { Err(what) };
         expect(restored.supplied == [0, 1, 2], format!("supplied {:?}", restored.supplied))?;
-        let rebuilt: Vec<RawFd> = (DATA_FILE..=READ_ONLY_FILE).collect();
+        let rebuilt: Vec<RawFd> = (DATA_FILE..=LAST).collect();
         expect(restored.rebuilt == rebuilt, format!("rebuilt {:?}", restored.rebuilt))?;
         let moved = restored.moved_aside.iter().find(|m| m.was == PIPE_READ).ok_or("fd 13 was not moved aside")?;
         let moved_meta = File::from(borrow(moved.now).try_clone_to_owned().map_err(|e| e.to_string())?)
@@ -2091,7 +2139,16 @@ mod tests {
             )?;
         }
 
-        verify_by_use(&dir)
+        verify_by_use(&dir)?;
+
+        apply_process_fs(&table.process).map_err(|e| e.to_string())?;
+        let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
+        expect(cwd == dir, format!("cwd {cwd:?}"))?;
+        let umask = rustix::process::umask(Mode::empty());
+        expect(umask.bits() == UMASK, format!("umask {umask:?}"))?;
+        let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        expect(nofile.current == Some(NOFILE_SOFT), format!("RLIMIT_NOFILE {nofile:?}"))?;
+        Ok(())
     }
 
     /// An entry with what may differ between two captures taken apart
@@ -2104,7 +2161,10 @@ mod tests {
                 contents = table.pipe_contents(*inode).cloned().map(|c| PipeContents { inode: 0, ..c });
                 *inode = 0;
             }
-            FdKind::TimerFd(timer) => timer.remaining = Duration::ZERO,
+            FdKind::TimerFd(timer) => {
+                timer.remaining = Duration::ZERO;
+                timer.realtime_deadline = timer.realtime_deadline.map(|_| Duration::ZERO);
+            }
             FdKind::Epoll { registrations } => registrations.sort_by_key(|r| r.fd),
             _ => {}
         }
@@ -2165,6 +2225,17 @@ mod tests {
         expect(
             interval == Duration::from_secs(1) && value > Duration::from_secs(5) && value <= Duration::from_secs(10),
             format!("timer {value:?} every {interval:?}"),
+        )?;
+
+        let mut fifo = [0u8; 64];
+        let n = rustix::io::read(borrow(FIFO_READ), &mut fifo).map_err(fail("read the FIFO"))?;
+        expect(&fifo[..n] == FIFO_BYTES, "the FIFO's bytes differ".into())?;
+
+        let wall = rustix::time::timerfd_gettime(borrow(WALL_CLOCK_TIMER)).map_err(fail("timerfd_gettime"))?;
+        let left = duration_of(wall.it_value);
+        expect(
+            left > Duration::from_secs(15) && left <= Duration::from_secs(20),
+            format!("wall-clock timer {left:?}"),
         )?;
 
         let null = rustix::fs::fstat(borrow(DEV_NULL)).map_err(fail("fstat"))?;
