@@ -47,7 +47,13 @@
 //! * An epoll registration is keyed by (file, number); the table records it
 //!   by number after checking that the file at that number is the one
 //!   registered (the same inode). If it is not (the number was closed or
-//!   reused after `epoll_ctl`), the epoll instance cannot move.
+//!   reused after `epoll_ctl`), the epoll instance cannot move. The check
+//!   is weak for anonymous-inode files (eventfd, timerfd, ...), which all
+//!   share one inode: fdinfo names nothing finer.
+//! * Shared descriptions need `kcmp` (CONFIG_KCMP); without it every
+//!   descriptor is restored as a description of its own.
+//! * Paths are kept as strings (the table is readable JSON); a descriptor
+//!   whose path is not UTF-8 cannot move.
 //! * `O_ASYNC` (signal-driven I/O) is not moved: its owner is a pid.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -451,7 +457,9 @@ struct Taken {
     fd: RawFd,
     file: File,
     meta: std::fs::Metadata,
+    /// What `/proc/PID/fd/N` links to (lossily UTF-8).
     link: String,
+    link_is_utf8: bool,
     info: FdInfo,
 }
 
@@ -580,14 +588,15 @@ fn take(pid: i32, pidfd: &OwnedFd, fd: RawFd) -> Result<Taken> {
     let file = File::from(owned);
     let meta = file.metadata().map_err(|source| Error::Inspect { pid, fd, what: "fstat", source })?;
     let link_path = proc_path(pid, &format!("fd/{fd}"));
-    let link = std::fs::read_link(&link_path)
-        .map_err(|source| Error::Proc { path: link_path, source })?
-        .to_string_lossy()
-        .into_owned();
+    let target = std::fs::read_link(&link_path).map_err(|source| Error::Proc { path: link_path, source })?;
+    // The table keeps paths as strings, so that it stays readable JSON: a
+    // path that is not UTF-8 cannot be kept.
+    let link_is_utf8 = target.to_str().is_some();
+    let link = target.to_string_lossy().into_owned();
     let info_path = proc_path(pid, &format!("fdinfo/{fd}"));
     let info =
         parse_fdinfo(&read_proc(&info_path)?).map_err(|line| Error::ProcFormat { path: info_path, what: line })?;
-    Ok(Taken { fd, file, meta, link, info })
+    Ok(Taken { fd, file, meta, link, link_is_utf8, info })
 }
 
 /// The well-known character devices that are the same on every machine and
@@ -618,12 +627,6 @@ fn supply(why: impl Into<String>) -> Disposition {
     Disposition::Supply { why: why.into() }
 }
 
-/// A path as the table keeps it: a string, so the table stays readable
-/// JSON. A path that is not UTF-8 cannot be kept.
-fn utf8_path(link: &str) -> Option<String> {
-    (!link.contains('\u{FFFD}')).then(|| link.to_string())
-}
-
 fn classify(pid: i32, t: &Taken) -> Result<(FdKind, Disposition)> {
     let file_type = t.meta.file_type();
     if let Some(anon) = t.link.strip_prefix("anon_inode:") {
@@ -648,7 +651,7 @@ fn classify(pid: i32, t: &Taken) -> Result<(FdKind, Disposition)> {
         };
         let disposition = if t.meta.nlink() == 0 {
             cannot_move(format!("{} is a deleted file: its contents are not carried", t.link))
-        } else if utf8_path(&t.link).is_none() {
+        } else if !t.link_is_utf8 {
             cannot_move(format!("the path {:?} is not UTF-8", t.link))
         } else {
             Disposition::Rebuild
@@ -658,7 +661,7 @@ fn classify(pid: i32, t: &Taken) -> Result<(FdKind, Disposition)> {
     if file_type.is_dir() {
         let disposition = if t.meta.nlink() == 0 {
             cannot_move(format!("{} is a deleted directory", t.link))
-        } else if utf8_path(&t.link).is_none() {
+        } else if !t.link_is_utf8 {
             cannot_move(format!("the path {:?} is not UTF-8", t.link))
         } else {
             Disposition::Rebuild
