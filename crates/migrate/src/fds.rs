@@ -98,6 +98,8 @@ pub enum Error {
     CannotMove { fd: RawFd, reason: String },
     #[error("fd {fd} must be supplied by the caller ({why}), and was not")]
     NotSupplied { fd: RawFd, why: String },
+    #[error("fd {fd} was supplied, but the table has no fd {fd}")]
+    SuppliedUnknown { fd: RawFd },
     #[error("fd {fd}: {what}: {source}")]
     Rebuild { fd: RawFd, what: String, source: io::Error },
     #[error("moving the caller's fd {fd} out of the way: {source}")]
@@ -1145,6 +1147,9 @@ pub fn restore(table: &FdTable, options: RestoreOptions) -> Result<Restored> {
             Disposition::Supply { why } if !supplied => return Err(Error::NotSupplied { fd: e.fd, why: why.clone() }),
             _ => {}
         }
+    }
+    if let Some(&fd) = options.supplied.keys().find(|&&fd| table.entry(fd).is_none()) {
+        return Err(Error::SuppliedUnknown { fd });
     }
     let Some(highest) = table.fds.iter().map(|e| e.fd).max() else {
         return Ok(Restored::default());
@@ -2266,6 +2271,16 @@ mod tests {
         let before = rustix::fs::fstat(std::io::stdin().as_fd()).map(|s| s.st_ino);
         let err = restore(&table, RestoreOptions::default()).unwrap_err();
         assert!(matches!(err, Error::NotSupplied { fd: 0, .. }), "{err}");
+        assert_eq!(rustix::fs::fstat(std::io::stdin().as_fd()).map(|s| s.st_ino), before);
+
+        // A descriptor handed in for a number the table does not have is a
+        // mistake of the caller's, not something to drop silently.
+        let mut options = RestoreOptions::default();
+        let null = rustix::fs::open("/dev/null", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).unwrap();
+        options.supplied.insert(0, null.try_clone().unwrap());
+        options.supplied.insert(9, null);
+        let err = restore(&table, options).unwrap_err();
+        assert!(matches!(err, Error::SuppliedUnknown { fd: 9 }), "{err}");
         assert_eq!(rustix::fs::fstat(std::io::stdin().as_fd()).map(|s| s.st_ino), before);
     }
 }
