@@ -9,7 +9,6 @@
 //! image in restore mode (`lwk_kernel::restore`) puts the rest back.
 //! The application's standard input, output and error are this command's.
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io::BufReader;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -26,6 +25,7 @@ use lwk_kernel::mm::{MmSnapshot, PieceRecord};
 use lwk_kernel::persist::LwkState;
 use lwk_kernel::restore::{FileMapping, RestoreInput, FILE_PATH_MAX, INPUT_MAGIC, INPUT_SIZE, MAX_FILE_MAPPINGS};
 use lwk_migrate::checkpoint::{mtime_ns, Manifest};
+use lwk_migrate::fds::{self, FdTable};
 use lwk_migrate::image::{ImageReader, Record, RecordKind};
 
 use crate::checkpoint::IMAGE_FILE;
@@ -81,6 +81,8 @@ fn memfd(name: &str, flags: libc::c_uint) -> Result<OwnedFd> {
 /// The image read and checked, and the application's memory files filled.
 struct Prepared {
     manifest: Manifest,
+    /// The application's descriptors, rebuilt in the proxy.
+    table: FdTable,
     input: OwnedFd,
     /// The memory files, with the descriptor number each must have in the
     /// application process.
@@ -104,6 +106,7 @@ fn prepare(dir: &Path) -> Result<Prepared> {
     let mut have_state = false;
     let mut memfds: [Option<OwnedFd>; 3] = [None, None, None];
     let mut memory_bytes = 0u64;
+    let mut table: Option<FdTable> = None;
     while let Some(rec) = r.next_record().with_context(|| format!("reading {}", path.display()))? {
         match rec {
             Record::Known { kind: RecordKind::Manifest, .. } => {
@@ -118,7 +121,6 @@ fn prepare(dir: &Path) -> Result<Prepared> {
                     );
                 }
                 check_files(&m)?;
-                check_descriptors(&m)?;
                 manifest = Some(m);
             }
             Record::Known { kind: RecordKind::LwkState, payload } => {
@@ -168,6 +170,12 @@ fn prepare(dir: &Path) -> Result<Prepared> {
                     t.saved = 1;
                 }
             }
+            Record::Known { kind: RecordKind::Descriptors, .. } => {
+                let t: FdTable = rec.json()?;
+                fds::check(&t).context("the application's files are not as they were")?;
+                check_supplies(&t)?;
+                table = Some(t);
+            }
             Record::Memory(m) => {
                 if !have_state {
                     return Err(bad("memory before the LWK state"));
@@ -180,6 +188,7 @@ fn prepare(dir: &Path) -> Result<Prepared> {
         }
     }
     let manifest = manifest.ok_or_else(|| bad("no manifest"))?;
+    let table = table.ok_or_else(|| bad("no descriptors"))?;
     if !have_state {
         return Err(bad("no LWK state"));
     }
@@ -210,7 +219,7 @@ fn prepare(dir: &Path) -> Result<Prepared> {
     let mm_fds = input.export.state.mm.memfd;
     drop(input_map);
     let memfds = memfds.into_iter().enumerate().filter_map(|(k, fd)| Some((fd?, mm_fds[k]))).collect();
-    Ok(Prepared { manifest, input: input_fd, memfds })
+    Ok(Prepared { manifest, table, input: input_fd, memfds })
 }
 
 /// The files the program had mapped must be the same here.
@@ -228,13 +237,18 @@ fn check_files(m: &Manifest) -> Result<()> {
     Ok(())
 }
 
-/// Standard input, output and error are handed over (this command's);
-/// other descriptors cannot be rebuilt yet.
-fn check_descriptors(m: &Manifest) -> Result<()> {
+/// What leads outside the application (a terminal, a pipe to another
+/// process) is handed over: standard input, output and error are this
+/// command's. Anything else of that kind cannot be yet.
+fn check_supplies(t: &FdTable) -> Result<()> {
     let others: Vec<String> =
-        m.descriptors.iter().filter(|(fd, _)| *fd > 2).map(|(fd, t)| format!("{fd} ({t})")).collect();
+        t.to_supply().into_iter().filter(|(fd, _)| *fd > 2).map(|(fd, why)| format!("fd {fd} ({why})")).collect();
     if !others.is_empty() {
-        bail!("the application had descriptors that lwk cannot rebuild yet: {}", others.join(", "));
+        bail!(
+            "the application had descriptors that lead outside it, which lwk restore cannot hand over yet \
+             (only standard input, output and error): {}",
+            others.join(", ")
+        );
     }
     Ok(())
 }
@@ -281,20 +295,15 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     places.push((2, diag_at));
     places.push((p.input.as_raw_fd(), input_at));
 
-    // SAFETY: duplicating our own descriptor for the proxy (not close-on-exec).
-    let ctl_fd = unsafe { libc::fcntl(region.fd.as_raw_fd(), libc::F_DUPFD, 3) };
-    if ctl_fd < 0 {
-        bail!("cannot pass the control region on: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: ctl_fd is ours alone from here.
-    let ctl_fd = unsafe { OwnedFd::from_raw_fd(ctl_fd) };
-    let mut proxy = run::spawn(&kernel, OsStr::new("lwk-proxy"), "proxy", ctl_fd.as_raw_fd(), &[], None)?;
-    drop(ctl_fd);
+    let proxy = spawn_proxy(&kernel, &region, &p.table)?;
     let app = match spawn_restoring(&kernel, &p.manifest.command, &places, ctl_at, diag_at, input_at) {
         Ok(c) => c,
         Err(e) => {
-            proxy.kill().ok();
-            proxy.wait().ok();
+            // SAFETY: our own child, killed and reaped.
+            unsafe {
+                libc::kill(proxy, libc::SIGKILL);
+                libc::waitpid(proxy, std::ptr::null_mut(), 0);
+            }
             return Err(e);
         }
     };
@@ -302,7 +311,7 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     drop(p.input);
     run::APP_PID.store(app.id() as i32, Ordering::Relaxed);
     run::setup_signals();
-    let outcome = run::wait_both(&app, &mut proxy)?;
+    let outcome = run::wait_both(app.id() as i32, proxy)?;
     run::APP_PID.store(0, Ordering::Relaxed);
     if let Some(e) = outcome.proxy_failure {
         bail!("the proxy process failed ({e}); the application was stopped");
@@ -311,6 +320,73 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         ExitStatus::Code(c) => c,
         ExitStatus::Signal(sig) => run::reraise(sig),
     })
+}
+
+/// Start the proxy with the application's descriptors rebuilt at their
+/// numbers (`fds::restore`, in the child before it becomes the LWK image),
+/// its working directory, umask and limits. Descriptors that must close on
+/// exec are rebuilt open across the exec and named to the proxy, which
+/// marks them again.
+fn spawn_proxy(kernel: &Path, region: &run::ControlRegion, table: &FdTable) -> Result<i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let top = table.fds.iter().map(|e| e.fd).max().unwrap_or(2).max(2);
+    // Above every number the table uses: restore leaves it where it is.
+    // SAFETY: duplicating our own descriptor.
+    let ctl = unsafe { libc::fcntl(region.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, top + 1) };
+    if ctl < 0 {
+        bail!("cannot pass the control region on: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: ctl is ours alone from here.
+    let ctl = unsafe { OwnedFd::from_raw_fd(ctl) };
+    let cloexec: Vec<String> = table.fds.iter().filter(|e| e.close_on_exec).map(|e| e.fd.to_string()).collect();
+    let args: Vec<std::ffi::CString> = [
+        std::ffi::CString::new("lwk-proxy").expect("no NUL"),
+        std::ffi::CString::new("proxy").expect("no NUL"),
+        std::ffi::CString::new(ctl.as_raw_fd().to_string()).expect("no NUL"),
+        std::ffi::CString::new(cloexec.join(",")).expect("no NUL"),
+    ]
+    .into();
+    let path = std::ffi::CString::new(kernel.as_os_str().as_bytes()).context("the LWK image's path")?;
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    // Handed over: our standard input, output and error.
+    let mut supplied = std::collections::BTreeMap::new();
+    for (fd, _) in table.to_supply() {
+        // SAFETY: only 0, 1 and 2 are handed over (check_supplies); a
+        // closed one makes the dup fail.
+        let own = rustix::io::fcntl_dupfd_cloexec(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }, 3)
+            .with_context(|| format!("cannot hand descriptor {fd} over"))?;
+        supplied.insert(fd, own);
+    }
+    // SAFETY: this process has one thread, so the child may allocate; it
+    // only rebuilds descriptors and execs (or exits).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        bail!("cannot start the proxy: {}", std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        let fail = |what: String| -> ! {
+            eprintln!("lwk: restoring the application's descriptors: {what}");
+            // SAFETY: leaving the child without running the parent's exit code.
+            unsafe { libc::_exit(125) }
+        };
+        if let Err(e) = fds::restore(table, fds::RestoreOptions { supplied }) {
+            fail(e.to_string());
+        }
+        if let Err(e) = fds::apply_process_fs(&table.process) {
+            fail(e.to_string());
+        }
+        for e in &table.fds {
+            // SAFETY: clearing FD_CLOEXEC on a descriptor just rebuilt.
+            unsafe { libc::fcntl(e.fd, libc::F_SETFD, 0) };
+        }
+        // SAFETY: the control descriptor must survive the exec.
+        unsafe { libc::fcntl(ctl.as_raw_fd(), libc::F_SETFD, 0) };
+        // SAFETY: a NUL-terminated argv of ours; the environment is ours.
+        unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
+        fail(format!("cannot start the LWK image: {}", std::io::Error::last_os_error()));
+    }
+    Ok(pid)
 }
 
 /// At most three memory files, the control region, stderr and the input.

@@ -348,7 +348,7 @@ pub fn run(args: RunArgs) -> Result<i32> {
         let what = format!("pid {} {}", app.id(), path.display());
         p.part.log_event("started", &what).ok();
     }
-    let outcome = wait_both(&app, &mut proxy)?;
+    let outcome = wait_both(app.id() as i32, proxy.id() as i32)?;
     if let Some(p) = &part {
         let how = match outcome.status {
             ExitStatus::Code(c) => format!("pid {} status {c}", app.id()),
@@ -401,8 +401,7 @@ fn decode(status: i32) -> ExitStatus {
 
 /// Wait for the application; the proxy goes when it goes. If the proxy dies
 /// first, the application cannot continue: stop it.
-pub(crate) fn wait_both(app: &Child, proxy: &mut Child) -> Result<Outcome> {
-    let (app_pid, proxy_pid) = (app.id() as i32, proxy.id() as i32);
+pub(crate) fn wait_both(app_pid: i32, proxy_pid: i32) -> Result<Outcome> {
     let mut app_status = None;
     let mut proxy_failure = None;
     let mut proxy_alive = true;

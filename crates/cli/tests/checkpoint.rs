@@ -215,6 +215,7 @@ fn lwk_checkpoint_leave_running_writes_a_whole_image_and_the_program_goes_on() {
     let expected = native(&[]);
     let (mut child, mut out) = start(&[]);
     let app = App::attach(child.id() as i32).unwrap();
+    std::thread::sleep(Duration::from_millis(700)); // its forked child is gone
     let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
     let o = Command::new(LWK)
         .args(["checkpoint", &child.id().to_string()])
@@ -236,8 +237,11 @@ fn lwk_checkpoint_leave_running_writes_a_whole_image_and_the_program_goes_on() {
         4 * (4 + manifest["thread_record_size"].as_u64().unwrap()),
         "four thread records, each after its slot"
     );
-    assert_eq!(&kinds[..3], [RecordKind::Manifest, RecordKind::LwkState, RecordKind::ThreadContexts]);
-    assert!(kinds[3..].iter().all(|k| *k == RecordKind::Memory));
+    assert_eq!(
+        &kinds[..4],
+        [RecordKind::Manifest, RecordKind::LwkState, RecordKind::ThreadContexts, RecordKind::Descriptors]
+    );
+    assert!(kinds[4..].iter().all(|k| *k == RecordKind::Memory));
     assert!(found, "the heap is in the image's memory");
     assert_eq!(report["manifest"]["memory_bytes"], manifest["memory_bytes"]);
     // A second checkpoint into the same directory is refused.
@@ -253,6 +257,7 @@ fn lwk_checkpoint_leave_running_writes_a_whole_image_and_the_program_goes_on() {
 #[test]
 fn lwk_checkpoint_without_leave_running_stops_the_application_after_the_image() {
     let (mut child, _out) = start(&[]);
+    std::thread::sleep(Duration::from_millis(700)); // its forked child is gone
     let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
     let o = Command::new(LWK).args(["checkpoint", &child.id().to_string()]).arg(dir.path()).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -321,4 +326,43 @@ fn lwk_restore_refuses_a_damaged_image_or_a_changed_file_before_anything_starts(
     assert!(r.stdout.is_empty(), "nothing of the program ran");
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("restore_target") && err.contains("changed"), "{err}");
+}
+
+#[test]
+fn descriptors_come_back_at_their_numbers_with_the_bytes_in_their_pipes() {
+    // freeze_target's reader thread blocks in read() on a pipe that the
+    // main thread feeds; its stdout is a pipe to this test (handed over at
+    // the restore). Checkpointed once its forked child is gone.
+    let expected = native(&[]);
+    let (mut child, mut out) = start(&[]);
+    let app = App::attach(child.id() as i32).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
+    let o = Command::new(LWK).args(["checkpoint", &app.pid.to_string()]).arg(dir.path()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut before = String::new();
+    out.read_to_string(&mut before).unwrap();
+    child.wait().unwrap();
+    let r = Command::new(LWK).arg("restore").arg(dir.path()).stdin(Stdio::null()).output().unwrap();
+    assert!(r.status.success(), "{:?}: {}", r.status, String::from_utf8_lossy(&r.stderr));
+    let after = String::from_utf8(r.stdout).unwrap();
+    assert_eq!(format!("ready\n{before}{after}"), expected, "stderr: {}", String::from_utf8_lossy(&r.stderr));
+}
+
+#[test]
+fn a_program_with_a_child_process_is_refused_and_goes_on() {
+    let expected = native(&[]);
+    let (mut child, mut out) = start(&[]);
+    let app = App::attach(child.id() as i32).unwrap();
+    std::thread::sleep(Duration::from_millis(100)); // its child sleeps 300 ms
+    let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
+    let o = Command::new(LWK).args(["checkpoint", &app.pid.to_string()]).arg(dir.path()).output().unwrap();
+    assert_eq!(o.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("child processes"), "{err}");
+    assert!(!dir.path().join("image.lwk").exists() && !dir.path().join("image.lwk.partial").exists());
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(format!("ready\n{rest}"), expected);
 }

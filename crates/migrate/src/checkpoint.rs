@@ -8,13 +8,14 @@
 //! | Manifest | JSON [`Manifest`]: what the image holds, from which process |
 //! | LwkState | the LWK's whole state, `lwk_kernel::persist::LwkState` as its bytes |
 //! | ThreadContexts | each saved thread: its slot (u32 LE), then `lwk_kernel::freeze::ThreadRecord` as its bytes |
+//! | Descriptors | JSON `fds::FdTable`: the proxy's descriptors (the application's), its cwd, umask and limits |
 //! | Memory | the application's memory by virtual address: the LWK's memory files' data under each piece of the map that is backed by one (holes are skipped: a restore reads them as zeros) |
 //! | End | |
 //!
 //! The binary records are the LWK's own `#[repr(C)]` snapshots: an image
 //! is restored by the same lwk build (the manifest names it, and each
-//! snapshot carries its subsystems' versions). Descriptors and sockets are
-//! added by `fds` and `sockets` (not yet in the image).
+//! snapshot carries its subsystems' versions). Sockets are not in the image
+//! yet (`sockets`): a socket is refused at the checkpoint.
 
 use std::fs::File;
 use std::io::Write;
@@ -86,6 +87,8 @@ pub enum CheckpointError {
     Unmovable { pid: i32, what: String },
     #[error("cannot read {what} of process {pid}: {source}")]
     Proc { pid: i32, what: String, source: std::io::Error },
+    #[error("the descriptors of process {pid}: {source}")]
+    Descriptors { pid: i32, source: crate::fds::Error },
 }
 
 /// What writing an image took.
@@ -139,6 +142,18 @@ pub fn write_image<W: Write>(
         }
     }
     let unmovable = |what: String| CheckpointError::Unmovable { pid, what };
+    let children: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|source| CheckpointError::Proc { pid, what: "the threads".into(), source })?
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| c.split_whitespace().map(String::from).collect::<Vec<_>>())
+        .collect();
+    if !children.is_empty() {
+        return Err(unmovable(format!(
+            "it has child processes ({}): process trees are not movable yet",
+            children.join(", ")
+        )));
+    }
     if mm.part_page != 0 {
         return Err(unmovable("it runs in a partition (restoring into one is not built yet)".into()));
     }
@@ -190,6 +205,12 @@ pub fn write_image<W: Write>(
         })
         .collect();
     descriptors.sort();
+    let table = crate::fds::capture(info.proxy_pid)
+        .map_err(|source| CheckpointError::Descriptors { pid: info.proxy_pid, source })?;
+    let refused: Vec<String> = table.unmovable().iter().map(|u| u.to_string()).collect();
+    if !refused.is_empty() {
+        return Err(unmovable(refused.join("; ")));
+    }
     let h = &frozen.app.control().header;
     let saved: Vec<(usize, &ThreadRecord)> = x.threads.iter().enumerate().filter(|(_, t)| t.saved != 0).collect();
     let manifest = Manifest {
@@ -218,6 +239,7 @@ pub fn write_image<W: Write>(
         threads.extend_from_slice(bytes_of(*t));
     }
     out.record(RecordKind::ThreadContexts, &threads)?;
+    out.json(RecordKind::Descriptors, &table)?;
     let mut buf = vec![0u8; crate::image::MEMORY_CHUNK_LEN];
     for (k, fd, addr, off, len) in extents {
         let f = files[k].as_ref().expect("opened above");

@@ -33,6 +33,16 @@ pub unsafe extern "C" fn lwk_entry(sp: *const u64) -> ! {
             // The proxy's descriptor table is the application's: nothing of
             // the LWK's may stay in it.
             lwk_rt::close(fd);
+            // `lwk restore` names the application's descriptors that close on
+            // exec (they had to stay open across this image's exec).
+            if st.argc > 3 {
+                for n in st.arg(3).split(|&c| c == b',').filter_map(boot::parse_int) {
+                    const F_SETFD: u64 = 2;
+                    const FD_CLOEXEC: u64 = 1;
+                    // SAFETY: setting a flag on a descriptor of our own table.
+                    unsafe { lwk_rt::syscall3(lwk_rt::nr::FCNTL, n as u64, F_SETFD, FD_CLOEXEC) };
+                }
+            }
             if let Err(e) = mapped {
                 lwk_rt::diag!("proxy: {}", e);
                 exit_group(125);
