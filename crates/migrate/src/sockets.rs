@@ -520,7 +520,8 @@ pub struct TcpReceiveQueue {
 /// What the two ends agreed in the handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpNegotiatedOptions {
-    /// The maximum segment size (`TCP_MAXSEG`).
+    /// The maximum segment size the peer accepts (`TCP_MAXSEG` in repair
+    /// mode answers the clamp, not the current segment size).
     pub mss: u32,
     /// `None` when window scaling was not agreed.
     pub window_scale: Option<TcpWindowScale>,
@@ -623,6 +624,9 @@ impl TcpSettings {
     }
 }
 
+/// The largest value `TCP_MAXSEG` takes (`MAX_TCP_WINDOW`, include/net/tcp.h).
+const MAX_TCP_WINDOW: u32 = 32767;
+
 /// How often the queues are read again when they changed during a read.
 const QUEUE_READ_ATTEMPTS: u32 = 8;
 
@@ -640,12 +644,15 @@ struct QueueCounters {
 
 impl QueueCounters {
     fn read(socket: BorrowedFd<'_>) -> Result<Self> {
+        // The receive side first: the send queue stays selected after.
+        let receive_end_seq = queue_seq(socket, uapi::TCP_RECV_QUEUE)?;
+        let receive_len = ioctl_int(socket, uapi::SIOCINQ, "SIOCINQ")?;
         Ok(QueueCounters {
             send_end_seq: queue_seq(socket, uapi::TCP_SEND_QUEUE)?,
             send_len: ioctl_int(socket, uapi::SIOCOUTQ, "SIOCOUTQ")?,
             unsent_len: ioctl_int(socket, uapi::SIOCOUTQNSD, "SIOCOUTQNSD")?,
-            receive_end_seq: queue_seq(socket, uapi::TCP_RECV_QUEUE)?,
-            receive_len: ioctl_int(socket, uapi::SIOCINQ, "SIOCINQ")?,
+            receive_end_seq,
+            receive_len,
         })
     }
 }
@@ -654,10 +661,10 @@ impl QueueCounters {
 /// (`MSG_PEEK` with the queue selected). One byte of room more than
 /// `expected` shows whether the queue grew since it was counted.
 fn peek_queue(socket: BorrowedFd<'_>, queue: i32, expected: u32) -> Result<Vec<u8>> {
+    select_repair_queue(socket, queue)?;
     if expected == 0 {
         return Ok(Vec::new());
     }
-    select_repair_queue(socket, queue)?;
     let mut data = vec![0u8; expected as usize + 1];
     let (read, _) = rustix::net::recv(socket, &mut data[..], RecvFlags::PEEK | RecvFlags::DONTWAIT)
         .context(|| format!("recv(MSG_PEEK) of repair queue {queue}"))?;
@@ -667,7 +674,9 @@ fn peek_queue(socket: BorrowedFd<'_>, queue: i32, expected: u32) -> Result<Vec<u
 
 impl TcpConnection {
     /// Captures an ESTABLISHED TCP connection (IPv4 or IPv6). The socket is
-    /// left in repair mode: it neither sends nor answers until
+    /// left in repair mode with its send queue selected: it sends nothing
+    /// new (bytes it would send count as sent, and a rollback sends them at
+    /// the retransmission timeout) until
     /// [`TcpConnection::resume_source`], and whatever closes it (for
     /// example [`TcpConnection::release_source`]) sends no FIN or RST. If
     /// the capture fails, the socket is taken out of repair mode again.
@@ -684,15 +693,19 @@ impl TcpConnection {
             return Err(SocketError::UnsupportedTcpState { state, expected: "ESTABLISHED" });
         }
         set_repair(socket, uapi::TCP_REPAIR_ON)?;
-        let captured = capture_in_repair(socket, family);
-        let unselected = select_repair_queue(socket, uapi::TCP_NO_QUEUE);
+        // In repair mode the socket still transmits (a pacing timer, an
+        // incoming ACK) unless the send queue is selected: then the kernel
+        // marks what it would send as sent without sending it. The peer
+        // must never see a byte past the captured `snd_nxt`: the restored
+        // socket drops every packet acknowledging more as acknowledging
+        // unsent data, and the connection stalls.
+        let captured =
+            select_repair_queue(socket, uapi::TCP_SEND_QUEUE).and_then(|()| capture_in_repair(socket, family));
         match captured {
-            Ok(image) => {
-                unselected?;
-                Ok(image)
-            }
+            Ok(image) => Ok(image),
             Err(error) => {
                 // Back as it was; the capture's error is the one to report.
+                let _ = select_repair_queue(socket, uapi::TCP_NO_QUEUE);
                 let _ = set_repair(socket, uapi::TCP_REPAIR_OFF);
                 Err(error)
             }
@@ -739,8 +752,8 @@ fn capture_in_repair(socket: BorrowedFd<'_>, family: IpFamily) -> Result<TcpConn
     let (counters, send_data, receive_data, window) = loop {
         attempt += 1;
         let before = QueueCounters::read(socket)?;
-        let send_data = peek_queue(socket, uapi::TCP_SEND_QUEUE, before.send_len)?;
         let receive_data = peek_queue(socket, uapi::TCP_RECV_QUEUE, before.receive_len)?;
+        let send_data = peek_queue(socket, uapi::TCP_SEND_QUEUE, before.send_len)?;
         let window: uapi::TcpRepairWindow =
             get_option(socket, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW, "TCP_REPAIR_WINDOW")?;
         let after = QueueCounters::read(socket)?;
@@ -923,6 +936,13 @@ impl TcpConnectionImage {
         // (SK_FORCE_REUSE), and SO_REUSEADDR would replace that by the
         // weaker SK_CAN_REUSE.
         let transparent = bind_maybe_non_local(fd, &self.local, NonLocalAddress::Transparent)?;
+        // The segment size is computed at connect from the MSS clamp, which
+        // TCP_REPAIR_OPTIONS sets only after it: without this the
+        // connection would send 536-byte segments (less options).
+        // TCP_MAXSEG takes at most MAX_TCP_WINDOW (include/net/tcp.h);
+        // only loopback's MSS is larger.
+        let segment_limit = self.options.mss.min(MAX_TCP_WINDOW);
+        set_option(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, segment_limit, &format!("TCP_MAXSEG={segment_limit}"))?;
         // In repair mode connect sends no SYN: the socket is ESTABLISHED.
         rustix::net::connect(fd, &self.peer).context(|| format!("connect({}) in repair mode", self.peer))?;
         // Options must be set before the first byte of the send queue.
@@ -1877,6 +1897,8 @@ mod tests {
         let leave_time = started.elapsed();
         eprintln!("capture {capture_time:?}, restore in repair {restore_time:?}, leave repair {leave_time:?}");
         restore_egress(&lan.client, "eth0");
+        let segment_size = tcp_info(restored.as_fd()).unwrap().tcpi_snd_mss;
+        assert_eq!(segment_size, image.options.mss - 12, "segment size: the MSS less the timestamp option");
 
         let app = EchoApp::start(to_stream(restored), state);
         finish_stream(client, app);
@@ -1984,6 +2006,72 @@ mod tests {
         let mut again = [0u8; 5];
         accepted.read_exact(&mut again).unwrap();
         assert_eq!(&again, b"again");
+    }
+
+    #[test]
+    #[ignore = "needs root (network namespaces, TCP_REPAIR)"]
+    fn many_connections_move_together() {
+        const CONNECTIONS: usize = 200;
+        let lan = Lan::new();
+        let port = 7006;
+        let listener = in_netns(&lan.node_a, || TcpListener::bind((SERVICE, port)).unwrap());
+        let mut pairs = Vec::new();
+        for i in 0..CONNECTIONS {
+            let mut client = in_netns(&lan.client, || TcpStream::connect((SERVICE, port)).unwrap());
+            client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let (mut server, _) = listener.accept().unwrap();
+            // Unread at both ends: each connection has both queues' worth.
+            client.write_all(format!("request {i}").as_bytes()).unwrap();
+            server.write_all(format!("reply {i}").as_bytes()).unwrap();
+            pairs.push((client, server));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        drop(listener);
+
+        lan.cut_cable(&lan.node_a);
+        let started = Instant::now();
+        let images: Vec<_> =
+            pairs.iter().map(|(_, server)| TcpConnection::capture(server.as_fd()).expect("capture")).collect();
+        let capture_time = started.elapsed();
+        let mut clients = Vec::new();
+        for (client, server) in pairs {
+            TcpConnection::release_source(OwnedFd::from(server)).unwrap();
+            clients.push(client);
+        }
+        lan.remove_service_address(&lan.node_a);
+        lan.reconnect_cable(&lan.node_a);
+
+        let started = Instant::now();
+        let in_repair: Vec<_> =
+            in_netns(&lan.node_b, || images.iter().map(|image| image.restore_in_repair().expect("restore")).collect());
+        let restore_time = started.elapsed();
+        lan.add_service_address(&lan.node_b);
+        let started = Instant::now();
+        let servers: Vec<_> =
+            in_repair.into_iter().map(|socket| to_stream(socket.leave_repair().expect("leave repair"))).collect();
+        let leave_time = started.elapsed();
+        eprintln!(
+            "{CONNECTIONS} connections: capture {:?} ({:?} each), restore in repair {:?} ({:?} each), leave repair {:?} ({:?} each)",
+            capture_time,
+            capture_time / CONNECTIONS as u32,
+            restore_time,
+            restore_time / CONNECTIONS as u32,
+            leave_time,
+            leave_time / CONNECTIONS as u32
+        );
+
+        for (i, (mut client, mut server)) in clients.into_iter().zip(servers).enumerate() {
+            server.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let request = format!("request {i}");
+            let mut got = vec![0u8; request.len()];
+            server.read_exact(&mut got).unwrap();
+            assert_eq!(got, request.as_bytes());
+            server.write_all(b" and more").unwrap();
+            let reply = format!("reply {i} and more");
+            let mut got = vec![0u8; reply.len()];
+            client.read_exact(&mut got).expect("reply through the moved connection");
+            assert_eq!(got, reply.as_bytes());
+        }
     }
 
     fn udp_from(lan: &Lan, address: Ipv4Addr, port: u16) -> UdpSocket {
