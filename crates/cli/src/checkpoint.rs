@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use lwk_migrate::app::App;
-use lwk_migrate::checkpoint::write_image;
+use lwk_migrate::checkpoint::{capture_descriptors, capture_sockets, write_image};
 use lwk_migrate::image::ImageWriter;
 
 #[derive(clap::Args)]
@@ -41,9 +41,17 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
     let file = std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
     let t0 = Instant::now();
     let frozen = app.freeze(Duration::from_secs(5))?;
-    let written = ImageWriter::new(std::io::BufWriter::new(file), None)
+    let mut sockets = None;
+    let written = capture_descriptors(app.pid, info.proxy_pid)
+        .and_then(|table| {
+            let s = capture_sockets(info.proxy_pid, &table)?;
+            Ok((table, sockets.insert(s)))
+        })
         .map_err(anyhow::Error::from)
-        .and_then(|w| write_image(&frozen, &info, w).map_err(anyhow::Error::from))
+        .and_then(|(table, s)| {
+            let w = ImageWriter::new(std::io::BufWriter::new(file), None)?;
+            Ok(write_image(&frozen, &info, &table, s, w)?)
+        })
         .and_then(|(written, w)| {
             let f = w.into_inner().map_err(|e| e.into_error())?;
             f.sync_all()?;
@@ -52,19 +60,26 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
     let written = match written {
         Ok(w) => w,
         Err(e) => {
+            if let Some(s) = sockets {
+                s.resume();
+            }
             drop(frozen); // resumes
             std::fs::remove_file(&partial).ok();
             return Err(e.context(format!("checkpoint of process {} failed; it goes on", app.pid)));
         }
     };
+    let sockets = sockets.expect("captured when the image was written");
     std::fs::rename(&partial, &path).with_context(|| format!("cannot rename {}", partial.display()))?;
     let frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
     if args.leave_running {
+        sockets.resume();
         frozen.resume()?;
     } else {
         // The image is complete: the application ends where it stands
-        // (its `lwk run` reports the SIGKILL).
+        // (its `lwk run` reports the SIGKILL), its connections closed
+        // silently (a restore goes on with them).
         frozen.kill();
+        sockets.release();
     }
     let m = &written.manifest;
     if args.json {

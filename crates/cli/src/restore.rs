@@ -24,7 +24,7 @@ use lwk_kernel::freeze::{ThreadRecord, EXPORT_MAGIC, EXPORT_VERSION};
 use lwk_kernel::mm::{MmSnapshot, PieceRecord};
 use lwk_kernel::persist::LwkState;
 use lwk_kernel::restore::{FileMapping, RestoreInput, FILE_PATH_MAX, INPUT_MAGIC, INPUT_SIZE, MAX_FILE_MAPPINGS};
-use lwk_migrate::checkpoint::{mtime_ns, Manifest};
+use lwk_migrate::checkpoint::{mtime_ns, Manifest, SocketImage};
 use lwk_migrate::fds::{self, FdTable};
 use lwk_migrate::image::{ImageReader, Record, RecordKind};
 
@@ -83,6 +83,8 @@ struct Prepared {
     manifest: Manifest,
     /// The application's descriptors, rebuilt in the proxy.
     table: FdTable,
+    /// Its TCP and UDP sockets, by descriptor number.
+    sockets: Vec<(i32, SocketImage)>,
     input: OwnedFd,
     /// The memory files, with the descriptor number each must have in the
     /// application process.
@@ -107,6 +109,7 @@ fn prepare(dir: &Path) -> Result<Prepared> {
     let mut memfds: [Option<OwnedFd>; 3] = [None, None, None];
     let mut memory_bytes = 0u64;
     let mut table: Option<FdTable> = None;
+    let mut sockets: Vec<(i32, SocketImage)> = Vec::new();
     while let Some(rec) = r.next_record().with_context(|| format!("reading {}", path.display()))? {
         match rec {
             Record::Known { kind: RecordKind::Manifest, .. } => {
@@ -173,8 +176,10 @@ fn prepare(dir: &Path) -> Result<Prepared> {
             Record::Known { kind: RecordKind::Descriptors, .. } => {
                 let t: FdTable = rec.json()?;
                 fds::check(&t).context("the application's files are not as they were")?;
-                check_supplies(&t)?;
                 table = Some(t);
+            }
+            Record::Known { kind: RecordKind::Sockets, .. } => {
+                sockets = rec.json()?;
             }
             Record::Memory(m) => {
                 if !have_state {
@@ -189,6 +194,7 @@ fn prepare(dir: &Path) -> Result<Prepared> {
     }
     let manifest = manifest.ok_or_else(|| bad("no manifest"))?;
     let table = table.ok_or_else(|| bad("no descriptors"))?;
+    check_supplies(&table, &sockets)?;
     if !have_state {
         return Err(bad("no LWK state"));
     }
@@ -219,7 +225,7 @@ fn prepare(dir: &Path) -> Result<Prepared> {
     let mm_fds = input.export.state.mm.memfd;
     drop(input_map);
     let memfds = memfds.into_iter().enumerate().filter_map(|(k, fd)| Some((fd?, mm_fds[k]))).collect();
-    Ok(Prepared { manifest, table, input: input_fd, memfds })
+    Ok(Prepared { manifest, table, sockets, input: input_fd, memfds })
 }
 
 /// The files the program had mapped must be the same here.
@@ -239,10 +245,15 @@ fn check_files(m: &Manifest) -> Result<()> {
 
 /// What leads outside the application (a terminal, a pipe to another
 /// process) is handed over: standard input, output and error are this
-/// command's. Anything else of that kind cannot be yet.
-fn check_supplies(t: &FdTable) -> Result<()> {
-    let others: Vec<String> =
-        t.to_supply().into_iter().filter(|(fd, _)| *fd > 2).map(|(fd, why)| format!("fd {fd} ({why})")).collect();
+/// command's. Sockets are rebuilt from their images. Anything else of that
+/// kind cannot be yet.
+fn check_supplies(t: &FdTable, sockets: &[(i32, SocketImage)]) -> Result<()> {
+    let others: Vec<String> = t
+        .to_supply()
+        .into_iter()
+        .filter(|(fd, _)| *fd > 2 && !sockets.iter().any(|s| s.0 == *fd))
+        .map(|(fd, why)| format!("fd {fd} ({why})"))
+        .collect();
     if !others.is_empty() {
         bail!(
             "the application had descriptors that lead outside it, which lwk restore cannot hand over yet \
@@ -295,7 +306,7 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     places.push((2, diag_at));
     places.push((p.input.as_raw_fd(), input_at));
 
-    let proxy = spawn_proxy(&kernel, &region, &p.table)?;
+    let proxy = spawn_proxy(&kernel, &region, &p.table, &p.sockets)?;
     let app = match spawn_restoring(&kernel, &p.manifest.command, &places, ctl_at, diag_at, input_at) {
         Ok(c) => c,
         Err(e) => {
@@ -327,7 +338,12 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
 /// its working directory, umask and limits. Descriptors that must close on
 /// exec are rebuilt open across the exec and named to the proxy, which
 /// marks them again.
-fn spawn_proxy(kernel: &Path, region: &run::ControlRegion, table: &FdTable) -> Result<i32> {
+fn spawn_proxy(
+    kernel: &Path,
+    region: &run::ControlRegion,
+    table: &FdTable,
+    sockets: &[(i32, SocketImage)],
+) -> Result<i32> {
     use std::os::unix::ffi::OsStrExt;
     let top = table.fds.iter().map(|e| e.fd).max().unwrap_or(2).max(2);
     // Above every number the table uses: restore leaves it where it is.
@@ -349,9 +365,22 @@ fn spawn_proxy(kernel: &Path, region: &run::ControlRegion, table: &FdTable) -> R
     let path = std::ffi::CString::new(kernel.as_os_str().as_bytes()).context("the LWK image's path")?;
     let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
-    // Handed over: our standard input, output and error.
+    // Sockets rebuilt from their images (the address is this node's: the
+    // application ran here, or its address moved here).
     let mut supplied = std::collections::BTreeMap::new();
-    for (fd, _) in table.to_supply() {
+    for (fd, image) in sockets {
+        let s = match image {
+            SocketImage::TcpConnection(i) => i.restore(),
+            SocketImage::TcpListener(i) => i.restore(),
+            SocketImage::Udp(i) => i.restore(),
+        }
+        .with_context(|| format!("cannot rebuild the socket of descriptor {fd}"))?;
+        supplied.insert(*fd, s);
+    }
+    // Handed over: our standard input, output and error.
+    let stdio: Vec<i32> =
+        table.to_supply().into_iter().map(|(fd, _)| fd).filter(|fd| !supplied.contains_key(fd)).collect();
+    for fd in stdio {
         // SAFETY: only 0, 1 and 2 are handed over (check_supplies); a
         // closed one makes the dup fail.
         let own = rustix::io::fcntl_dupfd_cloexec(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }, 3)

@@ -238,10 +238,16 @@ fn lwk_checkpoint_leave_running_writes_a_whole_image_and_the_program_goes_on() {
         "four thread records, each after its slot"
     );
     assert_eq!(
-        &kinds[..4],
-        [RecordKind::Manifest, RecordKind::LwkState, RecordKind::ThreadContexts, RecordKind::Descriptors]
+        &kinds[..5],
+        [
+            RecordKind::Manifest,
+            RecordKind::LwkState,
+            RecordKind::ThreadContexts,
+            RecordKind::Descriptors,
+            RecordKind::Sockets
+        ]
     );
-    assert!(kinds[4..].iter().all(|k| *k == RecordKind::Memory));
+    assert!(kinds[5..].iter().all(|k| *k == RecordKind::Memory));
     assert!(found, "the heap is in the image's memory");
     assert_eq!(report["manifest"]["memory_bytes"], manifest["memory_bytes"]);
     // A second checkpoint into the same directory is refused.
@@ -365,4 +371,92 @@ fn a_program_with_a_child_process_is_refused_and_goes_on() {
     out.read_to_string(&mut rest).unwrap();
     assert!(child.wait().unwrap().success());
     assert_eq!(format!("ready\n{rest}"), expected);
+}
+
+/// A network namespace of this test's own (only its loopback, up), which
+/// the calling thread enters: everything it starts runs there. Deleted on
+/// drop; the thread is the test's own and ends with it.
+struct NetNs(String);
+
+impl NetNs {
+    fn enter(tag: &str) -> NetNs {
+        let name = format!("lwk-{tag}-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let o = Command::new("ip").args(args).output().expect("ip (iproute2)");
+            assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        };
+        ip(&["netns", "add", &name]);
+        let ns = NetNs(name);
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+        let f = std::fs::File::open(format!("/run/netns/{}", ns.0)).unwrap();
+        // SAFETY: moves the calling thread (this test's) into the namespace.
+        assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
+        ns
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        Command::new("ip").args(["netns", "delete", &self.0]).status().ok();
+    }
+}
+
+#[test]
+#[ignore = "needs root (a network namespace, TCP_REPAIR, IP_TRANSPARENT)"]
+fn a_tcp_connection_and_queued_datagrams_survive_checkpoint_and_restore() {
+    use std::io::Write;
+    use std::net::{TcpStream, UdpSocket};
+    let _ns = NetNs::enter("ck");
+    let prog = compiled("net_target");
+    let (mut child, mut out) = start_of(prog, &["127.0.0.1", "7001", "7002"]);
+    let mut conn = TcpStream::connect("127.0.0.1:7001").unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "connected\n");
+    let mut replies = BufReader::new(conn.try_clone().unwrap());
+    let mut ask = |conn: &mut TcpStream, what: &str| {
+        conn.write_all(what.as_bytes()).unwrap();
+        let mut answer = String::new();
+        replies.read_line(&mut answer).unwrap();
+        answer
+    };
+    assert_eq!(ask(&mut conn, "hello\n"), "hello\n");
+    // Two datagrams from two addresses wait, unread, in its UDP queue.
+    for (from, what) in [("127.0.0.2:0", "d1"), ("127.0.0.3:0", "d2")] {
+        UdpSocket::bind(from).unwrap().send_to(what.as_bytes(), "127.0.0.1:7002").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200)); // acknowledgements settle
+    let app = App::attach(child.id() as i32).unwrap();
+    let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
+    let o = Command::new(LWK).args(["checkpoint", &app.pid.to_string()]).arg(dir.path()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    child.wait().unwrap();
+    let restored = Command::new(LWK)
+        .arg("restore")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nothing may reach the port until the restore rebuilt the sockets
+    // (the kernel would reset the connection; holding packets meanwhile is
+    // the cluster's job): wait until the restored application runs.
+    let t0 = std::time::Instant::now();
+    let started = || {
+        App::attach(restored.id() as i32)
+            .is_ok_and(|a| a.control().header.started.load(std::sync::atomic::Ordering::SeqCst) != 0)
+    };
+    while !started() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the restore did not start the application");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The connection goes on where it was, in both directions.
+    assert_eq!(ask(&mut conn, "world\n"), "world\n");
+    assert_eq!(ask(&mut conn, "udp\n"), "udp 2 127.0.0.2:d1 127.0.0.3:d2\n");
+    assert_eq!(ask(&mut conn, "quit\n"), "bye\n");
+    let r = restored.wait_with_output().unwrap();
+    assert!(r.status.success(), "{:?}: {}", r.status, String::from_utf8_lossy(&r.stderr));
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "done\n");
 }

@@ -103,6 +103,27 @@ pub fn fork(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UContex
 }
 
 fn fork_inner(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UContext) -> Result<i64, i64> {
+    // vfork shares the memory if the piece of stack the child may
+    // overwrite (see below) fits the save area, with room for the frames
+    // still to come.
+    let app_sp = uc.gregs[REG_RSP];
+    let deepest = stack_pointer() - 8192;
+    let share = flags & (CLONE_VM | CLONE_VFORK) == CLONE_VM | CLONE_VFORK
+        && app_sp > deepest
+        && app_sp - deepest <= VFORK_SAVE as u64;
+    // A copy stops the other threads: not while a freeze does. The fork
+    // then gives way, and runs again after it.
+    let _claim = if share {
+        None
+    } else {
+        match thread::claim_stop_for_fork() {
+            Some(c) => Some(c),
+            None => {
+                thread::mark_interrupted();
+                return Err(-EINTR);
+            }
+        }
+    };
     // The child's control region, prepared here.
     // SAFETY: the name is NUL-terminated; not close-on-exec: the child keeps
     // it across its own execs.
@@ -139,10 +160,9 @@ fn fork_inner(flags: u64, newsp: u64, ptid: u64, ctid: u64, tls: u64, uc: &UCont
         // The piece of stack the vfork child may overwrite: from a little
         // below where we are now up to the application's stack pointer.
         let here = stack_pointer() - 512;
-        let app_sp = uc.gregs[REG_RSP];
-        let share = flags & (CLONE_VM | CLONE_VFORK) == CLONE_VM | CLONE_VFORK
-            && app_sp > here
-            && app_sp - here <= VFORK_SAVE as u64;
+        if share && app_sp - here > VFORK_SAVE as u64 {
+            return Err(-ENOMEM); // the frames went deeper than `deepest` allowed for
+        }
         start.share = share;
         // A copy must be a snapshot: the other threads wait meanwhile.
         if !share {

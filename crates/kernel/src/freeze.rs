@@ -153,6 +153,12 @@ pub fn take(uc: &mut UContext) -> bool {
 
 fn freeze(uc: &mut UContext) -> Result<(), i64> {
     let h = &control().header;
+    // A fork that is copying memory ends first (it stops the other threads
+    // too); one that has not started gives way.
+    let Some(_claim) = thread::claim_stop_for_freeze(PARK_TIMEOUT_MS) else {
+        lwk_rt::diag!("freeze: a fork did not end within {} ms; the application goes on", PARK_TIMEOUT_MS);
+        return Err(-EBUSY);
+    };
     let fd = map_export()?;
     let me = thread::current_slot();
     FREEZING.store(true, SeqCst);

@@ -330,6 +330,7 @@ pub fn reset_for_fork() {
         t.parked.store(0, SeqCst);
     }
     STOP.store(0, SeqCst);
+    STOPPER.store(0, SeqCst);
     init_main();
     SLOTS.threads[0].in_lwk.store(1, SeqCst);
 }
@@ -508,6 +509,45 @@ pub fn signal_others(cookie: u64) {
 /// Stop every other thread for a freeze: they park in `leaving`.
 pub fn stop_for_freeze() {
     STOP.store(1, SeqCst);
+}
+
+/// One stop of the other threads at a time: a fork's copy or a freeze.
+/// They share STOP, and each must be over before the other starts.
+static STOPPER: AtomicU32 = AtomicU32::new(0);
+
+/// The right to stop the other threads, given back on drop.
+pub struct StopClaim(());
+
+impl Drop for StopClaim {
+    fn drop(&mut self) {
+        STOPPER.store(0, SeqCst);
+    }
+}
+
+/// Claim the stop for a fork's copy. None while a freeze is asked for or
+/// under way: the fork gives way (its call runs again after the freeze).
+pub fn claim_stop_for_fork() -> Option<StopClaim> {
+    loop {
+        if crate::freeze::requested() {
+            return None;
+        }
+        if STOPPER.compare_exchange(0, 1, SeqCst, Relaxed).is_ok() {
+            return Some(StopClaim(()));
+        }
+        futex_wait_timeout(&STOPPER, 1, 100_000);
+    }
+}
+
+/// Claim the stop for a freeze, waiting for a fork's copy to end; None
+/// after `ms` milliseconds.
+pub fn claim_stop_for_freeze(ms: u64) -> Option<StopClaim> {
+    for _ in 0..=ms {
+        if STOPPER.compare_exchange(0, 1, SeqCst, Relaxed).is_ok() {
+            return Some(StopClaim(()));
+        }
+        futex_wait_timeout(&STOPPER, 1, 1_000_000);
+    }
+    None
 }
 
 /// After the fork's copy: let the other threads go on.

@@ -9,13 +9,13 @@
 //! | LwkState | the LWK's whole state, `lwk_kernel::persist::LwkState` as its bytes |
 //! | ThreadContexts | each saved thread: its slot (u32 LE), then `lwk_kernel::freeze::ThreadRecord` as its bytes |
 //! | Descriptors | JSON `fds::FdTable`: the proxy's descriptors (the application's), its cwd, umask and limits |
+//! | Sockets | JSON: each TCP or UDP socket by descriptor number ([`SocketImage`]) |
 //! | Memory | the application's memory by virtual address: the LWK's memory files' data under each piece of the map that is backed by one (holes are skipped: a restore reads them as zeros) |
 //! | End | |
 //!
 //! The binary records are the LWK's own `#[repr(C)]` snapshots: an image
 //! is restored by the same lwk build (the manifest names it, and each
-//! snapshot carries its subsystems' versions). Sockets are not in the image
-//! yet (`sockets`): a socket is refused at the checkpoint.
+//! snapshot carries its subsystems' versions).
 
 use std::fs::File;
 use std::io::Write;
@@ -108,10 +108,33 @@ fn bytes_of<T: Copy>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
 }
 
-/// Write the frozen application `frozen` (described by `info`) as an image.
+/// The descriptors of the frozen application's proxy `proxy`, refused if
+/// any cannot be moved (each named with its reason), but for standard
+/// input, output and error, which are then handed over at the restore.
+pub fn capture_descriptors(pid: i32, proxy: i32) -> Result<crate::fds::FdTable, CheckpointError> {
+    use crate::fds::Disposition;
+    let mut table = crate::fds::capture(proxy).map_err(|source| CheckpointError::Descriptors { pid: proxy, source })?;
+    // Standard input, output and error that cannot be rebuilt (a deleted
+    // file, say) are handed over by whoever restores, as a terminal is.
+    for e in table.fds.iter_mut().filter(|e| e.fd <= 2) {
+        if let Disposition::CannotMove { reason } = &e.disposition {
+            e.disposition = Disposition::Supply { why: format!("a standard stream that cannot be rebuilt ({reason})") };
+        }
+    }
+    let refused: Vec<String> = table.unmovable().iter().map(|u| u.to_string()).collect();
+    if !refused.is_empty() {
+        return Err(CheckpointError::Unmovable { pid, what: refused.join("; ") });
+    }
+    Ok(table)
+}
+
+/// Write the frozen application `frozen` (described by `info`), its
+/// descriptors `table` and its sockets as an image.
 pub fn write_image<W: Write>(
     frozen: &Frozen<'_>,
     info: &AppInfo,
+    table: &crate::fds::FdTable,
+    sockets: &CapturedSockets,
     mut out: ImageWriter<W>,
 ) -> Result<(Written, W), CheckpointError> {
     let t0 = Instant::now();
@@ -205,12 +228,6 @@ pub fn write_image<W: Write>(
         })
         .collect();
     descriptors.sort();
-    let table = crate::fds::capture(info.proxy_pid)
-        .map_err(|source| CheckpointError::Descriptors { pid: info.proxy_pid, source })?;
-    let refused: Vec<String> = table.unmovable().iter().map(|u| u.to_string()).collect();
-    if !refused.is_empty() {
-        return Err(unmovable(refused.join("; ")));
-    }
     let h = &frozen.app.control().header;
     let saved: Vec<(usize, &ThreadRecord)> = x.threads.iter().enumerate().filter(|(_, t)| t.saved != 0).collect();
     let manifest = Manifest {
@@ -239,7 +256,8 @@ pub fn write_image<W: Write>(
         threads.extend_from_slice(bytes_of(*t));
     }
     out.record(RecordKind::ThreadContexts, &threads)?;
-    out.json(RecordKind::Descriptors, &table)?;
+    out.json(RecordKind::Descriptors, table)?;
+    out.json(RecordKind::Sockets, &sockets.images)?;
     let mut buf = vec![0u8; crate::image::MEMORY_CHUNK_LEN];
     for (k, fd, addr, off, len) in extents {
         let f = files[k].as_ref().expect("opened above");
@@ -313,4 +331,101 @@ fn maps_path(maps: &str, addr: u64) -> Option<String> {
 pub fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
     use std::os::unix::fs::MetadataExt;
     meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128
+}
+
+/// A socket of the application, as the image holds it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum SocketImage {
+    TcpConnection(crate::sockets::TcpConnectionImage),
+    TcpListener(crate::sockets::TcpListenerImage),
+    Udp(crate::sockets::UdpSocketImage),
+}
+
+/// The application's sockets captured while it is frozen: their images
+/// (the Sockets record), and the sockets themselves (taken from the
+/// proxy), which must be resumed if the application goes on, or released
+/// (closed silently) if it ends.
+pub struct CapturedSockets {
+    pub images: Vec<(i32, SocketImage)>,
+    /// TCP connections left in repair mode by the capture.
+    in_repair: Vec<std::os::fd::OwnedFd>,
+}
+
+impl CapturedSockets {
+    /// The application goes on: its connections leave repair mode.
+    pub fn resume(self) {
+        for s in &self.in_repair {
+            let _ = crate::sockets::TcpConnection::resume_source(std::os::fd::AsFd::as_fd(s));
+        }
+    }
+
+    /// The application ends (it runs elsewhere now): its connections close
+    /// without a FIN or a reset.
+    pub fn release(self) {
+        for s in self.in_repair {
+            let _ = crate::sockets::TcpConnection::release_source(s);
+        }
+    }
+}
+
+/// Capture the TCP and UDP sockets among the proxy's descriptors `table`
+/// (`pid` is the proxy). A listener with connections in its accept queue
+/// is refused: they cannot be put back, and the application (which goes on
+/// if the checkpoint fails or leaves it running) must still accept them.
+/// On an error every connection already captured is resumed.
+pub fn capture_sockets(pid: i32, table: &crate::fds::FdTable) -> Result<CapturedSockets, CheckpointError> {
+    use crate::fds::{FdKind, SocketFamily, SocketType};
+    use crate::sockets::{TcpConnection, TcpListenerImage, UdpSocketImage};
+    use std::os::fd::AsFd;
+    let mut out = CapturedSockets { images: Vec::new(), in_repair: Vec::new() };
+    let fail = |out: CapturedSockets, what: String| {
+        out.resume();
+        Err(CheckpointError::Unmovable { pid, what })
+    };
+    let pidfd = match rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(pid).expect("a pid"),
+        rustix::process::PidfdFlags::empty(),
+    ) {
+        Ok(p) => p,
+        Err(e) => return Err(CheckpointError::Proc { pid, what: "a pidfd".into(), source: e.into() }),
+    };
+    for e in &table.fds {
+        let FdKind::Socket { family, socket_type, .. } = &e.kind else { continue };
+        if !matches!(family, SocketFamily::Inet | SocketFamily::Inet6) || e.same_description_as.is_some() {
+            continue;
+        }
+        let fd = match rustix::process::pidfd_getfd(&pidfd, e.fd, rustix::process::PidfdGetfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(err) => return fail(out, format!("fd {}: cannot take it from the proxy: {err}", e.fd)),
+        };
+        let image = match socket_type {
+            SocketType::Stream => match TcpListenerImage::is_listener(fd.as_fd()) {
+                Ok(true) => match TcpListenerImage::describe(fd.as_fd()) {
+                    Ok((_, queued)) if queued > 0 => {
+                        return fail(
+                            out,
+                            format!("fd {}: {queued} connections wait in its accept queue (try again)", e.fd),
+                        )
+                    }
+                    Ok((image, _)) => SocketImage::TcpListener(image),
+                    Err(err) => return fail(out, format!("fd {}: {err}", e.fd)),
+                },
+                Ok(false) => match TcpConnection::capture(fd.as_fd()) {
+                    Ok(image) => {
+                        out.in_repair.push(fd);
+                        SocketImage::TcpConnection(image)
+                    }
+                    Err(err) => return fail(out, format!("fd {}: {err}", e.fd)),
+                },
+                Err(err) => return fail(out, format!("fd {}: {err}", e.fd)),
+            },
+            SocketType::Datagram => match UdpSocketImage::capture(fd.as_fd()) {
+                Ok(image) => SocketImage::Udp(image),
+                Err(err) => return fail(out, format!("fd {}: {err}", e.fd)),
+            },
+            _ => return fail(out, format!("fd {}: a raw or packet socket (not movable)", e.fd)),
+        };
+        out.images.push((e.fd, image));
+    }
+    Ok(out)
 }

@@ -1039,6 +1039,15 @@ impl TcpListenerImage {
     /// [`CapturedTcpListener`]). Connections still in the handshake are
     /// not in the accept queue and are not moved.
     pub fn capture(listener: BorrowedFd<'_>) -> Result<CapturedTcpListener> {
+        let (image, _) = Self::describe(listener)?;
+        let accept_queue = take_accept_queue(listener, image.local)?;
+        Ok(CapturedTcpListener { listener: image, accept_queue })
+    }
+
+    /// The listener's image and how many connections wait in its accept
+    /// queue, leaving them there (for a checkpoint after which the
+    /// application goes on, which must still accept them).
+    pub fn describe(listener: BorrowedFd<'_>) -> Result<(TcpListenerImage, u32)> {
         let family = expect_socket(listener, SocketType::STREAM, libc::IPPROTO_TCP, "a TCP socket over IPv4 or IPv6")?;
         let info = tcp_info(listener)?;
         if info.tcpi_state != uapi::TCP_LISTEN {
@@ -1053,8 +1062,12 @@ impl TcpListenerImage {
             reuse_port: sockopt::socket_reuseport(listener).context(|| "getsockopt(SO_REUSEPORT)".into())?,
             settings: TcpSettings::capture(listener, family)?,
         };
-        let accept_queue = take_accept_queue(listener, image.local)?;
-        Ok(CapturedTcpListener { listener: image, accept_queue })
+        Ok((image, info.tcpi_unacked))
+    }
+
+    /// Is `socket` a listening TCP socket?
+    pub fn is_listener(socket: BorrowedFd<'_>) -> Result<bool> {
+        Ok(tcp_info(socket)?.tcpi_state == uapi::TCP_LISTEN)
     }
 
     /// A listening socket again: bound (with `SO_REUSEADDR`, and
