@@ -1747,7 +1747,15 @@ mod tests {
     impl Holder {
         fn start(role: &str, dir: &Path) -> Holder {
             let mut child =
-                helper(role).env(WORK_DIR, dir).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+                // Its stderr is not the test runner's, which may be a file
+                // that grows between two captures.
+                helper(role)
+                    .env(WORK_DIR, dir)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
             // The test harness of the helper prints its own lines first.
             let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
             let ready = lines.any(|line| line.is_ok_and(|l| l.ends_with("ready")));
@@ -2139,7 +2147,8 @@ mod tests {
         // Before anything is read: what the process looks like from
         // outside is what was captured.
         let mine = capture(std::process::id() as i32).map_err(|e| e.to_string())?;
-        for original in table.fds.iter().filter(|e| e.disposition == Disposition::Rebuild) {
+        // Standard streams are this helper's own (supplied above).
+        for original in table.fds.iter().filter(|e| e.fd > 2 && e.disposition == Disposition::Rebuild) {
             let now = mine.entry(original.fd).ok_or(format!("fd {} is missing", original.fd))?;
             expect(
                 comparable(original, &table) == comparable(now, &mine),
