@@ -90,6 +90,9 @@ impl App {
             std::io::ErrorKind::NotFound => AppError::NoSuchProcess(pid),
             _ => AppError::Sys { what: "list the descriptors", pid, source: e },
         })?;
+        // An application process holds its own region, and while it forks
+        // also its child's; `lwk run` holds the one of its application.
+        let mut found: Option<App> = None;
         for e in entries.flatten() {
             let Ok(target) = std::fs::read_link(e.path()) else { continue };
             if !target.to_string_lossy().starts_with("/memfd:lwk-control") {
@@ -105,14 +108,19 @@ impl App {
             if app.control().header.magic.load(SeqCst) != CONTROL_MAGIC {
                 return Err(AppError::BadControl(pid));
             }
-            // `lwk run` holds the region too: the application is its child.
             let app_pid = app.control().header.app_pid.load(SeqCst);
-            if app_pid > 0 {
-                app.pid = app_pid;
+            if app_pid == pid {
+                return Ok(app);
             }
-            return Ok(app);
+            if found.is_none() {
+                // `lwk run`: the application is its child.
+                if app_pid > 0 {
+                    app.pid = app_pid;
+                }
+                found = Some(app);
+            }
         }
-        Err(AppError::NotLwk(pid))
+        found.ok_or(AppError::NotLwk(pid))
     }
 
     pub fn control(&self) -> &Control {
