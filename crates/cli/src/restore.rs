@@ -13,9 +13,7 @@ use std::fs::File;
 use std::io::BufReader;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
@@ -85,6 +83,8 @@ struct Prepared {
     table: FdTable,
     /// Its TCP and UDP sockets, by descriptor number.
     sockets: Vec<(i32, SocketImage)>,
+    /// Every saved thread's id (in the application's pid namespace).
+    thread_ids: Vec<i32>,
     input: OwnedFd,
     /// The memory files, with the descriptor number each must have in the
     /// application process.
@@ -208,7 +208,9 @@ fn prepare(dir: &Path) -> Result<Prepared> {
     if x.n_threads != manifest.threads {
         return Err(bad("the thread records do not match the manifest"));
     }
+    let thread_ids: Vec<i32> = x.threads.iter().filter(|t| t.saved != 0).map(|t| t.tid).collect();
     input.magic = INPUT_MAGIC;
+    input.same_ids = 1;
     input.specials = manifest.specials;
     if manifest.file_mappings.len() > MAX_FILE_MAPPINGS {
         bail!("{}: more than {MAX_FILE_MAPPINGS} file mappings", path.display());
@@ -225,7 +227,7 @@ fn prepare(dir: &Path) -> Result<Prepared> {
     let mm_fds = input.export.state.mm.memfd;
     drop(input_map);
     let memfds = memfds.into_iter().enumerate().filter_map(|(k, fd)| Some((fd?, mm_fds[k]))).collect();
-    Ok(Prepared { manifest, table, sockets, input: input_fd, memfds })
+    Ok(Prepared { manifest, table, sockets, thread_ids, input: input_fd, memfds })
 }
 
 /// The files the program had mapped must be the same here.
@@ -306,23 +308,35 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     places.push((2, diag_at));
     places.push((p.input.as_raw_fd(), input_at));
 
-    let proxy = spawn_proxy(&kernel, &region, &p.table, &p.sockets)?;
-    let app = match spawn_restoring(&kernel, &p.manifest.command, &places, ctl_at, diag_at, input_at) {
-        Ok(c) => c,
-        Err(e) => {
-            // SAFETY: our own child, killed and reaped.
-            unsafe {
-                libc::kill(proxy, libc::SIGKILL);
-                libc::waitpid(proxy, std::ptr::null_mut(), 0);
+    // The application gets its process ids back in a pid namespace of its
+    // own (and a mount namespace whose /proc shows it): the proxy is the
+    // namespace's first process, the application process then gets its
+    // old pid, and the LWK gives each thread its old tid.
+    // SAFETY: plain unshare; this process has one thread.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        let e = std::io::Error::last_os_error();
+        bail!("lwk restore needs root, to give the application its process ids back in a pid namespace: {e}");
+    }
+    let ns_pid = p.manifest.pid_in_namespace;
+    let max_id = p.thread_ids.iter().copied().chain([ns_pid]).max().unwrap_or(ns_pid);
+    let (proxy, proxy_mnt) = spawn_proxy(&kernel, &region, &p.table, &p.sockets, max_id)?;
+    let app =
+        match spawn_restoring(&kernel, &p.manifest.command, &places, [ctl_at, diag_at, input_at], ns_pid, &proxy_mnt) {
+            Ok(c) => c,
+            Err(e) => {
+                // SAFETY: our own child, killed and reaped.
+                unsafe {
+                    libc::kill(proxy, libc::SIGKILL);
+                    libc::waitpid(proxy, std::ptr::null_mut(), 0);
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-    };
+        };
     drop(p.memfds);
     drop(p.input);
-    run::APP_PID.store(app.id() as i32, Ordering::Relaxed);
+    run::APP_PID.store(app, Ordering::Relaxed);
     run::setup_signals();
-    let outcome = run::wait_both(app.id() as i32, proxy)?;
+    let outcome = run::wait_both(app, proxy)?;
     run::APP_PID.store(0, Ordering::Relaxed);
     if let Some(e) = outcome.proxy_failure {
         bail!("the proxy process failed ({e}); the application was stopped");
@@ -343,7 +357,8 @@ fn spawn_proxy(
     region: &run::ControlRegion,
     table: &FdTable,
     sockets: &[(i32, SocketImage)],
-) -> Result<i32> {
+    max_id: i32,
+) -> Result<(i32, File)> {
     use std::os::unix::ffi::OsStrExt;
     let top = table.fds.iter().map(|e| e.fd).max().unwrap_or(2).max(2);
     // Above every number the table uses: restore leaves it where it is.
@@ -387,6 +402,8 @@ fn spawn_proxy(
             .with_context(|| format!("cannot hand descriptor {fd} over"))?;
         supplied.insert(fd, own);
     }
+    // The child says when its mount namespace is ready (one byte), or dies.
+    let (ready_r, ready_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("a pipe")?;
     // SAFETY: this process has one thread, so the child may allocate; it
     // only rebuilds descriptors and execs (or exits).
     let pid = unsafe { libc::fork() };
@@ -399,6 +416,14 @@ fn spawn_proxy(
             // SAFETY: leaving the child without running the parent's exit code.
             unsafe { libc::_exit(125) }
         };
+        drop(ready_r);
+        if let Err(e) = enter_namespaces(max_id) {
+            fail(format!("{e:#}"));
+        }
+        if rustix::io::write(&ready_w, b"r") != Ok(1) {
+            fail("the restorer is gone".into());
+        }
+        drop(ready_w);
         if let Err(e) = fds::restore(table, fds::RestoreOptions { supplied }) {
             fail(e.to_string());
         }
@@ -415,47 +440,100 @@ fn spawn_proxy(
         unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
         fail(format!("cannot start the LWK image: {}", std::io::Error::last_os_error()));
     }
-    Ok(pid)
+    drop(ready_w);
+    let mut byte = [0u8; 1];
+    if rustix::io::read(&ready_r, &mut byte) != Ok(1) {
+        // SAFETY: reaping our own child, which said why it failed.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        bail!("the proxy could not set up the application's namespaces");
+    }
+    let mnt = File::open(format!("/proc/{pid}/ns/mnt")).context("the proxy's mount namespace")?;
+    Ok((pid, mnt))
+}
+
+/// In the pid namespace's first process (the proxy, before it becomes the
+/// LWK image): a mount namespace of the application's own with a /proc of
+/// its pid namespace (so /proc/self, and /proc/PID with the ids the
+/// application knows, are right), and the next ids handed out above every
+/// id the application had, so the proxy's threads take none of them.
+fn enter_namespaces(max_id: i32) -> Result<()> {
+    use rustix::mount::{mount, mount_change, MountFlags, MountPropagationFlags};
+    // SAFETY: a new mount namespace for this process, which has one thread
+    // and holds no reference into the old one's mounts.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }.context("unshare(CLONE_NEWNS)")?;
+    mount_change("/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE).context("making / private")?;
+    mount("proc", "/proc", "proc", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, None)
+        .context("mounting /proc for the pid namespace")?;
+    std::fs::write("/proc/sys/kernel/ns_last_pid", max_id.to_string()).context("setting ns_last_pid")?;
+    Ok(())
 }
 
 /// At most three memory files, the control region, stderr and the input.
 const MAX_PLACES: usize = 6;
 
-/// Start the LWK image in restore mode with `places` (descriptor, number)
-/// in place; everything else of ours closes on exec.
+/// Start the LWK image in restore mode, as process `ns_pid` of the new pid
+/// namespace, in the proxy's mount namespace `mnt`, with `places`
+/// (descriptor, number) in place; everything else of ours closes on exec.
+/// Returns its pid as this process sees it.
 fn spawn_restoring(
     kernel: &Path,
     command: &str,
     places: &[(i32, i32)],
-    ctl_at: i32,
-    diag_at: i32,
-    input_at: i32,
-) -> Result<Child> {
+    [ctl_at, diag_at, input_at]: [i32; 3],
+    ns_pid: i32,
+    mnt: &File,
+) -> Result<i32> {
+    use std::os::unix::ffi::OsStrExt;
     assert!(places.len() <= MAX_PLACES);
     let argv0 = command.split(' ').next().unwrap_or("lwk-restored");
-    let mut cmd = Command::new(kernel);
-    cmd.arg0(argv0).arg("restore").arg(ctl_at.to_string()).arg(diag_at.to_string()).arg(input_at.to_string());
-    let places = places.to_vec();
-    // SAFETY: only dup2 and fcntl on open descriptors run in the child;
-    // every source is moved above every target first, so no dup2 lands on
-    // a source not yet placed.
-    unsafe {
-        cmd.pre_exec(move || {
-            let high = 1 + places.iter().map(|&(f, t)| f.max(t)).max().unwrap_or(0);
-            let mut moved = [-1; MAX_PLACES];
-            for (m, &(from, _)) in moved.iter_mut().zip(&places) {
-                *m = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, high);
-                if *m < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            for (&fd, &(_, to)) in moved.iter().zip(&places) {
-                if libc::dup2(fd, to) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        })
+    let args: Vec<std::ffi::CString> =
+        [argv0.to_string(), "restore".into(), ctl_at.to_string(), diag_at.to_string(), input_at.to_string()]
+            .into_iter()
+            .map(|a| std::ffi::CString::new(a).context("a NUL in the command"))
+            .collect::<Result<_>>()?;
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let path = std::ffi::CString::new(kernel.as_os_str().as_bytes()).context("the LWK image's path")?;
+    let ids = [ns_pid];
+    // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal,
+    // stack, stack_size, tls, set_tid, set_tid_size, cgroup.
+    let clone_args: [u64; 11] = [0, 0, 0, 0, libc::SIGCHLD as u64, 0, 0, 0, ids.as_ptr() as u64, 1, 0];
+    // SAFETY: clone3 without a new stack or CLONE_VM is a fork; this process
+    // has one thread.
+    let pid = unsafe { libc::syscall(libc::SYS_clone3, clone_args.as_ptr(), std::mem::size_of_val(&clone_args)) };
+    if pid < 0 {
+        let e = std::io::Error::last_os_error();
+        bail!("cannot start the application process as pid {ns_pid} in its pid namespace: {e}");
+    }
+    if pid > 0 {
+        return Ok(pid as i32);
+    }
+    // The child: only system calls on what was prepared above.
+    let fail = |what: &str| -> ! {
+        eprintln!("lwk: starting the restored application: {what}: {}", std::io::Error::last_os_error());
+        // SAFETY: leaving the child without running the parent's exit code.
+        unsafe { libc::_exit(125) }
     };
-    cmd.spawn().with_context(|| format!("cannot start the LWK image {}", kernel.display()))
+    // SAFETY: joining the proxy's mount namespace (this process has one thread).
+    if unsafe { libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
+        fail("joining the proxy's mount namespace");
+    }
+    let high = 1 + places.iter().map(|&(f, t)| f.max(t)).max().unwrap_or(0);
+    let mut moved = [-1; MAX_PLACES];
+    for (m, &(from, _)) in moved.iter_mut().zip(places) {
+        // SAFETY: duplicating our own descriptors above every target.
+        *m = unsafe { libc::fcntl(from, libc::F_DUPFD_CLOEXEC, high) };
+        if *m < 0 {
+            fail("placing its descriptors");
+        }
+    }
+    for (&fd, &(_, to)) in moved.iter().zip(places) {
+        // SAFETY: every source was moved above every target first.
+        if unsafe { libc::dup2(fd, to) } < 0 {
+            fail("placing its descriptors");
+        }
+    }
+    // SAFETY: a NUL-terminated argv of ours; the environment is ours.
+    unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
+    fail("executing the LWK image")
 }

@@ -105,7 +105,9 @@ pub fn die_with_supervisor() -> Result<(), &'static str> {
         syscall3(nr::PRCTL, PR_SET_PDEATHSIG, SIGKILL, 0);
         syscall3(nr::GETPPID, 0, 0, 0)
     };
-    if parent as i32 != h.supervisor_pid.load(Relaxed) {
+    // 0: the parent is outside this process's pid namespace (`lwk restore`,
+    // which gives a restored application a namespace of its own).
+    if parent != 0 && parent as i32 != h.supervisor_pid.load(Relaxed) {
         return Err("lwk run is gone");
     }
     Ok(())

@@ -56,6 +56,10 @@ pub const SPECIAL_NAMES: [&[u8]; 3] = [b"[vdso]", b"[vvar]", b"[vvar_vclock]"];
 #[repr(C)]
 pub struct RestoreInput {
     pub magic: u64,
+    /// 1: every thread gets the id it had (the process runs in a pid
+    /// namespace of its own, where the restorer gave it its old pid).
+    pub same_ids: u32,
+    pub reserved: u32,
     pub n_files: u64,
     pub specials: [[u64; 2]; 3],
     pub export: FreezeExport,
@@ -126,6 +130,10 @@ pub fn restore_main(st: &Startup) -> ! {
     };
     let h = &control().header;
     h.app_pid.store(getpid(), Release);
+    if inp.same_ids != 0 && x.threads[me].tid != getpid() {
+        lwk_rt::diag!("restore: this process is {}, the saved thread {}", getpid(), x.threads[me].tid);
+        exit_group(125);
+    }
     thread::init_as(me);
     if let Err(why) = crate::guard::protect() {
         if h.options.load(Relaxed) & lwk_abi::control::OPT_VERBOSE != 0 {
@@ -180,9 +188,11 @@ pub fn restore_main(st: &Startup) -> ! {
     let mut count = 0;
     for s in others {
         let t = &x.threads[s];
-        let r = thread::start_in_slot(s, t.ctx.fs_base, t.clear_tid, restored_thread);
+        let tid = if inp.same_ids != 0 { t.tid } else { 0 };
+        let r = thread::start_in_slot(s, t.ctx.fs_base, t.clear_tid, tid, restored_thread);
         if r < 0 {
-            fail("cannot start a thread", r);
+            lwk_rt::diag!("restore: cannot start thread {} again: error {}", t.tid, -r);
+            exit_group(125);
         }
         count += 1;
     }

@@ -127,7 +127,9 @@ pub fn init_as(slot: usize) {
 /// runs `entry(slot)` on the slot's LWK stack, with the FS base `tls` and
 /// the clear-tid address `clear_tid`, and a proxy worker for it. The new
 /// thread calls [`begin`] first. Returns its tid or -errno.
-pub fn start_in_slot(slot: usize, tls: u64, clear_tid: u64, entry: extern "C" fn(u64) -> !) -> i64 {
+/// With `tid` not 0 the thread gets that id (the one it had before a
+/// restore; the pid namespace must have it free).
+pub fn start_in_slot(slot: usize, tls: u64, clear_tid: u64, tid: i32, entry: extern "C" fn(u64) -> !) -> i64 {
     let r = delegate::call(REQ_NEW_WORKER, [slot as u64, 0, 0, 0, 0, 0]);
     if r < 0 {
         return r;
@@ -143,7 +145,13 @@ pub fn start_in_slot(slot: usize, tls: u64, clear_tid: u64, entry: extern "C" fn
     let top = (SLOTS.stacks[slot].get() as u64 + STACK_SIZE as u64) & !15;
     // SAFETY: the slot's LWK stack is free: no thread of this new process
     // ran in the slot yet.
-    let tid = unsafe { spawn(flags, top, 0, clear_tid, tls, entry, slot as u64) };
+    let tid = unsafe {
+        if tid != 0 {
+            spawn_with_tid(flags, top, clear_tid, tls, entry, slot as u64, tid)
+        } else {
+            spawn(flags, top, 0, clear_tid, tls, entry, slot as u64)
+        }
+    };
     if tid > 0 {
         SLOTS.threads[slot].tid.store(tid as i32, SeqCst);
     }

@@ -73,7 +73,9 @@ impl Drop for Mapping {
 
 /// An lwk application process, attached through its control region.
 pub struct App {
-    /// The application process (the one that runs the program).
+    /// The application process (the one that runs the program), as this
+    /// process sees it (a restored application runs in a pid namespace of
+    /// its own, where its pid is another).
     pub pid: i32,
     control: Mapping,
 }
@@ -109,13 +111,15 @@ impl App {
                 return Err(AppError::BadControl(pid));
             }
             let app_pid = app.control().header.app_pid.load(SeqCst);
-            if app_pid == pid {
-                return Ok(app);
+            if app_pid == pid || (app_pid > 0 && pid_in_namespace(pid) == Some(app_pid)) {
+                return Ok(app); // the application process itself
             }
             if found.is_none() {
-                // `lwk run`: the application is its child.
+                // `lwk run` or `lwk restore`: the application is its child
+                // (whose pid in its own namespace the region holds).
                 if app_pid > 0 {
-                    app.pid = app_pid;
+                    app.pid =
+                        children(pid).into_iter().find(|&c| pid_in_namespace(c) == Some(app_pid)).unwrap_or(app_pid);
                 }
                 found = Some(app);
             }
@@ -129,9 +133,23 @@ impl App {
         unsafe { &*(self.control.ptr as *const Control) }
     }
 
-    /// The proxy process that holds the application's descriptors.
+    /// The proxy process that holds the application's descriptors, as this
+    /// process sees it (the region holds its pid in the application's pid
+    /// namespace).
     pub fn proxy_pid(&self) -> i32 {
-        self.control().header.proxy_pid.load(SeqCst)
+        let in_ns = self.control().header.proxy_pid.load(SeqCst);
+        if pid_in_namespace(self.pid) == Some(self.pid) {
+            return in_ns; // no namespace of its own
+        }
+        let Ok(ns) = std::fs::read_link(format!("/proc/{}/ns/pid", self.pid)) else { return in_ns };
+        let Ok(dir) = std::fs::read_dir("/proc") else { return in_ns };
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find(|&p| {
+                pid_in_namespace(p) == Some(in_ns)
+                    && std::fs::read_link(format!("/proc/{p}/ns/pid")).ok() == Some(ns.clone())
+            })
+            .unwrap_or(in_ns)
     }
 
     /// The application's threads, by tid.
@@ -404,4 +422,21 @@ fn proxy_descriptors(proxy: i32) -> (std::collections::BTreeMap<String, usize>, 
         }
     }
     (kinds, established)
+}
+
+/// The children of process `pid` (of all its threads).
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| c.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<i32>>())
+        .collect()
+}
+
+/// The pid of process `pid` in its own pid namespace (the last NSpid).
+pub fn pid_in_namespace(pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
 }

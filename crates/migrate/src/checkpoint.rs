@@ -41,6 +41,9 @@ pub struct Manifest {
     pub pid: i32,
     pub proxy_pid: i32,
     pub command: String,
+    /// The application's process id as it knows it (in its own pid
+    /// namespace, when it runs in one): a restore gives it back.
+    pub pid_in_namespace: i32,
     pub threads: u32,
     /// Bytes of LwkState and of each ThreadRecord: a reader of another
     /// build refuses a mismatch before it looks further.
@@ -237,6 +240,7 @@ pub fn write_image<W: Write>(
         pid,
         proxy_pid: info.proxy_pid,
         command: info.command.clone(),
+        pid_in_namespace: crate::app::pid_in_namespace(pid).unwrap_or(pid),
         threads: saved.len() as u32,
         lwk_state_size: std::mem::size_of::<LwkState>() as u64,
         thread_record_size: std::mem::size_of::<ThreadRecord>() as u64,

@@ -108,8 +108,11 @@ extern "C" fn watch(_: u64) -> ! {
     // A forked child killed before it got that far never will: once the
     // process that forked it is gone too, nobody needs this proxy. (The
     // first proxy, `lwk run`'s child, dies with it instead.)
+    // (A parent outside the proxy's pid namespace, 0 here, is `lwk
+    // restore`, which also starts the first proxy.)
     // SAFETY: plain getppid.
-    let first = unsafe { syscall3(lwk_rt::nr::GETPPID, 0, 0, 0) } as i32 == h.supervisor_pid.load(Acquire);
+    let parent = unsafe { syscall3(lwk_rt::nr::GETPPID, 0, 0, 0) } as i32;
+    let first = parent == 0 || parent == h.supervisor_pid.load(Acquire);
     let pid = loop {
         let p = h.app_pid.load(Acquire);
         if p > 0 {

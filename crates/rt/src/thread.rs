@@ -25,8 +25,29 @@ global_asm!(
     clone = const crate::nr::CLONE,
 );
 
+// lwk_rt_clone3(args, size) -> tid in the parent: the same, through
+// clone3(2), whose child starts with the stack pointer at the end of the
+// stack the arguments give.
+global_asm!(
+    ".globl lwk_rt_clone3",
+    "lwk_rt_clone3:",
+    "mov eax, {clone3}",
+    "syscall",
+    "test rax, rax",
+    "jnz 2f",
+    "xor ebp, ebp",
+    "pop rdi",
+    "pop rax",
+    "call rax",
+    "ud2",
+    "2:",
+    "ret",
+    clone3 = const crate::nr::CLONE3,
+);
+
 extern "C" {
     fn lwk_rt_clone(flags: u64, stack: u64, ptid: u64, ctid: u64, tls: u64) -> i64;
+    fn lwk_rt_clone3(args: *const u64, size: u64) -> i64;
 }
 
 pub const CLONE_VM: u64 = 0x100;
@@ -65,6 +86,35 @@ pub unsafe fn spawn(
         (sp as *mut u64).write(arg);
         ((sp + 8) as *mut u64).write(entry as *const () as u64);
         lwk_rt_clone(flags, sp, ptid, ctid, tls)
+    }
+}
+
+/// [`spawn`], giving the new thread (or process) the id `tid` in the
+/// caller's pid namespace (clone3's set_tid; needs CAP_SYS_ADMIN there).
+///
+/// # Safety
+/// As for [`spawn`].
+pub unsafe fn spawn_with_tid(
+    flags: u64,
+    stack_top: u64,
+    ctid: u64,
+    tls: u64,
+    entry: extern "C" fn(u64) -> !,
+    arg: u64,
+    tid: i32,
+) -> i64 {
+    let sp = stack_top - 16;
+    let ids = [tid];
+    // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal,
+    // stack, stack_size, tls, set_tid, set_tid_size, cgroup. The child's
+    // stack pointer is stack + stack_size: `sp`, where [arg][entry] are.
+    let args: [u64; 11] = [flags & !0xff, 0, ctid, 0, flags & 0xff, sp - 4096, 4096, tls, ids.as_ptr() as u64, 1, 0];
+    // SAFETY: the caller's stack has room for two words below its top; the
+    // kernel reads `args` and `ids` before it returns.
+    unsafe {
+        (sp as *mut u64).write(arg);
+        ((sp + 8) as *mut u64).write(entry as *const () as u64);
+        lwk_rt_clone3(args.as_ptr(), core::mem::size_of_val(&args) as u64)
     }
 }
 

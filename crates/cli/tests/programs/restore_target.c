@@ -5,8 +5,12 @@
  * floating point between sleeps; nothing but standard output. Prints
  * "ready" first and "done" last; what it prints in between depends only on
  * the work, so a run checkpointed and restored halfway must print what a
- * native run prints. */
+ * native run prints. At the end it checks that its ids are those it had at
+ * the start (getpid, getppid, gettid of two threads, /proc/self), and that
+ * a signal to itself and one to a thread arrive. */
+#define _GNU_SOURCE
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,9 +23,35 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int finished;
 static __thread long counted; /* thread-local: the FS base must come back */
+static pid_t pid0, ppid0, main_tid0;
+static volatile pid_t waiter_tid0;
+static volatile int usr1_in_waiter, usr2_seen;
+
+static void on_usr1(int sig) {
+    (void)sig;
+    usr1_in_waiter = gettid() == waiter_tid0;
+}
+
+static void on_usr2(int sig) {
+    (void)sig;
+    usr2_seen = 1;
+}
+
+/* The pid in /proc/self/stat: the /proc the program sees is its own. */
+static pid_t proc_self_pid(void) {
+    FILE *f = fopen("/proc/self/stat", "r");
+    int pid = -1;
+    if (f) {
+        if (fscanf(f, "%d", &pid) != 1)
+            pid = -1;
+        fclose(f);
+    }
+    return pid;
+}
 
 static void *waiter(void *arg) {
     (void)arg;
+    waiter_tid0 = gettid();
     pthread_mutex_lock(&mu);
     while (!finished)
         pthread_cond_wait(&cv, &mu);
@@ -40,6 +70,11 @@ static void *sleeper(void *arg) {
 }
 
 int main(void) {
+    pid0 = getpid();
+    ppid0 = getppid();
+    main_tid0 = gettid();
+    signal(SIGUSR1, on_usr1);
+    signal(SIGUSR2, on_usr2);
     uint64_t *mem = malloc(WORDS * 8);
     for (uint64_t i = 0; i < WORDS; i++)
         mem[i] = i * 0x9E3779B97F4A7C15ull;
@@ -59,6 +94,14 @@ int main(void) {
         nanosleep(&ts, NULL);
         counted++;
     }
+    int ids = getpid() == pid0 && getppid() == ppid0 && gettid() == main_tid0 && waiter_tid0 != 0;
+    printf("ids %s\n", ids ? "kept" : "changed");
+    printf("proc self %s\n", proc_self_pid() == getpid() ? "ok" : "wrong");
+    pthread_kill(t[0], SIGUSR1);
+    kill(getpid(), SIGUSR2);
+    for (int i = 0; i < 1000 && !(usr1_in_waiter && usr2_seen); i++)
+        usleep(1000);
+    printf("signals %s\n", usr1_in_waiter && usr2_seen ? "ok" : "lost");
     pthread_mutex_lock(&mu);
     finished = 1;
     pthread_cond_broadcast(&cv);
