@@ -85,8 +85,11 @@ pub struct Header {
     pub freeze: AtomicU32,
     /// Why the last freeze failed (errno), 0 if it did not.
     pub freeze_error: AtomicI32,
-    /// The requester's pid: a freeze whose requester is gone is undone.
-    pub freeze_requester: AtomicI32,
+    /// Bumped by the requester while it holds the application frozen (every
+    /// few tens of milliseconds): a freeze whose requester stopped bumping
+    /// it for a second (it died, or hangs) is undone. A pid would not do:
+    /// the requester may be outside the application's pid namespace.
+    pub freeze_heartbeat: AtomicU64,
     /// While FREEZE_FROZEN: the memfd (a descriptor of the application
     /// process) holding the saved state, a `kernel::freeze::FreezeExport`.
     pub freeze_fd: AtomicI32,

@@ -430,6 +430,15 @@ fn spawn_proxy(
         if let Err(e) = fds::apply_process_fs(&table.process) {
             fail(e.to_string());
         }
+        // The proxy's table is the application's and nothing else: whatever
+        // else this process had open closes at the exec.
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            let open: Vec<i32> = dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+            for fd in open.into_iter().filter(|&fd| fd != ctl.as_raw_fd() && table.entry(fd).is_none()) {
+                // SAFETY: marking a descriptor of our own table.
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            }
+        }
         for e in &table.fds {
             // SAFETY: clearing FD_CLOEXEC on a descriptor just rebuilt.
             unsafe { libc::fcntl(e.fd, libc::F_SETFD, 0) };

@@ -462,3 +462,89 @@ fn a_tcp_connection_and_queued_datagrams_survive_checkpoint_and_restore() {
     assert!(r.status.success(), "{:?}: {}", r.status, String::from_utf8_lossy(&r.stderr));
     assert_eq!(String::from_utf8_lossy(&r.stdout), "done\n");
 }
+
+#[test]
+fn an_application_whose_requester_dies_while_it_is_frozen_goes_on() {
+    // `lwk checkpoint` writes into a FIFO nobody reads: it blocks, with the
+    // application frozen, until it is killed.
+    let expected = native(&[]);
+    let (mut child, mut out) = start(&[]);
+    let app = App::attach(child.id() as i32).unwrap();
+    std::thread::sleep(Duration::from_millis(700)); // its forked child is gone
+    let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
+    let fifo = dir.path().join("image.lwk.partial");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: plain mkfifo and a non-blocking open of it for reading.
+    let reader = unsafe {
+        assert_eq!(libc::mkfifo(c.as_ptr(), 0o600), 0);
+        libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK)
+    };
+    assert!(reader >= 0);
+    let mut requester = Command::new(LWK)
+        .args(["checkpoint", &app.pid.to_string()])
+        .arg(dir.path())
+        .arg("--leave-running")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let frozen = || app.control().header.freeze.load(std::sync::atomic::Ordering::SeqCst) == 3;
+    let t0 = std::time::Instant::now();
+    while !frozen() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "never frozen");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(frozen(), "frozen while the requester lives");
+    requester.kill().unwrap();
+    requester.wait().unwrap();
+    let t1 = std::time::Instant::now();
+    while frozen() {
+        assert!(t1.elapsed() < Duration::from_secs(5), "still frozen 5 s after its requester died");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(format!("ready\n{rest}"), expected);
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(reader) };
+}
+
+#[test]
+#[ignore = "needs root (lwk restore gives the application its pids back in a pid namespace)"]
+fn a_restored_program_checkpointed_again_and_restored_again_finishes_as_a_native_run_does() {
+    let prog = compiled("restore_target");
+    let expected = native_of(prog, &[]);
+    let (mut child, mut out) = start_of(prog, &[]);
+    let app = App::attach(child.id() as i32).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let dirs: Vec<_> =
+        (0..2).map(|_| tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap()).collect();
+    let checkpoint = |pid: i32, dir: &Path| {
+        let o = Command::new(LWK).args(["checkpoint", &pid.to_string()]).arg(dir).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    checkpoint(app.pid, dirs[0].path());
+    let mut before = String::new();
+    out.read_to_string(&mut before).unwrap();
+    child.wait().unwrap();
+    // The first restore runs a while in its pid namespace, and is
+    // checkpointed there (through its `lwk restore`).
+    let mut first = Command::new(LWK)
+        .arg("restore")
+        .arg(dirs[0].path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    checkpoint(first.id() as i32, dirs[1].path());
+    let mut partial = String::new();
+    first.stdout.take().unwrap().read_to_string(&mut partial).unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&first.wait().unwrap()), Some(libc::SIGKILL));
+    let r = Command::new(LWK).arg("restore").arg(dirs[1].path()).stdin(Stdio::null()).output().unwrap();
+    assert!(r.status.success(), "{:?}: {}", r.status, String::from_utf8_lossy(&r.stderr));
+    let after = String::from_utf8(r.stdout).unwrap();
+    assert_eq!(format!("ready\n{before}{partial}{after}"), expected);
+}

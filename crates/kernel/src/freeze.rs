@@ -20,8 +20,9 @@
 //!    whole LWK ([`LwkState`]) into the export, publishes the memory file's
 //!    descriptor (`freeze_fd`) and says FREEZE_FROZEN;
 //! 4. it waits for the requester's verdict. FREEZE_RESUME, or the
-//!    requester gone, lets every thread go on. (A migration that succeeded
-//!    ends the process instead.)
+//!    requester silent for [`REQUESTER_TIMEOUT_MS`] (its heartbeat in the
+//!    control region stopped: it died or hangs), lets every thread go on.
+//!    (A migration that succeeded ends the process instead.)
 //!
 //! A thread that does not park within [`PARK_TIMEOUT_MS`] (a call that no
 //! signal interrupts, such as `wait4`) fails the freeze: FREEZE_FAILED with
@@ -50,6 +51,8 @@ pub const EXPORT_MAGIC: u64 = u64::from_le_bytes(*b"LWKFROZN");
 pub const EXPORT_VERSION: u32 = 1;
 /// How long the freezer waits for the other threads to park.
 pub const PARK_TIMEOUT_MS: u64 = 2000;
+/// A requester silent this long (no heartbeat) is taken for gone.
+pub const REQUESTER_TIMEOUT_MS: u64 = 1000;
 
 /// One thread, saved by itself when it parked.
 #[repr(C)]
@@ -188,10 +191,21 @@ fn freeze(uc: &mut UContext) -> Result<(), i64> {
     h.freeze_fd.store(fd, SeqCst);
     h.freeze.store(FREEZE_FROZEN, SeqCst);
     futex_wake(&h.freeze, u32::MAX >> 1);
-    // The verdict; a requester that is gone gives none: go on.
-    let requester = h.freeze_requester.load(SeqCst);
-    while h.freeze.load(SeqCst) == FREEZE_FROZEN && requester > 0 && !process_gone(requester) {
+    // The verdict; a requester that stopped answering gives none: go on.
+    let mut beat = h.freeze_heartbeat.load(SeqCst);
+    let mut silent_ms = 0;
+    while h.freeze.load(SeqCst) == FREEZE_FROZEN {
         futex_wait_timeout(&h.freeze, FREEZE_FROZEN, 100_000_000);
+        let now = h.freeze_heartbeat.load(SeqCst);
+        if now != beat {
+            (beat, silent_ms) = (now, 0);
+        } else {
+            silent_ms += 100;
+            if silent_ms >= REQUESTER_TIMEOUT_MS {
+                lwk_rt::diag!("freeze: the requester stopped answering; the application goes on");
+                break;
+            }
+        }
     }
     let verdict = h.freeze.load(SeqCst);
     if verdict != FREEZE_RESUME && verdict != FREEZE_FROZEN {

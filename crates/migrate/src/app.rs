@@ -163,7 +163,9 @@ impl App {
     /// or dropped.
     pub fn freeze(&self, answer_within: Duration) -> Result<Frozen<'_>> {
         let h = &self.control().header;
-        h.freeze_requester.store(std::process::id() as i32, SeqCst);
+        // The heartbeat goes from the request on: the freezer may take the
+        // request at once.
+        let beat = Heartbeat::start(self);
         let took = [FREEZE_NONE, FREEZE_FAILED]
             .iter()
             .any(|&from| h.freeze.compare_exchange(from, FREEZE_REQUESTED, SeqCst, SeqCst).is_ok());
@@ -198,7 +200,7 @@ impl App {
         }
         let fd = h.freeze_fd.load(SeqCst);
         // From here, a failure resumes the application (Drop).
-        let mut frozen = Frozen { app: self, export: None, resumed: false };
+        let mut frozen = Frozen { app: self, export: None, resumed: false, heartbeat: Some(beat) };
         let file =
             File::open(format!("/proc/{}/fd/{fd}", self.pid)).map_err(sys("open the exported state", self.pid))?;
         let export =
@@ -218,6 +220,43 @@ pub struct Frozen<'a> {
     pub app: &'a App,
     export: Option<Mapping>,
     resumed: bool,
+    /// Keeps the freeze alive: the LWK undoes a freeze whose requester
+    /// stops beating.
+    heartbeat: Option<Heartbeat>,
+}
+
+/// A thread that bumps the control region's `freeze_heartbeat` every
+/// 50 ms until dropped.
+struct Heartbeat {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    fn start(app: &App) -> Heartbeat {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // The word lives in the App's mapping, which outlives the heartbeat
+        // (dropped with the Frozen that borrows the App).
+        let word = &app.control().header.freeze_heartbeat as *const std::sync::atomic::AtomicU64 as usize;
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(SeqCst) {
+                // SAFETY: see above: mapped until this thread is joined.
+                unsafe { &*(word as *const std::sync::atomic::AtomicU64) }.fetch_add(1, SeqCst);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Heartbeat { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Frozen<'_> {
@@ -254,6 +293,7 @@ impl Frozen<'_> {
         let h = &self.app.control().header;
         h.freeze.store(FREEZE_RESUME, SeqCst);
         futex_wake(&h.freeze);
+        self.heartbeat = None;
         let start = Instant::now();
         let limit = Duration::from_secs(5);
         while h.freeze.load(SeqCst) == FREEZE_RESUME {
