@@ -93,7 +93,17 @@ pub struct Header {
     /// While FREEZE_FROZEN: the memfd (a descriptor of the application
     /// process) holding the saved state, a `kernel::freeze::FreezeExport`.
     pub freeze_fd: AtomicI32,
+    /// A restore's gate (RESTORE_*): the restored application waits there,
+    /// every thread still parked, until its restorer opens it.
+    pub restore_gate: AtomicU32,
 }
+
+/// The gate is closed: the restoring LWK parks there when it is ready.
+pub const RESTORE_CLOSED: u32 = 0;
+/// The restoring LWK is ready and waits at the gate.
+pub const RESTORE_PARKED: u32 = 1;
+/// The restorer opened the gate: the application runs.
+pub const RESTORE_OPEN: u32 = 2;
 
 /// No freeze: the application runs.
 pub const FREEZE_NONE: u32 = 0;

@@ -1,6 +1,8 @@
 //! `lwk`: run unmodified Linux programs on the lightweight kernel.
 
 mod checkpoint;
+mod migrate;
+mod node;
 mod partition;
 mod ps;
 mod restore;
@@ -56,6 +58,13 @@ enum Command {
     /// Put an application that `lwk checkpoint` wrote back into new
     /// processes, and stand for it as `lwk run` does.
     Restore(restore::RestoreArgs),
+    /// Move a running application to another node's daemon.
+    Migrate(migrate::MigrateArgs),
+    /// The node daemon and the cluster key.
+    Node {
+        #[command(subcommand)]
+        cmd: node::NodeCmd,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -115,6 +124,8 @@ fn main() -> ExitCode {
         Command::Ps { json } => ps::main(json),
         Command::Checkpoint(args) => checkpoint::main(args),
         Command::Restore(args) => restore::main(args),
+        Command::Migrate(args) => migrate::main(args),
+        Command::Node { cmd } => node::main(cmd),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
-use lwk_abi::control::memfd_slot;
+use lwk_abi::control::{memfd_slot, RESTORE_OPEN, RESTORE_PARKED};
 use lwk_kernel::freeze::{ThreadRecord, EXPORT_MAGIC, EXPORT_VERSION};
 use lwk_kernel::mm::{MmSnapshot, PieceRecord};
 use lwk_kernel::persist::LwkState;
@@ -33,6 +33,16 @@ use crate::run::{self, ExitStatus};
 pub struct RestoreArgs {
     /// The directory `lwk checkpoint` wrote.
     dir: PathBuf,
+    /// The image is keyed with this cluster key (one a node daemon received).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Hold the restored application at the gate (every thread parked) and
+    /// write one byte to this descriptor; let it run when one byte arrives
+    /// on --go-fd, end it if that closes first. (For the node daemon.)
+    #[arg(long, requires = "go_fd")]
+    ready_fd: Option<i32>,
+    #[arg(long, requires = "ready_fd")]
+    go_fd: Option<i32>,
 }
 
 /// The size of each memory file (sparse), as the LWK makes them.
@@ -91,10 +101,10 @@ struct Prepared {
     memfds: Vec<(OwnedFd, i32)>,
 }
 
-fn prepare(dir: &Path) -> Result<Prepared> {
+fn prepare(dir: &Path, key: Option<&lwk_migrate::image::ClusterKey>) -> Result<Prepared> {
     let path = dir.join(IMAGE_FILE);
     let f = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut r = ImageReader::new(BufReader::new(f), None).with_context(|| format!("{}", path.display()))?;
+    let mut r = ImageReader::new(BufReader::new(f), key).with_context(|| format!("{}", path.display()))?;
     let bad = |what: &str| anyhow::anyhow!("{}: {what}", path.display());
 
     let input_fd = memfd("lwk-restore", 0)?;
@@ -292,11 +302,18 @@ fn write_memory(mm: &MmSnapshot, files: &[Option<OwnedFd>; 3], addr: u64, bytes:
 }
 
 pub fn main(args: RestoreArgs) -> Result<i32> {
-    let p = prepare(&args.dir)?;
+    let key = match &args.key {
+        Some(k) => Some(lwk_node::key::load(k)?),
+        None => None,
+    };
+    let p = prepare(&args.dir, key.as_ref())?;
     let kernel = run::kernel_image()?;
     let region = run::ControlRegion::create(p.manifest.options, run::spin_cycles())?;
     let h = &region.get().header;
     h.parent_pid.store(p.manifest.parent_pid, Ordering::Relaxed);
+    if args.go_fd.is_none() {
+        h.restore_gate.store(RESTORE_OPEN, Ordering::SeqCst);
+    }
 
     // Descriptor numbers for the application process: its memory files
     // where the saved state says, the control region, stderr for the LWK's
@@ -334,6 +351,21 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         };
     drop(p.memfds);
     drop(p.input);
+    if let (Some(ready), Some(go)) = (args.ready_fd, args.go_fd) {
+        if let Err(e) = hold_at_gate(region.get(), app, ready, go) {
+            // The image directory is the daemon's, and this copy is not to
+            // run: nothing of it stays.
+            std::fs::remove_dir_all(&args.dir).ok();
+            // SAFETY: our own children, killed and reaped.
+            unsafe {
+                libc::kill(app, libc::SIGKILL);
+                libc::kill(proxy, libc::SIGKILL);
+                libc::waitpid(app, std::ptr::null_mut(), 0);
+                libc::waitpid(proxy, std::ptr::null_mut(), 0);
+            }
+            return Err(e);
+        }
+    }
     run::APP_PID.store(app, Ordering::Relaxed);
     run::setup_signals();
     let outcome = run::wait_both(app, proxy)?;
@@ -345,6 +377,31 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         ExitStatus::Code(c) => c,
         ExitStatus::Signal(sig) => run::reraise(sig),
     })
+}
+
+/// Wait until the restored application (process `app`) is ready at the
+/// gate, say so on `ready`, and open the gate when `go` brings a byte; its
+/// closing first (the source kept its application) is an error.
+fn hold_at_gate(ctl: &lwk_abi::control::Control, app: i32, ready: i32, go: i32) -> Result<()> {
+    // SAFETY: descriptors our caller (the node daemon) passed us, ours now.
+    let (ready, go) = unsafe { (File::from_raw_fd(ready), File::from_raw_fd(go)) };
+    let gate = &ctl.header.restore_gate;
+    while gate.load(Ordering::SeqCst) != RESTORE_PARKED {
+        if run::has_terminated(app) {
+            bail!("the restored application ended before it was ready");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    std::io::Write::write_all(&mut &ready, b"r").context("telling the daemon the application is ready")?;
+    let mut byte = [0u8; 1];
+    match std::io::Read::read(&mut &go, &mut byte) {
+        Ok(1) if byte[0] == b'g' => {}
+        _ => bail!("the source kept its application: the copy here ends"),
+    }
+    gate.store(RESTORE_OPEN, Ordering::SeqCst);
+    // SAFETY: waking the LWK's waiters on the gate word (a shared futex).
+    unsafe { libc::syscall(libc::SYS_futex, gate.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
+    Ok(())
 }
 
 /// Start the proxy with the application's descriptors rebuilt at their

@@ -438,7 +438,7 @@ pub(crate) fn wait_both(app_pid: i32, proxy_pid: i32) -> Result<Outcome> {
 }
 
 /// Has `pid` (our child) terminated? Leaves it to be reaped.
-fn has_terminated(pid: i32) -> bool {
+pub(crate) fn has_terminated(pid: i32) -> bool {
     // SAFETY: waitid with WNOWAIT only looks; info is ours.
     unsafe {
         let mut info: libc::siginfo_t = std::mem::zeroed();

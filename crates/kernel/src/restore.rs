@@ -21,7 +21,7 @@
 
 use core::sync::atomic::{AtomicU32, Ordering::*};
 
-use lwk_abi::control::MAX_CHANNELS;
+use lwk_abi::control::{MAX_CHANNELS, RESTORE_CLOSED, RESTORE_OPEN, RESTORE_PARKED};
 use lwk_abi::layout::{FREEZE_EXPORT_ADDR, SCRATCH_ADDR};
 use lwk_rt::nr;
 use lwk_rt::*;
@@ -183,6 +183,16 @@ pub fn restore_main(st: &Startup) -> ! {
     crate::signalfd::after_restore();
     if let Err(e) = trap::enable() {
         fail("cannot enable Syscall User Dispatch", e);
+    }
+    // Everything is back but the threads: wait at the gate until the
+    // restorer opens it (at once on the same node; when the source let go,
+    // in a migration).
+    let gate = &h.restore_gate;
+    if gate.compare_exchange(RESTORE_CLOSED, RESTORE_PARKED, SeqCst, SeqCst).is_ok() {
+        futex_wake(gate, u32::MAX >> 1);
+    }
+    while gate.load(SeqCst) != RESTORE_OPEN {
+        futex_wait_timeout(gate, RESTORE_PARKED, 100_000_000);
     }
     let others = (0..MAX_CHANNELS).filter(|&s| s != me && x.threads[s].saved != 0);
     let mut count = 0;

@@ -1,0 +1,181 @@
+//! `lwk migrate PID --to NODE`: move a running application to another
+//! node's daemon.
+//!
+//! As built (stop and copy): freeze, capture the descriptors, stream the
+//! whole image (keyed with the cluster key) to the destination daemon,
+//! which restores it and holds it at the gate; the source says go, the
+//! destination opens the gate and says it runs, and only then does the
+//! copy here go (killed). Any failure before that (the destination refuses
+//! or dies, the link breaks, a record is corrupted, the restore fails)
+//! resumes the application here, with every descriptor as it was, and
+//! names the reason.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use lwk_migrate::app::App;
+use lwk_migrate::checkpoint::{capture_descriptors, capture_sockets, write_image};
+use lwk_migrate::image::ImageWriter;
+use lwk_node::channel::{Channel, Role};
+use lwk_node::key::DEFAULT_KEY_FILE;
+use lwk_node::server::{Decision, Reply, Request};
+
+#[derive(clap::Args)]
+pub struct MigrateArgs {
+    /// The application: its application process or its `lwk run` (see `lwk ps`).
+    pid: i32,
+    /// The destination node's daemon: HOST[:PORT] (port 7070 by default).
+    #[arg(long)]
+    to: String,
+    /// The cluster key.
+    #[arg(long, default_value = DEFAULT_KEY_FILE)]
+    key: PathBuf,
+    /// Seconds the destination may stay silent before the migration fails
+    /// (and the application goes on here).
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Where the time went.
+#[derive(Debug, Default, serde::Serialize)]
+struct Report {
+    /// Asking for the freeze until every thread was parked.
+    stop_ms: f64,
+    /// Descriptors and sockets captured.
+    capture_ms: f64,
+    /// The image streamed (the whole memory: no pre-copy yet).
+    transfer_ms: f64,
+    /// The destination's restore until the application waited at its gate.
+    restore_ms: f64,
+    /// The freeze as the application saw it, until the go.
+    freeze_ms: f64,
+    image_bytes: u64,
+    memory_bytes: u64,
+    threads: u32,
+    total_ms: f64,
+}
+
+fn resolve(to: &str) -> Result<SocketAddr> {
+    let with_port = if to.contains(':') { to.to_string() } else { format!("{to}:{}", lwk_node::DEFAULT_PORT) };
+    with_port.to_socket_addrs()?.next().with_context(|| format!("{to}: no address"))
+}
+
+pub fn main(args: MigrateArgs) -> Result<i32> {
+    let key = lwk_node::key::load(&args.key)?;
+    let app = App::attach(args.pid)?;
+    let info = app.info();
+    let to = resolve(&args.to)?;
+    let t0 = Instant::now();
+    let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        .with_context(|| format!("cannot reach the node daemon at {to}"))?;
+    stream.set_nodelay(true)?;
+    // A destination that stops answering fails the migration, not hangs it.
+    stream.set_read_timeout(Some(Duration::from_secs(args.timeout)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(args.timeout)))?;
+    let mut ch = Channel::handshake(stream, &key, Role::Client).with_context(|| format!("the node daemon at {to}"))?;
+
+    let mut report = Report::default();
+    let tf = Instant::now();
+    let frozen = app.freeze(Duration::from_secs(5))?;
+    report.stop_ms = ms(tf);
+    let mut sockets = None;
+    // Everything up to the go can fail: the application then goes on here.
+    let outcome = (|| -> Result<()> {
+        let tc = Instant::now();
+        let table = capture_descriptors(app.pid, info.proxy_pid)?;
+        let s = sockets.insert(capture_sockets(info.proxy_pid, &table)?);
+        if !s.images.is_empty() {
+            bail!(
+                "the application has TCP or UDP sockets: moving them needs its service address to move with it, \
+                 which is not built yet"
+            );
+        }
+        report.capture_ms = ms(tc);
+        ch.send(&Request::Restore { command: info.command.clone(), memory_bytes: info.memory_bytes })?;
+        match ch.recv::<Reply>()? {
+            Reply::Ready => {}
+            Reply::Failed { why } => bail!("the destination refused: {why}"),
+            other => bail!("the destination answered {other:?}"),
+        }
+        let tt = Instant::now();
+        let id = ch.next_image_id();
+        let w = ImageWriter::with_stream_id(std::io::BufWriter::with_capacity(1 << 20, &ch.stream), Some(&key), id)?;
+        let (written, mut sink) = write_image(&frozen, &info, &table, s, w)?;
+        sink.flush()?;
+        drop(sink);
+        report.transfer_ms = ms(tt);
+        report.image_bytes = written.image_bytes;
+        report.memory_bytes = written.manifest.memory_bytes;
+        report.threads = written.manifest.threads;
+        match ch.recv::<Reply>()? {
+            Reply::Restored { restore_ms, .. } => report.restore_ms = restore_ms,
+            Reply::Failed { why } => bail!("the destination could not restore it: {why}"),
+            other => bail!("the destination answered {other:?}"),
+        }
+        Ok(())
+    })();
+    if let Err(e) = outcome {
+        ch.send(&Decision::Abort).ok();
+        if let Some(s) = sockets {
+            s.resume();
+        }
+        frozen.resume().ok();
+        return Err(e.context(format!("the migration of process {} to {to} failed; it goes on here", app.pid)));
+    }
+    // The commit: the destination runs it once it has the go, and says so;
+    // only then does the copy here go. A destination that does not say so
+    // (it died, the link broke) kept its copy at the gate, which ends when
+    // its daemon's end closes: the application goes on here. (One window
+    // is left: a "running" lost on a link that breaks just after it was
+    // sent would leave both copies running.)
+    let committed = ch.send(&Decision::Go).map_err(anyhow::Error::from).and_then(|()| match ch.recv::<Reply>()? {
+        Reply::Running => Ok(()),
+        other => bail!("the destination answered {other:?}"),
+    });
+    if let Err(e) = committed {
+        if let Some(s) = sockets {
+            s.resume();
+        }
+        frozen.resume().ok();
+        return Err(e.context(format!(
+            "the destination at {to} did not confirm that process {} runs there; it goes on here",
+            app.pid
+        )));
+    }
+    report.freeze_ms = ms(tf);
+    frozen.kill();
+    if let Some(s) = sockets {
+        s.release();
+    }
+    report.total_ms = ms(t0);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "migrated {} ({}) to {to}: {} threads, {:.1} MiB of memory, image {:.1} MiB; frozen {:.0} ms \
+             (stop {:.0}, capture {:.0}, transfer {:.0}, restore {:.0}); total {:.0} ms",
+            app.pid,
+            info.command,
+            report.threads,
+            report.memory_bytes as f64 / (1 << 20) as f64,
+            report.image_bytes as f64 / (1 << 20) as f64,
+            report.freeze_ms,
+            report.stop_ms,
+            report.capture_ms,
+            report.transfer_ms,
+            report.restore_ms,
+            report.total_ms,
+        );
+    }
+    Ok(0)
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}

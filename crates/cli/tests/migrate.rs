@@ -1,0 +1,259 @@
+//! `lwk migrate` between two nodes: network namespaces this test creates
+//! (node A and node B, a veth link between them, 198.18.0.0/24), with a
+//! node daemon in B. The application runs in A and moves to B; a daemon
+//! without the cluster key, or one that dies in any phase of a migration,
+//! leaves the application running in A, and nothing of it in B.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const LWK: &str = env!("CARGO_BIN_EXE_lwk");
+const PROGRAMS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs");
+const TMP_ROOT: &str = env!("CARGO_TARGET_TMPDIR");
+
+fn restore_target() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("lwk-migrate-").tempdir_in(TMP_ROOT).unwrap().keep();
+        let out = dir.join("restore_target");
+        let o = Command::new("gcc")
+            .args(["-O1", "-Wall", "-pthread", "-o"])
+            .arg(&out)
+            .arg(Path::new(PROGRAMS).join("restore_target.c"))
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run gcc ({e}): install Debian's gcc and libc6-dev"));
+        assert!(o.status.success(), "gcc: {}", String::from_utf8_lossy(&o.stderr));
+        out
+    })
+}
+
+fn native() -> String {
+    let o = Command::new(restore_target()).output().unwrap();
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn ip(args: &[&str]) {
+    let o = Command::new("ip").args(args).output().expect("ip (iproute2)");
+    assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Two nodes and a link; removed on drop (the daemon first).
+struct Cluster {
+    a: String,
+    b: String,
+    dir: tempfile::TempDir,
+    daemon: Option<Child>,
+}
+
+const B_ADDR: &str = "198.18.0.2";
+
+impl Cluster {
+    fn new(tag: &str) -> Cluster {
+        let id = std::process::id();
+        let (a, b) = (format!("lwk-{tag}-a-{id}"), format!("lwk-{tag}-b-{id}"));
+        ip(&["netns", "add", &a]);
+        let c = Cluster {
+            a: a.clone(),
+            b: b.clone(),
+            dir: tempfile::Builder::new().prefix("lwk-cluster-").tempdir_in(TMP_ROOT).unwrap(),
+            daemon: None,
+        };
+        ip(&["netns", "add", &b]);
+        let (va, vb) = (format!("va{id}"), format!("vb{id}"));
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &a]);
+        ip(&["link", "set", &vb, "netns", &b]);
+        ip(&["-n", &a, "addr", "add", "198.18.0.1/24", "dev", &va]);
+        ip(&["-n", &b, "addr", "add", &format!("{B_ADDR}/24"), "dev", &vb]);
+        for (ns, dev) in [(&a, &va), (&b, &vb)] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let o = Command::new(LWK).args(["node", "keygen"]).arg(c.key()).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        c
+    }
+
+    fn key(&self) -> PathBuf {
+        self.dir.path().join("cluster.key")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Start B's daemon with `key`, and `fault` injected (LWK_NODE_FAULT).
+    fn start_daemon(&mut self, key: &Path, fault: Option<&str>) {
+        self.stop_daemon();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.b, LWK, "node", "serve", "--listen", &format!("{B_ADDR}:7070")])
+            .arg("--key")
+            .arg(key)
+            .arg("--state-dir")
+            .arg(self.state())
+            .args(["--timeout", "10"])
+            .stderr(std::fs::File::create(self.dir.path().join("daemon.log")).unwrap());
+        if let Some(f) = fault {
+            cmd.env("LWK_NODE_FAULT", f);
+        }
+        self.daemon = Some(cmd.spawn().unwrap());
+        let t0 = Instant::now();
+        while !self.daemon_log().contains("listening") {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the daemon did not start: {}", self.daemon_log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn stop_daemon(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.kill().ok();
+            d.wait().ok();
+        }
+    }
+
+    fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// The application in node A, once it printed "ready".
+    fn start_app(&self) -> (Child, BufReader<ChildStdout>, i32) {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.a, LWK, "run", "--"])
+            .arg(restore_target())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        // Only stdin, stdout and stderr, whatever the test runner was given.
+        // SAFETY: close_range is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::syscall(libc::SYS_close_range, 3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+                Ok(())
+            })
+        };
+        let mut child = cmd.spawn().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line, "ready\n");
+        let app = lwk_migrate::app::App::attach(child.id() as i32).unwrap();
+        (child, out, app.pid)
+    }
+
+    fn migrate(&self, pid: i32, key: &Path) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.a, LWK, "migrate", &pid.to_string(), "--to", B_ADDR, "--json"])
+            .arg("--key")
+            .arg(key)
+            .args(["--timeout", "10"])
+            .output()
+            .unwrap()
+    }
+
+    /// What is left of received applications in B's state directory.
+    fn leftovers(&self) -> Vec<String> {
+        std::fs::read_dir(self.state())
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_daemon();
+        Command::new("ip").args(["netns", "delete", &self.a]).status().ok();
+        Command::new("ip").args(["netns", "delete", &self.b]).status().ok();
+    }
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, pid namespaces)"]
+fn an_application_migrates_to_another_node_and_finishes_there() {
+    let expected = native();
+    let mut c = Cluster::new("mig");
+    c.start_daemon(&c.key(), None);
+    let (mut child, _out, pid) = c.start_app();
+    std::thread::sleep(Duration::from_millis(150));
+    let o = c.migrate(pid, &c.key());
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["threads"], 3);
+    assert!(report["memory_bytes"].as_u64().unwrap() >= 32 << 20, "{report}");
+    for part in ["stop_ms", "capture_ms", "transfer_ms", "restore_ms", "freeze_ms"] {
+        assert!(report[part].as_f64().is_some(), "{part} in {report}");
+    }
+    // The source's copy is gone.
+    child.wait().unwrap();
+    // It finishes in B; its output (handed over to the daemon there) is
+    // kept as the received directory's log once it ends.
+    let t0 = Instant::now();
+    let log = loop {
+        let logs: Vec<String> = c.leftovers().into_iter().filter(|n| n.ends_with(".log")).collect();
+        if let Some(name) = logs.first() {
+            break std::fs::read_to_string(c.state().join(name)).unwrap();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "it did not finish in B: {}", c.daemon_log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(format!("ready\n{log}"), expected, "{}", c.daemon_log());
+    assert!(c.leftovers().iter().all(|n| n.ends_with(".log")), "only its log stays: {:?}", c.leftovers());
+}
+
+/// The application, after a failed migration, finishes in A as natively.
+fn finishes_at_the_source(mut child: Child, mut out: BufReader<ChildStdout>, expected: &str) {
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(format!("ready\n{rest}"), expected);
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, pid namespaces)"]
+fn a_daemon_without_the_cluster_key_is_refused_and_the_application_goes_on() {
+    let expected = native();
+    let mut c = Cluster::new("key");
+    let other = c.dir.path().join("other.key");
+    assert!(Command::new(LWK).args(["node", "keygen"]).arg(&other).status().unwrap().success());
+    c.start_daemon(&other, None);
+    let (child, out, pid) = c.start_app();
+    let o = c.migrate(pid, &c.key());
+    assert_eq!(o.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("does not hold this cluster's key"), "{err}");
+    finishes_at_the_source(child, out, &expected);
+    assert!(c.daemon_log().contains("refused"), "{}", c.daemon_log());
+    assert!(c.leftovers().is_empty(), "{:?}", c.leftovers());
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, pid namespaces)"]
+fn a_destination_that_dies_in_any_phase_leaves_the_application_at_the_source_and_nothing_there() {
+    let expected = native();
+    let mut c = Cluster::new("die");
+    for phase in ["ready", "image", "gate"] {
+        c.start_daemon(&c.key(), Some(phase));
+        let (child, out, pid) = c.start_app();
+        let o = c.migrate(pid, &c.key());
+        assert_eq!(o.status.code(), Some(125), "{phase}: {}", String::from_utf8_lossy(&o.stdout));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("it goes on here"), "{phase}: {err}");
+        finishes_at_the_source(child, out, &expected);
+        assert!(c.daemon_log().contains(&format!("fault injected at {phase}")), "{}", c.daemon_log());
+        // A daemon started again removes what the dead one left; the copy
+        // held at its gate ended when the dead daemon's end closed.
+        c.start_daemon(&c.key(), None);
+        let t0 = Instant::now();
+        while !c.leftovers().is_empty() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "{phase}: left in B: {:?}", c.leftovers());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let apps = Command::new(LWK).args(["ps", "--json"]).output().unwrap();
+        let list: serde_json::Value = serde_json::from_slice(&apps.stdout).unwrap();
+        assert!(
+            list.as_array().unwrap().iter().all(|a| !a["command"].as_str().unwrap().contains("restore_target")),
+            "{phase}: a copy still runs: {list}"
+        );
+    }
+}

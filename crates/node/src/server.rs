@@ -1,0 +1,343 @@
+//! The daemon's side of a migration: a source node connects, proves it
+//! holds the cluster key, and sends an application's image; the daemon
+//! restores it here (`lwk restore`, its child) and holds it ready, every
+//! thread parked, until the source says go. Only then does it run, so the
+//! application never runs on both nodes: until go, the source keeps every
+//! resource and can resume; without go (the source says abort, dies, or the
+//! connection breaks) the copy here is killed, and nothing of it stays
+//! (its processes, its image directory).
+//!
+//! The conversation, after the handshake ([`crate::channel`]):
+//!
+//! | source | daemon |
+//! |---|---|
+//! | `Request::Restore` | `Reply::Ready` |
+//! | the image, as a keyed image stream | `Reply::Restored` (or `Failed`) |
+//! | `Decision::Go` (or `Abort`) | `Reply::Running` |
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lwk_migrate::image::{ClusterKey, ImageReader};
+use serde::{Deserialize, Serialize};
+
+use crate::channel::{Channel, Role};
+
+/// What a source asks.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// An application comes: its image follows.
+    Restore { command: String, memory_bytes: u64 },
+}
+
+/// What the daemon answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Reply {
+    /// Send the image.
+    Ready,
+    /// The application is restored here, every thread parked: waiting for
+    /// the decision.
+    Restored {
+        pid: i32,
+        receive_ms: f64,
+        restore_ms: f64,
+    },
+    /// It runs here now.
+    Running,
+    Failed {
+        why: String,
+    },
+}
+
+/// The source's decision once the application is restored here.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Decision {
+    /// The source let go: run it.
+    Go,
+    /// The source keeps it: kill the copy here.
+    Abort,
+}
+
+/// How long a restored copy waits for the decision.
+pub const DECISION_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Config {
+    pub listen: SocketAddr,
+    pub key: ClusterKey,
+    /// Where received images are kept while their application runs.
+    pub state_dir: PathBuf,
+    /// The `lwk` binary, which restores.
+    pub lwk: PathBuf,
+    /// A peer silent this long fails its migration (and the copy here goes).
+    pub timeout: Duration,
+}
+
+/// Fault injection for the tests of rollback: `LWK_NODE_FAULT=PHASE` makes
+/// the daemon die at once (as `kill -9` would: no clean-up) when a
+/// migration reaches PHASE: `ready` (it said ready), `image` (the image
+/// arrived), `gate` (the copy waits at its gate).
+fn fault(phase: &str) {
+    if std::env::var("LWK_NODE_FAULT").is_ok_and(|p| p == phase) {
+        log(&format!("fault injected at {phase}: dying"));
+        // SAFETY: ends this process at once, as a SIGKILL would.
+        unsafe { libc::_exit(137) };
+    }
+}
+
+/// Serve until killed: one thread per connection.
+pub fn serve(config: Config) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create the state directory {}", config.state_dir.display()))?;
+    // Applications that were arriving when an earlier daemon died: their
+    // `lwk restore` ended them when the daemon's end of the gate closed;
+    // their images go now.
+    for e in std::fs::read_dir(&config.state_dir)?.flatten() {
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with("in-") && e.path().is_dir() && !e.path().join("running").exists() {
+            log(&format!("removing {}, left by an earlier daemon", e.path().display()));
+            std::fs::remove_dir_all(e.path()).ok();
+        }
+    }
+    let listener = TcpListener::bind(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
+    log(&format!("listening on {}", config.listen));
+    let config = std::sync::Arc::new(config);
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        let config = config.clone();
+        std::thread::spawn(move || {
+            let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
+            if let Err(e) = handle(stream, &config) {
+                log(&format!("{peer}: {e:#}"));
+            }
+        });
+    }
+    Ok(())
+}
+
+/// The daemon's log: stderr, one line per event (a service manager keeps it).
+pub fn log(line: &str) {
+    eprintln!("lwk-node: {line}");
+}
+
+fn handle(stream: TcpStream, config: &Config) -> anyhow::Result<()> {
+    let peer = stream.peer_addr()?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(config.timeout))?;
+    stream.set_write_timeout(Some(config.timeout))?;
+    let mut ch = match Channel::handshake(stream, &config.key, Role::Server) {
+        Ok(ch) => ch,
+        Err(e) => {
+            log(&format!("{peer}: refused: {e}"));
+            return Ok(());
+        }
+    };
+    match ch.recv::<Request>()? {
+        Request::Restore { command, memory_bytes } => {
+            log(&format!("{peer}: receiving {command} ({} MiB of memory)", memory_bytes >> 20));
+            receive(&mut ch, config, peer)
+        }
+    }
+}
+
+/// A received application's directory, removed unless it ends up running.
+struct Incoming {
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if !self.keep {
+            std::fs::remove_dir_all(&self.dir).ok();
+        }
+    }
+}
+
+fn receive(ch: &mut Channel, config: &Config, peer: SocketAddr) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut incoming = Incoming { dir: config.state_dir.join(format!("in-{stamp}")), keep: false };
+    std::fs::create_dir_all(&incoming.dir)?;
+    ch.send(&Reply::Ready)?;
+    fault("ready");
+    // The stream, checked record by record as it comes (keyed with the
+    // cluster key, with this session's stream id), and kept as it is.
+    let id = ch.next_image_id();
+    let file = std::fs::File::create(incoming.dir.join("image.lwk"))?;
+    let mut tee = Tee { from: &mut ch.stream, to: std::io::BufWriter::new(file) };
+    let checked = (|| {
+        let mut r = ImageReader::new(&mut tee, Some(&config.key))?;
+        if r.header().stream_id != id {
+            anyhow::bail!("the image stream is not this session's");
+        }
+        while r.next_record()?.is_some() {}
+        anyhow::Ok(())
+    })();
+    if let Err(e) = checked {
+        let why = format!("the image did not arrive whole: {e:#}");
+        ch.send(&Reply::Failed { why: why.clone() }).ok();
+        anyhow::bail!(why);
+    }
+    tee.to.flush()?;
+    drop(tee);
+    fault("image");
+    let receive_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t1 = Instant::now();
+    let mut restoring = match Restoring::start(&config.lwk, &incoming.dir, &config.key) {
+        Ok(r) => r,
+        Err(e) => {
+            ch.send(&Reply::Failed { why: format!("{e:#}") }).ok();
+            return Err(e);
+        }
+    };
+    let restore_ms = t1.elapsed().as_secs_f64() * 1e3;
+    ch.send(&Reply::Restored { pid: restoring.pid(), receive_ms, restore_ms })?;
+    fault("gate");
+    let decision = {
+        ch.stream.set_read_timeout(Some(DECISION_TIMEOUT.min(config.timeout)))?;
+        ch.recv::<Decision>()
+    };
+    match decision {
+        Ok(Decision::Go) => {
+            // Said before the gate opens: if it cannot be said, the source
+            // will go on with its copy, and this one must not run.
+            ch.send(&Reply::Running)?;
+            restoring.go()?;
+            incoming.keep = true;
+            std::fs::write(incoming.dir.join("running"), b"").ok();
+            log(&format!("{peer}: {} runs here (lwk restore pid {})", incoming.dir.display(), restoring.pid()));
+            // Its `lwk restore` stands for it here. When it ends, its
+            // output stays as <dir>.log (until output is relayed to the
+            // source) and the rest of the directory goes.
+            let dir = incoming.dir.clone();
+            let mut child = restoring.into_child();
+            std::thread::spawn(move || {
+                let status = child.wait();
+                log(&format!("{} ended: {status:?}", dir.display()));
+                std::fs::rename(dir.join("output.log"), dir.with_extension("log")).ok();
+                std::fs::remove_dir_all(&dir).ok();
+            });
+            Ok(())
+        }
+        Ok(Decision::Abort) => {
+            log(&format!("{peer}: the source keeps its application; the copy here is dropped"));
+            Ok(())
+        }
+        Err(e) => {
+            anyhow::bail!("no decision from the source ({e}); the copy here is dropped");
+        }
+    }
+}
+
+/// A reader that copies what it reads.
+struct Tee<'a, R: Read, W: Write> {
+    from: &'a mut R,
+    to: W,
+}
+
+impl<R: Read, W: Write> Read for Tee<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.from.read(buf)?;
+        self.to.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// An `lwk restore` that holds the application restored and parked until
+/// [`Restoring::go`]; killed if dropped before.
+struct Restoring {
+    child: Option<Child>,
+    go: Option<OwnedFd>,
+}
+
+impl Restoring {
+    fn start(lwk: &Path, dir: &Path, key: &ClusterKey) -> anyhow::Result<Restoring> {
+        use anyhow::Context;
+        // The key goes to the restorer as a file only root reads.
+        let key_file = dir.join("cluster.key");
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key_file)?;
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            f.write_all(hex.as_bytes())?;
+        }
+        let (go_r, go_w) = pipe()?;
+        let (ready_r, ready_w) = pipe()?;
+        let log = std::fs::File::create(dir.join("output.log"))?;
+        let mut cmd = Command::new(lwk);
+        cmd.arg("restore")
+            .arg(dir)
+            .arg("--key")
+            .arg(&key_file)
+            .arg("--go-fd")
+            .arg(go_r.as_raw_fd().to_string())
+            .arg("--ready-fd")
+            .arg(ready_w.as_raw_fd().to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let (go_raw, ready_raw) = (go_r.as_raw_fd(), ready_w.as_raw_fd());
+        // SAFETY: only fcntl on open descriptors runs in the child: the two
+        // pipe ends it uses stay open across exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                libc::fcntl(go_raw, libc::F_SETFD, 0);
+                libc::fcntl(ready_raw, libc::F_SETFD, 0);
+                Ok(())
+            })
+        };
+        let child = cmd.spawn().with_context(|| format!("cannot start {}", lwk.display()))?;
+        drop((go_r, ready_w));
+        let mut r = Restoring { child: Some(child), go: Some(go_w) };
+        // One byte when the application is restored and parked; end of
+        // file if the restore failed (its reason is in output.log).
+        let mut byte = [0u8; 1];
+        let mut ready = std::fs::File::from(ready_r);
+        if ready.read(&mut byte)? != 1 {
+            let status = r.child.take().expect("started").wait()?;
+            let why = std::fs::read_to_string(dir.join("output.log")).unwrap_or_default();
+            anyhow::bail!("the restore failed ({status}): {}", why.trim());
+        }
+        Ok(r)
+    }
+
+    /// Let the application run.
+    fn go(&mut self) -> anyhow::Result<()> {
+        let mut go = std::fs::File::from(self.go.take().expect("once"));
+        go.write_all(b"g")?;
+        Ok(())
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    fn into_child(mut self) -> Child {
+        self.child.take().expect("started")
+    }
+}
+
+impl Drop for Restoring {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // Never let go: the copy here must not run.
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors of ours.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors, owned here.
+    Ok(unsafe { (std::os::fd::FromRawFd::from_raw_fd(fds[0]), std::os::fd::FromRawFd::from_raw_fd(fds[1])) })
+}
