@@ -27,7 +27,7 @@ use lwk_node::server::{Decision, Reply, Request};
 pub struct MigrateArgs {
     /// The application: its application process or its `lwk run` (see `lwk ps`).
     pid: i32,
-    /// The destination node's daemon: HOST[:PORT] (port 7070 by default).
+    /// The destination node's daemon: `HOST[:PORT]` (port 7070 by default).
     #[arg(long)]
     to: String,
     /// The cluster key.

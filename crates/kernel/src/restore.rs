@@ -48,7 +48,7 @@ pub struct FileMapping {
 }
 
 /// Special mappings of the kernel's that the program knows by address:
-/// [vdso], [vvar], [vvar_vclock], as [start, end) (0, 0 when absent).
+/// `[vdso]`, `[vvar]`, `[vvar_vclock]`, as [start, end) (0, 0 when absent).
 pub const SPECIAL_NAMES: [&[u8]; 3] = [b"[vdso]", b"[vvar]", b"[vvar_vclock]"];
 
 /// What a restore is given: the frozen state, where the program's files
@@ -235,7 +235,7 @@ extern "C" fn restored_thread(slot: u64) -> ! {
     thread::enter_saved(&ctx)
 }
 
-/// Put the kernel's special mappings ([vdso], [vvar], [vvar_vclock]) back
+/// Put the kernel's special mappings (`[vdso]`, `[vvar]`, `[vvar_vclock]`) back
 /// where the program knows them. Each is moved to the scratch window first,
 /// so that none lands on another that has not moved yet. The kernel built
 /// here must be the one the program ran on (same sizes), and the targets

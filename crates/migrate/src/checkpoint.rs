@@ -57,7 +57,7 @@ pub struct Manifest {
     pub parent_pid: i32,
     /// The control region's options (`lwk run` flags).
     pub options: u64,
-    /// Where the kernel's [vdso], [vvar] and [vvar_vclock] were: the program
+    /// Where the kernel's `[vdso]`, `[vvar]` and `[vvar_vclock]` were: the program
     /// knows them by address.
     pub specials: [[u64; 2]; 3],
     /// The pieces of the memory map that are mapped from files.
