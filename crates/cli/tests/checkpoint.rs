@@ -9,34 +9,16 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use lwk_migrate::app::{App, AppError};
 use lwk_migrate::image::{ImageReader, Record, RecordKind};
 
-const LWK: &str = env!("CARGO_BIN_EXE_lwk");
-const PROGRAMS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs");
-const TMP_ROOT: &str = env!("CARGO_TARGET_TMPDIR");
+mod common;
+use common::{compiled, only_standard_streams};
 
-/// tests/programs/NAME.c, compiled once per test process.
-fn compiled(name: &'static str) -> &'static Path {
-    type Bins = std::sync::Mutex<std::collections::HashMap<&'static str, &'static Path>>;
-    static BINS: OnceLock<Bins> = OnceLock::new();
-    let mut bins = BINS.get_or_init(Default::default).lock().unwrap();
-    bins.entry(name).or_insert_with(|| {
-        let dir = tempfile::Builder::new().prefix("lwk-freeze-").tempdir_in(TMP_ROOT).unwrap().keep();
-        let out = dir.join(name);
-        let o = Command::new("gcc")
-            .args(["-O1", "-Wall", "-pthread", "-o"])
-            .arg(&out)
-            .arg(Path::new(PROGRAMS).join(format!("{name}.c")))
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run gcc ({e}): install Debian's gcc and libc6-dev"));
-        assert!(o.status.success(), "gcc: {}", String::from_utf8_lossy(&o.stderr));
-        Box::leak(out.into_boxed_path())
-    })
-}
+const LWK: &str = env!("CARGO_BIN_EXE_lwk");
+const TMP_ROOT: &str = env!("CARGO_TARGET_TMPDIR");
 
 fn target() -> &'static Path {
     compiled("freeze_target")
@@ -61,15 +43,7 @@ fn start(args: &[&str]) -> (std::process::Child, BufReader<std::process::ChildSt
 fn start_of(prog: &Path, args: &[&str]) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
     let mut cmd = Command::new(LWK);
     cmd.arg("run").arg("--").arg(prog).args(args).stdin(Stdio::null()).stdout(Stdio::piped());
-    // Only stdin, stdout and stderr, whatever the test runner was given.
-    // SAFETY: close_range is async-signal-safe.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            libc::syscall(libc::SYS_close_range, 3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
-            Ok(())
-        })
-    };
-    let mut child = cmd.spawn().unwrap();
+    let mut child = only_standard_streams(&mut cmd).spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();

@@ -8,27 +8,16 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{compiled, only_standard_streams};
+
 const LWK: &str = env!("CARGO_BIN_EXE_lwk");
-const PROGRAMS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs");
 const TMP_ROOT: &str = env!("CARGO_TARGET_TMPDIR");
 
 fn restore_target() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let dir = tempfile::Builder::new().prefix("lwk-migrate-").tempdir_in(TMP_ROOT).unwrap().keep();
-        let out = dir.join("restore_target");
-        let o = Command::new("gcc")
-            .args(["-O1", "-Wall", "-pthread", "-o"])
-            .arg(&out)
-            .arg(Path::new(PROGRAMS).join("restore_target.c"))
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run gcc ({e}): install Debian's gcc and libc6-dev"));
-        assert!(o.status.success(), "gcc: {}", String::from_utf8_lossy(&o.stderr));
-        out
-    })
+    compiled("restore_target")
 }
 
 fn native() -> String {
@@ -127,15 +116,7 @@ impl Cluster {
             .arg(restore_target())
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
-        // Only stdin, stdout and stderr, whatever the test runner was given.
-        // SAFETY: close_range is async-signal-safe.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::syscall(libc::SYS_close_range, 3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
-                Ok(())
-            })
-        };
-        let mut child = cmd.spawn().unwrap();
+        let mut child = only_standard_streams(&mut cmd).spawn().unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();

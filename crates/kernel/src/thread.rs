@@ -134,14 +134,7 @@ pub fn start_in_slot(slot: usize, tls: u64, clear_tid: u64, tid: i32, entry: ext
     if r < 0 {
         return r;
     }
-    let flags = CLONE_VM
-        | CLONE_FS
-        | CLONE_FILES
-        | CLONE_SIGHAND
-        | CLONE_THREAD
-        | CLONE_SYSVSEM
-        | CLONE_SETTLS
-        | if clear_tid != 0 { CLONE_CHILD_CLEARTID } else { 0 };
+    let flags = THREAD | CLONE_SETTLS | if clear_tid != 0 { CLONE_CHILD_CLEARTID } else { 0 };
     let top = (SLOTS.stacks[slot].get() as u64 + STACK_SIZE as u64) & !15;
     // SAFETY: the slot's LWK stack is free: no thread of this new process
     // ran in the slot yet.
@@ -193,15 +186,7 @@ pub fn enter_saved(ctx: &ContextSnapshot) -> ! {
         }
         uc.fpregs = if n > 0 { fp_at } else { 0 };
         (at as *mut UContext).write(uc);
-        asm!(
-            "mov rsp, {at}",
-            "mov eax, {nr}",
-            "syscall",
-            "ud2",
-            at = in(reg) at,
-            nr = const lwk_rt::nr::RT_SIGRETURN,
-            options(noreturn)
-        );
+        sigreturn_at(at)
     }
 }
 
@@ -583,6 +568,18 @@ pub fn enter(ctx: &UContext, keep_altstack: bool) -> ! {
     // SAFETY: below the application's fresh stack pointer nothing is in use.
     unsafe {
         (at as *mut UContext).write(uc);
+        sigreturn_at(at)
+    }
+}
+
+/// rt_sigreturn with the frame (a UContext) at `at`, which becomes the
+/// stack pointer.
+///
+/// # Safety
+/// A complete frame is at `at`, on memory the thread may use as stack.
+unsafe fn sigreturn_at(at: u64) -> ! {
+    // SAFETY: as documented.
+    unsafe {
         asm!(
             "mov rsp, {at}",
             "mov eax, {nr}",
@@ -591,7 +588,7 @@ pub fn enter(ctx: &UContext, keep_altstack: bool) -> ! {
             at = in(reg) at,
             nr = const lwk_rt::nr::RT_SIGRETURN,
             options(noreturn)
-        );
+        )
     }
 }
 

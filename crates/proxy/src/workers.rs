@@ -49,14 +49,7 @@ pub fn spawn(slot: usize) -> i64 {
         }
         w.stack_top.store(top, Relaxed);
     }
-    let flags = CLONE_VM
-        | CLONE_FS
-        | CLONE_FILES
-        | CLONE_SIGHAND
-        | CLONE_THREAD
-        | CLONE_SYSVSEM
-        | CLONE_CHILD_SETTID
-        | CLONE_CHILD_CLEARTID;
+    let flags = THREAD | CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID;
     // SAFETY: the slot's stack is unused: no worker runs for this slot.
     unsafe { lwk_rt::thread::spawn(flags, top, 0, tid.as_ptr() as u64, 0, worker_main, slot as u64) }
 }

@@ -4,14 +4,21 @@
 
 use core::arch::global_asm;
 
-// lwk_rt_clone(flags, stack, ptid, ctid, tls) -> tid in the parent. The
-// child starts on `stack`, where the caller left [arg][entry]: it pops
+// lwk_rt_clone(flags, stack, ptid, ctid, tls) -> tid in the parent, and
+// lwk_rt_clone3(args, size) -> the same through clone3(2), whose child
+// starts with the stack pointer at the end of the stack the arguments give.
+// The child starts on `stack`, where the caller left [arg][entry]: it pops
 // them and calls entry(arg), which never returns.
 global_asm!(
     ".globl lwk_rt_clone",
     "lwk_rt_clone:",
     "mov r10, rcx",
     "mov eax, {clone}",
+    "jmp 1f",
+    ".globl lwk_rt_clone3",
+    "lwk_rt_clone3:",
+    "mov eax, {clone3}",
+    "1:",
     "syscall",
     "test rax, rax",
     "jnz 2f",
@@ -23,25 +30,6 @@ global_asm!(
     "2:",
     "ret",
     clone = const crate::nr::CLONE,
-);
-
-// lwk_rt_clone3(args, size) -> tid in the parent: the same, through
-// clone3(2), whose child starts with the stack pointer at the end of the
-// stack the arguments give.
-global_asm!(
-    ".globl lwk_rt_clone3",
-    "lwk_rt_clone3:",
-    "mov eax, {clone3}",
-    "syscall",
-    "test rax, rax",
-    "jnz 2f",
-    "xor ebp, ebp",
-    "pop rdi",
-    "pop rax",
-    "call rax",
-    "ud2",
-    "2:",
-    "ret",
     clone3 = const crate::nr::CLONE3,
 );
 
@@ -59,6 +47,8 @@ pub const CLONE_VFORK: u64 = 0x4000;
 pub const CLONE_PARENT: u64 = 0x8000;
 pub const CLONE_THREAD: u64 = 0x10000;
 pub const CLONE_SYSVSEM: u64 = 0x40000;
+/// What a thread shares with the others of its process (pthread's flags).
+pub const THREAD: u64 = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM;
 pub const CLONE_SETTLS: u64 = 0x80000;
 pub const CLONE_PARENT_SETTID: u64 = 0x100000;
 pub const CLONE_CHILD_CLEARTID: u64 = 0x200000;
