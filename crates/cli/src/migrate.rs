@@ -33,6 +33,12 @@ pub struct MigrateArgs {
     /// The cluster key.
     #[arg(long, default_value = DEFAULT_KEY_FILE)]
     key: PathBuf,
+    /// The application's service address (A.B.C.D/N): it leaves this node
+    /// at the commit and comes up on the destination's service interface,
+    /// so its TCP connections and UDP sockets go on there. Needed when it
+    /// has sockets.
+    #[arg(long)]
+    address: Option<lwk_node::address::Cidr>,
     /// Seconds the destination may stay silent before the migration fails
     /// (and the application goes on here).
     #[arg(long, default_value_t = 60)]
@@ -90,14 +96,12 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         let tc = Instant::now();
         let table = capture_descriptors(app.pid, info.proxy_pid)?;
         let s = sockets.insert(capture_sockets(info.proxy_pid, &table)?);
-        if !s.images.is_empty() {
-            bail!(
-                "the application has TCP or UDP sockets: moving them needs its service address to move with it, \
-                 which is not built yet"
-            );
+        if !s.images.is_empty() && args.address.is_none() {
+            bail!("the application has TCP or UDP sockets: name the service address that moves with it (--address)");
         }
         report.capture_ms = ms(tc);
-        ch.send(&Request::Restore { command: info.command.clone(), memory_bytes: info.memory_bytes })?;
+        let address = args.address.map(|a| a.to_string());
+        ch.send(&Request::Restore { command: info.command.clone(), memory_bytes: info.memory_bytes, address })?;
         match ch.recv::<Reply>()? {
             Reply::Ready => {}
             Reply::Failed { why } => bail!("the destination refused: {why}"),
@@ -134,11 +138,24 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     // its daemon's end closes: the application goes on here. (One window
     // is left: a "running" lost on a link that breaks just after it was
     // sent would leave both copies running.)
-    let committed = ch.send(&Decision::Go).map_err(anyhow::Error::from).and_then(|()| match ch.recv::<Reply>()? {
-        Reply::Running => Ok(()),
-        other => bail!("the destination answered {other:?}"),
-    });
+    // The address leaves first: the destination's comes up at the go.
+    let mut moved_from = None;
+    let committed = (|| -> Result<()> {
+        if let Some(a) = args.address {
+            moved_from = Some(lwk_node::address::remove(a)?);
+        }
+        ch.send(&Decision::Go)?;
+        match ch.recv::<Reply>()? {
+            Reply::Running => Ok(()),
+            other => bail!("the destination answered {other:?}"),
+        }
+    })();
     if let Err(e) = committed {
+        if let (Some(a), Some(dev)) = (args.address, &moved_from) {
+            if let Err(e) = lwk_node::address::add(a, dev) {
+                eprintln!("lwk: putting {a} back on {dev}: {e:#}");
+            }
+        }
         if let Some(s) = sockets {
             s.resume();
         }

@@ -23,6 +23,10 @@ pub enum NodeCmd {
         /// Seconds a source may stay silent before its migration fails here.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// The interface on which migrated applications' service addresses
+        /// come up (`lwk migrate --address`).
+        #[arg(long)]
+        service_dev: Option<String>,
     },
     /// Make a new cluster key (copy it to every node).
     Keygen {
@@ -33,11 +37,12 @@ pub enum NodeCmd {
 
 pub fn main(cmd: NodeCmd) -> Result<i32> {
     match cmd {
-        NodeCmd::Serve { listen, key, state_dir, timeout } => {
+        NodeCmd::Serve { listen, key, state_dir, timeout, service_dev } => {
             let key = lwk_node::key::load(&key)?;
             let lwk = std::env::current_exe().context("cannot find the lwk binary's own path")?;
             let timeout = std::time::Duration::from_secs(timeout);
-            lwk_node::server::serve(lwk_node::server::Config { listen, key, state_dir, lwk, timeout })?;
+            let config = lwk_node::server::Config { listen, key, state_dir, lwk, timeout, service_dev };
+            lwk_node::server::serve(config)?;
             Ok(0)
         }
         NodeCmd::Keygen { file } => {

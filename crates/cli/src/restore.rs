@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::io::BufReader;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -43,6 +43,36 @@ pub struct RestoreArgs {
     ready_fd: Option<i32>,
     #[arg(long, requires = "ready_fd")]
     go_fd: Option<i32>,
+    /// The application's service address (A.B.C.D/N), to put on
+    /// --address-dev (and announce) once its sockets are rebuilt, before it
+    /// runs: it moved here with it.
+    #[arg(long, requires = "address_dev")]
+    address: Option<lwk_node::address::Cidr>,
+    #[arg(long, requires = "address")]
+    address_dev: Option<String>,
+}
+
+/// Sockets rebuilt but not yet live: TCP connections still in repair mode,
+/// UDP sockets bound but without their queued datagrams. They go live once
+/// the application's address is here ([`Pending::finish`]).
+struct Pending<'a> {
+    tcp: Vec<lwk_migrate::sockets::TcpSocketInRepair>,
+    udp: Vec<(&'a lwk_migrate::sockets::UdpSocketImage, OwnedFd, lwk_migrate::sockets::UdpBound)>,
+}
+
+impl Pending<'_> {
+    fn finish(self, address: Option<(lwk_node::address::Cidr, &str)>) -> Result<()> {
+        if let Some((cidr, dev)) = address {
+            lwk_node::address::add(cidr, dev).with_context(|| format!("bringing {cidr} up on {dev}"))?;
+        }
+        for (image, fd, bound) in self.udp {
+            image.finish(fd.as_fd(), bound).with_context(|| format!("the UDP socket of {}", image.local))?;
+        }
+        for s in self.tcp {
+            s.leave_repair().context("a TCP connection leaving repair mode")?;
+        }
+        Ok(())
+    }
 }
 
 /// The size of each memory file (sparse), as the LWK makes them.
@@ -336,7 +366,20 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     }
     let ns_pid = p.manifest.pid_in_namespace;
     let max_id = p.thread_ids.iter().copied().chain([ns_pid]).max().unwrap_or(ns_pid);
-    let (proxy, proxy_mnt) = spawn_proxy(&kernel, &region, &p.table, &p.sockets, max_id)?;
+    let (proxy, proxy_mnt, pending) = spawn_proxy(&kernel, &region, &p.table, &p.sockets, max_id)?;
+    let address = args.address.zip(args.address_dev.as_deref());
+    let mut pending = Some(pending);
+    if args.go_fd.is_none() {
+        // Here already: the sockets go live before the application starts.
+        if let Err(e) = pending.take().expect("once").finish(address) {
+            // SAFETY: our own child, killed and reaped.
+            unsafe {
+                libc::kill(proxy, libc::SIGKILL);
+                libc::waitpid(proxy, std::ptr::null_mut(), 0);
+            }
+            return Err(e);
+        }
+    }
     let app =
         match spawn_restoring(&kernel, &p.manifest.command, &places, [ctl_at, diag_at, input_at], ns_pid, &proxy_mnt) {
             Ok(c) => c,
@@ -352,7 +395,8 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     drop(p.memfds);
     drop(p.input);
     if let (Some(ready), Some(go)) = (args.ready_fd, args.go_fd) {
-        if let Err(e) = hold_at_gate(region.get(), app, ready, go) {
+        let finish = || pending.take().expect("once").finish(address);
+        if let Err(e) = hold_at_gate(region.get(), app, ready, go, finish) {
             // The image directory is the daemon's, and this copy is not to
             // run: nothing of it stays.
             std::fs::remove_dir_all(&args.dir).ok();
@@ -380,9 +424,16 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
 }
 
 /// Wait until the restored application (process `app`) is ready at the
-/// gate, say so on `ready`, and open the gate when `go` brings a byte; its
-/// closing first (the source kept its application) is an error.
-fn hold_at_gate(ctl: &lwk_abi::control::Control, app: i32, ready: i32, go: i32) -> Result<()> {
+/// gate, say so on `ready`, and when `go` brings a byte make its sockets
+/// live and open the gate; `go` closing first (the source kept its
+/// application) is an error.
+fn hold_at_gate(
+    ctl: &lwk_abi::control::Control,
+    app: i32,
+    ready: i32,
+    go: i32,
+    sockets_live: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     // SAFETY: descriptors our caller (the node daemon) passed us, ours now.
     let (ready, go) = unsafe { (File::from_raw_fd(ready), File::from_raw_fd(go)) };
     let gate = &ctl.header.restore_gate;
@@ -398,6 +449,7 @@ fn hold_at_gate(ctl: &lwk_abi::control::Control, app: i32, ready: i32, go: i32) 
         Ok(1) if byte[0] == b'g' => {}
         _ => bail!("the source kept its application: the copy here ends"),
     }
+    sockets_live()?;
     gate.store(RESTORE_OPEN, Ordering::SeqCst);
     // SAFETY: waking the LWK's waiters on the gate word (a shared futex).
     unsafe { libc::syscall(libc::SYS_futex, gate.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
@@ -409,13 +461,13 @@ fn hold_at_gate(ctl: &lwk_abi::control::Control, app: i32, ready: i32, go: i32) 
 /// its working directory, umask and limits. Descriptors that must close on
 /// exec are rebuilt open across the exec and named to the proxy, which
 /// marks them again.
-fn spawn_proxy(
+fn spawn_proxy<'a>(
     kernel: &Path,
     region: &run::ControlRegion,
     table: &FdTable,
-    sockets: &[(i32, SocketImage)],
+    sockets: &'a [(i32, SocketImage)],
     max_id: i32,
-) -> Result<(i32, File)> {
+) -> Result<(i32, File, Pending<'a>)> {
     use std::os::unix::ffi::OsStrExt;
     let top = table.fds.iter().map(|e| e.fd).max().unwrap_or(2).max(2);
     // Above every number the table uses: restore leaves it where it is.
@@ -439,14 +491,26 @@ fn spawn_proxy(
     argv.push(std::ptr::null());
     // Sockets rebuilt from their images (the address is this node's: the
     // application ran here, or its address moved here).
+    // Connections stay in repair mode and UDP sockets without their queue
+    // until the address is here (Pending).
     let mut supplied = std::collections::BTreeMap::new();
+    let mut pending = Pending { tcp: Vec::new(), udp: Vec::new() };
     for (fd, image) in sockets {
+        let why = || format!("cannot rebuild the socket of descriptor {fd}");
         let s = match image {
-            SocketImage::TcpConnection(i) => i.restore(),
-            SocketImage::TcpListener(i) => i.restore(),
-            SocketImage::Udp(i) => i.restore(),
-        }
-        .with_context(|| format!("cannot rebuild the socket of descriptor {fd}"))?;
+            SocketImage::TcpConnection(i) => {
+                let r = i.restore_in_repair().with_context(why)?;
+                let dup = r.as_fd().try_clone_to_owned()?;
+                pending.tcp.push(r);
+                dup
+            }
+            SocketImage::TcpListener(i) => i.restore().with_context(why)?,
+            SocketImage::Udp(i) => {
+                let (s, bound) = i.restore_bound().with_context(why)?;
+                pending.udp.push((i, s.try_clone()?, bound));
+                s
+            }
+        };
         supplied.insert(*fd, s);
     }
     // Handed over: our standard input, output and error.
@@ -514,7 +578,7 @@ fn spawn_proxy(
         bail!("the proxy could not set up the application's namespaces");
     }
     let mnt = File::open(format!("/proc/{pid}/ns/mnt")).context("the proxy's mount namespace")?;
-    Ok((pid, mnt))
+    Ok((pid, mnt, pending))
 }
 
 /// In the pid namespace's first process (the proxy, before it becomes the

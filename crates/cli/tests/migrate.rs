@@ -30,15 +30,22 @@ fn ip(args: &[&str]) {
     assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// Two nodes and a link; removed on drop (the daemon first).
+/// Two nodes and a link (or, with a client, three namespaces on a
+/// bridge); removed on drop (the daemon first).
 struct Cluster {
     a: String,
     b: String,
+    /// With a client: its namespace, the bridge's, and B's interface.
+    client: Option<(String, String, String)>,
     dir: tempfile::TempDir,
     daemon: Option<Child>,
 }
 
 const B_ADDR: &str = "198.18.0.2";
+const B_ADDR_24: &str = "198.18.0.2/24";
+/// The service address of the application with sockets: it moves.
+const SERVICE: &str = "198.18.0.10";
+const SERVICE_24: &str = "198.18.0.10/24";
 
 impl Cluster {
     fn new(tag: &str) -> Cluster {
@@ -48,6 +55,7 @@ impl Cluster {
         let c = Cluster {
             a: a.clone(),
             b: b.clone(),
+            client: None,
             dir: tempfile::Builder::new().prefix("lwk-cluster-").tempdir_in(TMP_ROOT).unwrap(),
             daemon: None,
         };
@@ -63,6 +71,43 @@ impl Cluster {
             ip(&["-n", ns, "link", "set", dev, "up"]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
+        let o = Command::new(LWK).args(["node", "keygen"]).arg(c.key()).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        c
+    }
+
+    /// Node A, node B and a client C on one bridge (in a namespace of its
+    /// own), all in 198.18.0.0/24; the service address SERVICE on A.
+    fn with_client(tag: &str) -> Cluster {
+        let id = std::process::id();
+        let names = ["a", "b", "c", "s"].map(|n| format!("lwk-{tag}-{n}-{id}"));
+        let mut c = Cluster {
+            a: names[0].clone(),
+            b: names[1].clone(),
+            client: None,
+            dir: tempfile::Builder::new().prefix("lwk-cluster-").tempdir_in(TMP_ROOT).unwrap(),
+            daemon: None,
+        };
+        for n in &names {
+            ip(&["netns", "add", n]);
+        }
+        c.client = Some((names[2].clone(), names[3].clone(), format!("b{tag}{id}")));
+        let sw = &names[3];
+        ip(&["-n", sw, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", sw, "link", "set", "br0", "up"]);
+        for (ns, letter, addr) in
+            [(&names[0], "a", "198.18.0.1/24"), (&names[1], "b", B_ADDR_24), (&names[2], "c", "198.18.0.100/24")]
+        {
+            let (inner, outer) = (format!("{letter}{tag}{id}"), format!("p{letter}{tag}{id}"));
+            ip(&["link", "add", &inner, "type", "veth", "peer", "name", &outer]);
+            ip(&["link", "set", &inner, "netns", ns]);
+            ip(&["link", "set", &outer, "netns", sw]);
+            ip(&["-n", sw, "link", "set", &outer, "master", "br0", "up"]);
+            ip(&["-n", ns, "addr", "add", addr, "dev", &inner]);
+            ip(&["-n", ns, "link", "set", &inner, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&["-n", &names[0], "addr", "add", SERVICE_24, "dev", &format!("a{tag}{id}")]);
         let o = Command::new(LWK).args(["node", "keygen"]).arg(c.key()).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         c
@@ -90,6 +135,9 @@ impl Cluster {
         if let Some(f) = fault {
             cmd.env("LWK_NODE_FAULT", f);
         }
+        if let Some((_, _, dev)) = &self.client {
+            cmd.args(["--service-dev", dev]);
+        }
         self.daemon = Some(cmd.spawn().unwrap());
         let t0 = Instant::now();
         while !self.daemon_log().contains("listening") {
@@ -111,9 +159,14 @@ impl Cluster {
 
     /// The application in node A, once it printed "ready".
     fn start_app(&self) -> (Child, BufReader<ChildStdout>, i32) {
+        self.start(restore_target(), &[])
+    }
+
+    fn start(&self, prog: &Path, args: &[&str]) -> (Child, BufReader<ChildStdout>, i32) {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.a, LWK, "run", "--"])
-            .arg(restore_target())
+            .arg(prog)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
         let mut child = only_standard_streams(&mut cmd).spawn().unwrap();
@@ -126,11 +179,16 @@ impl Cluster {
     }
 
     fn migrate(&self, pid: i32, key: &Path) -> std::process::Output {
+        self.migrate_with(pid, key, &[])
+    }
+
+    fn migrate_with(&self, pid: i32, key: &Path, extra: &[&str]) -> std::process::Output {
         Command::new("ip")
             .args(["netns", "exec", &self.a, LWK, "migrate", &pid.to_string(), "--to", B_ADDR, "--json"])
             .arg("--key")
             .arg(key)
             .args(["--timeout", "10"])
+            .args(extra)
             .output()
             .unwrap()
     }
@@ -146,8 +204,13 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop_daemon();
-        Command::new("ip").args(["netns", "delete", &self.a]).status().ok();
-        Command::new("ip").args(["netns", "delete", &self.b]).status().ok();
+        let mut all = vec![self.a.clone(), self.b.clone()];
+        if let Some((c, sw, _)) = &self.client {
+            all.extend([c.clone(), sw.clone()]);
+        }
+        for ns in all {
+            Command::new("ip").args(["netns", "delete", &ns]).status().ok();
+        }
     }
 }
 
@@ -181,7 +244,12 @@ fn an_application_migrates_to_another_node_and_finishes_there() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(format!("ready\n{log}"), expected, "{}", c.daemon_log());
-    assert!(c.leftovers().iter().all(|n| n.ends_with(".log")), "only its log stays: {:?}", c.leftovers());
+    // Its directory goes right after its log is kept.
+    let t1 = Instant::now();
+    while !c.leftovers().iter().all(|n| n.ends_with(".log")) {
+        assert!(t1.elapsed() < Duration::from_secs(5), "only its log stays: {:?}", c.leftovers());
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// The application, after a failed migration, finishes in A as natively.
@@ -242,4 +310,54 @@ fn a_destination_that_dies_in_any_phase_leaves_the_application_at_the_source_and
         };
         assert!(list.as_array().unwrap().iter().all(|a| !in_b(&a["pid"])), "{phase}: a copy still runs in B: {list}");
     }
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, pid namespaces, TCP_REPAIR)"]
+fn a_tcp_connection_and_queued_datagrams_go_on_at_the_destination_with_the_service_address() {
+    use std::io::Write;
+    use std::net::{TcpStream, UdpSocket};
+    let mut c = Cluster::with_client("tcp");
+    c.start_daemon(&c.key(), None);
+    let (mut child, mut out, pid) = c.start(compiled("net_target"), &[SERVICE, "7001", "7002"]);
+    // The client, from its own namespace (this test's thread enters it).
+    let (client_ns, _, _) = c.client.clone().unwrap();
+    let f = std::fs::File::open(format!("/run/netns/{client_ns}")).unwrap();
+    // SAFETY: moves this test's own thread into the client's namespace.
+    assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
+    let mut conn = TcpStream::connect((SERVICE, 7001)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "connected\n");
+    let mut replies = BufReader::new(conn.try_clone().unwrap());
+    let mut ask = |conn: &mut TcpStream, what: &str| {
+        conn.write_all(what.as_bytes()).unwrap();
+        let mut answer = String::new();
+        replies.read_line(&mut answer).unwrap();
+        answer
+    };
+    assert_eq!(ask(&mut conn, "hello\n"), "hello\n");
+    let udp = UdpSocket::bind("198.18.0.100:0").unwrap();
+    for d in ["d1", "d2"] {
+        udp.send_to(d.as_bytes(), (SERVICE, 7002)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200)); // queued and acknowledged
+    let o = c.migrate_with(pid, &c.key(), &["--address", SERVICE_24]);
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
+    child.wait().unwrap();
+    // The same connection, now served in B: no reset, every byte.
+    assert_eq!(ask(&mut conn, "world\n"), "world\n");
+    assert_eq!(ask(&mut conn, "udp\n"), "udp 2 198.18.0.100:d1 198.18.0.100:d2\n");
+    assert_eq!(ask(&mut conn, "quit\n"), "bye\n");
+    let t0 = Instant::now();
+    let log = loop {
+        let logs: Vec<String> = c.leftovers().into_iter().filter(|n| n.ends_with(".log")).collect();
+        if let Some(name) = logs.first() {
+            break std::fs::read_to_string(c.state().join(name)).unwrap();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "it did not end in B: {}", c.daemon_log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(log, "done\n");
 }

@@ -1010,6 +1010,13 @@ pub struct TcpListenerImage {
     pub settings: TcpSettings,
 }
 
+/// How [`UdpSocketImage::restore_bound`] bound a socket, for
+/// [`UdpSocketImage::finish`].
+#[derive(Clone, Copy, Debug)]
+pub struct UdpBound {
+    transparent: bool,
+}
+
 /// A captured listener and the connections taken out of its accept queue.
 ///
 /// The accept queue cannot be written back: a connection the kernel has
@@ -1355,6 +1362,16 @@ impl UdpSocketImage {
     /// the service's packets until this returns, so the re-injected
     /// datagrams come first.
     pub fn restore(&self) -> Result<OwnedFd> {
+        let (socket, bound) = self.restore_bound()?;
+        self.finish(socket.as_fd(), bound)?;
+        Ok(socket)
+    }
+
+    /// The first half of [`UdpSocketImage::restore`], for a destination
+    /// whose address comes up later: the socket made and bound (with
+    /// `IP_TRANSPARENT` if its address is not up here yet), nothing sent
+    /// to it yet. Call [`UdpSocketImage::finish`] once the address is up.
+    pub fn restore_bound(&self) -> Result<(OwnedFd, UdpBound)> {
         let family = IpFamily::of(&self.local);
         let socket = new_socket(family, SocketType::DGRAM, rustix::net::ipproto::UDP)?;
         let fd = socket.as_fd();
@@ -1363,16 +1380,22 @@ impl UdpSocketImage {
         if self.local.port() != 0 || !self.local.ip().is_unspecified() {
             transparent = bind_reusing(fd, &self.local, self.settings.reuse_address, NonLocalAddress::Transparent)?;
         }
+        Ok((socket, UdpBound { transparent }))
+    }
+
+    /// The second half: the queued datagrams sent to the socket again
+    /// (the address must be up here), then connect.
+    pub fn finish(&self, socket: BorrowedFd<'_>, bound: UdpBound) -> Result<()> {
         // Before connect: a connected socket takes datagrams from its peer
         // only, and some in the queue may have come before the connect.
-        self.reinject_queue(fd)?;
+        self.reinject_queue(socket)?;
         if let Some(peer) = self.peer {
-            rustix::net::connect(fd, &peer).context(|| format!("connect({peer})"))?;
+            rustix::net::connect(socket, &peer).context(|| format!("connect({peer})"))?;
         }
-        if transparent {
-            NonLocalAddress::Transparent.set(fd, family, false)?;
+        if bound.transparent {
+            NonLocalAddress::Transparent.set(socket, IpFamily::of(&self.local), false)?;
         }
-        Ok(socket)
+        Ok(())
     }
 
     /// Where a queued datagram is sent again: the bound address, or, for a

@@ -1,12 +1,14 @@
 //! The node daemon (`lwk node serve`) and what talks to it: the cluster
 //! key ([`key`]), authenticated connections between nodes ([`channel`]),
-//! and the daemon's side of a migration ([`server`]): it receives an
+//! the service address that moves with an application ([`address`]), and
+//! the daemon's side of a migration ([`server`]): it receives an
 //! application's image and restores it on this node.
 //!
 //! The daemon uses one thread per connection and per restored application:
 //! a node handles a few migrations at a time, each a long stream, so an
 //! async runtime would buy nothing here.
 
+pub mod address;
 pub mod channel;
 pub mod key;
 pub mod server;

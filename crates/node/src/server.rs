@@ -30,8 +30,9 @@ use crate::channel::{Channel, Role};
 /// What a source asks.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
-    /// An application comes: its image follows.
-    Restore { command: String, memory_bytes: u64 },
+    /// An application comes: its image follows. Its service address
+    /// (A.B.C.D/N), if it has one, comes up here at the go.
+    Restore { command: String, memory_bytes: u64, address: Option<String> },
 }
 
 /// What the daemon answers.
@@ -74,6 +75,9 @@ pub struct Config {
     pub lwk: PathBuf,
     /// A peer silent this long fails its migration (and the copy here goes).
     pub timeout: Duration,
+    /// The interface on which migrated applications' service addresses
+    /// come up.
+    pub service_dev: Option<String>,
 }
 
 /// Fault injection for the tests of rollback: `LWK_NODE_FAULT=PHASE` makes
@@ -137,9 +141,18 @@ fn handle(stream: TcpStream, config: &Config) -> anyhow::Result<()> {
         }
     };
     match ch.recv::<Request>()? {
-        Request::Restore { command, memory_bytes } => {
+        Request::Restore { command, memory_bytes, address } => {
             log(&format!("{peer}: receiving {command} ({} MiB of memory)", memory_bytes >> 20));
-            receive(&mut ch, config, peer)
+            let address = match (address, &config.service_dev) {
+                (None, _) => None,
+                (Some(a), Some(dev)) => Some((a, dev.clone())),
+                (Some(a), None) => {
+                    let why = format!("{a} cannot come up here: this daemon has no --service-dev");
+                    ch.send(&Reply::Failed { why: why.clone() })?;
+                    anyhow::bail!(why);
+                }
+            };
+            receive(&mut ch, config, peer, address)
         }
     }
 }
@@ -158,7 +171,12 @@ impl Drop for Incoming {
     }
 }
 
-fn receive(ch: &mut Channel, config: &Config, peer: SocketAddr) -> anyhow::Result<()> {
+fn receive(
+    ch: &mut Channel,
+    config: &Config,
+    peer: SocketAddr,
+    address: Option<(String, String)>,
+) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let mut incoming = Incoming { dir: config.state_dir.join(format!("in-{stamp}")), keep: false };
@@ -188,7 +206,7 @@ fn receive(ch: &mut Channel, config: &Config, peer: SocketAddr) -> anyhow::Resul
     fault("image");
     let receive_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
-    let mut restoring = match Restoring::start(&config.lwk, &incoming.dir, &config.key) {
+    let mut restoring = match Restoring::start(&config.lwk, &incoming.dir, &config.key, address.as_ref()) {
         Ok(r) => r,
         Err(e) => {
             ch.send(&Reply::Failed { why: format!("{e:#}") }).ok();
@@ -256,7 +274,12 @@ struct Restoring {
 }
 
 impl Restoring {
-    fn start(lwk: &Path, dir: &Path, key: &ClusterKey) -> anyhow::Result<Restoring> {
+    fn start(
+        lwk: &Path,
+        dir: &Path,
+        key: &ClusterKey,
+        address: Option<&(String, String)>,
+    ) -> anyhow::Result<Restoring> {
         use anyhow::Context;
         // The key goes to the restorer as a file only root reads.
         let key_file = dir.join("cluster.key");
@@ -281,6 +304,9 @@ impl Restoring {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if let Some((cidr, dev)) = address {
+            cmd.arg("--address").arg(cidr).arg("--address-dev").arg(dev);
+        }
         let (go_raw, ready_raw) = (go_r.as_raw_fd(), ready_w.as_raw_fd());
         // SAFETY: only fcntl on open descriptors runs in the child: the two
         // pipe ends it uses stay open across exec.
