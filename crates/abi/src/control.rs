@@ -96,6 +96,13 @@ pub struct Header {
     /// A restore's gate (RESTORE_*): the restored application waits there,
     /// every thread still parked, until its restorer opens it.
     pub restore_gate: AtomicU32,
+    /// A userfaultfd of the application process (descriptor + 1; 0: none),
+    /// and one of the proxy's, in the private table of the proxy thread
+    /// `proxy_uffd_tid`: a migration takes them (pidfd_getfd) to find the
+    /// pages each process writes while memory is copied ahead (pre-copy).
+    pub app_uffd: AtomicI32,
+    pub proxy_uffd: AtomicI32,
+    pub proxy_uffd_tid: AtomicI32,
 }
 
 /// The gate is closed: the restoring LWK parks there when it is ready.

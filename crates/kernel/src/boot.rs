@@ -201,6 +201,8 @@ pub fn app_main(st: &Startup) -> ! {
     }
     let h = &control().header;
     h.app_pid.store(getpid(), Release);
+    // For a migration's pre-copy (a fork's child and an exec need their own).
+    h.app_uffd.store(tracking_userfaultfd(), Release);
     if let Err(why) = crate::guard::protect() {
         if h.options.load(Relaxed) & OPT_VERBOSE != 0 {
             lwk_rt::diag!("LWK memory is not protected from the application: {}", why);

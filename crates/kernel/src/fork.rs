@@ -348,6 +348,8 @@ extern "C" fn child_start(_: u64) -> ! {
     crate::signalfd::reset_for_fork();
     let h = &control().header;
     h.app_pid.store(getpid(), Release);
+    // For a migration's pre-copy (a fork's child and an exec need their own).
+    h.app_uffd.store(tracking_userfaultfd(), Release);
     let state = &h.fork_state;
     let copied = if share {
         MM.lock().borrow();

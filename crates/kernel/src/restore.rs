@@ -130,6 +130,8 @@ pub fn restore_main(st: &Startup) -> ! {
     };
     let h = &control().header;
     h.app_pid.store(getpid(), Release);
+    // For a migration's pre-copy (a fork's child and an exec need their own).
+    h.app_uffd.store(tracking_userfaultfd(), Release);
     if inp.same_ids != 0 && x.threads[me].tid != getpid() {
         lwk_rt::diag!("restore: this process is {}, the saved thread {}", getpid(), x.threads[me].tid);
         exit_group(125);

@@ -97,6 +97,10 @@ extern "C" fn watch(_: u64) -> ! {
     const SYS_PIDFD_OPEN: u64 = 434;
     const POLLIN: u64 = 1;
     let h = &crate::control().header;
+    // A userfaultfd for a migration's pre-copy, kept in this thread's
+    // private table, where the application never sees it.
+    h.proxy_uffd_tid.store(gettid(), Release);
+    h.proxy_uffd.store(tracking_userfaultfd(), Release);
     // The application writes its pid when it starts (or after its fork).
     // A forked child killed before it got that far never will: once the
     // process that forked it is gone too, nobody needs this proxy. (The

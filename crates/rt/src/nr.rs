@@ -25,6 +25,7 @@ numbers! {
     CLOCK_NANOSLEEP = __NR_clock_nanosleep,
     CLONE = __NR_clone,
     CLONE3 = __NR_clone3,
+    USERFAULTFD = __NR_userfaultfd,
     CLOSE = __NR_close,
     CLOSE_RANGE = __NR_close_range,
     DUP2 = __NR_dup2,

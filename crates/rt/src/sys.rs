@@ -279,3 +279,19 @@ pub fn process_gone(pid: i32) -> bool {
     // SAFETY: a signal-0 probe.
     pid > 0 && unsafe { syscall3(nr::KILL, pid as u64, 0, 0) } == -ESRCH
 }
+
+/// A userfaultfd of the calling process (close-on-exec, non-blocking), for
+/// an outside tracker of written pages (`lwk_migrate::dirty`), which does
+/// the API handshake itself. Its descriptor + 1, or 0 when the kernel
+/// refuses (no CAP_SYS_PTRACE and unprivileged userfaultfd off).
+pub fn tracking_userfaultfd() -> i32 {
+    const O_CLOEXEC: u64 = 0o2000000;
+    const O_NONBLOCK: u64 = 0o4000;
+    // SAFETY: plain userfaultfd.
+    let fd = unsafe { syscall3(nr::USERFAULTFD, O_CLOEXEC | O_NONBLOCK, 0, 0) };
+    if fd < 0 {
+        0
+    } else {
+        fd as i32 + 1
+    }
+}
