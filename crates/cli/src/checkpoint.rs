@@ -50,7 +50,7 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
         .map_err(anyhow::Error::from)
         .and_then(|(table, s)| {
             let w = ImageWriter::new(std::io::BufWriter::new(file), None)?;
-            Ok(write_image(&frozen, &info, &table, s, w)?)
+            Ok(write_image(&frozen, &info, &table, s, None, w)?)
         })
         .and_then(|(written, w)| {
             let f = w.into_inner().map_err(|e| e.into_error())?;

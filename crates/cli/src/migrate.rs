@@ -19,6 +19,7 @@ use anyhow::{bail, Context, Result};
 use lwk_migrate::app::App;
 use lwk_migrate::checkpoint::{capture_descriptors, capture_sockets, write_image};
 use lwk_migrate::image::ImageWriter;
+use lwk_migrate::precopy::{PreCopy, Round};
 use lwk_node::channel::{Channel, Role};
 use lwk_node::key::DEFAULT_KEY_FILE;
 use lwk_node::server::{Decision, Reply, Request};
@@ -48,20 +49,35 @@ pub struct MigrateArgs {
     json: bool,
 }
 
+/// Pre-copy stops after this many rounds, or when a round leaves this
+/// little written since, or when the written set stops shrinking.
+const MAX_ROUNDS: usize = 8;
+const SMALL_ENOUGH: u64 = 1 << 20;
+
 /// Where the time went.
 #[derive(Debug, Default, serde::Serialize)]
 struct Report {
+    /// The pre-copy rounds (memory sent while the application ran).
+    rounds: Vec<Round>,
+    precopy_ms: f64,
+    /// Why there was no pre-copy, if there was none.
+    precopy_off: Option<String>,
+    /// Memory sent in the freeze.
+    frozen_memory_bytes: u64,
     /// Asking for the freeze until every thread was parked.
     stop_ms: f64,
     /// Descriptors and sockets captured.
     capture_ms: f64,
-    /// The image streamed (the whole memory: no pre-copy yet).
+    /// The rest of the image streamed in the freeze: the state, and the
+    /// memory written since the last round (all of it without pre-copy).
     transfer_ms: f64,
     /// The destination's restore until the application waited at its gate.
     restore_ms: f64,
     /// The freeze as the application saw it, until the go.
     freeze_ms: f64,
+    /// Bytes of the image sent in the freeze.
     image_bytes: u64,
+    /// The application's memory.
     memory_bytes: u64,
     threads: u32,
     total_ms: f64,
@@ -87,6 +103,44 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let mut ch = Channel::handshake(stream, &key, Role::Client).with_context(|| format!("the node daemon at {to}"))?;
 
     let mut report = Report::default();
+    // Memory goes ahead while the application runs (pre-copy), if both its
+    // processes have a userfaultfd; otherwise all of it in the freeze.
+    let mut precopy = match PreCopy::start(&app) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            report.precopy_off = Some(e.to_string());
+            None
+        }
+    };
+    ch.send(&Request::Restore {
+        command: info.command.clone(),
+        memory_bytes: info.memory_bytes,
+        address: args.address.map(|a| a.to_string()),
+    })?;
+    match ch.recv::<Reply>()? {
+        Reply::Ready => {}
+        Reply::Failed { why } => bail!("the destination refused: {why}"),
+        other => bail!("the destination answered {other:?}"),
+    }
+    let id = ch.next_image_id();
+    // The image goes on a second handle of the connection; messages on `ch`.
+    let sink = std::io::BufWriter::with_capacity(1 << 20, ch.stream.try_clone()?);
+    let mut w = ImageWriter::with_stream_id(sink, Some(&key), id)?;
+    if let Some(pre) = &mut precopy {
+        let tp = Instant::now();
+        while report.rounds.len() < MAX_ROUNDS {
+            let r = pre.round(&mut w).with_context(|| format!("pre-copy of process {}; it goes on here", app.pid))?;
+            let last = report.rounds.last().map(|l: &Round| l.dirty_bytes);
+            let small = !report.rounds.is_empty() && r.dirty_bytes <= SMALL_ENOUGH;
+            let growing = report.rounds.len() >= 2 && last.is_some_and(|l| r.dirty_bytes >= l);
+            report.rounds.push(r);
+            if small || growing {
+                break;
+            }
+        }
+        report.precopy_ms = ms(tp);
+    }
+
     let tf = Instant::now();
     let frozen = app.freeze(Duration::from_secs(5))?;
     report.stop_ms = ms(tf);
@@ -100,22 +154,18 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
             bail!("the application has TCP or UDP sockets: name the service address that moves with it (--address)");
         }
         report.capture_ms = ms(tc);
-        let address = args.address.map(|a| a.to_string());
-        ch.send(&Request::Restore { command: info.command.clone(), memory_bytes: info.memory_bytes, address })?;
-        match ch.recv::<Reply>()? {
-            Reply::Ready => {}
-            Reply::Failed { why } => bail!("the destination refused: {why}"),
-            other => bail!("the destination answered {other:?}"),
-        }
         let tt = Instant::now();
-        let id = ch.next_image_id();
-        let w = ImageWriter::with_stream_id(std::io::BufWriter::with_capacity(1 << 20, &ch.stream), Some(&key), id)?;
-        let (written, mut sink) = write_image(&frozen, &info, &table, s, w)?;
+        let remaining = match &mut precopy {
+            Some(pre) => Some(pre.remaining()?),
+            None => None,
+        };
+        let (written, mut sink) = write_image(&frozen, &info, &table, s, remaining.as_deref(), w)?;
         sink.flush()?;
         drop(sink);
         report.transfer_ms = ms(tt);
         report.image_bytes = written.image_bytes;
-        report.memory_bytes = written.manifest.memory_bytes;
+        report.memory_bytes = info.memory_bytes;
+        report.frozen_memory_bytes = written.manifest.memory_bytes;
         report.threads = written.manifest.threads;
         match ch.recv::<Reply>()? {
             Reply::Restored { restore_ms, .. } => report.restore_ms = restore_ms,
@@ -174,14 +224,20 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
+        let rounds: Vec<String> =
+            report.rounds.iter().map(|r| format!("{:.1}", r.bytes as f64 / (1 << 20) as f64)).collect();
         println!(
-            "migrated {} ({}) to {to}: {} threads, {:.1} MiB of memory, image {:.1} MiB; frozen {:.0} ms \
-             (stop {:.0}, capture {:.0}, transfer {:.0}, restore {:.0}); total {:.0} ms",
+            "migrated {} ({}) to {to}: {} threads, {:.1} MiB of memory; pre-copy {} rounds ({} MiB){}; \
+             {:.1} MiB in the freeze; frozen {:.0} ms (stop {:.0}, capture {:.0}, transfer {:.0}, restore {:.0}); \
+             total {:.0} ms",
             app.pid,
             info.command,
             report.threads,
             report.memory_bytes as f64 / (1 << 20) as f64,
-            report.image_bytes as f64 / (1 << 20) as f64,
+            report.rounds.len(),
+            rounds.join(" + "),
+            report.precopy_off.as_ref().map_or(String::new(), |w| format!(" (none: {w})")),
+            report.frozen_memory_bytes as f64 / (1 << 20) as f64,
             report.freeze_ms,
             report.stop_ms,
             report.capture_ms,

@@ -25,6 +25,7 @@ use lwk_kernel::restore::{FileMapping, RestoreInput, FILE_PATH_MAX, INPUT_MAGIC,
 use lwk_migrate::checkpoint::{mtime_ns, Manifest, SocketImage};
 use lwk_migrate::fds::{self, FdTable};
 use lwk_migrate::image::{ImageReader, Record, RecordKind};
+use lwk_migrate::precopy::MappedRange;
 
 use crate::checkpoint::IMAGE_FILE;
 use crate::run::{self, ExitStatus};
@@ -149,6 +150,8 @@ fn prepare(dir: &Path, key: Option<&lwk_migrate::image::ClusterKey>) -> Result<P
     let mut memfds: [Option<OwnedFd>; 3] = [None, None, None];
     let mut memory_bytes = 0u64;
     let mut table: Option<FdTable> = None;
+    let mut premap: Vec<MappedRange> = Vec::new();
+    let mut precopied = false;
     let mut sockets: Vec<(i32, SocketImage)> = Vec::new();
     while let Some(rec) = r.next_record().with_context(|| format!("reading {}", path.display()))? {
         match rec {
@@ -183,15 +186,8 @@ fn prepare(dir: &Path, key: Option<&lwk_migrate::image::ClusterKey>) -> Result<P
                 have_state = true;
                 let mm = &input.export.state.mm;
                 for (k, slot) in memfds.iter_mut().enumerate() {
-                    if mm.memfd[k] >= 0 {
-                        let (name, flags) = match k {
-                            0 => ("lwk-mem", 0),
-                            1 => ("lwk-huge", libc::MFD_HUGETLB | libc::MFD_HUGE_2MB),
-                            _ => ("lwk-shared", 0),
-                        };
-                        let fd = memfd(name, flags)?;
-                        rustix::fs::ftruncate(&fd, MEMFD_SPACE).context("sizing a memory file")?;
-                        *slot = Some(fd);
+                    if mm.memfd[k] >= 0 && slot.is_none() {
+                        *slot = Some(memory_file(k)?);
                     }
                 }
             }
@@ -221,10 +217,24 @@ fn prepare(dir: &Path, key: Option<&lwk_migrate::image::ClusterKey>) -> Result<P
             Record::Known { kind: RecordKind::Sockets, .. } => {
                 sockets = rec.json()?;
             }
-            Record::Memory(m) => {
-                if !have_state {
-                    return Err(bad("memory before the LWK state"));
+            Record::Known { kind: RecordKind::MemoryMap, .. } => {
+                premap = rec.json()?;
+            }
+            Record::Memory(m) if !have_state => {
+                // Pre-copy: where the map sent just before says.
+                let end = m.addr + m.bytes.len() as u64;
+                let r = premap
+                    .iter()
+                    .find(|r| r.start <= m.addr && end <= r.end && r.slot < 3)
+                    .ok_or_else(|| bad("pre-copied memory outside the map sent with it"))?;
+                if memfds[r.slot].is_none() {
+                    memfds[r.slot] = Some(memory_file(r.slot)?);
                 }
+                write_at(&memfds, r.slot, r.offset + (m.addr - r.start), &m.bytes)
+                    .with_context(|| format!("restoring pre-copied memory at {:#x}", m.addr))?;
+                precopied = true;
+            }
+            Record::Memory(m) => {
                 write_memory(&input.export.state.mm, &memfds, m.addr, &m.bytes)
                     .with_context(|| format!("restoring memory at {:#x}", m.addr))?;
                 memory_bytes += m.bytes.len() as u64;
@@ -240,6 +250,29 @@ fn prepare(dir: &Path, key: Option<&lwk_migrate::image::ClusterKey>) -> Result<P
     }
     if memory_bytes != manifest.memory_bytes {
         return Err(bad("the memory records do not add up to what the manifest says"));
+    }
+    if precopied {
+        // Pre-copied pages at offsets the memory manager no longer uses
+        // must read as zeros when it gives them out again, as its free
+        // offsets do; a file the final state does not use goes.
+        let mm = &input.export.state.mm;
+        for (k, file) in memfds.iter_mut().enumerate() {
+            if mm.memfd[k] < 0 {
+                *file = None;
+                continue;
+            }
+            let Some(fd) = file else { continue };
+            let e = &mm.extents[k];
+            for x in &e.free[..(e.n as usize).min(e.free.len())] {
+                rustix::fs::fallocate(
+                    &*fd,
+                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                    x.off,
+                    x.len,
+                )
+                .context("freeing pre-copied pages no longer in use")?;
+            }
+        }
     }
     let x = &mut input.export;
     x.magic = EXPORT_MAGIC;
@@ -306,6 +339,19 @@ fn check_supplies(t: &FdTable, sockets: &[(i32, SocketImage)]) -> Result<()> {
     Ok(())
 }
 
+/// A new memory file of slot `k` (4 KiB pages, 2 MiB pages, shared), as
+/// the LWK makes them.
+fn memory_file(k: usize) -> Result<OwnedFd> {
+    let (name, flags) = match k {
+        0 => ("lwk-mem", 0),
+        1 => ("lwk-huge", libc::MFD_HUGETLB | libc::MFD_HUGE_2MB),
+        _ => ("lwk-shared", 0),
+    };
+    let fd = memfd(name, flags)?;
+    rustix::fs::ftruncate(&fd, MEMFD_SPACE).context("sizing a memory file")?;
+    Ok(fd)
+}
+
 /// Put `bytes`, the application's memory at `addr`, into the memory file
 /// of the piece that holds it.
 fn write_memory(mm: &MmSnapshot, files: &[Option<OwnedFd>; 3], addr: u64, bytes: &[u8]) -> Result<()> {
@@ -314,8 +360,12 @@ fn write_memory(mm: &MmSnapshot, files: &[Option<OwnedFd>; 3], addr: u64, bytes:
     let i = pieces.partition_point(|p| p.end <= addr);
     let p = pieces.get(i).filter(|p| p.start <= addr && end <= p.end).context("no single piece of the map holds it")?;
     let k = memfd_slot(p.src).context("the piece is not backed by a memory file")?;
+    write_at(files, k, p.off + (addr - p.start), bytes)
+}
+
+/// Put `bytes` into memory file `k` at `off`.
+fn write_at(files: &[Option<OwnedFd>; 3], k: usize, off: u64, bytes: &[u8]) -> Result<()> {
     let file = files[k].as_ref().context("its memory file is missing")?;
-    let off = p.off + (addr - p.start);
     if k == 1 {
         // hugetlbfs has no write(): map the huge pages and copy.
         let (lo, hi) = (off & !(HUGE - 1), (off + bytes.len() as u64).next_multiple_of(HUGE));

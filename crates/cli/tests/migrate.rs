@@ -230,6 +230,12 @@ fn an_application_migrates_to_another_node_and_finishes_there() {
     for part in ["stop_ms", "capture_ms", "transfer_ms", "restore_ms", "freeze_ms"] {
         assert!(report[part].as_f64().is_some(), "{part} in {report}");
     }
+    // Memory went ahead while it ran: the freeze carried only a little.
+    assert_eq!(report["precopy_off"], serde_json::Value::Null, "{report}");
+    let rounds = report["rounds"].as_array().unwrap();
+    assert!(!rounds.is_empty(), "{report}");
+    assert!(rounds[0]["bytes"].as_u64().unwrap() >= 32 << 20, "the first round sends it all: {report}");
+    assert!(report["frozen_memory_bytes"].as_u64().unwrap() < 8 << 20, "{report}");
     // The source's copy is gone.
     child.wait().unwrap();
     // It finishes in B; its output (handed over to the daemon there) is

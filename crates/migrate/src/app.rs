@@ -480,3 +480,10 @@ pub fn pid_in_namespace(pid: i32) -> Option<i32> {
     let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
     line.split_whitespace().last()?.parse().ok()
 }
+
+/// The id of thread `tid` of process `pid` in its own pid namespace.
+pub fn pid_in_namespace_of_task(pid: i32, tid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
+}

@@ -132,12 +132,14 @@ pub fn capture_descriptors(pid: i32, proxy: i32) -> Result<crate::fds::FdTable, 
 }
 
 /// Write the frozen application `frozen` (described by `info`), its
-/// descriptors `table` and its sockets as an image.
+/// descriptors `table` and its sockets as an image; of its memory, all of
+/// it, or `only` those ranges (what a pre-copy has not sent).
 pub fn write_image<W: Write>(
     frozen: &Frozen<'_>,
     info: &AppInfo,
     table: &crate::fds::FdTable,
     sockets: &CapturedSockets,
+    only: Option<&[std::ops::Range<u64>]>,
     mut out: ImageWriter<W>,
 ) -> Result<(Written, W), CheckpointError> {
     let t0 = Instant::now();
@@ -164,7 +166,19 @@ pub fn write_image<W: Write>(
         }
         let f = files[k].as_ref().expect("opened above");
         for (off, len) in data_extents(f, p.off, p.end - p.start) {
-            extents.push((k, fd, p.start + (off - p.off), off, len));
+            let addr = p.start + (off - p.off);
+            match only {
+                None => extents.push((k, fd, addr, off, len)),
+                // After a pre-copy: only what it has not sent.
+                Some(ranges) => {
+                    for r in ranges {
+                        let (s, e) = (addr.max(r.start), (addr + len).min(r.end));
+                        if s < e {
+                            extents.push((k, fd, s, off + (s - addr), e - s));
+                        }
+                    }
+                }
+            }
         }
     }
     let unmovable = |what: String| CheckpointError::Unmovable { pid, what };
@@ -285,7 +299,7 @@ pub fn write_image<W: Write>(
 
 /// The extents of [off, off+len) of `f` that hold data (SEEK_DATA,
 /// SEEK_HOLE); all of it where the file system cannot say.
-fn data_extents(f: &File, off: u64, len: u64) -> Vec<(u64, u64)> {
+pub(crate) fn data_extents(f: &File, off: u64, len: u64) -> Vec<(u64, u64)> {
     use std::os::fd::AsRawFd;
     let end = off + len;
     let mut out = Vec::new();

@@ -32,7 +32,7 @@ pub const FORMAT_MAJOR: u16 = 1;
 /// The format's minor version: a reader reads any minor of its major. Bumped
 /// when record kinds are added (older readers see them as
 /// [`Record::Unknown`] and skip them).
-pub const FORMAT_MINOR: u16 = 0;
+pub const FORMAT_MINOR: u16 = 1;
 
 /// Bytes of the stream header: magic, major, minor, flags, stream id.
 pub const STREAM_HEADER_LEN: usize = 32;
@@ -85,13 +85,17 @@ pub enum RecordKind {
     Sockets = 6,
     /// JSON: the processes of the application (the tree, pids and tids).
     Processes = 7,
+    /// JSON: where the memory records that follow (before the LWK state,
+    /// in a migration's pre-copy) belong: which memory file and offset
+    /// each mapped range of addresses is (`lwk_migrate::precopy`).
+    MemoryMap = 8,
     /// Empty: the stream is complete (written by [`ImageWriter::finish`]).
     End = 0xFFFF_FFFF,
 }
 
 impl RecordKind {
     /// Every kind this version knows.
-    pub const ALL: [RecordKind; 8] = [
+    pub const ALL: [RecordKind; 9] = [
         RecordKind::Manifest,
         RecordKind::LwkState,
         RecordKind::ThreadContexts,
@@ -99,6 +103,7 @@ impl RecordKind {
         RecordKind::Descriptors,
         RecordKind::Sockets,
         RecordKind::Processes,
+        RecordKind::MemoryMap,
         RecordKind::End,
     ];
 
@@ -811,7 +816,7 @@ mod tests {
     #[test]
     fn image_kind_numbers_are_the_formats() {
         let numbers: Vec<u32> = RecordKind::ALL.iter().map(|kind| kind.number()).collect();
-        assert_eq!(numbers, [1, 2, 3, 4, 5, 6, 7, 0xFFFF_FFFF]);
+        assert_eq!(numbers, [1, 2, 3, 4, 5, 6, 7, 8, 0xFFFF_FFFF]);
         for kind in RecordKind::ALL {
             assert_eq!(RecordKind::from_number(kind.number()), Some(kind));
         }

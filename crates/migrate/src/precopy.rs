@@ -1,0 +1,305 @@
+//! Pre-copy: the application's memory sent while it runs, in rounds, so
+//! that the freeze has only what was written since the last round to send.
+//!
+//! Both processes that write application memory are watched: the
+//! application process and its proxy (every `read` lands in application
+//! memory through the proxy's mapping), each through the userfaultfd it
+//! made at start (`Header::app_uffd`, `proxy_uffd`), taken here with
+//! pidfd_getfd, and their dirty sets joined (`dirty`).
+//!
+//! Memory goes by virtual address, in `Memory` records each preceded by a
+//! `MemoryMap` record saying which memory file and offset every mapped
+//! range of LWK memory is at that moment (the destination writes the bytes
+//! straight into its memory files). A round reads /proc/PID/maps again: a
+//! range mapped since (or mapped anew at the same place) is tracked from
+//! then on and sent whole; so is a range the proxy mapped since (its writes
+//! before the tracking are unseen otherwise).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::ops::Range;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
+
+use crate::app::App;
+use crate::dirty::{DirtySet, PageSize, WriteTracker};
+use crate::image::{ImageWriter, RecordKind};
+
+/// A range of LWK memory and where it is: memory file `slot` (4 KiB pages,
+/// 2 MiB pages, shared) at `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MappedRange {
+    pub start: u64,
+    pub end: u64,
+    pub slot: usize,
+    pub offset: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreCopyError {
+    #[error("process {0} has no userfaultfd for pre-copy (made without CAP_SYS_PTRACE?)")]
+    NoUserfaultfd(i32),
+    #[error("{0}")]
+    Dirty(#[from] crate::dirty::DirtyError),
+    #[error("cannot read {what} of process {pid}: {source}")]
+    Proc { pid: i32, what: String, source: std::io::Error },
+    #[error("sending memory: {0}")]
+    Image(#[from] crate::image::ImageError),
+}
+
+type Result<T> = std::result::Result<T, PreCopyError>;
+
+/// What one round sent.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Round {
+    /// Bytes of memory sent (before compression).
+    pub bytes: u64,
+    /// Of which written since the previous round (0 in the first).
+    pub dirty_bytes: u64,
+    pub ms: f64,
+}
+
+pub struct PreCopy {
+    pid: i32,
+    files: [Option<File>; 3],
+    app: WriteTracker,
+    proxy: WriteTracker,
+    /// The ranges tracked in the application process, by start.
+    map: BTreeMap<u64, MappedRange>,
+    /// Of those, the ones the proxy has mapped and is tracked in.
+    in_proxy: BTreeMap<u64, MappedRange>,
+    rounds: usize,
+}
+
+fn page_size(slot: usize) -> PageSize {
+    if slot == 1 {
+        PageSize::HUGE_2M
+    } else {
+        PageSize::BASE
+    }
+}
+
+/// The LWK memory ranges of process `pid`, from /proc/PID/maps.
+fn lwk_ranges(pid: i32) -> Result<Vec<MappedRange>> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| PreCopyError::Proc {
+        pid,
+        what: "the memory map".into(),
+        source,
+    })?;
+    Ok(maps
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let slot = match f.get(5)? {
+                p if p.starts_with("/memfd:lwk-mem") => 0,
+                p if p.starts_with("/memfd:lwk-huge") => 1,
+                p if p.starts_with("/memfd:lwk-shared") => 2,
+                _ => return None,
+            };
+            let (s, e) = f[0].split_once('-')?;
+            Some(MappedRange {
+                start: u64::from_str_radix(s, 16).ok()?,
+                end: u64::from_str_radix(e, 16).ok()?,
+                slot,
+                offset: u64::from_str_radix(f[2], 16).ok()?,
+            })
+        })
+        .collect())
+}
+
+/// Take thread `tid`'s descriptor `fd` (a thread pidfd: the proxy keeps its
+/// userfaultfd in one thread's private table).
+fn take_from_thread(tid: i32, fd: i32) -> std::io::Result<OwnedFd> {
+    const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
+    // SAFETY: plain pidfd_open and pidfd_getfd; the results are ours.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, tid, PIDFD_THREAD);
+        if pidfd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        let got = libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd, 0);
+        if got < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(got as i32))
+    }
+}
+
+impl PreCopy {
+    /// Watch `app`'s memory (and its proxy's writes into it).
+    pub fn start(app: &App) -> Result<PreCopy> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let h = &app.control().header;
+        let (a, p, ptid) = (h.app_uffd.load(SeqCst), h.proxy_uffd.load(SeqCst), h.proxy_uffd_tid.load(SeqCst));
+        if a <= 0 {
+            return Err(PreCopyError::NoUserfaultfd(app.pid));
+        }
+        let proxy_pid = app.proxy_pid();
+        if p <= 0 || ptid <= 0 {
+            return Err(PreCopyError::NoUserfaultfd(proxy_pid));
+        }
+        let app_uffd = crate::dirty::take_userfaultfd(app.pid, a - 1)?;
+        // The proxy thread's tid as this process sees it: the thread of the
+        // proxy whose id in its namespace is ptid.
+        let host_tid = std::fs::read_dir(format!("/proc/{proxy_pid}/task"))
+            .ok()
+            .and_then(|d| {
+                d.flatten()
+                    .filter_map(|t| t.file_name().to_str()?.parse::<i32>().ok())
+                    .find(|&t| crate::app::pid_in_namespace_of_task(proxy_pid, t) == Some(ptid))
+            })
+            .unwrap_or(ptid);
+        let proxy_uffd = take_from_thread(host_tid, p - 1).map_err(|source| PreCopyError::Proc {
+            pid: proxy_pid,
+            what: "its userfaultfd".into(),
+            source,
+        })?;
+        let mut files: [Option<File>; 3] = [None, None, None];
+        for (k, f) in files.iter_mut().enumerate() {
+            let fd = h.memfd[k].load(SeqCst);
+            if fd >= 0 {
+                *f = Some(File::open(format!("/proc/{}/fd/{fd}", app.pid)).map_err(|source| PreCopyError::Proc {
+                    pid: app.pid,
+                    what: format!("memory file {fd}"),
+                    source,
+                })?);
+            }
+        }
+        Ok(PreCopy {
+            pid: app.pid,
+            files,
+            app: WriteTracker::for_process(app.pid, app_uffd)?,
+            proxy: WriteTracker::for_process(proxy_pid, proxy_uffd)?,
+            map: BTreeMap::new(),
+            in_proxy: BTreeMap::new(),
+            rounds: 0,
+        })
+    }
+
+    /// Bring the tracked ranges up to date with both processes' maps; the
+    /// ranges to send whole go into `whole`.
+    fn reconcile(&mut self, whole: &mut Vec<MappedRange>) -> Result<()> {
+        let now: BTreeMap<u64, MappedRange> = lwk_ranges(self.pid)?.into_iter().map(|r| (r.start, r)).collect();
+        for (start, old) in std::mem::take(&mut self.map) {
+            if now.get(&start) != Some(&old) {
+                self.app.forget(old.start..old.end);
+                if self.in_proxy.remove(&start).is_some() {
+                    self.proxy.forget(old.start..old.end);
+                }
+            } else {
+                self.map.insert(start, old);
+            }
+        }
+        for (start, r) in &now {
+            if !self.map.contains_key(start) {
+                self.app.track(r.start..r.end, page_size(r.slot))?;
+                self.map.insert(*start, *r);
+                whole.push(*r);
+            }
+        }
+        // The proxy maps what the application mapped at its next
+        // delegated call: track it there once it has.
+        let proxy_now: BTreeMap<u64, MappedRange> =
+            lwk_ranges(self.proxy.pid())?.into_iter().map(|r| (r.start, r)).collect();
+        for (start, old) in std::mem::take(&mut self.in_proxy) {
+            if proxy_now.get(&start) == Some(&old) && self.map.get(&start) == Some(&old) {
+                self.in_proxy.insert(start, old);
+            } else {
+                self.proxy.forget(old.start..old.end);
+            }
+        }
+        for (start, r) in &self.map {
+            if !self.in_proxy.contains_key(start) && proxy_now.get(start) == Some(r) {
+                self.proxy.track(r.start..r.end, page_size(r.slot))?;
+                self.in_proxy.insert(*start, *r);
+                if !whole.contains(r) {
+                    whole.push(*r);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The ranges to send in this round: everything the first time, then
+    /// what was written since (and what was mapped since).
+    fn collect(&mut self) -> Result<(Vec<Range<u64>>, u64)> {
+        let mut whole = Vec::new();
+        self.reconcile(&mut whole)?;
+        let mut dirty = DirtySet::new();
+        let mut proxy_dirty = DirtySet::new();
+        self.app.scan_and_reprotect(&mut dirty)?;
+        self.proxy.scan_and_reprotect(&mut proxy_dirty)?;
+        dirty.join(&proxy_dirty);
+        let dirty_bytes = if self.rounds == 0 { 0 } else { dirty.bytes() };
+        let mut send: Vec<Range<u64>> = dirty.ranges().map(|r| r.start..r.end).collect();
+        if self.rounds == 0 {
+            send = self.map.values().map(|r| r.start..r.end).collect();
+        } else {
+            send.extend(whole.iter().map(|r| r.start..r.end));
+        }
+        send.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::new();
+        for r in send {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        Ok((merged, dirty_bytes))
+    }
+
+    /// One round: what to send, sent to `out`.
+    pub fn round<W: Write>(&mut self, out: &mut ImageWriter<W>) -> Result<Round> {
+        let t = Instant::now();
+        let first = self.rounds == 0;
+        let (ranges, dirty_bytes) = self.collect()?;
+        out.json(RecordKind::MemoryMap, &self.map.values().collect::<Vec<_>>())?;
+        let mut bytes = 0;
+        for r in &ranges {
+            bytes += self.send_range(out, r.clone(), first)?;
+        }
+        self.rounds += 1;
+        Ok(Round { bytes, dirty_bytes, ms: t.elapsed().as_secs_f64() * 1e3 })
+    }
+
+    /// After the freeze: the ranges the final image must still carry
+    /// (written since the last round, or mapped since), without sending
+    /// them.
+    pub fn remaining(&mut self) -> Result<Vec<Range<u64>>> {
+        Ok(self.collect()?.0)
+    }
+
+    /// Send the memory of [range) (within tracked ranges): only the extents
+    /// that hold data when `sparse` (the first round).
+    fn send_range<W: Write>(&self, out: &mut ImageWriter<W>, range: Range<u64>, sparse: bool) -> Result<u64> {
+        let mut sent = 0;
+        for r in self.map.values() {
+            let (s, e) = (range.start.max(r.start), range.end.min(r.end));
+            if s >= e {
+                continue;
+            }
+            let Some(file) = &self.files[r.slot] else { continue };
+            let off = r.offset + (s - r.start);
+            let extents = if sparse { crate::checkpoint::data_extents(file, off, e - s) } else { vec![(off, e - s)] };
+            let mut buf = vec![0u8; crate::image::MEMORY_CHUNK_LEN];
+            for (o, len) in extents {
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(buf.len() as u64) as usize;
+                    file.read_exact_at(&mut buf[..n], o + done).map_err(|source| PreCopyError::Proc {
+                        pid: self.pid,
+                        what: "its memory".into(),
+                        source,
+                    })?;
+                    out.memory(r.start + (o + done - r.offset), &buf[..n])?;
+                    done += n as u64;
+                    sent += n as u64;
+                }
+            }
+        }
+        Ok(sent)
+    }
+}
