@@ -141,6 +141,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         report.precopy_ms = ms(tp);
     }
 
+    let sent_ahead = w.bytes_written();
     let tf = Instant::now();
     let frozen = app.freeze(Duration::from_secs(5))?;
     report.stop_ms = ms(tf);
@@ -163,7 +164,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         sink.flush()?;
         drop(sink);
         report.transfer_ms = ms(tt);
-        report.image_bytes = written.image_bytes;
+        report.image_bytes = written.image_bytes - sent_ahead;
         report.memory_bytes = info.memory_bytes;
         report.frozen_memory_bytes = written.manifest.memory_bytes;
         report.threads = written.manifest.threads;

@@ -44,6 +44,10 @@ pub struct RestoreArgs {
     ready_fd: Option<i32>,
     #[arg(long, requires = "ready_fd")]
     go_fd: Option<i32>,
+    /// Read the image from this descriptor (a pipe from the node daemon, as
+    /// it arrives) instead of DIR/image.lwk.
+    #[arg(long)]
+    image_fd: Option<i32>,
     /// The application's service address (A.B.C.D/N), to put on
     /// --address-dev (and announce) once its sockets are rebuilt, before it
     /// runs: it moved here with it.
@@ -132,9 +136,16 @@ struct Prepared {
     memfds: Vec<(OwnedFd, i32)>,
 }
 
-fn prepare(dir: &Path, key: Option<&lwk_migrate::image::ClusterKey>) -> Result<Prepared> {
-    let path = dir.join(IMAGE_FILE);
-    let f = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+fn prepare(dir: &Path, key: Option<&lwk_migrate::image::ClusterKey>, image_fd: Option<i32>) -> Result<Prepared> {
+    let path = match image_fd {
+        Some(fd) => PathBuf::from(format!("the image on descriptor {fd}")),
+        None => dir.join(IMAGE_FILE),
+    };
+    let f = match image_fd {
+        // SAFETY: a descriptor our caller (the node daemon) passed us, ours now.
+        Some(fd) => unsafe { File::from_raw_fd(fd) },
+        None => File::open(&path).with_context(|| format!("cannot open {}", path.display()))?,
+    };
     let mut r = ImageReader::new(BufReader::new(f), key).with_context(|| format!("{}", path.display()))?;
     let bad = |what: &str| anyhow::anyhow!("{}: {what}", path.display());
 
@@ -386,7 +397,7 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         Some(k) => Some(lwk_node::key::load(k)?),
         None => None,
     };
-    let p = prepare(&args.dir, key.as_ref())?;
+    let p = prepare(&args.dir, key.as_ref(), args.image_fd)?;
     let kernel = run::kernel_image()?;
     let region = run::ControlRegion::create(p.manifest.options, run::spin_cycles())?;
     let h = &region.get().header;

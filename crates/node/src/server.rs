@@ -12,7 +12,7 @@
 //! | source | daemon |
 //! |---|---|
 //! | `Request::Restore` | `Reply::Ready` |
-//! | the image, as a keyed image stream | `Reply::Restored` (or `Failed`) |
+//! | the image, as a keyed image stream (read by `lwk restore` as it comes) | `Reply::Restored` (or `Failed`) |
 //! | `Decision::Go` (or `Abort`) | `Reply::Running` |
 
 use std::io::{Read, Write};
@@ -183,11 +183,18 @@ fn receive(
     std::fs::create_dir_all(&incoming.dir)?;
     ch.send(&Reply::Ready)?;
     fault("ready");
-    // The stream, checked record by record as it comes (keyed with the
-    // cluster key, with this session's stream id), and kept as it is.
+    // The restorer starts now and reads the image as it comes; the stream
+    // is also checked here, record by record (keyed with the cluster key,
+    // with this session's stream id), to know where it ends.
+    let mut restoring = match Restoring::start(&config.lwk, &incoming.dir, &config.key, address.as_ref()) {
+        Ok(r) => r,
+        Err(e) => {
+            ch.send(&Reply::Failed { why: format!("{e:#}") }).ok();
+            return Err(e);
+        }
+    };
     let id = ch.next_image_id();
-    let file = std::fs::File::create(incoming.dir.join("image.lwk"))?;
-    let mut tee = Tee { from: &mut ch.stream, to: std::io::BufWriter::new(file) };
+    let mut tee = Tee { from: &mut ch.stream, to: restoring.image() };
     let checked = (|| {
         let mut r = ImageReader::new(&mut tee, Some(&config.key))?;
         if r.header().stream_id != id {
@@ -197,22 +204,20 @@ fn receive(
         anyhow::Ok(())
     })();
     if let Err(e) = checked {
-        let why = format!("the image did not arrive whole: {e:#}");
+        // The restorer may have refused it (and closed its end): say why.
+        let said = std::fs::read_to_string(incoming.dir.join("output.log")).unwrap_or_default();
+        let why =
+            format!("the image did not arrive whole: {e:#}{}{}", if said.is_empty() { "" } else { ": " }, said.trim());
         ch.send(&Reply::Failed { why: why.clone() }).ok();
         anyhow::bail!(why);
     }
-    tee.to.flush()?;
-    drop(tee);
     fault("image");
     let receive_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
-    let mut restoring = match Restoring::start(&config.lwk, &incoming.dir, &config.key, address.as_ref()) {
-        Ok(r) => r,
-        Err(e) => {
-            ch.send(&Reply::Failed { why: format!("{e:#}") }).ok();
-            return Err(e);
-        }
-    };
+    if let Err(e) = restoring.wait_ready(&incoming.dir) {
+        ch.send(&Reply::Failed { why: format!("{e:#}") }).ok();
+        return Err(e);
+    }
     let restore_ms = t1.elapsed().as_secs_f64() * 1e3;
     ch.send(&Reply::Restored { pid: restoring.pid(), receive_ms, restore_ms })?;
     fault("gate");
@@ -271,6 +276,8 @@ impl<R: Read, W: Write> Read for Tee<'_, R, W> {
 struct Restoring {
     child: Option<Child>,
     go: Option<OwnedFd>,
+    image: Option<std::fs::File>,
+    ready: Option<std::fs::File>,
 }
 
 impl Restoring {
@@ -291,6 +298,7 @@ impl Restoring {
         }
         let (go_r, go_w) = pipe()?;
         let (ready_r, ready_w) = pipe()?;
+        let (image_r, image_w) = pipe()?;
         let log = std::fs::File::create(dir.join("output.log"))?;
         let mut cmd = Command::new(lwk);
         cmd.arg("restore")
@@ -301,35 +309,54 @@ impl Restoring {
             .arg(go_r.as_raw_fd().to_string())
             .arg("--ready-fd")
             .arg(ready_w.as_raw_fd().to_string())
+            .arg("--image-fd")
+            .arg(image_r.as_raw_fd().to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         if let Some((cidr, dev)) = address {
             cmd.arg("--address").arg(cidr).arg("--address-dev").arg(dev);
         }
-        let (go_raw, ready_raw) = (go_r.as_raw_fd(), ready_w.as_raw_fd());
-        // SAFETY: only fcntl on open descriptors runs in the child: the two
+        let raw = [go_r.as_raw_fd(), ready_w.as_raw_fd(), image_r.as_raw_fd()];
+        // SAFETY: only fcntl on open descriptors runs in the child: the
         // pipe ends it uses stay open across exec.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                libc::fcntl(go_raw, libc::F_SETFD, 0);
-                libc::fcntl(ready_raw, libc::F_SETFD, 0);
+                for fd in raw {
+                    libc::fcntl(fd, libc::F_SETFD, 0);
+                }
                 Ok(())
             })
         };
         let child = cmd.spawn().with_context(|| format!("cannot start {}", lwk.display()))?;
-        drop((go_r, ready_w));
-        let mut r = Restoring { child: Some(child), go: Some(go_w) };
-        // One byte when the application is restored and parked; end of
-        // file if the restore failed (its reason is in output.log).
+        drop((go_r, ready_w, image_r));
+        Ok(Restoring {
+            child: Some(child),
+            go: Some(go_w),
+            image: Some(std::fs::File::from(image_w)),
+            ready: Some(std::fs::File::from(ready_r)),
+        })
+    }
+
+    /// Where the image goes, as it arrives: the restorer reads it at once
+    /// (pre-copied memory lands in its memory files while the application
+    /// still runs at the source).
+    fn image(&mut self) -> &mut std::fs::File {
+        self.image.as_mut().expect("until the image is complete")
+    }
+
+    /// The image is complete: wait until the application is restored and
+    /// parked at its gate (one byte), or the restore failed (end of file;
+    /// its reason is in output.log).
+    fn wait_ready(&mut self, dir: &Path) -> anyhow::Result<()> {
+        self.image = None;
         let mut byte = [0u8; 1];
-        let mut ready = std::fs::File::from(ready_r);
-        if ready.read(&mut byte)? != 1 {
-            let status = r.child.take().expect("started").wait()?;
+        if self.ready.take().expect("once").read(&mut byte)? != 1 {
+            let status = self.child.take().expect("started").wait()?;
             let why = std::fs::read_to_string(dir.join("output.log")).unwrap_or_default();
             anyhow::bail!("the restore failed ({status}): {}", why.trim());
         }
-        Ok(r)
+        Ok(())
     }
 
     /// Let the application run.
