@@ -15,7 +15,7 @@ use lwk_migrate::app::{App, AppError};
 use lwk_migrate::image::{ImageReader, Record, RecordKind};
 
 mod common;
-use common::{compiled, only_standard_streams};
+use common::{compiled, enter_netns, only_standard_streams, LineClient};
 
 const LWK: &str = env!("CARGO_BIN_EXE_lwk");
 const TMP_ROOT: &str = env!("CARGO_TARGET_TMPDIR");
@@ -364,9 +364,7 @@ impl NetNs {
         ip(&["netns", "add", &name]);
         let ns = NetNs(name);
         ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
-        let f = std::fs::File::open(format!("/run/netns/{}", ns.0)).unwrap();
-        // SAFETY: moves the calling thread (this test's) into the namespace.
-        assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
+        enter_netns(&ns.0);
         ns
     }
 }
@@ -380,24 +378,15 @@ impl Drop for NetNs {
 #[test]
 #[ignore = "needs root (a network namespace, TCP_REPAIR, IP_TRANSPARENT)"]
 fn a_tcp_connection_and_queued_datagrams_survive_checkpoint_and_restore() {
-    use std::io::Write;
-    use std::net::{TcpStream, UdpSocket};
+    use std::net::UdpSocket;
     let _ns = NetNs::enter("ck");
     let prog = compiled("net_target");
     let (mut child, mut out) = start_of(prog, &["127.0.0.1", "7001", "7002"]);
-    let mut conn = TcpStream::connect("127.0.0.1:7001").unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut client = LineClient::connect("127.0.0.1:7001", Duration::from_secs(10));
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "connected\n");
-    let mut replies = BufReader::new(conn.try_clone().unwrap());
-    let mut ask = |conn: &mut TcpStream, what: &str| {
-        conn.write_all(what.as_bytes()).unwrap();
-        let mut answer = String::new();
-        replies.read_line(&mut answer).unwrap();
-        answer
-    };
-    assert_eq!(ask(&mut conn, "hello\n"), "hello\n");
+    assert_eq!(client.ask("hello\n"), "hello\n");
     // Two datagrams from two addresses wait, unread, in its UDP queue.
     for (from, what) in [("127.0.0.2:0", "d1"), ("127.0.0.3:0", "d2")] {
         UdpSocket::bind(from).unwrap().send_to(what.as_bytes(), "127.0.0.1:7002").unwrap();
@@ -429,9 +418,9 @@ fn a_tcp_connection_and_queued_datagrams_survive_checkpoint_and_restore() {
         std::thread::sleep(Duration::from_millis(5));
     }
     // The connection goes on where it was, in both directions.
-    assert_eq!(ask(&mut conn, "world\n"), "world\n");
-    assert_eq!(ask(&mut conn, "udp\n"), "udp 2 127.0.0.2:d1 127.0.0.3:d2\n");
-    assert_eq!(ask(&mut conn, "quit\n"), "bye\n");
+    assert_eq!(client.ask("world\n"), "world\n");
+    assert_eq!(client.ask("udp\n"), "udp 2 127.0.0.2:d1 127.0.0.3:d2\n");
+    assert_eq!(client.ask("quit\n"), "bye\n");
     let r = restored.wait_with_output().unwrap();
     assert!(r.status.success(), "{:?}: {}", r.status, String::from_utf8_lossy(&r.stderr));
     assert_eq!(String::from_utf8_lossy(&r.stdout), "done\n");

@@ -11,7 +11,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{compiled, only_standard_streams};
+use common::{compiled, enter_netns, only_standard_streams, LineClient};
 
 const LWK: &str = env!("CARGO_BIN_EXE_lwk");
 const TMP_ROOT: &str = env!("CARGO_TARGET_TMPDIR");
@@ -193,6 +193,20 @@ impl Cluster {
             .unwrap()
     }
 
+    /// The output of the application that ran in B, once it ended (the
+    /// daemon keeps it as the received directory's log).
+    fn output_in_b(&self) -> String {
+        let t0 = Instant::now();
+        loop {
+            let logs: Vec<String> = self.leftovers().into_iter().filter(|n| n.ends_with(".log")).collect();
+            if let Some(name) = logs.first() {
+                return std::fs::read_to_string(self.state().join(name)).unwrap();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "it did not end in B: {}", self.daemon_log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// What is left of received applications in B's state directory.
     fn leftovers(&self) -> Vec<String> {
         std::fs::read_dir(self.state())
@@ -240,15 +254,7 @@ fn an_application_migrates_to_another_node_and_finishes_there() {
     child.wait().unwrap();
     // It finishes in B; its output (handed over to the daemon there) is
     // kept as the received directory's log once it ends.
-    let t0 = Instant::now();
-    let log = loop {
-        let logs: Vec<String> = c.leftovers().into_iter().filter(|n| n.ends_with(".log")).collect();
-        if let Some(name) = logs.first() {
-            break std::fs::read_to_string(c.state().join(name)).unwrap();
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "it did not finish in B: {}", c.daemon_log());
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let log = c.output_in_b();
     assert_eq!(format!("ready\n{log}"), expected, "{}", c.daemon_log());
     // Its directory goes right after its log is kept.
     let t1 = Instant::now();
@@ -321,29 +327,18 @@ fn a_destination_that_dies_in_any_phase_leaves_the_application_at_the_source_and
 #[test]
 #[ignore = "needs root (network namespaces, pid namespaces, TCP_REPAIR)"]
 fn a_tcp_connection_and_queued_datagrams_go_on_at_the_destination_with_the_service_address() {
-    use std::io::Write;
-    use std::net::{TcpStream, UdpSocket};
+    use std::net::UdpSocket;
     let mut c = Cluster::with_client("tcp");
     c.start_daemon(&c.key(), None);
     let (mut child, mut out, pid) = c.start(compiled("net_target"), &[SERVICE, "7001", "7002"]);
     // The client, from its own namespace (this test's thread enters it).
     let (client_ns, _, _) = c.client.clone().unwrap();
-    let f = std::fs::File::open(format!("/run/netns/{client_ns}")).unwrap();
-    // SAFETY: moves this test's own thread into the client's namespace.
-    assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
-    let mut conn = TcpStream::connect((SERVICE, 7001)).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    enter_netns(&client_ns);
+    let mut client = LineClient::connect((SERVICE, 7001), Duration::from_secs(20));
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "connected\n");
-    let mut replies = BufReader::new(conn.try_clone().unwrap());
-    let mut ask = |conn: &mut TcpStream, what: &str| {
-        conn.write_all(what.as_bytes()).unwrap();
-        let mut answer = String::new();
-        replies.read_line(&mut answer).unwrap();
-        answer
-    };
-    assert_eq!(ask(&mut conn, "hello\n"), "hello\n");
+    assert_eq!(client.ask("hello\n"), "hello\n");
     let udp = UdpSocket::bind("198.18.0.100:0").unwrap();
     for d in ["d1", "d2"] {
         udp.send_to(d.as_bytes(), (SERVICE, 7002)).unwrap();
@@ -353,17 +348,9 @@ fn a_tcp_connection_and_queued_datagrams_go_on_at_the_destination_with_the_servi
     assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
     child.wait().unwrap();
     // The same connection, now served in B: no reset, every byte.
-    assert_eq!(ask(&mut conn, "world\n"), "world\n");
-    assert_eq!(ask(&mut conn, "udp\n"), "udp 2 198.18.0.100:d1 198.18.0.100:d2\n");
-    assert_eq!(ask(&mut conn, "quit\n"), "bye\n");
-    let t0 = Instant::now();
-    let log = loop {
-        let logs: Vec<String> = c.leftovers().into_iter().filter(|n| n.ends_with(".log")).collect();
-        if let Some(name) = logs.first() {
-            break std::fs::read_to_string(c.state().join(name)).unwrap();
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "it did not end in B: {}", c.daemon_log());
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    assert_eq!(client.ask("world\n"), "world\n");
+    assert_eq!(client.ask("udp\n"), "udp 2 198.18.0.100:d1 198.18.0.100:d2\n");
+    assert_eq!(client.ask("quit\n"), "bye\n");
+    let log = c.output_in_b();
     assert_eq!(log, "done\n");
 }

@@ -465,7 +465,7 @@ fn proxy_descriptors(proxy: i32) -> (std::collections::BTreeMap<String, usize>, 
 }
 
 /// The children of process `pid` (of all its threads).
-fn children(pid: i32) -> Vec<i32> {
+pub fn children(pid: i32) -> Vec<i32> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
     tasks
         .flatten()
@@ -476,14 +476,17 @@ fn children(pid: i32) -> Vec<i32> {
 
 /// The pid of process `pid` in its own pid namespace (the last NSpid).
 pub fn pid_in_namespace(pid: i32) -> Option<i32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    last_nspid(&format!("/proc/{pid}/status"))
+}
+
+/// The last NSpid of a /proc status file.
+fn last_nspid(status: &str) -> Option<i32> {
+    let status = std::fs::read_to_string(status).ok()?;
     let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
     line.split_whitespace().last()?.parse().ok()
 }
 
 /// The id of thread `tid` of process `pid` in its own pid namespace.
 pub fn pid_in_namespace_of_task(pid: i32, tid: i32) -> Option<i32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
-    line.split_whitespace().last()?.parse().ok()
+    last_nspid(&format!("/proc/{pid}/task/{tid}/status"))
 }

@@ -182,12 +182,7 @@ pub fn write_image<W: Write>(
         }
     }
     let unmovable = |what: String| CheckpointError::Unmovable { pid, what };
-    let children: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map_err(|source| CheckpointError::Proc { pid, what: "the threads".into(), source })?
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|c| c.split_whitespace().map(String::from).collect::<Vec<_>>())
-        .collect();
+    let children: Vec<String> = crate::app::children(pid).iter().map(|c| c.to_string()).collect();
     if !children.is_empty() {
         return Err(unmovable(format!(
             "it has child processes ({}): process trees are not movable yet",

@@ -391,11 +391,22 @@ pub fn create_userfaultfd() -> Result<OwnedFd> {
 
 /// Take descriptor `fd` (its userfaultfd) from process `pid`.
 pub fn take_userfaultfd(pid: i32, fd: RawFd) -> Result<OwnedFd> {
+    take(pid, fd, PidfdFlags::empty())
+}
+
+/// [`take_userfaultfd`] from the private descriptor table of thread `tid`
+/// (a thread made without CLONE_FILES, as the proxy's watcher is).
+pub fn take_userfaultfd_of_thread(tid: i32, fd: RawFd) -> Result<OwnedFd> {
+    // PIDFD_THREAD (include/uapi/linux/pidfd.h; Linux 6.9), which rustix
+    // does not name: O_EXCL.
+    take(tid, fd, PidfdFlags::from_bits_retain(libc::O_EXCL as u32))
+}
+
+fn take(pid: i32, fd: RawFd, flags: PidfdFlags) -> Result<OwnedFd> {
     let source = |e: rustix::io::Errno| io::Error::from(e);
     let process =
         Pid::from_raw(pid).ok_or(DirtyError::PidfdOpen { pid, source: io::Error::from_raw_os_error(libc::ESRCH) })?;
-    let pidfd =
-        pidfd_open(process, PidfdFlags::empty()).map_err(|e| DirtyError::PidfdOpen { pid, source: source(e) })?;
+    let pidfd = pidfd_open(process, flags).map_err(|e| DirtyError::PidfdOpen { pid, source: source(e) })?;
     pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()).map_err(|e| DirtyError::TakeUserfaultfd {
         pid,
         fd,

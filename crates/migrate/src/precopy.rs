@@ -19,7 +19,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::ops::Range;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
@@ -109,25 +108,6 @@ fn lwk_ranges(pid: i32) -> Result<Vec<MappedRange>> {
         .collect())
 }
 
-/// Take thread `tid`'s descriptor `fd` (a thread pidfd: the proxy keeps its
-/// userfaultfd in one thread's private table).
-fn take_from_thread(tid: i32, fd: i32) -> std::io::Result<OwnedFd> {
-    const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
-    // SAFETY: plain pidfd_open and pidfd_getfd; the results are ours.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, tid, PIDFD_THREAD);
-        if pidfd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
-        let got = libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd, 0);
-        if got < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(got as i32))
-    }
-}
-
 impl PreCopy {
     /// Watch `app`'s memory (and its proxy's writes into it).
     pub fn start(app: &App) -> Result<PreCopy> {
@@ -152,11 +132,7 @@ impl PreCopy {
                     .find(|&t| crate::app::pid_in_namespace_of_task(proxy_pid, t) == Some(ptid))
             })
             .unwrap_or(ptid);
-        let proxy_uffd = take_from_thread(host_tid, p - 1).map_err(|source| PreCopyError::Proc {
-            pid: proxy_pid,
-            what: "its userfaultfd".into(),
-            source,
-        })?;
+        let proxy_uffd = crate::dirty::take_userfaultfd_of_thread(host_tid, p - 1)?;
         let mut files: [Option<File>; 3] = [None, None, None];
         for (k, f) in files.iter_mut().enumerate() {
             let fd = h.memfd[k].load(SeqCst);

@@ -57,8 +57,14 @@ fn parse(hex: &str) -> Option<ClusterKey> {
 
 /// Make a new random key in `path` (mode 600; the file must not exist).
 pub fn generate(path: &Path) -> Result<(), KeyError> {
+    let key = random_bytes::<32>().map_err(|source| KeyError::Write { path: path.to_owned(), source })?;
+    save(path, &key)
+}
+
+/// Write `key` to `path` as `load` reads it (mode 600; the file must not
+/// exist).
+pub fn save(path: &Path, key: &ClusterKey) -> Result<(), KeyError> {
     let write = |source| KeyError::Write { path: path.to_owned(), source };
-    let key = random_bytes::<32>().map_err(write)?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(write)?;
     }

@@ -290,12 +290,7 @@ impl Restoring {
         use anyhow::Context;
         // The key goes to the restorer as a file only root reads.
         let key_file = dir.join("cluster.key");
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key_file)?;
-            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-            f.write_all(hex.as_bytes())?;
-        }
+        crate::key::save(&key_file, key)?;
         let (go_r, go_w) = pipe()?;
         let (ready_r, ready_w) = pipe()?;
         let (image_r, image_w) = pipe()?;

@@ -40,3 +40,35 @@ pub fn only_standard_streams(cmd: &mut Command) -> &mut Command {
         })
     }
 }
+
+/// Move the calling thread (a test's own) into network namespace `name`:
+/// what it starts from then on runs there too.
+pub fn enter_netns(name: &str) {
+    let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+    // SAFETY: moves the calling thread into the namespace.
+    assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
+}
+
+/// A TCP client of tests/programs/net_target.c: one line out, one back.
+pub struct LineClient {
+    conn: std::net::TcpStream,
+    replies: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl LineClient {
+    pub fn connect(to: impl std::net::ToSocketAddrs, timeout: std::time::Duration) -> LineClient {
+        let conn = std::net::TcpStream::connect(to).unwrap();
+        conn.set_read_timeout(Some(timeout)).unwrap();
+        let replies = std::io::BufReader::new(conn.try_clone().unwrap());
+        LineClient { conn, replies }
+    }
+
+    /// Send `what` (a line) and read the answer line.
+    pub fn ask(&mut self, what: &str) -> String {
+        use std::io::{BufRead, Write};
+        self.conn.write_all(what.as_bytes()).unwrap();
+        let mut answer = String::new();
+        self.replies.read_line(&mut answer).unwrap();
+        answer
+    }
+}
