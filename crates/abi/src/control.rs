@@ -103,6 +103,16 @@ pub struct Header {
     pub app_uffd: AtomicI32,
     pub proxy_uffd: AtomicI32,
     pub proxy_uffd_tid: AtomicI32,
+    /// The supervisor's end for a relay (descriptor + 1 in the supervisor's
+    /// table; 0: none): a unix socket on which a migration hands over its
+    /// connection to the destination, so that the supervisor (`lwk run`)
+    /// keeps standing for the application there (its standard streams,
+    /// signals and exit status go over it).
+    pub relay_fd: AtomicI32,
+    /// Set by a migration once the destination runs the application, just
+    /// before the copy here is killed: the supervisor then takes the
+    /// application's end from the relay, not from that death.
+    pub migrated: AtomicU32,
 }
 
 /// The gate is closed: the restoring LWK parks there when it is ready.

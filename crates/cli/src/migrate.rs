@@ -103,6 +103,13 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let mut ch = Channel::handshake(stream, &key, Role::Client).with_context(|| format!("the node daemon at {to}"))?;
 
     let mut report = Report::default();
+    // The `lwk run` that started it keeps standing for it (its streams,
+    // signals and exit status are relayed), if it published its end.
+    let relay = supervisor_relay(&app);
+    if let Err(why) = &relay {
+        eprintln!("lwk: {why}: the application's output stays at the destination");
+    }
+    let relay = relay.ok();
     // Memory goes ahead while the application runs (pre-copy), if both its
     // processes have a userfaultfd; otherwise all of it in the freeze.
     let mut precopy = match PreCopy::start(&app) {
@@ -116,6 +123,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         command: info.command.clone(),
         memory_bytes: info.memory_bytes,
         address: args.address.map(|a| a.to_string()),
+        relay: relay.is_some(),
     })?;
     match ch.recv::<Reply>()? {
         Reply::Ready => {}
@@ -149,7 +157,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     // Everything up to the go can fail: the application then goes on here.
     let outcome = (|| -> Result<()> {
         let tc = Instant::now();
-        let table = capture_descriptors(app.pid, info.proxy_pid)?;
+        let table = capture_descriptors(app.pid, info.proxy_pid, relay.as_ref().map(|r| r.0))?;
         let s = sockets.insert(capture_sockets(info.proxy_pid, &table)?);
         if !s.images.is_empty() && args.address.is_none() {
             bail!("the application has TCP or UDP sockets: name the service address that moves with it (--address)");
@@ -217,6 +225,16 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         )));
     }
     report.freeze_ms = ms(tf);
+    // Its supervisor takes the connection and stands for it, told so
+    // before the copy here dies.
+    let (stream, state) = ch.into_parts();
+    if let Some((pid, end)) = &relay {
+        match lwk_node::relay::hand_over(end, &stream, state, &to.to_string()) {
+            Ok(()) => app.control().header.migrated.store(1, std::sync::atomic::Ordering::SeqCst),
+            Err(e) => eprintln!("lwk: cannot hand the relay to lwk run (pid {pid}): {e}; it will report a kill"),
+        }
+    }
+    drop(stream);
     frozen.kill();
     if let Some(s) = sockets {
         s.release();
@@ -248,6 +266,25 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// The supervisor of `app` (its parent, `lwk run` or `lwk restore`) and
+/// the end of its relay hand-over socket.
+fn supervisor_relay(app: &App) -> std::result::Result<(i32, std::os::fd::OwnedFd), String> {
+    let published = app.control().header.relay_fd.load(std::sync::atomic::Ordering::SeqCst);
+    if published <= 0 {
+        return Err("the application's supervisor cannot relay".to_string());
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", app.pid)).unwrap_or_default();
+    let parent = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|p| p.trim().parse::<i32>().ok())
+        .filter(|&p| p > 0)
+        .ok_or("the application's supervisor is not in this pid namespace")?;
+    let end = lwk_node::relay::take(parent, published - 1)
+        .map_err(|e| format!("cannot take the relay end of the application's supervisor (pid {parent}): {e}"))?;
+    Ok((parent, end))
 }
 
 fn ms(since: Instant) -> f64 {

@@ -420,6 +420,8 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     // own (and a mount namespace whose /proc shows it): the proxy is the
     // namespace's first process, the application process then gets its
     // old pid, and the LWK gives each thread its old tid.
+    // Our own pid namespace, to come back to once the children are there.
+    let own_pid_ns = File::open("/proc/self/ns/pid").context("opening our own pid namespace")?;
     // SAFETY: plain unshare; this process has one thread.
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
         let e = std::io::Error::last_os_error();
@@ -455,6 +457,22 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         };
     drop(p.memfds);
     drop(p.input);
+    // Back in our own namespace for the children to come: only there can
+    // this process start threads (the relay's, if the application moves
+    // on), as clone refuses a thread whose children's namespace is not
+    // its own.
+    // SAFETY: setns on a namespace descriptor of ours.
+    if unsafe { libc::setns(own_pid_ns.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: our own children, killed and reaped.
+        unsafe {
+            libc::kill(app, libc::SIGKILL);
+            libc::kill(proxy, libc::SIGKILL);
+            libc::waitpid(app, std::ptr::null_mut(), 0);
+            libc::waitpid(proxy, std::ptr::null_mut(), 0);
+        }
+        bail!("cannot return to our own pid namespace: {e}");
+    }
     if let (Some(ready), Some(go)) = (args.ready_fd, args.go_fd) {
         let finish = || pending.take().expect("once").finish(address);
         if let Err(e) = hold_at_gate(region.get(), app, ready, go, finish) {
@@ -473,7 +491,9 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     }
     run::APP_PID.store(app, Ordering::Relaxed);
     run::setup_signals();
-    let outcome = run::wait_both(app, proxy)?;
+    let standing = run::Standing::start(&region)?;
+    let mut outcome = run::wait_both(app, proxy)?;
+    outcome.status = standing.outcome(&region, outcome.status)?;
     run::APP_PID.store(0, Ordering::Relaxed);
     if let Some(e) = outcome.proxy_failure {
         bail!("the proxy process failed ({e}); the application was stopped");

@@ -12,13 +12,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use lwk_abi::control::{
     Control, CONTROL_MAGIC, CONTROL_SIZE, OPT_HUGE_OFF, OPT_HUGE_REQUIRE, OPT_PREFAULT_ALL, OPT_VERBOSE,
 };
+
+use lwk_node::relay::{Exit, Handed, Handoff};
 
 use crate::stats::Report;
 use crate::{HugePages, RunArgs};
@@ -242,11 +244,25 @@ impl InPartition {
 }
 
 pub(crate) static APP_PID: AtomicI32 = AtomicI32::new(0);
+/// Once the application moved to another node: the control region's
+/// `migrated` word, and the pipe on which signals go to its relay.
+static MIGRATED: AtomicPtr<AtomicU32> = AtomicPtr::new(std::ptr::null_mut());
+static RELAY_SIGNALS: AtomicI32 = AtomicI32::new(-1);
+/// SIGINT and SIGQUIT were ignored when `lwk run` started (bit per signal).
+static IGNORED_ON_ENTRY: AtomicU32 = AtomicU32::new(0);
 
 /// Forward a signal to the application. If it waits for a delegated call,
 /// its LWK interrupts that call's proxy worker and the signal is delivered
-/// as natively.
+/// as natively. Once it moved to another node, the signal goes there.
 extern "C" fn forward_signal(sig: libc::c_int) {
+    let migrated = MIGRATED.load(Ordering::Relaxed);
+    // SAFETY: set from the control region, mapped for our whole life.
+    if !migrated.is_null() && unsafe { (*migrated).load(Ordering::SeqCst) } != 0 {
+        let byte = sig as u8;
+        // SAFETY: write is async-signal-safe; the pipe is ours.
+        unsafe { libc::write(RELAY_SIGNALS.load(Ordering::Relaxed), (&byte as *const u8).cast(), 1) };
+        return;
+    }
     let app = APP_PID.load(Ordering::Relaxed);
     if app > 0 {
         // SAFETY: kill is async-signal-safe.
@@ -262,12 +278,75 @@ extern "C" fn forward_signal(sig: libc::c_int) {
 pub(crate) fn setup_signals() {
     // SAFETY: changing our own dispositions; no other thread exists.
     unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+        let mut ignored = 0;
+        for (bit, sig) in [(1, libc::SIGINT), (2, libc::SIGQUIT)] {
+            if libc::signal(sig, libc::SIG_IGN) == libc::SIG_IGN {
+                ignored |= bit;
+            }
+        }
+        IGNORED_ON_ENTRY.store(ignored, Ordering::Relaxed);
         for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2] {
             if libc::signal(sig, forward_signal as *const () as libc::sighandler_t) == libc::SIG_IGN {
                 libc::signal(sig, libc::SIG_IGN); // ignored on entry: stays ignored
             }
+        }
+    }
+}
+
+/// A supervisor standing for its application wherever it runs: it
+/// publishes the end of a hand-over socket in the control region, on
+/// which a migration gives it the connection to the destination
+/// ([`lwk_node::relay`]), and waits there.
+pub(crate) struct Standing {
+    _handoff: Handoff,
+    waiting: std::thread::JoinHandle<std::io::Result<Handed>>,
+    signals: OwnedFd,
+}
+
+impl Standing {
+    /// Called once both children exist (it starts a thread).
+    pub(crate) fn start(region: &ControlRegion) -> Result<Standing> {
+        let handoff = Handoff::new().context("a socket pair for the relay")?;
+        let mine = handoff.receiver().context("a socket pair for the relay")?;
+        let waiting = std::thread::spawn(move || lwk_node::relay::receive(&mine));
+        let (signals, to_relay) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("a pipe for the relay's signals")?;
+        RELAY_SIGNALS.store(std::mem::ManuallyDrop::new(to_relay).as_raw_fd(), Ordering::Relaxed);
+        let h = &region.get().header;
+        MIGRATED.store(std::ptr::from_ref(&h.migrated).cast_mut(), Ordering::Relaxed);
+        h.relay_fd.store(handoff.published() + 1, Ordering::SeqCst);
+        Ok(Standing { _handoff: handoff, waiting, signals })
+    }
+
+    /// How the application ended: `here` (its process here ended so), or,
+    /// if it moved to another node, as it ends there, standing for it
+    /// until then.
+    pub(crate) fn outcome(self, region: &ControlRegion, here: ExitStatus) -> Result<ExitStatus> {
+        if region.get().header.migrated.load(Ordering::SeqCst) == 0 {
+            return Ok(here);
+        }
+        // The hand-over came before the word was set.
+        let t0 = Instant::now();
+        while !self.waiting.is_finished() {
+            if t0.elapsed() > std::time::Duration::from_secs(5) {
+                bail!("the application moved to another node, but its relay never came");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let handed = self.waiting.join().expect("no panic").context("receiving the relay")?;
+        // Terminal signals no longer reach it through the process group:
+        // they go to it as the others do.
+        let ignored = IGNORED_ON_ENTRY.load(Ordering::Relaxed);
+        for (bit, sig) in [(1, libc::SIGINT), (2, libc::SIGQUIT)] {
+            if ignored & bit == 0 {
+                // SAFETY: changing our own disposition to our handler.
+                unsafe { libc::signal(sig, forward_signal as *const () as libc::sighandler_t) };
+            }
+        }
+        match lwk_node::relay::stand_for(handed, Some(self.signals)) {
+            Ok(Exit::Code(c)) => Ok(ExitStatus::Code(c)),
+            Ok(Exit::Signal(s)) => Ok(ExitStatus::Signal(s)),
+            Err(why) => bail!("{why}"),
         }
     }
 }
@@ -344,11 +423,13 @@ pub fn run(args: RunArgs) -> Result<i32> {
     drop(ctl_fd);
     APP_PID.store(app.id() as i32, Ordering::Relaxed);
     setup_signals();
+    let standing = Standing::start(&region)?;
     if let Some(p) = &part {
         let what = format!("pid {} {}", app.id(), path.display());
         p.part.log_event("started", &what).ok();
     }
-    let outcome = wait_both(app.id() as i32, proxy.id() as i32)?;
+    let mut outcome = wait_both(app.id() as i32, proxy.id() as i32)?;
+    outcome.status = standing.outcome(&region, outcome.status)?;
     if let Some(p) = &part {
         let how = match outcome.status {
             ExitStatus::Code(c) => format!("pid {} status {c}", app.id()),

@@ -234,7 +234,7 @@ fn an_application_migrates_to_another_node_and_finishes_there() {
     let expected = native();
     let mut c = Cluster::new("mig");
     c.start_daemon(&c.key(), None);
-    let (mut child, _out, pid) = c.start_app();
+    let (mut child, mut out, pid) = c.start_app();
     std::thread::sleep(Duration::from_millis(150));
     let o = c.migrate(pid, &c.key());
     assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
@@ -250,13 +250,15 @@ fn an_application_migrates_to_another_node_and_finishes_there() {
     assert!(!rounds.is_empty(), "{report}");
     assert!(rounds[0]["bytes"].as_u64().unwrap() >= 32 << 20, "the first round sends it all: {report}");
     assert!(report["frozen_memory_bytes"].as_u64().unwrap() < 8 << 20, "{report}");
-    // The source's copy is gone.
-    child.wait().unwrap();
-    // It finishes in B; its output (handed over to the daemon there) is
-    // kept as the received directory's log once it ends.
-    let log = c.output_in_b();
-    assert_eq!(format!("ready\n{log}"), expected, "{}", c.daemon_log());
-    // Its directory goes right after its log is kept.
+    // It finishes in B, and the `lwk run` in A stands for it: its output
+    // comes there, and so does its exit status.
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert_eq!(format!("ready\n{rest}"), expected, "{}", c.daemon_log());
+    assert!(child.wait().unwrap().success());
+    // Nothing of its output stayed in B, and its directory goes once it
+    // ended.
+    assert_eq!(c.output_in_b(), "");
     let t1 = Instant::now();
     while !c.leftovers().iter().all(|n| n.ends_with(".log")) {
         assert!(t1.elapsed() < Duration::from_secs(5), "only its log stays: {:?}", c.leftovers());
@@ -346,11 +348,103 @@ fn a_tcp_connection_and_queued_datagrams_go_on_at_the_destination_with_the_servi
     std::thread::sleep(Duration::from_millis(200)); // queued and acknowledged
     let o = c.migrate_with(pid, &c.key(), &["--address", SERVICE_24]);
     assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
-    child.wait().unwrap();
     // The same connection, now served in B: no reset, every byte.
     assert_eq!(client.ask("world\n"), "world\n");
     assert_eq!(client.ask("udp\n"), "udp 2 198.18.0.100:d1 198.18.0.100:d2\n");
     assert_eq!(client.ask("quit\n"), "bye\n");
-    let log = c.output_in_b();
-    assert_eq!(log, "done\n");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "done\n");
+    assert!(child.wait().unwrap().success());
+}
+
+/// The relay target in A, with its standard input and error piped too.
+struct Talking {
+    child: Child,
+    input: Option<std::process::ChildStdin>,
+    out: BufReader<ChildStdout>,
+    err: BufReader<std::process::ChildStderr>,
+    pid: i32,
+}
+
+impl Talking {
+    fn start(c: &Cluster) -> Talking {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &c.a, LWK, "run", "--"])
+            .arg(compiled("relay_target"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = only_standard_streams(&mut cmd).spawn().unwrap();
+        let input = child.stdin.take();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let err = BufReader::new(child.stderr.take().unwrap());
+        let mut t = Talking { child, input, out, err, pid: 0 };
+        assert_eq!(t.line(), "ready\n");
+        t.pid = lwk_migrate::app::App::attach(t.child.id() as i32).unwrap().pid;
+        t
+    }
+
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.out.read_line(&mut l).unwrap();
+        l
+    }
+
+    fn say(&mut self, what: &str) -> (String, String) {
+        use std::io::Write;
+        writeln!(self.input.as_mut().unwrap(), "{what}").unwrap();
+        let out = self.line();
+        let mut err = String::new();
+        self.err.read_line(&mut err).unwrap();
+        (out, err)
+    }
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, pid namespaces)"]
+fn lwk_run_at_the_source_keeps_standing_for_a_migrated_application() {
+    use std::io::Write;
+    use std::os::unix::process::ExitStatusExt;
+    let mut c = Cluster::new("rel");
+    c.start_daemon(&c.key(), None);
+
+    // Its standard streams and its exit status.
+    let mut t = Talking::start(&c);
+    assert_eq!(t.say("one"), ("echo: one\n".into(), "err: one\n".into()));
+    let o = c.migrate(t.pid, &c.key());
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
+    assert!(c.daemon_log().contains("runs here"), "{}", c.daemon_log());
+    assert_eq!(t.say("two"), ("echo: two\n".into(), "err: two\n".into()), "{}", c.daemon_log());
+    // A signal to `lwk run` reaches it in B.
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(t.child.id() as i32, libc::SIGUSR1) };
+    assert_eq!(t.line(), "usr1\n");
+    assert_eq!(t.say("three"), ("echo: three\n".into(), "err: three\n".into()));
+    writeln!(t.input.as_mut().unwrap(), "exit 7").unwrap();
+    assert_eq!(t.line(), "bye\n");
+    assert_eq!(t.child.wait().unwrap().code(), Some(7), "{}", c.daemon_log());
+
+    // The end of its input, then a death by signal.
+    let mut t = Talking::start(&c);
+    let o = c.migrate(t.pid, &c.key());
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
+    assert_eq!(t.say("four"), ("echo: four\n".into(), "err: four\n".into()));
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(t.child.id() as i32, libc::SIGTERM) };
+    let status = t.child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}: {}", c.daemon_log());
+
+    let mut t = Talking::start(&c);
+    let o = c.migrate(t.pid, &c.key());
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
+    drop(t.input.take());
+    assert_eq!(t.line(), "eof\n");
+    assert_eq!(t.child.wait().unwrap().code(), Some(3));
+    // Nothing of them stays in B.
+    let t0 = Instant::now();
+    while c.leftovers().iter().any(|n| !n.ends_with(".log")) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "left in B: {:?}", c.leftovers());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -114,13 +114,25 @@ fn bytes_of<T: Copy>(v: &T) -> &[u8] {
 /// The descriptors of the frozen application's proxy `proxy`, refused if
 /// any cannot be moved (each named with its reason), but for standard
 /// input, output and error, which are then handed over at the restore.
-pub fn capture_descriptors(pid: i32, proxy: i32) -> Result<crate::fds::FdTable, CheckpointError> {
+/// With `relayed_by` (a migration whose source supervisor, that process,
+/// stands for the application), those of them that are still the
+/// supervisor's own (the same open file) are handed over too, whatever
+/// they are: they are relayed to where they lead on this node (a file
+/// here stays the file here).
+pub fn capture_descriptors(
+    pid: i32,
+    proxy: i32,
+    relayed_by: Option<i32>,
+) -> Result<crate::fds::FdTable, CheckpointError> {
     use crate::fds::Disposition;
     let mut table = crate::fds::capture(proxy).map_err(|source| CheckpointError::Descriptors { pid: proxy, source })?;
-    // Standard input, output and error that cannot be rebuilt (a deleted
-    // file, say) are handed over by whoever restores, as a terminal is.
     for e in table.fds.iter_mut().filter(|e| e.fd <= 2) {
-        if let Disposition::CannotMove { reason } = &e.disposition {
+        if relayed_by.is_some_and(|s| same_file(proxy, s, e.fd)) {
+            e.disposition = Disposition::Supply { why: "a standard stream of lwk run's, relayed".to_string() };
+        } else if let Disposition::CannotMove { reason } = &e.disposition {
+            // Standard input, output and error that cannot be rebuilt (a
+            // deleted file, say) are handed over by whoever restores, as
+            // a terminal is.
             e.disposition = Disposition::Supply { why: format!("a standard stream that cannot be rebuilt ({reason})") };
         }
     }
@@ -129,6 +141,14 @@ pub fn capture_descriptors(pid: i32, proxy: i32) -> Result<crate::fds::FdTable, 
         return Err(CheckpointError::Unmovable { pid, what: refused.join("; ") });
     }
     Ok(table)
+}
+
+/// Is descriptor `fd` of process `a` the same open file as `fd` of `b`?
+fn same_file(a: i32, b: i32, fd: i32) -> bool {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp compares two processes' descriptors; it reads nothing
+    // of ours.
+    unsafe { libc::syscall(libc::SYS_kcmp, a, b, KCMP_FILE, fd as libc::c_long, fd as libc::c_long) == 0 }
 }
 
 /// Write the frozen application `frozen` (described by `info`), its

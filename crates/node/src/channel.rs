@@ -42,7 +42,7 @@ pub enum ChannelError {
 }
 
 /// Which end of the connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum Role {
     /// The side that connected (the source of a migration).
     Client,
@@ -117,44 +117,24 @@ impl<S: Read + Write> Channel<S> {
         Ok(Channel { stream, key: *key, session, role, sent: 0, received: 0, images: 0 })
     }
 
-    fn mac(&self, from: Role, seq: u64, payload: &[u8]) -> blake3::Hash {
-        let mut h = blake3::Hasher::new_keyed(&self.session);
-        h.update(from.tag());
-        h.update(&seq.to_le_bytes());
-        h.update(payload);
-        h.finalize()
-    }
-
     /// Send one message.
     pub fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), ChannelError> {
-        let payload = serde_json::to_vec(msg)?;
-        let mac = self.mac(self.role, self.sent, &payload);
-        self.sent += 1;
-        let mut frame = Vec::with_capacity(4 + payload.len() + 32);
-        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&payload);
-        frame.extend_from_slice(mac.as_bytes());
-        self.stream.write_all(&frame)?;
-        Ok(())
+        self.send_bytes(&serde_json::to_vec(msg)?)
     }
 
     /// Receive one message.
     pub fn recv<T: DeserializeOwned>(&mut self) -> Result<T, ChannelError> {
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len)?;
-        let len = u32::from_le_bytes(len);
-        if len > MAX_MESSAGE {
-            return Err(ChannelError::TooLarge(len));
-        }
-        let mut payload = vec![0u8; len as usize];
-        self.stream.read_exact(&mut payload)?;
-        let mut mac = [0u8; 32];
-        self.stream.read_exact(&mut mac)?;
-        if blake3::Hash::from(mac) != self.mac(self.role.other(), self.received, &payload) {
-            return Err(ChannelError::Corrupt);
-        }
-        self.received += 1;
-        Ok(serde_json::from_slice(&payload)?)
+        Ok(serde_json::from_slice(&self.recv_bytes()?)?)
+    }
+
+    /// Send one frame of bytes.
+    pub fn send_bytes(&mut self, payload: &[u8]) -> Result<(), ChannelError> {
+        write_frame(&mut self.stream, &self.session, self.role, &mut self.sent, payload)
+    }
+
+    /// Receive one frame of bytes.
+    pub fn recv_bytes(&mut self) -> Result<Vec<u8>, ChannelError> {
+        read_frame(&mut self.stream, &self.session, self.role.other(), &mut self.received)
     }
 
     /// The cluster key, which keys image streams on this connection.
@@ -172,6 +152,114 @@ impl<S: Read + Write> Channel<S> {
         self.images += 1;
         h.finalize().as_bytes()[..16].try_into().expect("16 bytes")
     }
+}
+
+/// The frame MAC: keyed with the session key, over the sender's role, the
+/// frame's sequence number and its payload.
+fn mac(session: &[u8; 32], from: Role, seq: u64, payload: &[u8]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(session);
+    h.update(from.tag());
+    h.update(&seq.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+fn write_frame(
+    w: &mut impl Write,
+    session: &[u8; 32],
+    role: Role,
+    sent: &mut u64,
+    payload: &[u8],
+) -> Result<(), ChannelError> {
+    if payload.len() > MAX_MESSAGE as usize {
+        return Err(ChannelError::TooLarge(payload.len() as u32));
+    }
+    let mac = mac(session, role, *sent, payload);
+    *sent += 1;
+    let mut frame = Vec::with_capacity(4 + payload.len() + 32);
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(payload);
+    frame.extend_from_slice(mac.as_bytes());
+    w.write_all(&frame)?;
+    Ok(())
+}
+
+fn read_frame(
+    r: &mut impl Read,
+    session: &[u8; 32],
+    from: Role,
+    received: &mut u64,
+) -> Result<Vec<u8>, ChannelError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len);
+    if len > MAX_MESSAGE {
+        return Err(ChannelError::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload)?;
+    let mut tag = [0u8; 32];
+    r.read_exact(&mut tag)?;
+    // blake3::Hash compares in constant time.
+    if blake3::Hash::from(tag) != mac(session, from, *received, &payload) {
+        return Err(ChannelError::Corrupt);
+    }
+    *received += 1;
+    Ok(payload)
+}
+
+/// Where an authenticated connection stands: enough to go on with it in
+/// another process (a relay handed over with its socket). Holds the
+/// session key: it goes only to a process this one trusts.
+#[derive(Clone, Serialize, serde::Deserialize)]
+pub struct ChannelState {
+    session: [u8; 32],
+    role: Role,
+    sent: u64,
+    received: u64,
+}
+
+impl<S> Channel<S> {
+    /// The connection and where it stands (the cluster key stays here).
+    pub fn into_parts(self) -> (S, ChannelState) {
+        let state = ChannelState { session: self.session, role: self.role, sent: self.sent, received: self.received };
+        (self.stream, state)
+    }
+}
+
+/// The sending half of a connection, for a thread of its own.
+pub struct Sender<S = TcpStream> {
+    stream: S,
+    session: [u8; 32],
+    role: Role,
+    sent: u64,
+}
+
+/// The receiving half.
+pub struct Receiver<S = TcpStream> {
+    stream: S,
+    session: [u8; 32],
+    role: Role,
+    received: u64,
+}
+
+impl<S: Write> Sender<S> {
+    pub fn send_bytes(&mut self, payload: &[u8]) -> Result<(), ChannelError> {
+        write_frame(&mut self.stream, &self.session, self.role, &mut self.sent, payload)
+    }
+}
+
+impl<S: Read> Receiver<S> {
+    pub fn recv_bytes(&mut self) -> Result<Vec<u8>, ChannelError> {
+        read_frame(&mut self.stream, &self.session, self.role.other(), &mut self.received)
+    }
+}
+
+/// Both halves of a connection over `stream`, from where it stood.
+pub fn split(stream: TcpStream, state: ChannelState) -> std::io::Result<(Sender, Receiver)> {
+    let other = stream.try_clone()?;
+    let ChannelState { session, role, sent, received } = state;
+    Ok((Sender { stream, session, role, sent }, Receiver { stream: other, session, role, received }))
 }
 
 #[cfg(test)]
@@ -211,7 +299,7 @@ mod tests {
         let (mut c, mut s) = (c.unwrap(), s.unwrap());
         // A frame made by hand, then with one payload byte flipped.
         let payload = serde_json::to_vec(&"abc").unwrap();
-        let mac = c.mac(Role::Client, 0, &payload);
+        let mac = mac(&c.session, Role::Client, 0, &payload);
         let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
         frame.extend_from_slice(&payload);
         frame.extend_from_slice(mac.as_bytes());

@@ -11,6 +11,7 @@
 pub mod address;
 pub mod channel;
 pub mod key;
+pub mod relay;
 pub mod server;
 
 /// The port a node daemon listens on unless told otherwise.

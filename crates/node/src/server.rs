@@ -20,19 +20,31 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lwk_migrate::image::{ClusterKey, ImageReader};
 use serde::{Deserialize, Serialize};
 
-use crate::channel::{Channel, Role};
+use crate::channel::{Channel, Role, Sender};
+use crate::relay::{Exit, Message};
 
 /// What a source asks.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
     /// An application comes: its image follows. Its service address
     /// (A.B.C.D/N), if it has one, comes up here at the go.
-    Restore { command: String, memory_bytes: u64, address: Option<String> },
+    Restore {
+        command: String,
+        memory_bytes: u64,
+        address: Option<String>,
+        /// The source's supervisor stands for the application: once it
+        /// runs here, its standard streams, signals and exit status go
+        /// over this connection ([`crate::relay`]). Without, its output is
+        /// kept here (as the received directory's log).
+        #[serde(default)]
+        relay: bool,
+    },
 }
 
 /// What the daemon answers.
@@ -141,7 +153,7 @@ fn handle(stream: TcpStream, config: &Config) -> anyhow::Result<()> {
         }
     };
     match ch.recv::<Request>()? {
-        Request::Restore { command, memory_bytes, address } => {
+        Request::Restore { command, memory_bytes, address, relay } => {
             log(&format!("{peer}: receiving {command} ({} MiB of memory)", memory_bytes >> 20));
             let address = match (address, &config.service_dev) {
                 (None, _) => None,
@@ -152,7 +164,7 @@ fn handle(stream: TcpStream, config: &Config) -> anyhow::Result<()> {
                     anyhow::bail!(why);
                 }
             };
-            receive(&mut ch, config, peer, address)
+            receive(ch, config, peer, address, relay)
         }
     }
 }
@@ -172,10 +184,11 @@ impl Drop for Incoming {
 }
 
 fn receive(
-    ch: &mut Channel,
+    mut ch: Channel,
     config: &Config,
     peer: SocketAddr,
     address: Option<(String, String)>,
+    relay: bool,
 ) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
@@ -205,7 +218,7 @@ fn receive(
     })();
     if let Err(e) = checked {
         // The restorer may have refused it (and closed its end): say why.
-        let said = std::fs::read_to_string(incoming.dir.join("output.log")).unwrap_or_default();
+        let said = restoring.said(&incoming.dir);
         let why =
             format!("the image did not arrive whole: {e:#}{}{}", if said.is_empty() { "" } else { ": " }, said.trim());
         ch.send(&Reply::Failed { why: why.clone() }).ok();
@@ -230,18 +243,24 @@ fn receive(
             // Said before the gate opens: if it cannot be said, the source
             // will go on with its copy, and this one must not run.
             ch.send(&Reply::Running)?;
+            // Its output goes to the source from its first byte.
+            if relay {
+                restoring.relay_to(ch, peer)?;
+            } else {
+                restoring.input = None; // nothing comes: it reads its end
+            }
             restoring.go()?;
             incoming.keep = true;
             std::fs::write(incoming.dir.join("running"), b"").ok();
             log(&format!("{peer}: {} runs here (lwk restore pid {})", incoming.dir.display(), restoring.pid()));
-            // Its `lwk restore` stands for it here. When it ends, its
-            // output stays as <dir>.log (until output is relayed to the
-            // source) and the rest of the directory goes.
+            // Its `lwk restore` stands for it here. When it ends, its exit
+            // status goes to the source; what it wrote while no relay
+            // was there stays as <dir>.log, and the rest of the directory
+            // goes.
             let dir = incoming.dir.clone();
-            let mut child = restoring.into_child();
             std::thread::spawn(move || {
-                let status = child.wait();
-                log(&format!("{} ended: {status:?}", dir.display()));
+                let exit = restoring.wait();
+                log(&format!("{} ended: {exit:?}", dir.display()));
                 std::fs::rename(dir.join("output.log"), dir.with_extension("log")).ok();
                 std::fs::remove_dir_all(&dir).ok();
             });
@@ -278,6 +297,36 @@ struct Restoring {
     go: Option<OwnedFd>,
     image: Option<std::fs::File>,
     ready: Option<std::fs::File>,
+    /// Its standard input (the application's, handed over).
+    input: Option<std::process::ChildStdin>,
+    output: Arc<Output>,
+    /// The threads that read its standard output and error.
+    collectors: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Where a restored application's standard output and error go: the
+/// received directory's log (`lwk restore`'s own words about a failed
+/// restore, too) until a relay to the source is attached, then the
+/// source; back to the log if the relay is lost.
+struct Output {
+    log: Mutex<std::fs::File>,
+    relay: Mutex<Option<Sender>>,
+}
+
+impl Output {
+    fn write(&self, fd: u8, data: &[u8]) {
+        let mut relay = self.relay.lock().expect("not poisoned");
+        if let Some(tx) = relay.as_mut() {
+            match tx.send_message(&Message::Output { fd, data: data.to_vec() }) {
+                Ok(()) => return,
+                Err(e) => {
+                    log(&format!("the relay to the source is lost ({e}); output is kept here"));
+                    *relay = None;
+                }
+            }
+        }
+        self.log.lock().expect("not poisoned").write_all(data).ok();
+    }
 }
 
 impl Restoring {
@@ -306,9 +355,9 @@ impl Restoring {
             .arg(ready_w.as_raw_fd().to_string())
             .arg("--image-fd")
             .arg(image_r.as_raw_fd().to_string())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         if let Some((cidr, dev)) = address {
             cmd.arg("--address").arg(cidr).arg("--address-dev").arg(dev);
         }
@@ -323,13 +372,31 @@ impl Restoring {
                 Ok(())
             })
         };
-        let child = cmd.spawn().with_context(|| format!("cannot start {}", lwk.display()))?;
+        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", lwk.display()))?;
         drop((go_r, ready_w, image_r));
+        let output = Arc::new(Output { log: Mutex::new(log), relay: Mutex::new(None) });
+        let mut collectors = Vec::new();
+        let outs: [(u8, Box<dyn Read + Send>); 2] = [
+            (1, Box::new(child.stdout.take().expect("piped"))),
+            (2, Box::new(child.stderr.take().expect("piped"))),
+        ];
+        for (fd, mut pipe) in outs {
+            let output = output.clone();
+            collectors.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                    output.write(fd, &buf[..n]);
+                }
+            }));
+        }
         Ok(Restoring {
+            input: child.stdin.take(),
             child: Some(child),
             go: Some(go_w),
             image: Some(std::fs::File::from(image_w)),
             ready: Some(std::fs::File::from(ready_r)),
+            output,
+            collectors,
         })
     }
 
@@ -340,6 +407,17 @@ impl Restoring {
         self.image.as_mut().expect("until the image is complete")
     }
 
+    /// What the restorer said (why it failed), once its output is all in
+    /// (it ended, or after two seconds).
+    fn said(&mut self, dir: &Path) -> String {
+        self.image = None; // a restorer still reading sees the end
+        let t0 = Instant::now();
+        while !self.collectors.iter().all(|c| c.is_finished()) && t0.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::fs::read_to_string(dir.join("output.log")).unwrap_or_default().trim().to_string()
+    }
+
     /// The image is complete: wait until the application is restored and
     /// parked at its gate (one byte), or the restore failed (end of file;
     /// its reason is in output.log).
@@ -348,9 +426,57 @@ impl Restoring {
         let mut byte = [0u8; 1];
         if self.ready.take().expect("once").read(&mut byte)? != 1 {
             let status = self.child.take().expect("started").wait()?;
-            let why = std::fs::read_to_string(dir.join("output.log")).unwrap_or_default();
-            anyhow::bail!("the restore failed ({status}): {}", why.trim());
+            anyhow::bail!("the restore failed ({status}): {}", self.said(dir));
         }
+        Ok(())
+    }
+
+    /// From now on the application's output goes to the source over `ch`,
+    /// and the source's input and signals come to it.
+    fn relay_to(&mut self, ch: Channel, peer: SocketAddr) -> anyhow::Result<()> {
+        let (stream, state) = ch.into_parts();
+        crate::relay::prepare(&stream)?;
+        let (tx, mut rx) = crate::channel::split(stream, state)?;
+        *self.output.relay.lock().expect("not poisoned") = Some(tx);
+        let pid = self.pid();
+        let output = self.output.clone();
+        // Input waits in a queue for an application that does not read it
+        // yet, so that signals still pass.
+        let (queue, inputs) = std::sync::mpsc::sync_channel::<Vec<u8>>(256);
+        let mut stdin = self.input.take();
+        std::thread::spawn(move || {
+            for data in inputs {
+                if stdin.as_mut().is_none_or(|s| s.write_all(&data).is_err()) {
+                    stdin = None;
+                }
+            }
+        });
+        std::thread::spawn(move || loop {
+            match rx.recv_message() {
+                Ok(Message::Input(data)) => {
+                    if queue.send(data).is_err() {
+                        return;
+                    }
+                }
+                Ok(Message::InputEnd) => return, // the queue's end closes its input
+                Ok(Message::Signal(sig)) => {
+                    // SAFETY: kill on our child, which passes it on.
+                    unsafe { libc::kill(pid, sig) };
+                }
+                Ok(other) => {
+                    log(&format!("{peer}: unexpected on a relay: {other:?}"));
+                    return;
+                }
+                Err(e) => {
+                    // Ended by the source after the application's exit,
+                    // or lost: either way nothing more comes.
+                    if output.relay.lock().expect("not poisoned").take().is_some() {
+                        log(&format!("{peer}: the relay is lost ({e}); output is kept here"));
+                    }
+                    return;
+                }
+            }
+        });
         Ok(())
     }
 
@@ -365,8 +491,17 @@ impl Restoring {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }
 
-    fn into_child(mut self) -> Child {
-        self.child.take().expect("started")
+    /// Wait until the application ends here, all its output is passed on,
+    /// and say how it ended to the source.
+    fn wait(mut self) -> std::io::Result<Exit> {
+        let exit = Exit::from_wait(self.child.take().expect("started").wait()?);
+        for c in std::mem::take(&mut self.collectors) {
+            c.join().ok();
+        }
+        if let Some(mut tx) = self.output.relay.lock().expect("not poisoned").take() {
+            tx.send_message(&Message::Exited(exit)).ok();
+        }
+        Ok(exit)
     }
 }
 
