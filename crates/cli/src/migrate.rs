@@ -137,7 +137,13 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     if let Some(pre) = &mut precopy {
         let tp = Instant::now();
         while report.rounds.len() < MAX_ROUNDS {
-            let r = pre.round(&mut w).with_context(|| format!("pre-copy of process {}; it goes on here", app.pid))?;
+            let r = match pre.round(&mut w) {
+                Ok(r) => r,
+                Err(e) => {
+                    let e = refused(&mut ch, e.into());
+                    return Err(e.context(format!("pre-copy of process {}; it goes on here", app.pid)));
+                }
+            };
             let last = report.rounds.last().map(|l: &Round| l.dirty_bytes);
             let small = !report.rounds.is_empty() && r.dirty_bytes <= SMALL_ENOUGH;
             let growing = report.rounds.len() >= 2 && last.is_some_and(|l| r.dirty_bytes >= l);
@@ -184,6 +190,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         Ok(())
     })();
     if let Err(e) = outcome {
+        let e = refused(&mut ch, e);
         ch.send(&Decision::Abort).ok();
         if let Some(s) = sockets {
             s.resume();
@@ -266,6 +273,17 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// A send that failed often means that the destination refused what came
+/// (a record that failed its check) and closed: its reason, if it gave one,
+/// comes first.
+fn refused(ch: &mut Channel, e: anyhow::Error) -> anyhow::Error {
+    ch.stream.set_read_timeout(Some(Duration::from_secs(1))).ok();
+    match ch.recv::<Reply>() {
+        Ok(Reply::Failed { why }) => anyhow::anyhow!("the destination refused it: {why}"),
+        _ => e,
+    }
 }
 
 /// The supervisor of `app` (its parent, `lwk run` or `lwk restore`) and

@@ -39,8 +39,13 @@ struct Cluster {
     client: Option<(String, String, String)>,
     dir: tempfile::TempDir,
     daemon: Option<Child>,
+    /// A daemon in A too, for migrations back.
+    daemon_a: Option<Child>,
+    /// B's timeout for silent peers (seconds).
+    timeout: u64,
 }
 
+const A_ADDR: &str = "198.18.0.1";
 const B_ADDR: &str = "198.18.0.2";
 const B_ADDR_24: &str = "198.18.0.2/24";
 /// The service address of the application with sockets: it moves.
@@ -58,6 +63,8 @@ impl Cluster {
             client: None,
             dir: tempfile::Builder::new().prefix("lwk-cluster-").tempdir_in(TMP_ROOT).unwrap(),
             daemon: None,
+            daemon_a: None,
+            timeout: 10,
         };
         ip(&["netns", "add", &b]);
         // Interface names: at most 15 bytes, and apart for each test.
@@ -87,6 +94,8 @@ impl Cluster {
             client: None,
             dir: tempfile::Builder::new().prefix("lwk-cluster-").tempdir_in(TMP_ROOT).unwrap(),
             daemon: None,
+            daemon_a: None,
+            timeout: 10,
         };
         for n in &names {
             ip(&["netns", "add", n]);
@@ -124,30 +133,44 @@ impl Cluster {
     /// Start B's daemon with `key`, and `fault` injected (LWK_NODE_FAULT).
     fn start_daemon(&mut self, key: &Path, fault: Option<&str>) {
         self.stop_daemon();
+        let d = self.spawn_daemon(&self.b, B_ADDR, key, &self.state(), "daemon.log", fault);
+        self.daemon = Some(d);
+    }
+
+    /// Start a daemon in A too (no fault).
+    fn start_daemon_in_a(&mut self) {
+        let d = self.spawn_daemon(&self.a, A_ADDR, &self.key(), &self.dir.path().join("state-a"), "daemon-a.log", None);
+        self.daemon_a = Some(d);
+    }
+
+    fn spawn_daemon(&self, ns: &str, addr: &str, key: &Path, state: &Path, log: &str, fault: Option<&str>) -> Child {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.b, LWK, "node", "serve", "--listen", &format!("{B_ADDR}:7070")])
+        cmd.args(["netns", "exec", ns, LWK, "node", "serve", "--listen", &format!("{addr}:7070")])
             .arg("--key")
             .arg(key)
             .arg("--state-dir")
-            .arg(self.state())
-            .args(["--timeout", "10"])
-            .stderr(std::fs::File::create(self.dir.path().join("daemon.log")).unwrap());
+            .arg(state)
+            .args(["--timeout", &self.timeout.to_string()])
+            .stderr(std::fs::File::create(self.dir.path().join(log)).unwrap());
         if let Some(f) = fault {
             cmd.env("LWK_NODE_FAULT", f);
         }
         if let Some((_, _, dev)) = &self.client {
             cmd.args(["--service-dev", dev]);
         }
-        self.daemon = Some(cmd.spawn().unwrap());
+        let d = cmd.spawn().unwrap();
         let t0 = Instant::now();
-        while !self.daemon_log().contains("listening") {
-            assert!(t0.elapsed() < Duration::from_secs(10), "the daemon did not start: {}", self.daemon_log());
+        let said = || std::fs::read_to_string(self.dir.path().join(log)).unwrap_or_default();
+        while !said().contains("listening") {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the daemon did not start: {}", said());
             std::thread::sleep(Duration::from_millis(10));
         }
+        d
     }
 
     fn stop_daemon(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
+        for d in [self.daemon.take(), self.daemon_a.take()].into_iter().flatten() {
+            let mut d = d;
             d.kill().ok();
             d.wait().ok();
         }
@@ -155,6 +178,42 @@ impl Cluster {
 
     fn daemon_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Wait until B's daemon has said `what`.
+    fn wait_for_daemon(&self, what: &str) {
+        let t0 = Instant::now();
+        while !self.daemon_log().contains(what) {
+            assert!(t0.elapsed() < Duration::from_secs(20), "the daemon did not say {what:?}: {}", self.daemon_log());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The application processes that run in namespace `ns` (`lwk ps`).
+    fn apps_in(&self, ns: &str) -> Vec<i32> {
+        let apps = Command::new(LWK).args(["ps", "--json"]).output().unwrap();
+        let list: serde_json::Value = serde_json::from_slice(&apps.stdout).unwrap();
+        let net = std::fs::metadata(format!("/run/netns/{ns}")).map(|m| m.ino()).unwrap();
+        let inside = |pid: i32| {
+            let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap_or_default();
+            link.to_string_lossy() == format!("net:[{net}]")
+        };
+        list.as_array().unwrap().iter().map(|a| a["pid"].as_i64().unwrap() as i32).filter(|&p| inside(p)).collect()
+    }
+
+    /// Nothing of received applications is left in B (but their logs).
+    fn wait_until_b_is_clean(&self, why: &str) {
+        let t0 = Instant::now();
+        while self.leftovers().iter().any(|n| !n.ends_with(".log")) || !self.apps_in(&self.b).is_empty() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "{why}: left in B: {:?}, {:?}\n{}",
+                self.leftovers(),
+                self.apps_in(&self.b),
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The application in node A, once it printed "ready".
@@ -183,14 +242,18 @@ impl Cluster {
     }
 
     fn migrate_with(&self, pid: i32, key: &Path, extra: &[&str]) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.a, LWK, "migrate", &pid.to_string(), "--to", B_ADDR, "--json"])
+        self.migrate_command(&self.a, pid, B_ADDR, key, extra).output().unwrap()
+    }
+
+    /// `lwk migrate` from namespace `from` to the daemon at `to`.
+    fn migrate_command(&self, from: &str, pid: i32, to: &str, key: &Path, extra: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", from, LWK, "migrate", &pid.to_string(), "--to", to, "--json"])
             .arg("--key")
             .arg(key)
-            .args(["--timeout", "10"])
-            .args(extra)
-            .output()
-            .unwrap()
+            .args(["--timeout", &self.timeout.to_string()])
+            .args(extra);
+        cmd
     }
 
     /// The output of the application that ran in B, once it ended (the
@@ -297,7 +360,7 @@ fn a_daemon_without_the_cluster_key_is_refused_and_the_application_goes_on() {
 fn a_destination_that_dies_in_any_phase_leaves_the_application_at_the_source_and_nothing_there() {
     let expected = native();
     let mut c = Cluster::new("die");
-    for phase in ["ready", "image", "gate"] {
+    for phase in ["ready", "partway", "image", "parked", "gate"] {
         c.start_daemon(&c.key(), Some(phase));
         let (child, out, pid) = c.start_app();
         let o = c.migrate(pid, &c.key());
@@ -307,22 +370,10 @@ fn a_destination_that_dies_in_any_phase_leaves_the_application_at_the_source_and
         finishes_at_the_source(child, out, &expected);
         assert!(c.daemon_log().contains(&format!("fault injected at {phase}")), "{}", c.daemon_log());
         // A daemon started again removes what the dead one left; the copy
-        // held at its gate ended when the dead daemon's end closed.
+        // held at its gate ended when the dead daemon's end closed. No
+        // copy runs in B.
         c.start_daemon(&c.key(), None);
-        let t0 = Instant::now();
-        while !c.leftovers().is_empty() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "{phase}: left in B: {:?}", c.leftovers());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // No application runs in B (other tests run theirs elsewhere).
-        let apps = Command::new(LWK).args(["ps", "--json"]).output().unwrap();
-        let list: serde_json::Value = serde_json::from_slice(&apps.stdout).unwrap();
-        let b_net = std::fs::metadata(format!("/run/netns/{}", c.b)).map(|m| m.ino()).unwrap();
-        let in_b = |pid: &serde_json::Value| {
-            let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap_or_default();
-            link.to_string_lossy() == format!("net:[{b_net}]")
-        };
-        assert!(list.as_array().unwrap().iter().all(|a| !in_b(&a["pid"])), "{phase}: a copy still runs in B: {list}");
+        c.wait_until_b_is_clean(phase);
     }
 }
 
@@ -447,4 +498,136 @@ fn lwk_run_at_the_source_keeps_standing_for_a_migrated_application() {
         assert!(t0.elapsed() < Duration::from_secs(10), "left in B: {:?}", c.leftovers());
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Packet-filter rules in B that drop everything between it and A.
+fn cut_link(c: &Cluster) {
+    let rules = format!(
+        "table inet lwk_cut {{\n\
+         chain in {{ type filter hook input priority 0; policy accept; ip saddr {A_ADDR} drop; }}\n\
+         chain out {{ type filter hook output priority 0; policy accept; ip daddr {A_ADDR} drop; }}\n\
+         }}\n"
+    );
+    nft(c, &["-f", "-"], Some(&rules));
+}
+
+fn heal_link(c: &Cluster) {
+    nft(c, &["delete", "table", "inet", "lwk_cut"], None);
+}
+
+fn nft(c: &Cluster, args: &[&str], input: Option<&str>) {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &c.b, "nft"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nft (Debian's nftables)");
+    child.stdin.take().unwrap().write_all(input.unwrap_or("").as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "nft {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, pid namespaces, nftables)"]
+fn a_link_cut_in_any_phase_leaves_the_application_at_the_source_and_nothing_there() {
+    let expected = native();
+    let mut c = Cluster::new("cut");
+    // Silent peers fail their migration after 3 s.
+    c.timeout = 3;
+    // Cut while the daemon stalls at each phase (before the source hears
+    // that its copy is parked: after that, a cut is the one window where
+    // both nodes could run it, see lwk migrate).
+    for phase in ["ready", "partway", "image", "parked"] {
+        c.start_daemon(&c.key(), Some(&format!("stall-{phase}")));
+        let (child, out, pid) = c.start_app();
+        let migrating = c
+            .migrate_command(&c.a, pid, B_ADDR, &c.key(), &[])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.wait_for_daemon(&format!("fault injected at {phase}: stalling"));
+        cut_link(&c);
+        let o = migrating.wait_with_output().unwrap();
+        let said = format!("{phase}: {:?} {}{}", o.status, String::from_utf8_lossy(&o.stdout), c.daemon_log());
+        assert_eq!(o.status.code(), Some(125), "{said}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("it goes on here"), "{phase}: {err}");
+        finishes_at_the_source(child, out, &expected);
+        // B gives up on its silent peer, and drops its copy.
+        c.wait_until_b_is_clean(phase);
+        heal_link(&c);
+    }
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, pid namespaces)"]
+fn a_corrupted_chunk_fails_the_migration_and_the_application_goes_on() {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    let expected = native();
+    let mut c = Cluster::new("bad");
+    c.start_daemon(&c.key(), None);
+    // A man in the middle, in A, that flips one byte 8 MiB into what the
+    // source sends (well inside the first round of memory).
+    enter_netns(&c.a);
+    let listener = TcpListener::bind((A_ADDR, 7071)).unwrap();
+    let middle = std::thread::spawn(move || {
+        let (from, _) = listener.accept().unwrap();
+        let to = TcpStream::connect((B_ADDR, 7070)).unwrap();
+        let (mut from_r, mut to_w) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+        let (mut to_r, mut from_w) = (to, from);
+        let back = std::thread::spawn(move || std::io::copy(&mut to_r, &mut from_w).ok());
+        let mut buf = vec![0u8; 64 << 10];
+        let mut passed = 0u64;
+        const AT: u64 = 8 << 20;
+        while let Ok(n @ 1..) = from_r.read(&mut buf) {
+            if passed <= AT && AT < passed + n as u64 {
+                buf[(AT - passed) as usize] ^= 0x20;
+            }
+            passed += n as u64;
+            if to_w.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        to_w.shutdown(std::net::Shutdown::Write).ok();
+        back.join().ok();
+    });
+    let (child, out, pid) = c.start_app();
+    let o = c.migrate_command(&c.a, pid, &format!("{A_ADDR}:7071"), &c.key(), &[]).output().unwrap();
+    assert_eq!(o.status.code(), Some(125), "{}", String::from_utf8_lossy(&o.stdout));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("did not arrive whole") && err.contains("it goes on here"), "{err}");
+    finishes_at_the_source(child, out, &expected);
+    c.wait_until_b_is_clean("corrupted");
+    middle.join().unwrap();
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, pid namespaces)"]
+fn an_application_migrated_to_b_and_back_to_a_still_talks_through_its_first_lwk_run() {
+    use std::io::Write;
+    let mut c = Cluster::new("aba");
+    c.start_daemon(&c.key(), None);
+    c.start_daemon_in_a();
+    let mut t = Talking::start(&c);
+    assert_eq!(t.say("one"), ("echo: one\n".into(), "err: one\n".into()));
+    let o = c.migrate(t.pid, &c.key());
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
+    assert_eq!(t.say("two"), ("echo: two\n".into(), "err: two\n".into()));
+    // Back to A, from B, by its pid there.
+    let in_b = c.apps_in(&c.b);
+    assert_eq!(in_b.len(), 1, "{in_b:?}");
+    let o = c.migrate_command(&c.b, in_b[0], A_ADDR, &c.key(), &[]).output().unwrap();
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
+    assert_eq!(t.say("three"), ("echo: three\n".into(), "err: three\n".into()));
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(t.child.id() as i32, libc::SIGUSR1) };
+    assert_eq!(t.line(), "usr1\n");
+    writeln!(t.input.as_mut().unwrap(), "exit 5").unwrap();
+    assert_eq!(t.line(), "bye\n");
+    assert_eq!(t.child.wait().unwrap().code(), Some(5));
+    c.wait_until_b_is_clean("after it left B");
 }

@@ -184,12 +184,7 @@ fn write_frame(
     Ok(())
 }
 
-fn read_frame(
-    r: &mut impl Read,
-    session: &[u8; 32],
-    from: Role,
-    received: &mut u64,
-) -> Result<Vec<u8>, ChannelError> {
+fn read_frame(r: &mut impl Read, session: &[u8; 32], from: Role, received: &mut u64) -> Result<Vec<u8>, ChannelError> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len);

@@ -143,8 +143,7 @@ struct HandoffBody {
 
 impl Handoff {
     pub fn new() -> std::io::Result<Handoff> {
-        let (mine, theirs) =
-            socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
+        let (mine, theirs) = socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
         Ok(Handoff { mine, theirs })
     }
 
@@ -207,7 +206,8 @@ pub fn hand_over(to: &OwnedFd, stream: &TcpStream, state: ChannelState, peer: &s
 /// no longer be known.
 pub fn stand_for(handed: Handed, signals: Option<OwnedFd>) -> Result<Exit, String> {
     let peer = handed.peer.clone();
-    let lost = |e: ChannelError| format!("lost the connection to the application at {peer} ({e}); it may still run there");
+    let lost =
+        |e: ChannelError| format!("lost the connection to the application at {peer} ({e}); it may still run there");
     prepare(&handed.stream).map_err(|e| lost(e.into()))?;
     let (tx, mut rx) = crate::channel::split(handed.stream, handed.state).map_err(|e| lost(e.into()))?;
     let tx = std::sync::Arc::new(std::sync::Mutex::new(tx));

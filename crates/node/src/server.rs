@@ -94,13 +94,22 @@ pub struct Config {
 
 /// Fault injection for the tests of rollback: `LWK_NODE_FAULT=PHASE` makes
 /// the daemon die at once (as `kill -9` would: no clean-up) when a
-/// migration reaches PHASE: `ready` (it said ready), `image` (the image
-/// arrived), `gate` (the copy waits at its gate).
+/// migration reaches PHASE: `ready` (it said ready), `partway` (a few MiB
+/// of the image came), `image` (the image arrived), `parked` (the copy
+/// waits at its gate, the source does not know yet), `gate` (the source
+/// knows). `LWK_NODE_FAULT=stall-PHASE` makes it stop there for two
+/// seconds instead, so that a test can cut the link there.
 fn fault(phase: &str) {
-    if std::env::var("LWK_NODE_FAULT").is_ok_and(|p| p == phase) {
+    let Ok(asked) = std::env::var("LWK_NODE_FAULT") else { return };
+    if asked == phase {
         log(&format!("fault injected at {phase}: dying"));
         // SAFETY: ends this process at once, as a SIGKILL would.
         unsafe { libc::_exit(137) };
+    }
+    if asked.strip_prefix("stall-") == Some(phase) {
+        log(&format!("fault injected at {phase}: stalling"));
+        std::thread::sleep(Duration::from_secs(2));
+        log(&format!("fault injected at {phase}: going on"));
     }
 }
 
@@ -207,7 +216,7 @@ fn receive(
         }
     };
     let id = ch.next_image_id();
-    let mut tee = Tee { from: &mut ch.stream, to: restoring.image() };
+    let mut tee = Tee { from: &mut ch.stream, to: restoring.image(), passed: 0 };
     let checked = (|| {
         let mut r = ImageReader::new(&mut tee, Some(&config.key))?;
         if r.header().stream_id != id {
@@ -232,6 +241,7 @@ fn receive(
         return Err(e);
     }
     let restore_ms = t1.elapsed().as_secs_f64() * 1e3;
+    fault("parked");
     ch.send(&Reply::Restored { pid: restoring.pid(), receive_ms, restore_ms })?;
     fault("gate");
     let decision = {
@@ -280,12 +290,18 @@ fn receive(
 struct Tee<'a, R: Read, W: Write> {
     from: &'a mut R,
     to: W,
+    passed: u64,
 }
 
 impl<R: Read, W: Write> Read for Tee<'_, R, W> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.from.read(buf)?;
         self.to.write_all(&buf[..n])?;
+        const PARTWAY: u64 = 4 << 20;
+        if self.passed < PARTWAY && self.passed + n as u64 >= PARTWAY {
+            fault("partway");
+        }
+        self.passed += n as u64;
         Ok(n)
     }
 }
@@ -376,10 +392,8 @@ impl Restoring {
         drop((go_r, ready_w, image_r));
         let output = Arc::new(Output { log: Mutex::new(log), relay: Mutex::new(None) });
         let mut collectors = Vec::new();
-        let outs: [(u8, Box<dyn Read + Send>); 2] = [
-            (1, Box::new(child.stdout.take().expect("piped"))),
-            (2, Box::new(child.stderr.take().expect("piped"))),
-        ];
+        let outs: [(u8, Box<dyn Read + Send>); 2] =
+            [(1, Box::new(child.stdout.take().expect("piped"))), (2, Box::new(child.stderr.take().expect("piped")))];
         for (fd, mut pipe) in outs {
             let output = output.clone();
             collectors.push(std::thread::spawn(move || {
