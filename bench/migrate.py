@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -164,8 +165,9 @@ class Nodes:
         return good, bad
 
     def migrate_once(self, memhog, mib, rate=0, conns=0):
-        # Long enough to be migrated while it runs, on the shaped link too.
-        seconds = 6 + mib // 64
+        # Long enough to be migrated while it runs, on the shaped link too;
+        # it is told to end (SIGUSR1, through the relay) once moved.
+        seconds = 120
         app, client, pid = self.start_memhog(memhog, mib, seconds, rate, conns)
         try:
             if client and self.echo(client, "before") != (conns, 0):
@@ -181,7 +183,9 @@ class Nodes:
                 report["echo_after"] = self.echo(client, "after")
                 client.stdin.close()
                 client.wait()
-            # memhog checks its memory in B; `lwk run` in A relays its word.
+            # memhog checks its memory in B; `lwk run` in A passes the
+            # signal on, and relays its word.
+            app.send_signal(signal.SIGUSR1)
             report["check"] = app.stdout.readline().decode().strip()
             app.wait(timeout=seconds + 120)
             return report
@@ -196,8 +200,7 @@ class Nodes:
     def checkpoint_restore(self, memhog, mib, tmp):
         """`lwk checkpoint` of memhog, then `lwk restore` until it is ready
         to run (parked at its gate): times and the image's size."""
-        seconds = 4
-        app, _, pid = self.start_memhog(memhog, mib, seconds, 0, 0)
+        app, _, pid = self.start_memhog(memhog, mib, 4, 0, 0)
         image = Path(tmp) / f"image-{mib}"
         try:
             t = time.monotonic()
@@ -264,7 +267,7 @@ def main():
         images = [64]
     else:
         runs = [(m, shaped, 0, 0) for shaped in (False, True) for m in (64, 512, 1024)]
-        runs += [(512, True, rate, 0) for rate in (32, 128)]
+        runs += [(512, True, rate, 0) for rate in (8, 32, 128)]
         runs += [(64, True, 0, 100), (64, True, 0, 1000), (1024, True, 0, 1000)]
         images = [64, 512, 1024]
     rows, images_done = [], []

@@ -7,17 +7,25 @@
  * "connected". For SECONDS seconds it then writes RATE MiB/s of its memory
  * (one word per 4 KiB page, rewriting the value it holds, so the pages are
  * dirtied and the pattern holds; one word every 10 ms when RATE is 0) and
- * echoes whatever a connection sends. At the end it checks the whole
- * pattern and prints "ok" or "bad N". */
+ * echoes whatever a connection sends; SIGUSR1 ends that early. At the end
+ * it checks the whole pattern and prints "ok" or "bad N". */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+
+static volatile sig_atomic_t stop;
+
+static void on_usr1(int sig) {
+    (void)sig;
+    stop = 1;
+}
 
 static double now(void) {
     struct timespec t;
@@ -31,6 +39,7 @@ int main(int argc, char **argv) {
     uint64_t words = (uint64_t)atoi(argv[1]) << 17;
     int seconds = atoi(argv[2]);
     double rate = argc > 3 ? atof(argv[3]) : 0;
+    signal(SIGUSR1, on_usr1);
     volatile uint64_t *m = malloc(words * 8);
     if (!m)
         return 3;
@@ -64,7 +73,7 @@ int main(int argc, char **argv) {
     uint64_t pages = words / 512, next = 0;
     double end = now() + seconds;
     char buf[4096];
-    while (now() < end) {
+    while (now() < end && !stop) {
         if (per_tick) {
             for (uint64_t k = 0; k < per_tick; k++, next = (next + 7919) % pages)
                 m[next * 512] = m[next * 512];

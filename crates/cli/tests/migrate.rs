@@ -476,21 +476,28 @@ fn lwk_run_at_the_source_keeps_standing_for_a_migrated_application() {
     assert_eq!(t.line(), "bye\n");
     assert_eq!(t.child.wait().unwrap().code(), Some(7), "{}", c.daemon_log());
 
-    // The end of its input, then a death by signal.
+    // The end of its input, then a death by signal: signals still pass
+    // once the input ended.
     let mut t = Talking::start(&c);
     let o = c.migrate(t.pid, &c.key());
     assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
     assert_eq!(t.say("four"), ("echo: four\n".into(), "err: four\n".into()));
+    drop(t.input.take());
+    assert_eq!(t.line(), "eof\n");
     // SAFETY: a signal to our own child.
     unsafe { libc::kill(t.child.id() as i32, libc::SIGTERM) };
     let status = t.child.wait().unwrap();
     assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}: {}", c.daemon_log());
 
+    // Its input ended before it moved.
     let mut t = Talking::start(&c);
-    let o = c.migrate(t.pid, &c.key());
-    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
     drop(t.input.take());
     assert_eq!(t.line(), "eof\n");
+    let o = c.migrate(t.pid, &c.key());
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(t.child.id() as i32, libc::SIGUSR1) };
+    assert_eq!(t.line(), "usr1\n");
     assert_eq!(t.child.wait().unwrap().code(), Some(3));
     // Nothing of them stays in B.
     let t0 = Instant::now();

@@ -465,14 +465,16 @@ impl Restoring {
                 }
             }
         });
+        let mut queue = Some(queue);
         std::thread::spawn(move || loop {
             match rx.recv_message() {
                 Ok(Message::Input(data)) => {
-                    if queue.send(data).is_err() {
-                        return;
+                    if queue.as_ref().is_some_and(|q| q.send(data).is_err()) {
+                        queue = None;
                     }
                 }
-                Ok(Message::InputEnd) => return, // the queue's end closes its input
+                // The queue's end closes its input; signals still come.
+                Ok(Message::InputEnd) => queue = None,
                 Ok(Message::Signal(sig)) => {
                     // SAFETY: kill on our child, which passes it on.
                     unsafe { libc::kill(pid, sig) };

@@ -3,7 +3,8 @@
  * it. Prints "ready", then for each line of standard input prints
  * "echo: LINE" on standard output and "err: LINE" on standard error; "exit
  * N" ends it with status N; SIGUSR1 prints "usr1"; SIGTERM has its default
- * action. At the end of its input it prints "eof" and exits 3. */
+ * action. At the end of its input it prints "eof", waits for a signal,
+ * and after SIGUSR1 exits 3. */
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +36,9 @@ int main(void) {
                 continue;
             }
             printf("eof\n");
+            usr1 = 0;
+            while (!usr1)
+                pause();
             return 3;
         }
         line[strcspn(line, "\n")] = 0;
