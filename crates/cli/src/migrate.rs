@@ -47,10 +47,24 @@ pub struct MigrateArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Show a progress bar on standard error while memory goes ahead
+    /// (rounds, bytes, the rate at which the application writes).
+    #[arg(long)]
+    progress: bool,
+    /// Memory goes ahead until what the application writes in a round would
+    /// take this many milliseconds to send in the freeze (or stops shrinking).
+    #[arg(long, default_value_t = 50, value_name = "MS")]
+    target_freeze: u64,
+    /// Give up before the freeze (the application goes on here) if what is
+    /// left would take longer than this to send: an application that writes
+    /// its memory faster than the link carries it.
+    #[arg(long, value_name = "MS")]
+    max_freeze: Option<u64>,
 }
 
-/// Pre-copy stops after this many rounds, or when a round leaves this
-/// little written since, or when the written set stops shrinking.
+/// Pre-copy stops after this many rounds, or when a round leaves little
+/// enough written since (at least this little, whatever the target), or
+/// when the written set stops shrinking.
 const MAX_ROUNDS: usize = 8;
 const SMALL_ENOUGH: u64 = 1 << 20;
 
@@ -73,10 +87,16 @@ struct Report {
     transfer_ms: f64,
     /// The destination's restore until the application waited at its gate.
     restore_ms: f64,
+    /// The commit: the address leaves, the go, the destination's word that
+    /// it runs (a round trip), the copy here killed.
+    commit_ms: f64,
     /// The freeze as the application saw it, until the go.
     freeze_ms: f64,
     /// Bytes of the image sent in the freeze.
     image_bytes: u64,
+    /// Memory sent more than once: what the rounds after the first and the
+    /// freeze carried (written since it was sent, or mapped since).
+    resent_bytes: u64,
     /// The application's memory.
     memory_bytes: u64,
     threads: u32,
@@ -132,8 +152,11 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     }
     let id = ch.next_image_id();
     // The image goes on a second handle of the connection; messages on `ch`.
-    let sink = std::io::BufWriter::with_capacity(1 << 20, ch.stream.try_clone()?);
+    let bar = progress_bar(args.progress, info.memory_bytes);
+    let counted = Counted { inner: ch.stream.try_clone()?, bar: bar.clone() };
+    let sink = std::io::BufWriter::with_capacity(1 << 20, counted);
     let mut w = ImageWriter::with_stream_id(sink, Some(&key), id)?;
+    let mut link_rate = 0.0f64;
     if let Some(pre) = &mut precopy {
         let tp = Instant::now();
         while report.rounds.len() < MAX_ROUNDS {
@@ -145,7 +168,20 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
                 }
             };
             let last = report.rounds.last().map(|l: &Round| l.dirty_bytes);
-            let small = !report.rounds.is_empty() && r.dirty_bytes <= SMALL_ENOUGH;
+            if let Some(bar) = &bar {
+                let rate = report.rounds.last().map_or(0.0, |l| r.dirty_bytes as f64 / l.ms.max(1.0) * 1e3);
+                bar.set_message(format!(
+                    "round {}: {:.0} MiB written since the last, {:.0} MiB/s",
+                    report.rounds.len() + 1,
+                    r.dirty_bytes as f64 / (1 << 20) as f64,
+                    rate / (1 << 20) as f64
+                ));
+                bar.set_length(bar.position() + r.dirty_bytes);
+            }
+            // The link's rate as the rounds found it (bytes per ms).
+            link_rate = link_rate.max(r.bytes as f64 / r.ms.max(0.001));
+            let target = (link_rate * args.target_freeze as f64) as u64;
+            let small = !report.rounds.is_empty() && r.dirty_bytes <= target.max(SMALL_ENOUGH);
             let growing = report.rounds.len() >= 2 && last.is_some_and(|l| r.dirty_bytes >= l);
             report.rounds.push(r);
             if small || growing {
@@ -153,6 +189,22 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
             }
         }
         report.precopy_ms = ms(tp);
+        let left = report.rounds.last().map_or(0, |r| r.dirty_bytes);
+        let expected_ms = left as f64 / link_rate.max(0.001);
+        if let Some(max) = args.max_freeze.filter(|&max| report.rounds.len() > 1 && expected_ms > max as f64) {
+            bail!(
+                "process {} writes its memory faster than the link carries it: {:.0} MiB written during the last of \
+                 {} rounds, sent at {:.0} MiB/s, would keep it frozen about {expected_ms:.0} ms, over --max-freeze \
+                 {max}; it goes on here",
+                app.pid,
+                left as f64 / (1 << 20) as f64,
+                report.rounds.len(),
+                link_rate * 1e3 / (1 << 20) as f64,
+            );
+        }
+    }
+    if let Some(bar) = &bar {
+        bar.set_message("frozen: the rest");
     }
 
     let sent_ahead = w.bytes_written();
@@ -206,6 +258,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     // sent would leave both copies running.)
     // The address leaves first: the destination's comes up at the go.
     let mut moved_from = None;
+    let tc = Instant::now();
     let committed = (|| -> Result<()> {
         if let Some(a) = args.address {
             moved_from = Some(lwk_node::address::remove(a)?);
@@ -243,6 +296,13 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     }
     drop(stream);
     frozen.kill();
+    report.commit_ms = ms(tc);
+    if precopy.is_some() {
+        report.resent_bytes = report.rounds.iter().skip(1).map(|r| r.bytes).sum::<u64>() + report.frozen_memory_bytes;
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     if let Some(s) = sockets {
         s.release();
     }
@@ -254,8 +314,8 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
             report.rounds.iter().map(|r| format!("{:.1}", r.bytes as f64 / (1 << 20) as f64)).collect();
         println!(
             "migrated {} ({}) to {to}: {} threads, {:.1} MiB of memory; pre-copy {} rounds ({} MiB){}; \
-             {:.1} MiB in the freeze; frozen {:.0} ms (stop {:.0}, capture {:.0}, transfer {:.0}, restore {:.0}); \
-             total {:.0} ms",
+             {:.1} MiB in the freeze; frozen {:.0} ms (stop {:.0}, capture {:.0}, transfer {:.0}, restore {:.0}, \
+             commit {:.0}); {:.1} MiB of memory sent again; total {:.0} ms",
             app.pid,
             info.command,
             report.threads,
@@ -269,6 +329,8 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
             report.capture_ms,
             report.transfer_ms,
             report.restore_ms,
+            report.commit_ms,
+            report.resent_bytes as f64 / (1 << 20) as f64,
             report.total_ms,
         );
     }
@@ -303,6 +365,39 @@ fn supervisor_relay(app: &App) -> std::result::Result<(i32, std::os::fd::OwnedFd
     let end = lwk_node::relay::take(parent, published - 1)
         .map_err(|e| format!("cannot take the relay end of the application's supervisor (pid {parent}): {e}"))?;
     Ok((parent, end))
+}
+
+/// A bar of the bytes sent, on a terminal only.
+fn progress_bar(wanted: bool, memory: u64) -> Option<indicatif::ProgressBar> {
+    if !wanted {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(Some(memory), indicatif::ProgressDrawTarget::stderr());
+    let style = indicatif::ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {bytes_per_sec} {msg}")
+        .expect("a valid template");
+    bar.set_style(style);
+    bar.set_message("round 1: all of its memory");
+    Some(bar)
+}
+
+/// The connection to the destination, counting what goes to the bar.
+struct Counted<W> {
+    inner: W,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(bar) = &self.bar {
+            bar.inc(n as u64);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn ms(since: Instant) -> f64 {

@@ -638,3 +638,33 @@ fn an_application_migrated_to_b_and_back_to_a_still_talks_through_its_first_lwk_
     assert_eq!(t.child.wait().unwrap().code(), Some(5));
     c.wait_until_b_is_clean("after it left B");
 }
+
+#[test]
+#[ignore = "needs root (network namespaces, pid namespaces, tc)"]
+fn a_writer_faster_than_the_link_is_refused_before_the_freeze_with_max_freeze() {
+    let mut c = Cluster::new("fast");
+    c.start_daemon(&c.key(), None);
+    // 100 Mbit/s from A; the program rewrites all of its 32 MiB four
+    // times a second.
+    let dev = format!("afast{}", std::process::id());
+    ip(&[
+        "netns", "exec", &c.a, "tc", "qdisc", "add", "dev", &dev, "root", "tbf", "rate", "100mbit", "burst", "256kb",
+        "latency", "50ms",
+    ]);
+    let (mut child, mut out, pid) = c.start(compiled("bench/src/memhog"), &["32", "60", "128"]);
+    let o = c.migrate_with(pid, &c.key(), &["--max-freeze", "200"]);
+    assert_eq!(o.status.code(), Some(125), "{}", String::from_utf8_lossy(&o.stdout));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("writes its memory faster than the link carries it") && err.contains("it goes on here"),
+        "{err}"
+    );
+    // It goes on here, whole.
+    // SAFETY: a signal to our own child (it ends the program's writing).
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "ok\n");
+    assert!(child.wait().unwrap().success());
+    c.wait_until_b_is_clean("refused");
+}

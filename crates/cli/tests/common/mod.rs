@@ -9,18 +9,23 @@ use std::sync::OnceLock;
 const PROGRAMS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs");
 const TMP_ROOT: &str = env!("CARGO_TARGET_TMPDIR");
 
-/// tests/programs/NAME.c, compiled (with -pthread) once per test process.
+/// tests/programs/NAME.c, compiled (with -pthread) once per test process;
+/// a NAME with a slash is a path from the workspace's root without `.c`
+/// (bench/src/memhog).
 pub fn compiled(name: &'static str) -> &'static Path {
     type Bins = std::sync::Mutex<std::collections::HashMap<&'static str, &'static Path>>;
     static BINS: OnceLock<Bins> = OnceLock::new();
     let mut bins = BINS.get_or_init(Default::default).lock().unwrap();
     bins.entry(name).or_insert_with(|| {
         let dir = tempfile::Builder::new().prefix("lwk-programs-").tempdir_in(TMP_ROOT).unwrap().keep();
-        let out = dir.join(name);
+        let out = dir.join(Path::new(name).file_name().unwrap());
         let o = Command::new("gcc")
             .args(["-O1", "-Wall", "-pthread", "-o"])
             .arg(&out)
-            .arg(Path::new(PROGRAMS).join(format!("{name}.c")))
+            .arg(match name.contains('/') {
+                true => Path::new(PROGRAMS).join("../../../..").join(format!("{name}.c")),
+                false => Path::new(PROGRAMS).join(format!("{name}.c")),
+            })
             .output()
             .unwrap_or_else(|e| panic!("cannot run gcc ({e}): install Debian's gcc and libc6-dev"));
         assert!(o.status.success(), "gcc: {}", String::from_utf8_lossy(&o.stderr));
