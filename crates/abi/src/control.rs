@@ -113,6 +113,26 @@ pub struct Header {
     /// before the copy here is killed: the supervisor then takes the
     /// application's end from the relay, not from that death.
     pub migrated: AtomicU32,
+    /// Credentials every proxy thread takes before it next serves a call
+    /// (a restore's: the proxy starts with root's rights, to reach into
+    /// the application process while that still has them).
+    pub proxy_credentials: HandedCredentials,
+}
+
+/// Most supplementary groups a restored application keeps.
+pub const MAX_GROUPS: usize = 256;
+
+/// Credentials handed to another process's threads (each kernel task has
+/// its own: each thread takes them itself).
+#[repr(C)]
+pub struct HandedCredentials {
+    /// Bumped once the ids below are to be taken (0: never).
+    pub generation: AtomicU32,
+    pub n_groups: AtomicU32,
+    /// Real, effective and saved.
+    pub uid: [AtomicU32; 3],
+    pub gid: [AtomicU32; 3],
+    pub groups: [AtomicU32; MAX_GROUPS],
 }
 
 /// The gate is closed: the restoring LWK parks there when it is ready.

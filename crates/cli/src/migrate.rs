@@ -87,6 +87,10 @@ struct Report {
     transfer_ms: f64,
     /// The destination's restore until the application waited at its gate.
     restore_ms: f64,
+    /// The image written here until the destination said it restored it,
+    /// less its restore: the bytes still in flight (socket buffers, the
+    /// link) when the transfer was done here.
+    in_flight_ms: f64,
     /// The commit: the address leaves, the go, the destination's word that
     /// it runs (a round trip), the copy here killed.
     commit_ms: f64,
@@ -230,12 +234,16 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         sink.flush()?;
         drop(sink);
         report.transfer_ms = ms(tt);
+        let written_at = Instant::now();
         report.image_bytes = written.image_bytes - sent_ahead;
         report.memory_bytes = info.memory_bytes;
         report.frozen_memory_bytes = written.manifest.memory_bytes;
         report.threads = written.manifest.threads;
         match ch.recv::<Reply>()? {
-            Reply::Restored { restore_ms, .. } => report.restore_ms = restore_ms,
+            Reply::Restored { restore_ms, .. } => {
+                report.restore_ms = restore_ms;
+                report.in_flight_ms = (ms(written_at) - restore_ms).max(0.0);
+            }
             Reply::Failed { why } => bail!("the destination could not restore it: {why}"),
             other => bail!("the destination answered {other:?}"),
         }
@@ -314,8 +322,8 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
             report.rounds.iter().map(|r| format!("{:.1}", r.bytes as f64 / (1 << 20) as f64)).collect();
         println!(
             "migrated {} ({}) to {to}: {} threads, {:.1} MiB of memory; pre-copy {} rounds ({} MiB){}; \
-             {:.1} MiB in the freeze; frozen {:.0} ms (stop {:.0}, capture {:.0}, transfer {:.0}, restore {:.0}, \
-             commit {:.0}); {:.1} MiB of memory sent again; total {:.0} ms",
+             {:.1} MiB in the freeze; frozen {:.0} ms (stop {:.0}, capture {:.0}, transfer {:.0}, in flight {:.0}, \
+             restore {:.0}, commit {:.0}); {:.1} MiB of memory sent again; total {:.0} ms",
             app.pid,
             info.command,
             report.threads,
@@ -328,6 +336,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
             report.stop_ms,
             report.capture_ms,
             report.transfer_ms,
+            report.in_flight_ms,
             report.restore_ms,
             report.commit_ms,
             report.resent_bytes as f64 / (1 << 20) as f64,

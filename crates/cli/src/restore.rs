@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
+use lwk_abi::control::MAX_GROUPS;
 use lwk_abi::control::{memfd_slot, RESTORE_OPEN, RESTORE_PARKED};
 use lwk_kernel::freeze::{ThreadRecord, EXPORT_MAGIC, EXPORT_VERSION};
 use lwk_kernel::mm::{MmSnapshot, PieceRecord};
@@ -296,6 +297,20 @@ fn prepare(dir: &Path, key: Option<&lwk_migrate::image::ClusterKey>, image_fd: O
     input.magic = INPUT_MAGIC;
     input.same_ids = 1;
     input.specials = manifest.specials;
+    if let Some(c) = &manifest.credentials {
+        if c.groups.len() > MAX_GROUPS {
+            bail!(
+                "{}: the application had {} supplementary groups, more than {MAX_GROUPS}",
+                path.display(),
+                c.groups.len()
+            );
+        }
+        input.credentials.set = 1;
+        input.credentials.uid = c.uid;
+        input.credentials.gid = c.gid;
+        input.credentials.n_groups = c.groups.len() as u32;
+        input.credentials.groups[..c.groups.len()].copy_from_slice(&c.groups);
+    }
     if manifest.file_mappings.len() > MAX_FILE_MAPPINGS {
         bail!("{}: more than {MAX_FILE_MAPPINGS} file mappings", path.display());
     }

@@ -511,3 +511,32 @@ fn a_restored_program_checkpointed_again_and_restored_again_finishes_as_a_native
     let after = String::from_utf8(r.stdout).unwrap();
     assert_eq!(format!("ready\n{before}{partial}{after}"), expected);
 }
+
+#[test]
+#[ignore = "needs root (lwk restore, and a program run as another user)"]
+fn a_restored_program_keeps_its_own_credentials_not_the_restorers() {
+    use std::os::unix::process::CommandExt;
+    const NOBODY: u32 = 65534;
+    let prog = compiled("creds_target");
+    let o = Command::new(prog).uid(NOBODY).gid(NOBODY).output().unwrap();
+    let expected = String::from_utf8(o.stdout).unwrap();
+    assert!(expected.contains("uid 65534 65534 65534") && expected.contains("Permission denied"), "{expected}");
+    let mut cmd = Command::new(LWK);
+    cmd.arg("run").arg("--").arg(prog).uid(NOBODY).gid(NOBODY).stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut child = only_standard_streams(&mut cmd).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    out.read_line(&mut first).unwrap();
+    assert!(first.ends_with("ready\n"), "{first}");
+    let app = App::attach(child.id() as i32).unwrap();
+    let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
+    let o = Command::new(LWK).args(["checkpoint", &app.pid.to_string()]).arg(dir.path()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    child.wait().unwrap();
+    // Restored by root: it runs with its own ids, every thread of it.
+    let r = Command::new(LWK).arg("restore").arg(dir.path()).stdin(Stdio::null()).output().unwrap();
+    assert!(r.status.success(), "{:?}: {}", r.status, String::from_utf8_lossy(&r.stderr));
+    let after = String::from_utf8(r.stdout).unwrap();
+    assert_eq!(format!("{first}{after}"), expected, "stderr: {}", String::from_utf8_lossy(&r.stderr));
+}

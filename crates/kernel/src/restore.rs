@@ -21,7 +21,7 @@
 
 use core::sync::atomic::{AtomicU32, Ordering::*};
 
-use lwk_abi::control::{MAX_CHANNELS, RESTORE_CLOSED, RESTORE_OPEN, RESTORE_PARKED};
+use lwk_abi::control::{MAX_CHANNELS, MAX_GROUPS, RESTORE_CLOSED, RESTORE_OPEN, RESTORE_PARKED};
 use lwk_abi::layout::{FREEZE_EXPORT_ADDR, SCRATCH_ADDR};
 use lwk_rt::nr;
 use lwk_rt::*;
@@ -51,6 +51,52 @@ pub struct FileMapping {
 /// `[vdso]`, `[vvar]`, `[vvar_vclock]`, as [start, end) (0, 0 when absent).
 pub const SPECIAL_NAMES: [&[u8]; 3] = [b"[vdso]", b"[vvar]", b"[vvar_vclock]"];
 
+/// A process's credentials: real, effective and saved ids, supplementary
+/// groups. `set` 0: keep the restorer's.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Credentials {
+    pub set: u32,
+    pub n_groups: u32,
+    pub uid: [u32; 3],
+    pub gid: [u32; 3],
+    pub groups: [u32; MAX_GROUPS],
+}
+
+impl Credentials {
+    fn groups(&self) -> &[u32] {
+        &self.groups[..(self.n_groups as usize).min(MAX_GROUPS)]
+    }
+
+    /// Take these credentials on the calling thread (a kernel task's
+    /// credentials are its own: every thread calls this).
+    fn take(&self) {
+        if self.set != 0 {
+            if let Err(e) = take_credentials(self.uid, self.gid, self.groups()) {
+                fail("cannot take the application's credentials", e);
+            }
+        }
+    }
+
+    /// Hand them to the proxy's threads, each of which takes them before
+    /// it next serves a call.
+    fn hand_to_proxy(&self) {
+        if self.set == 0 {
+            return;
+        }
+        let h = &control().header.proxy_credentials;
+        for i in 0..3 {
+            h.uid[i].store(self.uid[i], Relaxed);
+            h.gid[i].store(self.gid[i], Relaxed);
+        }
+        for (to, &g) in h.groups.iter().zip(self.groups()) {
+            to.store(g, Relaxed);
+        }
+        h.n_groups.store(self.groups().len() as u32, Relaxed);
+        h.generation.fetch_add(1, Release);
+    }
+}
+
 /// What a restore is given: the frozen state, where the program's files
 /// and the kernel's special mappings were.
 #[repr(C)]
@@ -62,6 +108,9 @@ pub struct RestoreInput {
     pub reserved: u32,
     pub n_files: u64,
     pub specials: [[u64; 2]; 3],
+    /// The credentials the application had: each thread takes them as its
+    /// last act before it runs the program (restoring needs root's).
+    pub credentials: Credentials,
     pub export: FreezeExport,
     pub files: [FileMapping; MAX_FILE_MAPPINGS],
 }
@@ -173,7 +222,9 @@ pub fn restore_main(st: &Startup) -> ! {
     if let Err(e) = MM.lock().rebuild(file_of) {
         fail("cannot map the application's memory again", e);
     }
-    // The proxy maps the files from our descriptors: let it before they close.
+    // The proxy maps the files from our descriptors: let it before they
+    // close. (Both processes still have root's rights here: the proxy
+    // reaches into this one.)
     delegate::sync();
     for &fd in &files[..n] {
         close(fd);
@@ -181,21 +232,16 @@ pub fn restore_main(st: &Startup) -> ! {
     if h.mirror_error.load(Relaxed) != 0 {
         fail("the proxy could not map the application's memory", -(h.mirror_error.load(Relaxed) as i64));
     }
-    move_specials(&inp.specials);
-    crate::signalfd::after_restore();
+    // The LWK's handlers first: a thread runs with Syscall User Dispatch on
+    // from its start.
     if let Err(e) = trap::enable() {
         fail("cannot enable Syscall User Dispatch", e);
     }
-    // Everything is back but the threads: wait at the gate until the
-    // restorer opens it (at once on the same node; when the source let go,
-    // in a migration).
-    let gate = &h.restore_gate;
-    if gate.compare_exchange(RESTORE_CLOSED, RESTORE_PARKED, SeqCst, SeqCst).is_ok() {
-        futex_wake(gate, u32::MAX >> 1);
-    }
-    while gate.load(SeqCst) != RESTORE_OPEN {
-        futex_wait_timeout(gate, RESTORE_PARKED, 100_000_000);
-    }
+    // The other threads start now, while this process has root's rights
+    // (they get their old ids with set_tid); each takes the application's
+    // credentials and waits at the gate. Then this one takes them, and
+    // hands them to the proxy's threads, which take them before they next
+    // serve a call (the next sync, for the one serving this thread).
     let others = (0..MAX_CHANNELS).filter(|&s| s != me && x.threads[s].saved != 0);
     let mut count = 0;
     for s in others {
@@ -211,6 +257,19 @@ pub fn restore_main(st: &Startup) -> ! {
     while STARTED.load(Acquire) != count {
         futex_wait_timeout(&STARTED, STARTED.load(Acquire), 1_000_000);
     }
+    inp.credentials.take();
+    inp.credentials.hand_to_proxy();
+    delegate::sync();
+    move_specials(&inp.specials);
+    crate::signalfd::after_restore();
+    // Everything is back, the other threads waiting: wait at the gate until the
+    // restorer opens it (at once on the same node; when the source let go,
+    // in a migration).
+    let gate = &h.restore_gate;
+    if gate.compare_exchange(RESTORE_CLOSED, RESTORE_PARKED, SeqCst, SeqCst).is_ok() {
+        futex_wake(gate, u32::MAX >> 1);
+    }
+    wait_at_gate();
     let mine = x.threads[me];
     // SAFETY: the input is ours; every thread copied what it needed.
     unsafe { munmap(FREEZE_EXPORT_ADDR, INPUT_SIZE) };
@@ -231,10 +290,20 @@ extern "C" fn restored_thread(slot: u64) -> ! {
     // Copied out of the input (onto this slot's LWK stack) before the
     // first thread may unmap it.
     let ctx = input().export.threads[slot].ctx;
+    input().credentials.take();
     STARTED.fetch_add(1, Release);
     futex_wake(&STARTED, 1);
+    wait_at_gate();
     thread::leaving_restored();
     thread::enter_saved(&ctx)
+}
+
+/// Wait until the restorer opens the gate.
+fn wait_at_gate() {
+    let gate = &control().header.restore_gate;
+    while gate.load(SeqCst) != RESTORE_OPEN {
+        futex_wait_timeout(gate, gate.load(SeqCst), 100_000_000);
+    }
 }
 
 /// Put the kernel's special mappings (`[vdso]`, `[vvar]`, `[vvar_vclock]`) back

@@ -65,6 +65,10 @@ pub struct Manifest {
     /// The proxy's descriptors: number and what it is (the link in
     /// /proc/PID/fd).
     pub descriptors: Vec<(i32, String)>,
+    /// The application process's credentials (the proxy's are with its
+    /// descriptors); absent in images written before they were kept.
+    #[serde(default)]
+    pub credentials: Option<crate::fds::Credentials>,
 }
 
 /// A piece of the address space mapped (privately) from a file.
@@ -280,6 +284,9 @@ pub fn write_image<W: Write>(
         specials,
         file_mappings,
         descriptors,
+        credentials: Some(
+            crate::fds::Credentials::of(pid).map_err(|source| CheckpointError::Descriptors { pid, source })?,
+        ),
     };
     out.json(RecordKind::Manifest, &manifest)?;
     out.record(RecordKind::LwkState, bytes_of(&x.state))?;

@@ -397,6 +397,33 @@ pub struct ProcessFs {
     pub limits: Vec<ResourceLimit>,
 }
 
+/// A process's credentials: real, effective and saved user and group ids,
+/// and supplementary groups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub uid: [u32; 3],
+    pub gid: [u32; 3],
+    pub groups: Vec<u32>,
+}
+
+impl Credentials {
+    /// Those of process `pid` (from /proc/PID/status).
+    pub fn of(pid: i32) -> Result<Credentials> {
+        let path = proc_path(pid, "status");
+        let status = read_proc(&path)?;
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_default();
+        let ids = |name: &str| -> Result<[u32; 3]> {
+            let v: Vec<u32> = field(name).split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            match v[..] {
+                [r, e, s, ..] => Ok([r, e, s]),
+                _ => Err(Error::ProcFormat { path: path.clone(), what: format!("no {name} line") }),
+            }
+        };
+        let groups = field("Groups:").split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        Ok(Credentials { uid: ids("Uid:")?, gid: ids("Gid:")?, groups })
+    }
+}
+
 /// One resource limit; `None` is unlimited.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResourceLimit {
@@ -975,10 +1002,6 @@ const RESOURCES: [(&str, libc::__rlimit_resource_t); 16] = [
     ("RTTIME", libc::RLIMIT_RTTIME),
 ];
 
-fn limit_value(v: libc::rlim_t) -> Option<u64> {
-    (v != libc::RLIM_INFINITY).then_some(v)
-}
-
 fn capture_process_fs(pid: i32) -> Result<ProcessFs> {
     let cwd_path = proc_path(pid, "cwd");
     let cwd = std::fs::read_link(&cwd_path)
@@ -992,23 +1015,28 @@ fn capture_process_fs(pid: i32) -> Result<ProcessFs> {
         .find_map(|l| l.strip_prefix("Umask:"))
         .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
         .ok_or_else(|| Error::ProcFormat { path: status_path, what: "no Umask line".to_string() })?;
-    let mut limits = Vec::with_capacity(RESOURCES.len());
-    for (name, resource) in RESOURCES {
-        let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        // SAFETY: a null new limit only reads; `old` is a valid rlimit the
-        // kernel writes.
-        let r = unsafe { libc::prlimit(pid, resource, std::ptr::null(), &mut old) };
-        if r != 0 {
-            return Err(Error::ProcessSetting {
-                what: format!("reading RLIMIT_{name} of process {pid}"),
-                source: io::Error::last_os_error(),
-            });
+    // From /proc/PID/limits, which anyone may read (prlimit on a process of
+    // another user needs CAP_SYS_RESOURCE): one row per resource, in the
+    // kernel's order, which RESOURCES follows; fixed columns.
+    let limits_path = proc_path(pid, "limits");
+    let table = read_proc(&limits_path)?;
+    let bad = |what: &str| Error::ProcFormat { path: limits_path.clone(), what: what.to_string() };
+    let value = |v: &str| -> Result<Option<u64>> {
+        match v.trim() {
+            "unlimited" => Ok(None),
+            n => n.parse().map(Some).map_err(|_| bad(&format!("a limit of {n:?}"))),
         }
-        limits.push(ResourceLimit {
-            resource: name.to_string(),
-            soft: limit_value(old.rlim_cur),
-            hard: limit_value(old.rlim_max),
-        });
+    };
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    if rows.len() < RESOURCES.len() {
+        return Err(bad("fewer rows than resource limits"));
+    }
+    let mut limits = Vec::with_capacity(RESOURCES.len());
+    for ((name, _), row) in RESOURCES.iter().zip(rows) {
+        let (Some(soft), Some(hard)) = (row.get(26..47), row.get(47..68)) else {
+            return Err(bad(&format!("a short row: {row:?}")));
+        };
+        limits.push(ResourceLimit { resource: name.to_string(), soft: value(soft)?, hard: value(hard)? });
     }
     Ok(ProcessFs { cwd, umask, limits })
 }

@@ -111,8 +111,12 @@ fn serve(slot: usize) -> ! {
     let ch = &ctl.channels[slot];
     // SAFETY: no arguments.
     ch.server_tid.store(unsafe { syscall3(nr::GETTID, 0, 0, 0) } as i32, Release);
+    // The credentials this thread took from the control region (a restore
+    // hands the application's over once the LWK no longer needs root's).
+    let mut credentials = 0;
     loop {
         wait_request(ch, ctl.header.spin_cycles.load(Relaxed));
+        take_handed_credentials(&ctl.header.proxy_credentials, &mut credentials);
         apply_map_log(ctl);
         let nr = ch.nr.load(Relaxed);
         let a: [u64; 6] = core::array::from_fn(|i| ch.args[i].load(Relaxed));

@@ -131,9 +131,15 @@ extern "C" fn watch(_: u64) -> ! {
         lwk_rt::thread::exit_thread(0); // the supervisor or the orphan check will do
     }
     let mut pfd = [fd as u64 | (POLLIN << 32)];
+    let mut credentials = 0;
     loop {
+        // This thread serves no call, but holds no more rights than the
+        // others either (see serve): a restore's proxy (its parent outside
+        // its pid namespace) looks every second until it has taken them.
+        take_handed_credentials(&h.proxy_credentials, &mut credentials);
+        let timeout = if parent == 0 && credentials == 0 { 1000 } else { -1i64 as u64 };
         // SAFETY: pfd is one struct pollfd (fd i32, events i16, revents i16).
-        let r = unsafe { syscall3(lwk_rt::nr::POLL, pfd.as_mut_ptr() as u64, 1, -1i64 as u64) };
+        let r = unsafe { syscall3(lwk_rt::nr::POLL, pfd.as_mut_ptr() as u64, 1, timeout) };
         if r > 0 {
             exit_group(0);
         }

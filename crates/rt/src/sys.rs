@@ -295,3 +295,49 @@ pub fn tracking_userfaultfd() -> i32 {
         fd as i32 + 1
     }
 }
+
+/// Give the calling thread (a kernel task's credentials are its own) these
+/// user ids (real, effective, saved), group ids and supplementary groups,
+/// and keep the process reachable through /proc by its own user, as a
+/// process that never changed ids is (the proxy and the LWK reach into
+/// each other there).
+pub fn take_credentials(uid: [u32; 3], gid: [u32; 3], groups: &[u32]) -> Result<(), i64> {
+    const PR_SET_DUMPABLE: u64 = 4;
+    // SAFETY: the calls read only `groups`, which outlives them.
+    unsafe {
+        let calls = [
+            (nr::SETGROUPS, groups.len() as u64, groups.as_ptr() as u64, 0),
+            (nr::SETRESGID, gid[0] as u64, gid[1] as u64, gid[2] as u64),
+            (nr::SETRESUID, uid[0] as u64, uid[1] as u64, uid[2] as u64),
+            (nr::PRCTL, PR_SET_DUMPABLE, 1, 0),
+        ];
+        for (what, a, b, c) in calls {
+            let r = syscall3(what, a, b, c);
+            if r < 0 {
+                return Err(r);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Take the credentials handed in `h` if their generation is not `seen`
+/// (which then becomes it). A thread that cannot must not go on serving.
+pub fn take_handed_credentials(h: &lwk_abi::control::HandedCredentials, seen: &mut u32) {
+    use core::sync::atomic::Ordering::Acquire;
+    let generation = h.generation.load(Acquire);
+    if generation == *seen {
+        return;
+    }
+    let n = (h.n_groups.load(Acquire) as usize).min(lwk_abi::control::MAX_GROUPS);
+    let mut groups = [0u32; lwk_abi::control::MAX_GROUPS];
+    for (g, from) in groups.iter_mut().zip(&h.groups[..n]) {
+        *g = from.load(Acquire);
+    }
+    let ids = |a: &[core::sync::atomic::AtomicU32; 3]| [a[0].load(Acquire), a[1].load(Acquire), a[2].load(Acquire)];
+    if let Err(e) = take_credentials(ids(&h.uid), ids(&h.gid), &groups[..n]) {
+        crate::diag!("cannot take the application's credentials (error {})", -e);
+        exit_group(125);
+    }
+    *seen = generation;
+}
