@@ -668,3 +668,63 @@ fn a_writer_faster_than_the_link_is_refused_before_the_freeze_with_max_freeze() 
     assert!(child.wait().unwrap().success());
     c.wait_until_b_is_clean("refused");
 }
+
+/// Debian's CPython, whose test package bench/compat.py runs too.
+const PYTHON: &str = "/usr/bin/python3.11";
+
+/// CPython's own regression modules, the summary a run prints (the count
+/// of tests, the progress line, the verdict; not the time).
+const CPYTHON_MODULES: [&str; 3] = ["test.test_math", "test.test_json", "test.test_statistics"];
+
+fn unittest_summary(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with("---"))
+        .map(|l| if l.starts_with("Ran ") { l.split(" in ").next().unwrap().to_string() } else { l.to_string() })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, pid namespaces) and python3.11 with its test package"]
+fn cpython_regression_modules_migrated_in_the_middle_of_their_run_give_the_native_results() {
+    let work = tempfile::Builder::new().prefix("lwk-cpython-").tempdir_in(TMP_ROOT).unwrap();
+    let native = Command::new(PYTHON)
+        .args(["-m", "unittest"])
+        .args(CPYTHON_MODULES)
+        .current_dir(work.path())
+        .output()
+        .expect("python3.11 (Debian's python3.11 and libpython3.11-testsuite)");
+    let expected = unittest_summary(&String::from_utf8_lossy(&native.stderr));
+    assert!(native.status.success() && expected.iter().any(|l| l.starts_with("Ran ")), "{expected:?}");
+
+    let mut c = Cluster::new("py");
+    c.start_daemon(&c.key(), None);
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &c.a, LWK, "run", "--", PYTHON, "-m", "unittest"])
+        .args(CPYTHON_MODULES)
+        .current_dir(work.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = only_standard_streams(&mut cmd).spawn().unwrap();
+    // Into its run; a moment where it cannot move (a child process, a file
+    // it just deleted) is refused with the reason, and tried again.
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = lwk_migrate::app::App::attach(child.id() as i32).unwrap().pid;
+    let mut refusals = Vec::new();
+    loop {
+        let o = c.migrate(pid, &c.key());
+        if o.status.success() {
+            break;
+        }
+        refusals.push(String::from_utf8_lossy(&o.stderr).into_owned());
+        assert!(refusals.len() < 10, "never migrated: {refusals:?}\n{}", c.daemon_log());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(c.daemon_log().contains("runs here"), "{}", c.daemon_log());
+    // It ends in B; its results come through the lwk run in A.
+    let o = child.wait_with_output().unwrap();
+    let got = unittest_summary(&String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{:?}: {got:?}", o.status);
+    assert_eq!(got, expected, "refused first: {refusals:?}");
+}

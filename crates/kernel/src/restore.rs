@@ -312,28 +312,36 @@ fn wait_at_gate() {
 /// here must be the one the program ran on (same sizes), and the targets
 /// must be free.
 fn move_specials(saved: &[[u64; 2]; 3]) {
-    let mut maps = [0u8; 16384];
     let fd = open(b"/proc/self/maps\0", O_RDONLY | O_CLOEXEC, 0);
     if fd < 0 {
         fail("cannot read /proc/self/maps", fd);
     }
+    // Read in pieces, a line at a time: a program's map can be far longer
+    // than any buffer here, and the specials come near its end.
+    let mut now = [[0u64; 2]; 3];
+    let mut buf = [0u8; 8192];
     let mut len = 0;
-    while len < maps.len() {
-        // SAFETY: reading into our own buffer.
-        let r = unsafe { syscall3(nr::READ, fd as u64, maps[len..].as_mut_ptr() as u64, (maps.len() - len) as u64) };
+    loop {
+        // SAFETY: reading into our own buffer, after what it holds.
+        let r = unsafe { syscall3(nr::READ, fd as u64, buf[len..].as_mut_ptr() as u64, (buf.len() - len) as u64) };
         if r <= 0 {
             break;
         }
         len += r as usize;
+        let done = buf[..len].iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1);
+        for line in buf[..done].split(|&c| c == b'\n') {
+            let Some((k, _)) = SPECIAL_NAMES.iter().enumerate().find(|(_, n)| line.ends_with(n)) else { continue };
+            let Some(range) = line.split(|&c| c == b' ').next() else { continue };
+            let mut ends = range.split(|&c| c == b'-').map(parse_hex);
+            now[k] = [ends.next().flatten().unwrap_or(0), ends.next().flatten().unwrap_or(0)];
+        }
+        buf.copy_within(done..len, 0);
+        len -= done;
+        if len == buf.len() {
+            len = 0; // a line longer than the buffer: no special's
+        }
     }
     close(fd as i32);
-    let mut now = [[0u64; 2]; 3];
-    for line in maps[..len].split(|&c| c == b'\n') {
-        let Some((k, _)) = SPECIAL_NAMES.iter().enumerate().find(|(_, n)| line.ends_with(n)) else { continue };
-        let Some(range) = line.split(|&c| c == b' ').next() else { continue };
-        let mut ends = range.split(|&c| c == b'-').map(parse_hex);
-        now[k] = [ends.next().flatten().unwrap_or(0), ends.next().flatten().unwrap_or(0)];
-    }
     for k in 0..3 {
         let (want, have) = (saved[k], now[k]);
         if (want[0] == 0) != (have[0] == 0) || want[1] - want[0] != have[1] - have[0] {

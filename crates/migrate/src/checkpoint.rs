@@ -226,8 +226,11 @@ pub fn write_image<W: Write>(
     })?;
     let mut file_mappings = Vec::new();
     for p in pieces.iter().filter(|p| memfd_slot(p.src).is_none()) {
-        if p.src == lwk_abi::control::SRC_APP_FD {
-            return Err(unmovable(format!("a shared mapping of a file at {:#x} (not movable yet)", p.start)));
+        // A read-only shared mapping of a file (glibc's gconv cache, say)
+        // comes back as a read-only private one of the same file: its
+        // pages are never written, so it still shows the file as it is.
+        if p.src == lwk_abi::control::SRC_APP_FD && p.prot & libc::PROT_WRITE as u32 != 0 {
+            return Err(unmovable(format!("a writable shared mapping of a file at {:#x} (not movable yet)", p.start)));
         }
         let path = maps_path(&maps, p.start)
             .ok_or_else(|| unmovable(format!("the file mapped at {:#x} has no path", p.start)))?;

@@ -227,7 +227,7 @@ fn receive(
     })();
     if let Err(e) = checked {
         // The restorer may have refused it (and closed its end): say why.
-        let said = restoring.said(&incoming.dir);
+        let said = restoring.said();
         let why =
             format!("the image did not arrive whole: {e:#}{}{}", if said.is_empty() { "" } else { ": " }, said.trim());
         ch.send(&Reply::Failed { why: why.clone() }).ok();
@@ -236,7 +236,7 @@ fn receive(
     fault("image");
     let receive_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
-    if let Err(e) = restoring.wait_ready(&incoming.dir) {
+    if let Err(e) = restoring.wait_ready() {
         ch.send(&Reply::Failed { why: format!("{e:#}") }).ok();
         return Err(e);
     }
@@ -327,7 +327,13 @@ struct Restoring {
 struct Output {
     log: Mutex<std::fs::File>,
     relay: Mutex<Option<Sender>>,
+    /// The start of what went to the log, also here: a failed `lwk
+    /// restore` removes its directory, the log with it.
+    said: Mutex<Vec<u8>>,
 }
+
+/// How much of a restorer's words are kept to say why it failed.
+const SAID_MAX: usize = 64 << 10;
 
 impl Output {
     fn write(&self, fd: u8, data: &[u8]) {
@@ -342,6 +348,9 @@ impl Output {
             }
         }
         self.log.lock().expect("not poisoned").write_all(data).ok();
+        let mut said = self.said.lock().expect("not poisoned");
+        let room = SAID_MAX.saturating_sub(said.len());
+        said.extend_from_slice(&data[..data.len().min(room)]);
     }
 }
 
@@ -390,7 +399,7 @@ impl Restoring {
         };
         let mut child = cmd.spawn().with_context(|| format!("cannot start {}", lwk.display()))?;
         drop((go_r, ready_w, image_r));
-        let output = Arc::new(Output { log: Mutex::new(log), relay: Mutex::new(None) });
+        let output = Arc::new(Output { log: Mutex::new(log), relay: Mutex::new(None), said: Mutex::new(Vec::new()) });
         let mut collectors = Vec::new();
         let outs: [(u8, Box<dyn Read + Send>); 2] =
             [(1, Box::new(child.stdout.take().expect("piped"))), (2, Box::new(child.stderr.take().expect("piped")))];
@@ -423,24 +432,24 @@ impl Restoring {
 
     /// What the restorer said (why it failed), once its output is all in
     /// (it ended, or after two seconds).
-    fn said(&mut self, dir: &Path) -> String {
+    fn said(&mut self) -> String {
         self.image = None; // a restorer still reading sees the end
         let t0 = Instant::now();
         while !self.collectors.iter().all(|c| c.is_finished()) && t0.elapsed() < Duration::from_secs(2) {
             std::thread::sleep(Duration::from_millis(10));
         }
-        std::fs::read_to_string(dir.join("output.log")).unwrap_or_default().trim().to_string()
+        String::from_utf8_lossy(&self.output.said.lock().expect("not poisoned")).trim().to_string()
     }
 
     /// The image is complete: wait until the application is restored and
     /// parked at its gate (one byte), or the restore failed (end of file;
     /// its reason is in output.log).
-    fn wait_ready(&mut self, dir: &Path) -> anyhow::Result<()> {
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
         self.image = None;
         let mut byte = [0u8; 1];
         if self.ready.take().expect("once").read(&mut byte)? != 1 {
             let status = self.child.take().expect("started").wait()?;
-            anyhow::bail!("the restore failed ({status}): {}", self.said(dir));
+            anyhow::bail!("the restore failed ({status}): {}", self.said());
         }
         Ok(())
     }

@@ -308,7 +308,9 @@ impl<H: Host> Mm<H> {
                     return Err(r);
                 }
                 H::add_memory(p.len(), p.src == SRC_MEMFD_HUGE);
-            } else if p.src == SRC_APP_FD {
+            } else if p.src == SRC_APP_FD && p.prot as u64 & PROT_WRITE != 0 {
+                // Read-only ones come back private (see lwk_migrate's
+                // checkpoint); written ones cannot yet.
                 return Err(-lwk_rt::ENOTSUP);
             } else {
                 let fd = file(p.start).ok_or(-EINVAL)?;
