@@ -92,7 +92,7 @@ struct Report {
     /// link) when the transfer was done here.
     in_flight_ms: f64,
     /// The commit: the address leaves, the go, the destination's word that
-    /// it runs (a round trip), the copy here killed.
+    /// it runs (a round trip). The freeze ends there.
     commit_ms: f64,
     /// The freeze as the application saw it, until the go.
     freeze_ms: f64,
@@ -192,6 +192,11 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
                 break;
             }
         }
+        // What the rounds sent is still on its way (socket buffers, a
+        // destination slower than the link): let it arrive while the
+        // application runs, or the freeze waits for it.
+        w.flush().context("sending memory ahead")?;
+        drain(&ch.stream, Duration::from_secs(2));
         report.precopy_ms = ms(tp);
         let left = report.rounds.last().map_or(0, |r| r.dirty_bytes);
         let expected_ms = left as f64 / link_rate.max(0.001);
@@ -293,6 +298,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         )));
     }
     report.freeze_ms = ms(tf);
+    report.commit_ms = ms(tc);
     // Its supervisor takes the connection and stands for it, told so
     // before the copy here dies.
     let (stream, state) = ch.into_parts();
@@ -304,7 +310,6 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     }
     drop(stream);
     frozen.kill();
-    report.commit_ms = ms(tc);
     if precopy.is_some() {
         report.resent_bytes = report.rounds.iter().skip(1).map(|r| r.bytes).sum::<u64>() + report.frozen_memory_bytes;
     }
@@ -374,6 +379,22 @@ fn supervisor_relay(app: &App) -> std::result::Result<(i32, std::os::fd::OwnedFd
     let end = lwk_node::relay::take(parent, published - 1)
         .map_err(|e| format!("cannot take the relay end of the application's supervisor (pid {parent}): {e}"))?;
     Ok((parent, end))
+}
+
+/// Wait until the peer has acknowledged all but a little of what was sent
+/// on `stream` (TIOCOUTQ), or `within`.
+fn drain(stream: &TcpStream, within: Duration) {
+    use std::os::fd::AsRawFd;
+    const LITTLE: libc::c_int = 64 << 10;
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int, ours.
+        if unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } != 0 || queued < LITTLE {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// A bar of the bytes sent, on a terminal only.

@@ -397,6 +397,13 @@ impl<W: Write> ImageWriter<W> {
         self.sink.into_inner().map_err(|error| ImageError::Io(error.into_error()))
     }
 
+    /// Push everything written so far to the sink (a stream sent ahead
+    /// while the application runs, before it stops).
+    pub fn flush(&mut self) -> Result<(), ImageError> {
+        self.sink.flush()?;
+        Ok(())
+    }
+
     /// The stream's header (its version, whether it is keyed, its id).
     pub fn header(&self) -> &StreamHeader {
         &self.header
