@@ -42,8 +42,8 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
     let t0 = Instant::now();
     let frozen = app.freeze(Duration::from_secs(5))?;
     let mut sockets = None;
-    let written = capture_descriptors(app.pid, info.proxy_pid, None)
-        .and_then(|table| {
+    let written = capture_descriptors(app.pid, info.proxy_pid, None, false)
+        .and_then(|(table, _)| {
             let s = capture_sockets(info.proxy_pid, &table)?;
             Ok((table, sockets.insert(s)))
         })

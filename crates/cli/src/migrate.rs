@@ -47,6 +47,11 @@ pub struct MigrateArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Close what cannot be moved (named in the report) instead of
+    /// refusing: the application at the destination finds those
+    /// descriptors closed.
+    #[arg(long)]
+    force_close: bool,
     /// Show a progress bar on standard error while memory goes ahead
     /// (rounds, bytes, the rate at which the application writes).
     #[arg(long)]
@@ -103,6 +108,8 @@ struct Report {
     resent_bytes: u64,
     /// The application's memory.
     memory_bytes: u64,
+    /// Descriptors closed (`--force-close`), with what they were.
+    closed: Vec<String>,
     threads: u32,
     total_ms: f64,
 }
@@ -117,15 +124,6 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let app = App::attach(args.pid)?;
     let info = app.info();
     let to = resolve(&args.to)?;
-    let t0 = Instant::now();
-    let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
-        .with_context(|| format!("cannot reach the node daemon at {to}"))?;
-    stream.set_nodelay(true)?;
-    // A destination that stops answering fails the migration, not hangs it.
-    stream.set_read_timeout(Some(Duration::from_secs(args.timeout)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(args.timeout)))?;
-    let mut ch = Channel::handshake(stream, &key, Role::Client).with_context(|| format!("the node daemon at {to}"))?;
-
     let mut report = Report::default();
     // The `lwk run` that started it keeps standing for it (its streams,
     // signals and exit status are relayed), if it published its end.
@@ -134,6 +132,20 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         eprintln!("lwk: {why}: the application's output stays at the destination");
     }
     let relay = relay.ok();
+    let relayed_by = relay.as_ref().map(|r| r.0);
+    // What cannot move is refused before anything is sent or stopped (the
+    // descriptors are looked at again in the freeze).
+    if let Err(e) = capture_descriptors(app.pid, info.proxy_pid, relayed_by, args.force_close) {
+        return Err(anyhow::Error::from(e).context(format!("process {} cannot be migrated; it goes on here", app.pid)));
+    }
+    let t0 = Instant::now();
+    let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        .with_context(|| format!("cannot reach the node daemon at {to}"))?;
+    stream.set_nodelay(true)?;
+    // A destination that stops answering fails the migration, not hangs it.
+    stream.set_read_timeout(Some(Duration::from_secs(args.timeout)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(args.timeout)))?;
+    let mut ch = Channel::handshake(stream, &key, Role::Client).with_context(|| format!("the node daemon at {to}"))?;
     // Memory goes ahead while the application runs (pre-copy), if both its
     // processes have a userfaultfd; otherwise all of it in the freeze.
     let mut precopy = match PreCopy::start(&app) {
@@ -224,7 +236,8 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     // Everything up to the go can fail: the application then goes on here.
     let outcome = (|| -> Result<()> {
         let tc = Instant::now();
-        let table = capture_descriptors(app.pid, info.proxy_pid, relay.as_ref().map(|r| r.0))?;
+        let (table, closed) = capture_descriptors(app.pid, info.proxy_pid, relayed_by, args.force_close)?;
+        report.closed = closed;
         let s = sockets.insert(capture_sockets(info.proxy_pid, &table)?);
         if !s.images.is_empty() && args.address.is_none() {
             bail!("the application has TCP or UDP sockets: name the service address that moves with it (--address)");

@@ -728,3 +728,26 @@ fn cpython_regression_modules_migrated_in_the_middle_of_their_run_give_the_nativ
     assert!(o.status.success(), "{:?}: {got:?}", o.status);
     assert_eq!(got, expected, "refused first: {refusals:?}");
 }
+
+#[test]
+#[ignore = "needs root (network namespaces, pid namespaces)"]
+fn what_cannot_move_is_refused_before_anything_stops_and_force_close_closes_it() {
+    let mut c = Cluster::new("frc");
+    c.start_daemon(&c.key(), None);
+    let (mut child, mut out, pid) = c.start(compiled("force_target"), &[]);
+    let o = c.migrate(pid, &c.key());
+    assert_eq!(o.status.code(), Some(125), "{}", String::from_utf8_lossy(&o.stdout));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("inotify") && err.contains("it goes on here"), "{err}");
+    // Refused before anything was sent: the daemon heard nothing.
+    assert!(!c.daemon_log().contains("receiving"), "{}", c.daemon_log());
+    let o = c.migrate_with(pid, &c.key(), &["--force-close"]);
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let closed = report["closed"].as_array().unwrap();
+    assert!(closed.len() == 1 && closed[0].as_str().unwrap().contains("inotify"), "{report}");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "inotify closed\n");
+    assert!(child.wait().unwrap().success());
+}

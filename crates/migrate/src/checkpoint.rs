@@ -122,14 +122,28 @@ fn bytes_of<T: Copy>(v: &T) -> &[u8] {
 /// stands for the application), those of them that are still the
 /// supervisor's own (the same open file) are handed over too, whatever
 /// they are: they are relayed to where they lead on this node (a file
-/// here stays the file here).
+/// here stays the file here). Other descriptors that lead outside the
+/// application (a pipe, a terminal) are refused: a restore hands over only
+/// the standard streams. With `force_close`, what cannot move is left out
+/// instead (closed in the image: the application here keeps it until it
+/// ends), and named in the second part of the answer.
 pub fn capture_descriptors(
     pid: i32,
     proxy: i32,
     relayed_by: Option<i32>,
-) -> Result<crate::fds::FdTable, CheckpointError> {
-    use crate::fds::Disposition;
+    force_close: bool,
+) -> Result<(crate::fds::FdTable, Vec<String>), CheckpointError> {
+    use crate::fds::{Disposition, FdKind};
     let mut table = crate::fds::capture(proxy).map_err(|source| CheckpointError::Descriptors { pid: proxy, source })?;
+    for e in table.fds.iter_mut().filter(|e| e.fd > 2) {
+        if let (Disposition::Supply { why }, FdKind::Pipe { .. } | FdKind::CharDevice { .. }) =
+            (&e.disposition, &e.kind)
+        {
+            e.disposition = Disposition::CannotMove {
+                reason: format!("{why}: a restore hands over only standard input, output and error"),
+            };
+        }
+    }
     for e in table.fds.iter_mut().filter(|e| e.fd <= 2) {
         if relayed_by.is_some_and(|s| same_file(proxy, s, e.fd)) {
             e.disposition = Disposition::Supply { why: "a standard stream of lwk run's, relayed".to_string() };
@@ -141,10 +155,22 @@ pub fn capture_descriptors(
         }
     }
     let refused: Vec<String> = table.unmovable().iter().map(|u| u.to_string()).collect();
-    if !refused.is_empty() {
+    if refused.is_empty() {
+        return Ok((table, refused));
+    }
+    if !force_close {
         return Err(CheckpointError::Unmovable { pid, what: refused.join("; ") });
     }
-    Ok(table)
+    // Closed, as a close would: gone from the table and from every epoll
+    // instance's interest list.
+    let gone: Vec<i32> = table.unmovable().iter().map(|u| u.fd).collect();
+    table.fds.retain(|e| !gone.contains(&e.fd));
+    for e in &mut table.fds {
+        if let FdKind::Epoll { registrations } = &mut e.kind {
+            registrations.retain(|r| !gone.contains(&r.fd));
+        }
+    }
+    Ok((table, refused))
 }
 
 /// Is descriptor `fd` of process `a` the same open file as `fd` of `b`?

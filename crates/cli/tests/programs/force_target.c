@@ -1,0 +1,23 @@
+/* A program with a descriptor lwk cannot move (an inotify instance), for
+ * `lwk migrate --force-close` (tests/migrate.rs): prints "ready", waits
+ * three seconds (the migration comes then), and says whether the inotify
+ * descriptor is still open. */
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/inotify.h>
+#include <time.h>
+#include <unistd.h>
+
+int main(void) {
+    int fd = inotify_init1(IN_CLOEXEC);
+    if (fd < 0)
+        return 2;
+    printf("ready\n");
+    fflush(stdout);
+    for (int i = 0; i < 30; i++) {
+        struct timespec ts = {0, 100000000};
+        nanosleep(&ts, NULL);
+    }
+    printf("inotify %s\n", fcntl(fd, F_GETFD) < 0 ? "closed" : "open");
+    return 0;
+}
