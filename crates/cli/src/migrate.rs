@@ -138,6 +138,14 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     if let Err(e) = capture_descriptors(app.pid, info.proxy_pid, relayed_by, args.force_close) {
         return Err(anyhow::Error::from(e).context(format!("process {} cannot be migrated; it goes on here", app.pid)));
     }
+    let children = lwk_migrate::app::children(app.pid);
+    if !children.is_empty() {
+        bail!(
+            "process {} cannot be migrated; it goes on here: it has child processes ({children:?}): process trees \
+             are not movable yet",
+            app.pid
+        );
+    }
     let t0 = Instant::now();
     let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
         .with_context(|| format!("cannot reach the node daemon at {to}"))?;
@@ -233,6 +241,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let frozen = app.freeze(Duration::from_secs(5))?;
     report.stop_ms = ms(tf);
     let mut sockets = None;
+    let mut image_sent = false;
     // Everything up to the go can fail: the application then goes on here.
     let outcome = (|| -> Result<()> {
         let tc = Instant::now();
@@ -251,6 +260,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         let (written, mut sink) = write_image(&frozen, &info, &table, s, remaining.as_deref(), w)?;
         sink.flush()?;
         drop(sink);
+        image_sent = true;
         report.transfer_ms = ms(tt);
         let written_at = Instant::now();
         report.image_bytes = written.image_bytes - sent_ahead;
@@ -269,7 +279,13 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     })();
     if let Err(e) = outcome {
         let e = refused(&mut ch, e);
-        ch.send(&Decision::Abort).ok();
+        // The destination reads a decision once the image is whole; before,
+        // the image stream just ends.
+        if image_sent {
+            ch.send(&Decision::Abort).ok();
+        } else {
+            ch.stream.shutdown(std::net::Shutdown::Write).ok();
+        }
         if let Some(s) = sockets {
             s.resume();
         }

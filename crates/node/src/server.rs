@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lwk_migrate::image::{ClusterKey, ImageReader};
+use lwk_migrate::image::{ClusterKey, ImageError, ImageReader};
 use serde::{Deserialize, Serialize};
 
 use crate::channel::{Channel, Role, Sender};
@@ -226,6 +226,12 @@ fn receive(
         anyhow::Ok(())
     })();
     if let Err(e) = checked {
+        // A stream that ends cleanly between records: the source gave up
+        // (it keeps its application, and has said why on its side).
+        if let Some(ImageError::Truncated { .. }) = e.downcast_ref::<ImageError>() {
+            log(&format!("{peer}: the source stopped sending the image; it keeps its application"));
+            return Ok(());
+        }
         // The restorer may have refused it (and closed its end): say why.
         let said = restoring.said();
         let why =
