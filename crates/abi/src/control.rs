@@ -103,6 +103,11 @@ pub struct Header {
     pub app_uffd: AtomicI32,
     pub proxy_uffd: AtomicI32,
     pub proxy_uffd_tid: AtomicI32,
+    /// The `app_uffd` and `proxy_uffd` values whose `UFFDIO_API` handshake
+    /// a migration already made (it can be made once per userfaultfd): a
+    /// second migration, after one rolled back, skips it.
+    pub app_uffd_ready: AtomicI32,
+    pub proxy_uffd_ready: AtomicI32,
     /// The supervisor's end for a relay (descriptor + 1 in the supervisor's
     /// table; 0: none): a unix socket on which a migration hands over its
     /// connection to the destination, so that the supervisor (`lwk run`)

@@ -751,3 +751,24 @@ fn what_cannot_move_is_refused_before_anything_stops_and_force_close_closes_it()
     assert_eq!(rest, "inotify closed\n");
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+#[ignore = "needs root (network namespaces, pid namespaces)"]
+fn a_migration_after_one_rolled_back_copies_ahead_again_and_completes() {
+    let expected = native();
+    let mut c = Cluster::new("again");
+    c.start_daemon(&c.key(), Some("gate"));
+    let (mut child, mut out, pid) = c.start_app();
+    let o = c.migrate(pid, &c.key());
+    assert_eq!(o.status.code(), Some(125), "{}", String::from_utf8_lossy(&o.stdout));
+    c.start_daemon(&c.key(), None);
+    let o = c.migrate(pid, &c.key());
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["precopy_off"], serde_json::Value::Null, "{report}");
+    assert!(!report["rounds"].as_array().unwrap().is_empty(), "{report}");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert_eq!(format!("ready\n{rest}"), expected, "{}", c.daemon_log());
+    assert!(child.wait().unwrap().success());
+}

@@ -455,6 +455,22 @@ impl WriteTracker {
     /// created (taken with [`take_userfaultfd`]) and on which nobody made
     /// the `UFFDIO_API` handshake yet.
     pub fn for_process(pid: i32, uffd: OwnedFd) -> Result<WriteTracker> {
+        Self::with_handshake(pid, uffd, true)
+    }
+
+    /// Track process `pid` through `uffd`, on which an earlier tracker
+    /// already made the handshake (with these features: it can be made only
+    /// once).
+    pub fn for_process_again(pid: i32, uffd: OwnedFd) -> Result<WriteTracker> {
+        Self::with_handshake(pid, uffd, false)
+    }
+
+    fn with_handshake(pid: i32, uffd: OwnedFd, handshake: bool) -> Result<WriteTracker> {
+        if !handshake {
+            let pagemap =
+                File::open(format!("/proc/{pid}/pagemap")).map_err(|source| DirtyError::OpenPagemap { pid, source })?;
+            return Ok(WriteTracker { pid, uffd, pagemap, tracked: BTreeMap::new(), scan_batch: SCAN_BATCH });
+        }
         let mut api = uapi::uffdio_api { api: uapi::UFFD_API as u64, features: TRACKING_FEATURES, ioctls: 0 };
         // SAFETY: UFFDIO_API takes a struct uffdio_api, which `api` is.
         unsafe { ioctl(uffd.as_fd(), uapi::UFFDIO_API, &mut api) }

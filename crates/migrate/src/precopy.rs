@@ -144,11 +144,23 @@ impl PreCopy {
                 })?);
             }
         }
+        // Each userfaultfd takes one handshake in its life: a migration
+        // after one that rolled back finds it made (see the header).
+        let tracker = |ready: &std::sync::atomic::AtomicI32, value: i32, pid: i32, uffd| {
+            let t = match ready.load(SeqCst) == value {
+                true => WriteTracker::for_process_again(pid, uffd),
+                false => WriteTracker::for_process(pid, uffd),
+            }?;
+            ready.store(value, SeqCst);
+            Ok::<_, PreCopyError>(t)
+        };
+        let app_tracker = tracker(&h.app_uffd_ready, a, app.pid, app_uffd)?;
+        let proxy_tracker = tracker(&h.proxy_uffd_ready, p, proxy_pid, proxy_uffd)?;
         Ok(PreCopy {
             pid: app.pid,
             files,
-            app: WriteTracker::for_process(app.pid, app_uffd)?,
-            proxy: WriteTracker::for_process(proxy_pid, proxy_uffd)?,
+            app: app_tracker,
+            proxy: proxy_tracker,
             map: BTreeMap::new(),
             in_proxy: BTreeMap::new(),
             rounds: 0,
