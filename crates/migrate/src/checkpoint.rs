@@ -443,14 +443,7 @@ impl CapturedSockets {
 /// if the checkpoint fails or leaves it running) must still accept them.
 /// On an error every connection already captured is resumed.
 pub fn capture_sockets(pid: i32, table: &crate::fds::FdTable) -> Result<CapturedSockets, CheckpointError> {
-    use crate::fds::{FdKind, SocketFamily, SocketType};
-    use crate::sockets::{TcpConnection, TcpListenerImage, UdpSocketImage};
-    use std::os::fd::AsFd;
-    let mut out = CapturedSockets { images: Vec::new(), in_repair: Vec::new() };
-    let fail = |out: CapturedSockets, what: String| {
-        out.resume();
-        Err(CheckpointError::Unmovable { pid, what })
-    };
+    use crate::fds::{FdKind, SocketFamily};
     let pidfd = match rustix::process::pidfd_open(
         rustix::process::Pid::from_raw(pid).expect("a pid"),
         rustix::process::PidfdFlags::empty(),
@@ -458,43 +451,97 @@ pub fn capture_sockets(pid: i32, table: &crate::fds::FdTable) -> Result<Captured
         Ok(p) => p,
         Err(e) => return Err(CheckpointError::Proc { pid, what: "a pidfd".into(), source: e.into() }),
     };
-    for e in &table.fds {
-        let FdKind::Socket { family, socket_type, .. } = &e.kind else { continue };
-        if !matches!(family, SocketFamily::Inet | SocketFamily::Inet6) || e.same_description_as.is_some() {
-            continue;
-        }
-        let fd = match rustix::process::pidfd_getfd(&pidfd, e.fd, rustix::process::PidfdGetfdFlags::empty()) {
+    let sockets: Vec<&crate::fds::FdEntry> = table
+        .fds
+        .iter()
+        .filter(|e| {
+            matches!(&e.kind, FdKind::Socket { family: SocketFamily::Inet | SocketFamily::Inet6, .. })
+                && e.same_description_as.is_none()
+        })
+        .collect();
+    // The application is frozen: its CPUs are free, and each socket is
+    // captured on its own (a thousand connections take tens of ms).
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+    let chunk = sockets.len().div_ceil(workers).max(1);
+    let parts: Vec<CapturedPart> = std::thread::scope(|scope| {
+        let handles: Vec<_> = sockets
+            .chunks(chunk)
+            .map(|part| {
+                let pidfd = &pidfd;
+                scope.spawn(move || capture_part(pidfd, part))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a capture thread does not panic")).collect()
+    });
+    let mut out = CapturedSockets { images: Vec::new(), in_repair: Vec::new() };
+    let mut failed = None;
+    for part in parts {
+        out.images.extend(part.images);
+        out.in_repair.extend(part.in_repair);
+        failed = failed.or(part.failed);
+    }
+    if let Some(what) = failed {
+        // Every connection captured goes on as it was.
+        out.resume();
+        return Err(CheckpointError::Unmovable { pid, what });
+    }
+    out.images.sort_by_key(|(fd, _)| *fd);
+    Ok(out)
+}
+
+/// What one capture thread took: images, connections left in repair mode,
+/// and the first failure (after which it stopped).
+struct CapturedPart {
+    images: Vec<(i32, SocketImage)>,
+    in_repair: Vec<std::os::fd::OwnedFd>,
+    failed: Option<String>,
+}
+
+fn capture_part(pidfd: &std::os::fd::OwnedFd, sockets: &[&crate::fds::FdEntry]) -> CapturedPart {
+    use crate::fds::{FdKind, SocketType};
+    use crate::sockets::{TcpConnection, TcpListenerImage, UdpSocketImage};
+    use std::os::fd::AsFd;
+    let mut out = CapturedPart { images: Vec::new(), in_repair: Vec::new(), failed: None };
+    for e in sockets {
+        let FdKind::Socket { socket_type, .. } = &e.kind else { continue };
+        let fd = match rustix::process::pidfd_getfd(pidfd, e.fd, rustix::process::PidfdGetfdFlags::empty()) {
             Ok(fd) => fd,
-            Err(err) => return fail(out, format!("fd {}: cannot take it from the proxy: {err}", e.fd)),
+            Err(err) => {
+                out.failed = Some(format!("fd {}: cannot take it from the proxy: {err}", e.fd));
+                return out;
+            }
         };
         let image = match socket_type {
             SocketType::Stream => match TcpListenerImage::is_listener(fd.as_fd()) {
                 Ok(true) => match TcpListenerImage::describe(fd.as_fd()) {
                     Ok((_, queued)) if queued > 0 => {
-                        return fail(
-                            out,
-                            format!("fd {}: {queued} connections wait in its accept queue (try again)", e.fd),
-                        )
+                        Err(format!("fd {}: {queued} connections wait in its accept queue (try again)", e.fd))
                     }
-                    Ok((image, _)) => SocketImage::TcpListener(image),
-                    Err(err) => return fail(out, format!("fd {}: {err}", e.fd)),
+                    Ok((image, _)) => Ok(SocketImage::TcpListener(image)),
+                    Err(err) => Err(format!("fd {}: {err}", e.fd)),
                 },
                 Ok(false) => match TcpConnection::capture(fd.as_fd()) {
                     Ok(image) => {
                         out.in_repair.push(fd);
-                        SocketImage::TcpConnection(image)
+                        Ok(SocketImage::TcpConnection(image))
                     }
-                    Err(err) => return fail(out, format!("fd {}: {err}", e.fd)),
+                    Err(err) => Err(format!("fd {}: {err}", e.fd)),
                 },
-                Err(err) => return fail(out, format!("fd {}: {err}", e.fd)),
+                Err(err) => Err(format!("fd {}: {err}", e.fd)),
             },
             SocketType::Datagram => match UdpSocketImage::capture(fd.as_fd()) {
-                Ok(image) => SocketImage::Udp(image),
-                Err(err) => return fail(out, format!("fd {}: {err}", e.fd)),
+                Ok(image) => Ok(SocketImage::Udp(image)),
+                Err(err) => Err(format!("fd {}: {err}", e.fd)),
             },
-            _ => return fail(out, format!("fd {}: a raw or packet socket (not movable)", e.fd)),
+            _ => Err(format!("fd {}: a raw or packet socket (not movable)", e.fd)),
         };
-        out.images.push((e.fd, image));
+        match image {
+            Ok(image) => out.images.push((e.fd, image)),
+            Err(why) => {
+                out.failed = Some(why);
+                return out;
+            }
+        }
     }
-    Ok(out)
+    out
 }

@@ -575,14 +575,41 @@ pub fn capture(pid: i32) -> Result<FdTable> {
     let pidfd = rustix::process::pidfd_open(raw_pid, PidfdFlags::empty())
         .map_err(|e| Error::PidfdOpen { pid, source: e.into() })?;
 
-    let mut taken = Vec::new();
-    for fd in list_fds(pid)? {
-        taken.push(take(pid, &pidfd, fd)?);
-    }
-
-    let mut fds = Vec::with_capacity(taken.len());
-    for t in &taken {
-        fds.push(describe(pid, t)?);
+    // Each descriptor is taken and described on its own: spread over the
+    // CPUs (the proxy is frozen; a thousand sockets take tens of ms).
+    let numbers = list_fds(pid)?;
+    // (This very process, as a test does, in order: each take adds a
+    // descriptor to the table being read, at the lowest free number.)
+    let workers = match pid == std::process::id() as i32 {
+        true => 1,
+        false => std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8),
+    };
+    let chunk = numbers.len().div_ceil(workers).max(1);
+    let parts: Vec<Result<Vec<(Taken, FdEntry)>>> = std::thread::scope(|scope| {
+        let pidfd = &pidfd;
+        let handles: Vec<_> = numbers
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|&fd| {
+                            let t = take(pid, pidfd, fd)?;
+                            let e = describe(pid, &t)?;
+                            Ok((t, e))
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a capture thread does not panic")).collect()
+    });
+    let mut taken = Vec::with_capacity(numbers.len());
+    let mut fds = Vec::with_capacity(numbers.len());
+    for part in parts {
+        for (t, e) in part? {
+            taken.push(t);
+            fds.push(e);
+        }
     }
     mark_shared_descriptions(pid, &taken, &mut fds);
     mark_external_pipe_ends(&mut fds);
