@@ -242,7 +242,7 @@ def row_text(mib, link, rate, conns, r):
         f"| {mib} MiB | {link} | {rate or 'idle'} | {conns} | {len(r['rounds'])} | {pre / 2**20:.0f} | "
         f"{r['precopy_ms']:.0f} | **{r['freeze_ms']:.0f}** | {r['stop_ms']:.1f} | {r['capture_ms']:.1f} | "
         f"{r['transfer_ms']:.0f} ({r['image_bytes'] / 2**20:.1f}) | {r['in_flight_ms']:.0f} | {r['restore_ms']:.0f} | "
-        f"{r['commit_ms']:.0f} | "
+        f"{r['commit_ms']:.0f} | {r['resume_ms']:.0f} | "
         f"{r['resent_bytes'] / 2**20:.0f} | {r['total_ms']:.0f} | {link_ms:.0f} | {r['total_ms'] / link_ms:.2f} | {echo} |")
 
 
@@ -311,13 +311,15 @@ def main():
         "on the shaped link (aim: total within 1.5x of it; freeze under 200 ms for 1 GiB and 1000",
         "connections). `frozen` is stop threads + capture + transfer (written here) + in flight (still on",
         "its way: socket buffers, the link) + restore + commit (the address moves, the go and the",
-        "destination's word that it runs: a round trip). `resent` is memory sent more than",
+        "destination's word that it runs: a round trip) + resume (the destination's sockets leave repair",
+        "mode, the address comes up there, the gate opens). `resent` is memory sent more than",
         "once (what the later rounds and the freeze carried). `echo` counts the client's connections that",
         "echoed right after the migration.",
         "",
         "| memory | link | rate MiB/s | connections | rounds | pre-copy MiB | pre-copy | frozen | stop threads | "
-        "capture | transfer (MiB) | in flight | restore | commit | resent MiB | total | link | total / link | echo |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "capture | transfer (MiB) | in flight | restore | commit | resume | resent MiB | total | link | total / link | "
+        "echo |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "## Checkpoint to disk and restore",

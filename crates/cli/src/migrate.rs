@@ -97,8 +97,11 @@ struct Report {
     /// link) when the transfer was done here.
     in_flight_ms: f64,
     /// The commit: the address leaves, the go, the destination's word that
-    /// it runs (a round trip). The freeze ends there.
+    /// it runs (a round trip).
     commit_ms: f64,
+    /// The destination from the go until its sockets were live and its
+    /// gate open (its threads run). The freeze ends there.
+    resume_ms: f64,
     /// The freeze as the application saw it, until the go.
     freeze_ms: f64,
     /// Bytes of the image sent in the freeze.
@@ -307,9 +310,20 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         }
         ch.send(&Decision::Go)?;
         match ch.recv::<Reply>()? {
-            Reply::Running => Ok(()),
+            Reply::Running => {}
             other => bail!("the destination answered {other:?}"),
         }
+        report.commit_ms = ms(tc);
+        // Then its sockets go live and its gate opens. A copy that dies
+        // there never ran: the application goes on here. Without a word
+        // (the link broke), it runs there: it said so.
+        match ch.recv::<Reply>() {
+            Ok(Reply::Opened { resume_ms }) => report.resume_ms = resume_ms,
+            Ok(Reply::Failed { why }) => bail!("its copy there ended as it started: {why}"),
+            Ok(other) => eprintln!("lwk: the destination answered {other:?} once it ran the application"),
+            Err(e) => eprintln!("lwk: the destination said it runs the application, then nothing ({e})"),
+        }
+        Ok(())
     })();
     if let Err(e) = committed {
         if let (Some(a), Some(dev)) = (args.address, &moved_from) {
@@ -327,7 +341,6 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         )));
     }
     report.freeze_ms = ms(tf);
-    report.commit_ms = ms(tc);
     // Its supervisor takes the connection and stands for it, told so
     // before the copy here dies.
     let (stream, state) = ch.into_parts();
@@ -357,7 +370,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         println!(
             "migrated {} ({}) to {to}: {} threads, {:.1} MiB of memory; pre-copy {} rounds ({} MiB){}; \
              {:.1} MiB in the freeze; frozen {:.0} ms (stop {:.0}, capture {:.0}, transfer {:.0}, in flight {:.0}, \
-             restore {:.0}, commit {:.0}); {:.1} MiB of memory sent again; total {:.0} ms",
+             restore {:.0}, commit {:.0}, resume {:.0}); {:.1} MiB of memory sent again; total {:.0} ms",
             app.pid,
             info.command,
             report.threads,
@@ -373,6 +386,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
             report.in_flight_ms,
             report.restore_ms,
             report.commit_ms,
+            report.resume_ms,
             report.resent_bytes as f64 / (1 << 20) as f64,
             report.total_ms,
         );

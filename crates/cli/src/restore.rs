@@ -549,6 +549,8 @@ fn hold_at_gate(
     gate.store(RESTORE_OPEN, Ordering::SeqCst);
     // SAFETY: waking the LWK's waiters on the gate word (a shared futex).
     unsafe { libc::syscall(libc::SYS_futex, gate.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
+    // The daemon tells the source when its freeze ended.
+    std::io::Write::write_all(&mut &ready, b"o").ok();
     Ok(())
 }
 

@@ -304,9 +304,18 @@ fn an_application_migrates_to_another_node_and_finishes_there() {
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["threads"], 3);
     assert!(report["memory_bytes"].as_u64().unwrap() >= 32 << 20, "{report}");
-    for part in ["stop_ms", "capture_ms", "transfer_ms", "restore_ms", "freeze_ms"] {
+    for part in
+        ["stop_ms", "capture_ms", "transfer_ms", "in_flight_ms", "restore_ms", "commit_ms", "resume_ms", "freeze_ms"]
+    {
         assert!(report[part].as_f64().is_some(), "{part} in {report}");
     }
+    // The freeze is made of its parts, and ends when the gate opened there.
+    let parts: f64 = ["stop_ms", "capture_ms", "transfer_ms", "in_flight_ms", "restore_ms", "commit_ms", "resume_ms"]
+        .iter()
+        .map(|p| report[p].as_f64().unwrap())
+        .sum();
+    let freeze = report["freeze_ms"].as_f64().unwrap();
+    assert!(parts <= freeze + 1.0 && report["resume_ms"].as_f64().unwrap() > 0.0, "{report}");
     // Memory went ahead while it ran: the freeze carried only a little.
     assert_eq!(report["precopy_off"], serde_json::Value::Null, "{report}");
     let rounds = report["rounds"].as_array().unwrap();

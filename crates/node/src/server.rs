@@ -13,7 +13,8 @@
 //! |---|---|
 //! | `Request::Restore` | `Reply::Ready` |
 //! | the image, as a keyed image stream (read by `lwk restore` as it comes) | `Reply::Restored` (or `Failed`) |
-//! | `Decision::Go` (or `Abort`) | `Reply::Running` |
+//! | `Decision::Go` (or `Abort`) | `Reply::Running`, then `Reply::Opened` once the gate is open (or `Failed`) |
+//! | then the relay ([`crate::relay`]) | |
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -59,8 +60,13 @@ pub enum Reply {
         receive_ms: f64,
         restore_ms: f64,
     },
-    /// It runs here now.
+    /// It runs here now (the commit: the source lets go).
     Running,
+    /// Its sockets are live and its gate is open: its threads run, after
+    /// `resume_ms` from the go.
+    Opened {
+        resume_ms: f64,
+    },
     Failed {
         why: String,
     },
@@ -259,13 +265,19 @@ fn receive(
             // Said before the gate opens: if it cannot be said, the source
             // will go on with its copy, and this one must not run.
             ch.send(&Reply::Running)?;
-            // Its output goes to the source from its first byte.
+            let go = Instant::now();
+            // Its output goes to the source from its first byte, after the
+            // word that the gate is open.
             if relay {
-                restoring.relay_to(ch, peer)?;
+                restoring.relay_to(ch, peer, |r| r.open(go))?;
             } else {
                 restoring.input = None; // nothing comes: it reads its end
+                let opened = restoring.open(go);
+                ch.send(&opened)?;
+                if let Reply::Failed { why } = opened {
+                    anyhow::bail!(why);
+                }
             }
-            restoring.go()?;
             incoming.keep = true;
             std::fs::write(incoming.dir.join("running"), b"").ok();
             log(&format!("{peer}: {} runs here (lwk restore pid {})", incoming.dir.display(), restoring.pid()));
@@ -453,20 +465,48 @@ impl Restoring {
     fn wait_ready(&mut self) -> anyhow::Result<()> {
         self.image = None;
         let mut byte = [0u8; 1];
-        if self.ready.take().expect("once").read(&mut byte)? != 1 {
+        if self.ready.as_mut().expect("until the gate opens").read(&mut byte)? != 1 {
             let status = self.child.take().expect("started").wait()?;
             anyhow::bail!("the restore failed ({status}): {}", self.said());
         }
         Ok(())
     }
 
+    /// Let the application run: the go, then the restorer's word that its
+    /// sockets are live and its gate open (what the source hears).
+    fn open(&mut self, go: Instant) -> Reply {
+        if let Err(e) = self.go() {
+            return Reply::Failed { why: format!("the go did not reach the restorer: {e}") };
+        }
+        let mut byte = [0u8; 1];
+        match self.ready.take().expect("once").read(&mut byte) {
+            Ok(1) if byte[0] == b'o' => Reply::Opened { resume_ms: go.elapsed().as_secs_f64() * 1e3 },
+            _ => Reply::Failed { why: format!("the restored copy ended as it started: {}", self.said()) },
+        }
+    }
+
     /// From now on the application's output goes to the source over `ch`,
-    /// and the source's input and signals come to it.
-    fn relay_to(&mut self, ch: Channel, peer: SocketAddr) -> anyhow::Result<()> {
+    /// and the source's input and signals come to it. `first` opens the
+    /// gate; what it answers goes first (the application's output waits).
+    fn relay_to(
+        &mut self,
+        ch: Channel,
+        peer: SocketAddr,
+        first: impl FnOnce(&mut Self) -> Reply,
+    ) -> anyhow::Result<()> {
         let (stream, state) = ch.into_parts();
         crate::relay::prepare(&stream)?;
-        let (tx, mut rx) = crate::channel::split(stream, state)?;
-        *self.output.relay.lock().expect("not poisoned") = Some(tx);
+        let (mut tx, mut rx) = crate::channel::split(stream, state)?;
+        let output = self.output.clone();
+        {
+            let mut relay = output.relay.lock().expect("not poisoned");
+            let reply = first(self);
+            tx.send_bytes(&serde_json::to_vec(&reply)?)?;
+            if let Reply::Failed { why } = reply {
+                anyhow::bail!(why);
+            }
+            *relay = Some(tx);
+        }
         let pid = self.pid();
         let output = self.output.clone();
         // Input waits in a queue for an application that does not read it
