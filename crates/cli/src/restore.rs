@@ -71,13 +71,20 @@ impl Pending<'_> {
         if let Some((cidr, dev)) = address {
             lwk_node::address::add(cidr, dev).with_context(|| format!("bringing {cidr} up on {dev}"))?;
         }
-        for (image, fd, bound) in self.udp {
-            image.finish(fd.as_fd(), bound).with_context(|| format!("the UDP socket of {}", image.local))?;
+        let live = (|| {
+            for (image, fd, bound) in self.udp {
+                image.finish(fd.as_fd(), bound).with_context(|| format!("the UDP socket of {}", image.local))?;
+            }
+            for s in self.tcp {
+                s.leave_repair().context("a TCP connection leaving repair mode")?;
+            }
+            anyhow::Ok(())
+        })();
+        // The copy here will not run: the address goes back to the source.
+        if let (Err(_), Some((cidr, _))) = (&live, address) {
+            lwk_node::address::remove(cidr).ok();
         }
-        for s in self.tcp {
-            s.leave_repair().context("a TCP connection leaving repair mode")?;
-        }
-        Ok(())
+        live
     }
 }
 
