@@ -466,20 +466,17 @@ impl WriteTracker {
     }
 
     fn with_handshake(pid: i32, uffd: OwnedFd, handshake: bool) -> Result<WriteTracker> {
-        if !handshake {
-            let pagemap =
-                File::open(format!("/proc/{pid}/pagemap")).map_err(|source| DirtyError::OpenPagemap { pid, source })?;
-            return Ok(WriteTracker { pid, uffd, pagemap, tracked: BTreeMap::new(), scan_batch: SCAN_BATCH });
-        }
-        let mut api = uapi::uffdio_api { api: uapi::UFFD_API as u64, features: TRACKING_FEATURES, ioctls: 0 };
-        // SAFETY: UFFDIO_API takes a struct uffdio_api, which `api` is.
-        unsafe { ioctl(uffd.as_fd(), uapi::UFFDIO_API, &mut api) }
-            .map_err(|source| DirtyError::Handshake { pid, source })?;
-        // The kernel answers with every feature it has; the ones asked for
-        // are on when the call succeeds, but say so plainly if not.
-        let missing = TRACKING_FEATURES & !api.features;
-        if missing != 0 {
-            return Err(DirtyError::MissingFeatures { pid, missing });
+        if handshake {
+            let mut api = uapi::uffdio_api { api: uapi::UFFD_API as u64, features: TRACKING_FEATURES, ioctls: 0 };
+            // SAFETY: UFFDIO_API takes a struct uffdio_api, which `api` is.
+            unsafe { ioctl(uffd.as_fd(), uapi::UFFDIO_API, &mut api) }
+                .map_err(|source| DirtyError::Handshake { pid, source })?;
+            // The kernel answers with every feature it has; the ones asked
+            // for are on when the call succeeds, but say so plainly if not.
+            let missing = TRACKING_FEATURES & !api.features;
+            if missing != 0 {
+                return Err(DirtyError::MissingFeatures { pid, missing });
+            }
         }
         let pagemap =
             File::open(format!("/proc/{pid}/pagemap")).map_err(|source| DirtyError::OpenPagemap { pid, source })?;
