@@ -1,14 +1,15 @@
 //! `lwk migrate PID --to NODE`: move a running application to another
 //! node's daemon.
 //!
-//! As built (stop and copy): freeze, capture the descriptors, stream the
-//! whole image (keyed with the cluster key) to the destination daemon,
-//! which restores it and holds it at the gate; the source says go, the
-//! destination opens the gate and says it runs, and only then does the
-//! copy here go (killed). Any failure before that (the destination refuses
-//! or dies, the link breaks, a record is corrupted, the restore fails)
-//! resumes the application here, with every descriptor as it was, and
-//! names the reason.
+//! Memory goes ahead while the application runs (pre-copy rounds); then
+//! freeze, capture the descriptors and sockets, stream the rest of the
+//! image (keyed with the cluster key) to the destination daemon, which
+//! restores it and holds it at the gate; the source says go, the
+//! destination says it runs, and once it says its gate is open the copy
+//! here goes (killed) and `lwk run` takes the connection as its relay. Any
+//! failure before that (the destination refuses or dies, the link breaks,
+//! a record is corrupted, the restore fails) resumes the application here,
+//! with every descriptor as it was, and names the reason.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -102,7 +103,8 @@ struct Report {
     /// The destination from the go until its sockets were live and its
     /// gate open (its threads run). The freeze ends there.
     resume_ms: f64,
-    /// The freeze as the application saw it, until the go.
+    /// The freeze as the application saw it: until the destination's gate
+    /// opened.
     freeze_ms: f64,
     /// Bytes of the image sent in the freeze.
     image_bytes: u64,
@@ -412,11 +414,7 @@ fn supervisor_relay(app: &App) -> std::result::Result<(i32, std::os::fd::OwnedFd
     if published <= 0 {
         return Err("the application's supervisor cannot relay".to_string());
     }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", app.pid)).unwrap_or_default();
-    let parent = status
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .and_then(|p| p.trim().parse::<i32>().ok())
+    let parent = lwk_migrate::app::parent_of(app.pid)
         .filter(|&p| p > 0)
         .ok_or("the application's supervisor is not in this pid namespace")?;
     let end = lwk_node::relay::take(parent, published - 1)

@@ -409,7 +409,9 @@ impl App {
     }
 }
 
-fn parent_of(pid: i32) -> Option<i32> {
+/// The parent of process `pid`, as this process sees it (0: outside its
+/// pid namespace).
+pub fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // pid (comm) state ppid ...: comm may hold spaces and parentheses.
     stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
