@@ -457,11 +457,7 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     if args.go_fd.is_none() {
         // Here already: the sockets go live before the application starts.
         if let Err(e) = pending.take().expect("once").finish(address) {
-            // SAFETY: our own child, killed and reaped.
-            unsafe {
-                libc::kill(proxy, libc::SIGKILL);
-                libc::waitpid(proxy, std::ptr::null_mut(), 0);
-            }
+            end_children(&[proxy]);
             return Err(e);
         }
     }
@@ -469,11 +465,7 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         match spawn_restoring(&kernel, &p.manifest.command, &places, [ctl_at, diag_at, input_at], ns_pid, &proxy_mnt) {
             Ok(c) => c,
             Err(e) => {
-                // SAFETY: our own child, killed and reaped.
-                unsafe {
-                    libc::kill(proxy, libc::SIGKILL);
-                    libc::waitpid(proxy, std::ptr::null_mut(), 0);
-                }
+                end_children(&[proxy]);
                 return Err(e);
             }
         };
@@ -486,13 +478,7 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     // SAFETY: setns on a namespace descriptor of ours.
     if unsafe { libc::setns(own_pid_ns.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
         let e = std::io::Error::last_os_error();
-        // SAFETY: our own children, killed and reaped.
-        unsafe {
-            libc::kill(app, libc::SIGKILL);
-            libc::kill(proxy, libc::SIGKILL);
-            libc::waitpid(app, std::ptr::null_mut(), 0);
-            libc::waitpid(proxy, std::ptr::null_mut(), 0);
-        }
+        end_children(&[app, proxy]);
         bail!("cannot return to our own pid namespace: {e}");
     }
     if let (Some(ready), Some(go)) = (args.ready_fd, args.go_fd) {
@@ -501,13 +487,7 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
             // The image directory is the daemon's, and this copy is not to
             // run: nothing of it stays.
             std::fs::remove_dir_all(&args.dir).ok();
-            // SAFETY: our own children, killed and reaped.
-            unsafe {
-                libc::kill(app, libc::SIGKILL);
-                libc::kill(proxy, libc::SIGKILL);
-                libc::waitpid(app, std::ptr::null_mut(), 0);
-                libc::waitpid(proxy, std::ptr::null_mut(), 0);
-            }
+            end_children(&[app, proxy]);
             return Err(e);
         }
     }
@@ -524,6 +504,18 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         ExitStatus::Code(c) => c,
         ExitStatus::Signal(sig) => run::reraise(sig),
     })
+}
+
+/// Kill and reap our children `pids` (a restore that will not run).
+fn end_children(pids: &[i32]) {
+    for &pid in pids {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    for &pid in pids {
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    }
 }
 
 /// Wait until the restored application (process `app`) is ready at the
