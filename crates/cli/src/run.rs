@@ -20,7 +20,7 @@ use lwk_abi::control::{
     Control, CONTROL_MAGIC, CONTROL_SIZE, OPT_HUGE_OFF, OPT_HUGE_REQUIRE, OPT_PREFAULT_ALL, OPT_VERBOSE,
 };
 
-use lwk_node::relay::{Exit, Handed, Handoff};
+use lwk_node::relay::{Handed, Handoff};
 
 use crate::stats::Report;
 use crate::{HugePages, RunArgs};
@@ -343,11 +343,7 @@ impl Standing {
                 unsafe { libc::signal(sig, forward_signal as *const () as libc::sighandler_t) };
             }
         }
-        match lwk_node::relay::stand_for(handed, Some(self.signals)) {
-            Ok(Exit::Code(c)) => Ok(ExitStatus::Code(c)),
-            Ok(Exit::Signal(s)) => Ok(ExitStatus::Signal(s)),
-            Err(why) => bail!("{why}"),
-        }
+        lwk_node::relay::stand_for(handed, Some(self.signals)).map_err(anyhow::Error::msg)
     }
 }
 
@@ -461,11 +457,8 @@ pub fn run(args: RunArgs) -> Result<i32> {
     })
 }
 
-#[derive(Clone, Copy, Debug)]
-pub enum ExitStatus {
-    Code(i32),
-    Signal(i32),
-}
+/// How the application ended: the relay's word for it too.
+pub use lwk_node::relay::Exit as ExitStatus;
 
 pub(crate) struct Outcome {
     pub(crate) status: ExitStatus,
@@ -473,11 +466,7 @@ pub(crate) struct Outcome {
 }
 
 fn decode(status: i32) -> ExitStatus {
-    if libc::WIFSIGNALED(status) {
-        ExitStatus::Signal(libc::WTERMSIG(status))
-    } else {
-        ExitStatus::Code(libc::WEXITSTATUS(status))
-    }
+    ExitStatus::from_wait(std::os::unix::process::ExitStatusExt::from_raw(status))
 }
 
 /// Wait for the application; the proxy goes when it goes. If the proxy dies
