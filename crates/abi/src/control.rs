@@ -140,6 +140,47 @@ pub struct HandedCredentials {
     pub groups: [AtomicU32; MAX_GROUPS],
 }
 
+impl HandedCredentials {
+    /// Hand over these ids (real, effective, saved) and groups; false, and
+    /// nothing handed, when there are more than MAX_GROUPS groups.
+    pub fn set(&self, uid: [u32; 3], gid: [u32; 3], groups: &[u32]) -> bool {
+        if groups.len() > MAX_GROUPS {
+            return false;
+        }
+        for i in 0..3 {
+            self.uid[i].store(uid[i], Ordering::Relaxed);
+            self.gid[i].store(gid[i], Ordering::Relaxed);
+        }
+        for (to, &g) in self.groups.iter().zip(groups) {
+            to.store(g, Ordering::Relaxed);
+        }
+        self.n_groups.store(groups.len() as u32, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Release);
+        true
+    }
+
+    /// What was handed: the user ids, the group ids, and how many groups
+    /// went into `groups`. (Read after `generation`, with Acquire.)
+    pub fn read(&self, groups: &mut [u32; MAX_GROUPS]) -> ([u32; 3], [u32; 3], usize) {
+        let n = (self.n_groups.load(Ordering::Relaxed) as usize).min(MAX_GROUPS);
+        for (g, from) in groups.iter_mut().zip(&self.groups[..n]) {
+            *g = from.load(Ordering::Relaxed);
+        }
+        let ids = |a: &[AtomicU32; 3]| a.each_ref().map(|x| x.load(Ordering::Relaxed));
+        (ids(&self.uid), ids(&self.gid), n)
+    }
+
+    /// Hand what these hold on to `to` (nothing, if nothing was handed).
+    pub fn hand_to(&self, to: &HandedCredentials) {
+        if self.generation.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut groups = [0u32; MAX_GROUPS];
+        let (uid, gid, n) = self.read(&mut groups);
+        to.set(uid, gid, &groups[..n]);
+    }
+}
+
 /// The gate is closed: the restoring LWK parks there when it is ready.
 pub const RESTORE_CLOSED: u32 = 0;
 /// The restoring LWK is ready and waits at the gate.

@@ -305,18 +305,13 @@ fn prepare(dir: &Path, key: Option<&lwk_migrate::image::ClusterKey>, image_fd: O
     input.same_ids = 1;
     input.specials = manifest.specials;
     if let Some(c) = &manifest.credentials {
-        if c.groups.len() > MAX_GROUPS {
+        if !input.credentials.set(c.uid, c.gid, &c.groups) {
             bail!(
                 "{}: the application had {} supplementary groups, more than {MAX_GROUPS}",
                 path.display(),
                 c.groups.len()
             );
         }
-        input.credentials.set = 1;
-        input.credentials.uid = c.uid;
-        input.credentials.gid = c.gid;
-        input.credentials.n_groups = c.groups.len() as u32;
-        input.credentials.groups[..c.groups.len()].copy_from_slice(&c.groups);
     }
     if manifest.file_mappings.len() > MAX_FILE_MAPPINGS {
         bail!("{}: more than {MAX_FILE_MAPPINGS} file mappings", path.display());

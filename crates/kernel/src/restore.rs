@@ -21,7 +21,7 @@
 
 use core::sync::atomic::{AtomicU32, Ordering::*};
 
-use lwk_abi::control::{MAX_CHANNELS, MAX_GROUPS, RESTORE_CLOSED, RESTORE_OPEN, RESTORE_PARKED};
+use lwk_abi::control::{HandedCredentials, MAX_CHANNELS, RESTORE_CLOSED, RESTORE_OPEN, RESTORE_PARKED};
 use lwk_abi::layout::{FREEZE_EXPORT_ADDR, SCRATCH_ADDR};
 use lwk_rt::nr;
 use lwk_rt::*;
@@ -51,52 +51,6 @@ pub struct FileMapping {
 /// `[vdso]`, `[vvar]`, `[vvar_vclock]`, as [start, end) (0, 0 when absent).
 pub const SPECIAL_NAMES: [&[u8]; 3] = [b"[vdso]", b"[vvar]", b"[vvar_vclock]"];
 
-/// A process's credentials: real, effective and saved ids, supplementary
-/// groups. `set` 0: keep the restorer's.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Credentials {
-    pub set: u32,
-    pub n_groups: u32,
-    pub uid: [u32; 3],
-    pub gid: [u32; 3],
-    pub groups: [u32; MAX_GROUPS],
-}
-
-impl Credentials {
-    fn groups(&self) -> &[u32] {
-        &self.groups[..(self.n_groups as usize).min(MAX_GROUPS)]
-    }
-
-    /// Take these credentials on the calling thread (a kernel task's
-    /// credentials are its own: every thread calls this).
-    fn take(&self) {
-        if self.set != 0 {
-            if let Err(e) = take_credentials(self.uid, self.gid, self.groups()) {
-                fail("cannot take the application's credentials", e);
-            }
-        }
-    }
-
-    /// Hand them to the proxy's threads, each of which takes them before
-    /// it next serves a call.
-    fn hand_to_proxy(&self) {
-        if self.set == 0 {
-            return;
-        }
-        let h = &control().header.proxy_credentials;
-        for i in 0..3 {
-            h.uid[i].store(self.uid[i], Relaxed);
-            h.gid[i].store(self.gid[i], Relaxed);
-        }
-        for (to, &g) in h.groups.iter().zip(self.groups()) {
-            to.store(g, Relaxed);
-        }
-        h.n_groups.store(self.groups().len() as u32, Relaxed);
-        h.generation.fetch_add(1, Release);
-    }
-}
-
 /// What a restore is given: the frozen state, where the program's files
 /// and the kernel's special mappings were.
 #[repr(C)]
@@ -108,9 +62,10 @@ pub struct RestoreInput {
     pub reserved: u32,
     pub n_files: u64,
     pub specials: [[u64; 2]; 3],
-    /// The credentials the application had: each thread takes them as its
-    /// last act before it runs the program (restoring needs root's).
-    pub credentials: Credentials,
+    /// The credentials the application had (none handed: keep the
+    /// restorer's): each thread takes them before it runs the program
+    /// (restoring needs root's).
+    pub credentials: HandedCredentials,
     pub export: FreezeExport,
     pub files: [FileMapping; MAX_FILE_MAPPINGS],
 }
@@ -257,8 +212,8 @@ pub fn restore_main(st: &Startup) -> ! {
     while STARTED.load(Acquire) != count {
         futex_wait_timeout(&STARTED, STARTED.load(Acquire), 1_000_000);
     }
-    inp.credentials.take();
-    inp.credentials.hand_to_proxy();
+    take_handed_credentials(&inp.credentials, &mut 0);
+    inp.credentials.hand_to(&h.proxy_credentials);
     delegate::sync();
     move_specials(&inp.specials);
     crate::signalfd::after_restore();
@@ -290,7 +245,7 @@ extern "C" fn restored_thread(slot: u64) -> ! {
     // Copied out of the input (onto this slot's LWK stack) before the
     // first thread may unmap it.
     let ctx = input().export.threads[slot].ctx;
-    input().credentials.take();
+    take_handed_credentials(&input().credentials, &mut 0);
     STARTED.fetch_add(1, Release);
     futex_wake(&STARTED, 1);
     wait_at_gate();

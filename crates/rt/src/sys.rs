@@ -329,13 +329,9 @@ pub fn take_handed_credentials(h: &lwk_abi::control::HandedCredentials, seen: &m
     if generation == *seen {
         return;
     }
-    let n = (h.n_groups.load(Acquire) as usize).min(lwk_abi::control::MAX_GROUPS);
     let mut groups = [0u32; lwk_abi::control::MAX_GROUPS];
-    for (g, from) in groups.iter_mut().zip(&h.groups[..n]) {
-        *g = from.load(Acquire);
-    }
-    let ids = |a: &[core::sync::atomic::AtomicU32; 3]| [a[0].load(Acquire), a[1].load(Acquire), a[2].load(Acquire)];
-    if let Err(e) = take_credentials(ids(&h.uid), ids(&h.gid), &groups[..n]) {
+    let (uid, gid, n) = h.read(&mut groups);
+    if let Err(e) = take_credentials(uid, gid, &groups[..n]) {
         crate::diag!("cannot take the application's credentials (error {})", -e);
         exit_group(125);
     }
