@@ -383,6 +383,7 @@ impl Restoring {
         // The key goes to the restorer as a file only root reads.
         let key_file = dir.join("cluster.key");
         crate::key::save(&key_file, key)?;
+        let pipe = || rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC);
         let (go_r, go_w) = pipe()?;
         let (ready_r, ready_w) = pipe()?;
         let (image_r, image_w) = pipe()?;
@@ -584,14 +585,4 @@ impl Drop for Restoring {
             c.wait().ok();
         }
     }
-}
-
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two descriptors of ours.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptors, owned here.
-    Ok(unsafe { (std::os::fd::FromRawFd::from_raw_fd(fds[0]), std::os::fd::FromRawFd::from_raw_fd(fds[1])) })
 }
