@@ -1,13 +1,14 @@
-//! `lwk checkpoint PID DIR`: freeze an lwk application and write it to
-//! DIR/image.lwk (see `lwk_migrate::checkpoint` for what the image holds).
+//! `lwk checkpoint PID DIR`: freeze an lwk application (every process of
+//! its tree) and write it to DIR/image.lwk (see `lwk_migrate::checkpoint`
+//! for what the image holds).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use lwk_migrate::app::App;
-use lwk_migrate::checkpoint::{capture_descriptors, capture_sockets, write_image};
+use lwk_migrate::checkpoint::{capture_descriptors, capture_tree_sockets, write_image, ProcessImage};
 use lwk_migrate::image::ImageWriter;
+use lwk_migrate::tree::{Tree, TreeRecord};
 
 #[derive(clap::Args)]
 pub struct CheckpointArgs {
@@ -28,8 +29,8 @@ pub struct CheckpointArgs {
 pub const IMAGE_FILE: &str = "image.lwk";
 
 pub fn main(args: CheckpointArgs) -> Result<i32> {
-    let app = App::attach(args.pid)?;
-    let info = app.info();
+    let tree = Tree::attach(args.pid)?;
+    let root = &tree.members[0];
     std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
     let path = args.dir.join(IMAGE_FILE);
     if path.exists() {
@@ -40,52 +41,66 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
     let partial = args.dir.join(format!("{IMAGE_FILE}.partial"));
     let file = std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
     let t0 = Instant::now();
-    let frozen = app.freeze(Duration::from_secs(5))?;
+    let frozen = tree.freeze(Duration::from_secs(5))?;
+    let members: Vec<(i32, i32)> = tree.members.iter().map(|m| (m.app.pid, m.info.proxy_pid)).collect();
+    let proxies: Vec<i32> = members.iter().map(|m| m.1).collect();
     let mut sockets = None;
-    let written = capture_descriptors(app.pid, info.proxy_pid, None, false)
-        .and_then(|(table, _)| {
-            let s = capture_sockets(info.proxy_pid, &table)?;
-            Ok((table, sockets.insert(s)))
-        })
-        .map_err(anyhow::Error::from)
-        .and_then(|(table, s)| {
-            let w = ImageWriter::new(std::io::BufWriter::new(file), None)?;
-            Ok(write_image(&frozen, &info, &table, s, None, w)?)
-        })
-        .and_then(|(written, w)| {
-            let f = w.into_inner().map_err(|e| e.into_error())?;
-            f.sync_all()?;
-            Ok(written)
-        });
+    let written = (|| -> Result<_> {
+        let lwk_migrate::checkpoint::Descriptors { tables, shared, .. } = capture_descriptors(&members, None, false)?;
+        let record = TreeRecord { members: tree.records(&frozen)?, shared };
+        let s = sockets.insert(capture_tree_sockets(&proxies, &tables)?);
+        let processes: Vec<ProcessImage> = (0..members.len())
+            .map(|i| ProcessImage {
+                frozen: &frozen[i],
+                info: &tree.members[i].info,
+                table: &tables[i],
+                sockets: &s[i],
+                only: None,
+            })
+            .collect();
+        let w = ImageWriter::new(std::io::BufWriter::new(file), None)?;
+        let (written, w) = write_image(&processes, &record, w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        Ok(written)
+    })();
     let written = match written {
         Ok(w) => w,
         Err(e) => {
-            if let Some(s) = sockets {
-                s.resume();
-            }
+            sockets.into_iter().flatten().for_each(|s| s.resume());
             drop(frozen); // resumes
             std::fs::remove_file(&partial).ok();
-            return Err(e.context(format!("checkpoint of process {} failed; it goes on", app.pid)));
+            return Err(e.context(format!("checkpoint of process {} failed; it goes on", root.app.pid)));
         }
     };
     let sockets = sockets.expect("captured when the image was written");
     std::fs::rename(&partial, &path).with_context(|| format!("cannot rename {}", partial.display()))?;
     let frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
     if args.leave_running {
-        sockets.resume();
-        frozen.resume()?;
+        sockets.into_iter().for_each(|s| s.resume());
+        for f in frozen {
+            f.resume()?;
+        }
     } else {
         // The image is complete: the application ends where it stands
         // (its `lwk run` reports the SIGKILL), its connections closed
-        // silently (a restore goes on with them).
-        frozen.kill();
-        sockets.release();
+        // silently (a restore goes on with them). Children first: their
+        // parent must not see them end.
+        for f in frozen.into_iter().rev() {
+            f.kill();
+        }
+        sockets.into_iter().for_each(|s| s.release());
     }
     let m = &written.manifest;
+    let all = || std::iter::once(m).chain(&written.others);
+    let threads: u32 = all().map(|m| m.threads).sum();
+    let memory: u64 = all().map(|m| m.memory_bytes).sum();
     if args.json {
         let report = serde_json::json!({
             "image": path,
             "manifest": m,
+            "processes": 1 + written.others.len(),
+            "other_manifests": written.others,
             "image_bytes": written.image_bytes,
             "write_seconds": written.seconds,
             "frozen_ms": frozen_ms,
@@ -94,13 +109,14 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "checkpoint of {} ({}): {} threads, {:.1} MiB of memory in {} pieces; image {} ({:.1} MiB) in {:.0} ms; \
+            "checkpoint of {} ({}): {} process{}, {} threads, {:.1} MiB of memory; image {} ({:.1} MiB) in {:.0} ms; \
              frozen {:.0} ms; {}",
             m.pid,
             m.command,
-            m.threads,
-            m.memory_bytes as f64 / (1 << 20) as f64,
-            m.memory_pieces,
+            1 + written.others.len(),
+            if written.others.is_empty() { "" } else { "es" },
+            threads,
+            memory as f64 / (1 << 20) as f64,
             path.display(),
             written.image_bytes as f64 / (1 << 20) as f64,
             written.seconds * 1e3,

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use lwk_migrate::app::App;
-use lwk_migrate::checkpoint::{capture_descriptors, capture_sockets, write_image};
+use lwk_migrate::checkpoint::{capture_descriptors, capture_tree_sockets, write_image, ProcessImage};
 use lwk_migrate::image::ImageWriter;
 use lwk_migrate::precopy::{PreCopy, Round};
+use lwk_migrate::tree::{Tree, TreeRecord};
 use lwk_node::channel::{Channel, Role};
 use lwk_node::key::DEFAULT_KEY_FILE;
 use lwk_node::server::{Decision, Reply, Request};
@@ -116,6 +117,8 @@ struct Report {
     /// Descriptors closed (`--force-close`), with what they were.
     closed: Vec<String>,
     threads: u32,
+    /// The application's processes (it and those it forked).
+    processes: usize,
     total_ms: f64,
 }
 
@@ -126,13 +129,19 @@ fn resolve(to: &str) -> Result<SocketAddr> {
 
 pub fn main(args: MigrateArgs) -> Result<i32> {
     let key = lwk_node::key::load(&args.key)?;
-    let app = App::attach(args.pid)?;
-    let info = app.info();
+    // The application's processes: the one `lwk run` started and those it
+    // forked. Memory goes ahead (pre-copy) for the first; the others'
+    // goes in the freeze.
+    let tree = Tree::attach(args.pid)?;
+    let app = &tree.members[0].app;
+    let info = tree.members[0].info.clone();
+    let members: Vec<(i32, i32)> = tree.members.iter().map(|m| (m.app.pid, m.info.proxy_pid)).collect();
+    let proxies: Vec<i32> = members.iter().map(|m| m.1).collect();
     let to = resolve(&args.to)?;
     let mut report = Report::default();
     // The `lwk run` that started it keeps standing for it (its streams,
     // signals and exit status are relayed), if it published its end.
-    let relay = supervisor_relay(&app);
+    let relay = supervisor_relay(app);
     if let Err(why) = &relay {
         eprintln!("lwk: {why}: the application's output stays at the destination");
     }
@@ -140,16 +149,8 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let relayed_by = relay.as_ref().map(|r| r.0);
     // What cannot move is refused before anything is sent or stopped (the
     // descriptors are looked at again in the freeze).
-    if let Err(e) = capture_descriptors(app.pid, info.proxy_pid, relayed_by, args.force_close) {
+    if let Err(e) = capture_descriptors(&members, relayed_by, args.force_close) {
         return Err(anyhow::Error::from(e).context(format!("process {} cannot be migrated; it goes on here", app.pid)));
-    }
-    let children = lwk_migrate::app::children(app.pid);
-    if !children.is_empty() {
-        bail!(
-            "process {} cannot be migrated; it goes on here: it has child processes ({children:?}): process trees \
-             are not movable yet",
-            app.pid
-        );
     }
     let t0 = Instant::now();
     let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
@@ -161,7 +162,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let mut ch = Channel::handshake(stream, &key, Role::Client).with_context(|| format!("the node daemon at {to}"))?;
     // Memory goes ahead while the application runs (pre-copy), if both its
     // processes have a userfaultfd; otherwise all of it in the freeze.
-    let mut precopy = match PreCopy::start(&app) {
+    let mut precopy = match PreCopy::start(app) {
         Ok(p) => Some(p),
         Err(e) => {
             report.precopy_off = Some(e.to_string());
@@ -243,17 +244,19 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
 
     let sent_ahead = w.bytes_written();
     let tf = Instant::now();
-    let frozen = app.freeze(Duration::from_secs(5))?;
+    let frozen = tree.freeze(Duration::from_secs(5))?;
     report.stop_ms = ms(tf);
     let mut sockets = None;
     let mut image_sent = false;
     // Everything up to the go can fail: the application then goes on here.
     let outcome = (|| -> Result<()> {
         let tc = Instant::now();
-        let (table, closed) = capture_descriptors(app.pid, info.proxy_pid, relayed_by, args.force_close)?;
+        let lwk_migrate::checkpoint::Descriptors { tables, shared, closed } =
+            capture_descriptors(&members, relayed_by, args.force_close)?;
         report.closed = closed;
-        let s = sockets.insert(capture_sockets(info.proxy_pid, &table)?);
-        if !s.images.is_empty() && args.address.is_none() {
+        let record = TreeRecord { members: tree.records(&frozen)?, shared };
+        let s = sockets.insert(capture_tree_sockets(&proxies, &tables)?);
+        if s.iter().any(|s| !s.images.is_empty()) && args.address.is_none() {
             bail!("the application has TCP or UDP sockets: name the service address that moves with it (--address)");
         }
         report.capture_ms = ms(tc);
@@ -262,16 +265,27 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
             Some(pre) => Some(pre.remaining()?),
             None => None,
         };
-        let (written, mut sink) = write_image(&frozen, &info, &table, s, remaining.as_deref(), w)?;
+        let processes: Vec<ProcessImage> = (0..members.len())
+            .map(|i| ProcessImage {
+                frozen: &frozen[i],
+                info: &tree.members[i].info,
+                table: &tables[i],
+                sockets: &s[i],
+                only: if i == 0 { remaining.as_deref() } else { None },
+            })
+            .collect();
+        let (written, mut sink) = write_image(&processes, &record, w)?;
         sink.flush()?;
         drop(sink);
         image_sent = true;
         report.transfer_ms = ms(tt);
         let written_at = Instant::now();
         report.image_bytes = written.image_bytes - sent_ahead;
-        report.memory_bytes = info.memory_bytes;
-        report.frozen_memory_bytes = written.manifest.memory_bytes;
-        report.threads = written.manifest.threads;
+        report.memory_bytes = tree.members.iter().map(|m| m.info.memory_bytes).sum();
+        let all = || std::iter::once(&written.manifest).chain(&written.others);
+        report.frozen_memory_bytes = all().map(|m| m.memory_bytes).sum();
+        report.threads = all().map(|m| m.threads).sum();
+        report.processes = members.len();
         match ch.recv::<Reply>()? {
             Reply::Restored { restore_ms, .. } => {
                 report.restore_ms = restore_ms;
@@ -291,10 +305,10 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         } else {
             ch.stream.shutdown(std::net::Shutdown::Write).ok();
         }
-        if let Some(s) = sockets {
-            s.resume();
+        sockets.into_iter().flatten().for_each(|s| s.resume());
+        for f in frozen {
+            f.resume().ok();
         }
-        frozen.resume().ok();
         return Err(e.context(format!("the migration of process {} to {to} failed; it goes on here", app.pid)));
     }
     // The commit: the destination runs it once it has the go, and says so;
@@ -333,10 +347,10 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
                 eprintln!("lwk: putting {a} back on {dev}: {e:#}");
             }
         }
-        if let Some(s) = sockets {
-            s.resume();
+        sockets.into_iter().flatten().for_each(|s| s.resume());
+        for f in frozen {
+            f.resume().ok();
         }
-        frozen.resume().ok();
         return Err(e.context(format!(
             "the destination at {to} did not confirm that process {} runs there; it goes on here",
             app.pid
@@ -353,16 +367,16 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         }
     }
     drop(stream);
-    frozen.kill();
+    for f in frozen.into_iter().rev() {
+        f.kill();
+    }
     if precopy.is_some() {
         report.resent_bytes = report.rounds.iter().skip(1).map(|r| r.bytes).sum::<u64>() + report.frozen_memory_bytes;
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    if let Some(s) = sockets {
-        s.release();
-    }
+    sockets.into_iter().flatten().for_each(|s| s.release());
     report.total_ms = ms(t0);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -9,6 +9,7 @@
 //! image in restore mode (`lwk_kernel::restore`) puts the rest back.
 //! The application's standard input, output and error are this command's.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -27,6 +28,7 @@ use lwk_migrate::checkpoint::{mtime_ns, Manifest, SocketImage};
 use lwk_migrate::fds::{self, FdTable};
 use lwk_migrate::image::{ImageReader, Record, RecordKind};
 use lwk_migrate::precopy::MappedRange;
+use lwk_migrate::tree::{MemberRecord, Shared, SharedWhat, TreeRecord};
 
 use crate::checkpoint::IMAGE_FILE;
 use crate::run::{self, ExitStatus};
@@ -61,12 +63,12 @@ pub struct RestoreArgs {
 /// Sockets rebuilt but not yet live: TCP connections still in repair mode,
 /// UDP sockets bound but without their queued datagrams. They go live once
 /// the application's address is here ([`Pending::finish`]).
-struct Pending<'a> {
+struct Pending {
     tcp: Vec<lwk_migrate::sockets::TcpSocketInRepair>,
-    udp: Vec<(&'a lwk_migrate::sockets::UdpSocketImage, OwnedFd, lwk_migrate::sockets::UdpBound)>,
+    udp: Vec<(lwk_migrate::sockets::UdpSocketImage, OwnedFd, lwk_migrate::sockets::UdpBound)>,
 }
 
-impl Pending<'_> {
+impl Pending {
     fn finish(self, address: Option<(lwk_node::address::Cidr, &str)>) -> Result<()> {
         if let Some((cidr, dev)) = address {
             lwk_node::address::add(cidr, dev).with_context(|| format!("bringing {cidr} up on {dev}"))?;
@@ -129,10 +131,10 @@ fn memfd(name: &str, flags: libc::c_uint) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// The image read and checked, and the application's memory files filled.
+/// One process of the image read and checked, and its memory files filled.
 struct Prepared {
     manifest: Manifest,
-    /// The application's descriptors, rebuilt in the proxy.
+    /// Its proxy's descriptors, rebuilt there.
     table: FdTable,
     /// Its TCP and UDP sockets, by descriptor number.
     sockets: Vec<(i32, SocketImage)>,
@@ -144,7 +146,109 @@ struct Prepared {
     memfds: Vec<(OwnedFd, i32)>,
 }
 
-fn prepare(dir: &Path, key: Option<&lwk_migrate::image::ClusterKey>, image_fd: Option<i32>) -> Result<Prepared> {
+/// One process of the image as its records arrive.
+struct Building {
+    input_fd: OwnedFd,
+    input_map: Mapped,
+    manifest: Option<Manifest>,
+    have_state: bool,
+    memfds: [Option<OwnedFd>; 3],
+    memory_bytes: u64,
+    table: Option<FdTable>,
+    sockets: Vec<(i32, SocketImage)>,
+}
+
+impl Building {
+    fn new() -> Result<Building> {
+        let input_fd = memfd("lwk-restore", 0)?;
+        rustix::fs::ftruncate(&input_fd, INPUT_SIZE).context("sizing the restore input")?;
+        let input_map =
+            Mapped::new(input_fd.as_raw_fd(), INPUT_SIZE as usize, 0).context("mapping the restore input")?;
+        Ok(Building {
+            input_fd,
+            input_map,
+            manifest: None,
+            have_state: false,
+            memfds: [None, None, None],
+            memory_bytes: 0,
+            table: None,
+            sockets: Vec::new(),
+        })
+    }
+
+    fn input(&mut self) -> &mut RestoreInput {
+        input_in(&mut self.input_map)
+    }
+
+    /// Everything read: check that it adds up, fill in the rest of the input.
+    fn finish(mut self, path: &Path) -> Result<Prepared> {
+        let bad = |what: &str| anyhow::anyhow!("{}: {what}", path.display());
+        let manifest = self.manifest.take().ok_or_else(|| bad("no manifest"))?;
+        let table = self.table.take().ok_or_else(|| bad("no descriptors"))?;
+        check_supplies(&table, &self.sockets)?;
+        if !self.have_state {
+            return Err(bad("no LWK state"));
+        }
+        if self.memory_bytes != manifest.memory_bytes {
+            return Err(bad("the memory records do not add up to what the manifest says"));
+        }
+        let input = self.input();
+        let x = &mut input.export;
+        x.magic = EXPORT_MAGIC;
+        x.version = EXPORT_VERSION;
+        x.n_threads = x.threads.iter().filter(|t| t.saved != 0).count() as u32;
+        if x.n_threads != manifest.threads {
+            return Err(bad("the thread records do not match the manifest"));
+        }
+        let thread_ids: Vec<i32> = x.threads.iter().filter(|t| t.saved != 0).map(|t| t.tid).collect();
+        input.magic = INPUT_MAGIC;
+        input.same_ids = 1;
+        input.specials = manifest.specials;
+        if let Some(c) = &manifest.credentials {
+            if !input.credentials.set(c.uid, c.gid, &c.groups) {
+                bail!(
+                    "{}: the application had {} supplementary groups, more than {MAX_GROUPS}",
+                    path.display(),
+                    c.groups.len()
+                );
+            }
+        }
+        if manifest.file_mappings.len() > MAX_FILE_MAPPINGS {
+            bail!("{}: more than {MAX_FILE_MAPPINGS} file mappings", path.display());
+        }
+        input.n_files = manifest.file_mappings.len() as u64;
+        for (slot, f) in input.files.iter_mut().zip(&manifest.file_mappings) {
+            let p = f.path.as_bytes();
+            if p.len() >= FILE_PATH_MAX {
+                bail!("{}: the path is too long for a restore", f.path);
+            }
+            *slot = FileMapping { start: f.start, end: f.end, path: [0; FILE_PATH_MAX] };
+            slot.path[..p.len()].copy_from_slice(p);
+        }
+        let mm_fds = input.export.state.mm.memfd;
+        let memfds = self.memfds.into_iter().enumerate().filter_map(|(k, fd)| Some((fd?, mm_fds[k]))).collect();
+        let Building { input_fd, input_map, sockets, .. } = self;
+        drop(input_map);
+        Ok(Prepared { manifest, table, sockets, thread_ids, input: input_fd, memfds })
+    }
+}
+
+/// The restore input in `map` (a Building's).
+fn input_in(map: &mut Mapped) -> &mut RestoreInput {
+    // SAFETY: the mapping is INPUT_SIZE bytes, zeroed when made, and
+    // RestoreInput is plain data valid when zeroed; it is used only
+    // through the &mut borrow of its mapping.
+    unsafe { &mut *(map.ptr as *mut RestoreInput) }
+}
+
+/// Read and check the image, and fill each process's memory files: the
+/// processes, first the one `lwk run` started, and how they relate (one
+/// process: a tree of one).
+fn prepare(
+    dir: &Path,
+    key: Option<&lwk_migrate::image::ClusterKey>,
+    image_fd: Option<i32>,
+) -> Result<(Vec<Prepared>, TreeRecord)> {
     let path = match image_fd {
         Some(fd) => PathBuf::from(format!("the image on descriptor {fd}")),
         None => dir.join(IMAGE_FILE),
@@ -157,23 +261,22 @@ fn prepare(dir: &Path, key: Option<&lwk_migrate::image::ClusterKey>, image_fd: O
     let mut r = ImageReader::new(BufReader::new(f), key).with_context(|| format!("{}", path.display()))?;
     let bad = |what: &str| anyhow::anyhow!("{}: {what}", path.display());
 
-    let input_fd = memfd("lwk-restore", 0)?;
-    rustix::fs::ftruncate(&input_fd, INPUT_SIZE).context("sizing the restore input")?;
-    let input_map = Mapped::new(input_fd.as_raw_fd(), INPUT_SIZE as usize, 0).context("mapping the restore input")?;
-    // SAFETY: the mapping is INPUT_SIZE zeroed bytes, RestoreInput is plain
-    // data valid when zeroed, and only this function uses it.
-    let input = unsafe { &mut *(input_map.ptr as *mut RestoreInput) };
-
-    let mut manifest: Option<Manifest> = None;
-    let mut have_state = false;
-    let mut memfds: [Option<OwnedFd>; 3] = [None, None, None];
-    let mut memory_bytes = 0u64;
-    let mut table: Option<FdTable> = None;
+    // Each manifest starts the next process's records.
+    let mut done: Vec<Building> = Vec::new();
+    let mut b = Building::new()?;
+    let mut tree: Option<TreeRecord> = None;
     let mut premap: Vec<MappedRange> = Vec::new();
     let mut precopied = false;
-    let mut sockets: Vec<(i32, SocketImage)> = Vec::new();
     while let Some(rec) = r.next_record().with_context(|| format!("reading {}", path.display()))? {
         match rec {
+            Record::Known { kind: RecordKind::Processes, .. } => {
+                if tree.is_some() || b.manifest.is_some() {
+                    return Err(bad("the process tree record is out of place"));
+                }
+                let t: TreeRecord = rec.json()?;
+                check_tree(&t).map_err(|e| bad(&e))?;
+                tree = Some(t);
+            }
             Record::Known { kind: RecordKind::Manifest, .. } => {
                 let m: Manifest = rec.json()?;
                 if m.lwk_state_size != std::mem::size_of::<LwkState>() as u64
@@ -186,12 +289,19 @@ fn prepare(dir: &Path, key: Option<&lwk_migrate::image::ClusterKey>, image_fd: O
                     );
                 }
                 check_files(&m)?;
-                manifest = Some(m);
+                if b.manifest.is_some() {
+                    done.push(std::mem::replace(&mut b, Building::new()?));
+                }
+                if done.len() >= tree.as_ref().map_or(1, |t| t.members.len()) {
+                    return Err(bad("more processes than the tree record names"));
+                }
+                b.manifest = Some(m);
             }
             Record::Known { kind: RecordKind::LwkState, payload } => {
-                if payload.len() != std::mem::size_of::<LwkState>() || manifest.is_none() {
+                if payload.len() != std::mem::size_of::<LwkState>() || b.manifest.is_none() || b.have_state {
                     return Err(bad("the LWK state record is out of place or of the wrong size"));
                 }
+                let input = b.input();
                 // SAFETY: the record holds the bytes of an LwkState written
                 // by this build (its size checked, its hash verified); the
                 // LWK checks every value before it uses it.
@@ -202,19 +312,31 @@ fn prepare(dir: &Path, key: Option<&lwk_migrate::image::ClusterKey>, image_fd: O
                         payload.len(),
                     )
                 };
-                have_state = true;
-                let mm = &input.export.state.mm;
-                for (k, slot) in memfds.iter_mut().enumerate() {
-                    if mm.memfd[k] >= 0 && slot.is_none() {
-                        *slot = Some(memory_file(k)?);
+                b.have_state = true;
+                let mm = &input_in(&mut b.input_map).export.state.mm;
+                let shares = tree.as_ref().and_then(|t| t.members.get(done.len())?.shares_memory_with);
+                for k in 0..3 {
+                    if mm.memfd[k] < 0 {
+                        b.memfds[k] = None; // pre-copied, but no longer in use
+                    } else if b.memfds[k].is_none() {
+                        b.memfds[k] = Some(match shares.and_then(|j| done.get(j)?.memfds[2].as_ref()) {
+                            // The shared memory of a process it forked, or
+                            // that forked it: one file for both.
+                            Some(theirs) if k == 2 => theirs.try_clone().context("sharing a memory file")?,
+                            _ => memory_file(k)?,
+                        });
                     }
+                }
+                if precopied && done.is_empty() {
+                    free_unused(mm, &b.memfds)?;
                 }
             }
             Record::Known { kind: RecordKind::ThreadContexts, payload } => {
                 let size = 4 + std::mem::size_of::<ThreadRecord>();
-                if payload.len() % size != 0 || !have_state {
+                if payload.len() % size != 0 || !b.have_state {
                     return Err(bad("the thread record is out of place or of the wrong size"));
                 }
+                let input = b.input();
                 for chunk in payload.chunks(size) {
                     let slot = u32::from_le_bytes(chunk[..4].try_into().expect("4 bytes")) as usize;
                     let Some(t) = input.export.threads.get_mut(slot) else {
@@ -231,104 +353,96 @@ fn prepare(dir: &Path, key: Option<&lwk_migrate::image::ClusterKey>, image_fd: O
             Record::Known { kind: RecordKind::Descriptors, .. } => {
                 let t: FdTable = rec.json()?;
                 fds::check(&t).context("the application's files are not as they were")?;
-                table = Some(t);
+                b.table = Some(t);
             }
             Record::Known { kind: RecordKind::Sockets, .. } => {
-                sockets = rec.json()?;
+                b.sockets = rec.json()?;
             }
             Record::Known { kind: RecordKind::MemoryMap, .. } => {
                 premap = rec.json()?;
             }
-            Record::Memory(m) if !have_state => {
-                // Pre-copy: where the map sent just before says.
+            Record::Memory(m) if !b.have_state => {
+                // Pre-copy (of the first process): where the map sent just
+                // before says.
+                if !done.is_empty() || b.manifest.is_some() {
+                    return Err(bad("pre-copied memory after the state it goes before"));
+                }
                 let end = m.addr + m.bytes.len() as u64;
                 let r = premap
                     .iter()
                     .find(|r| r.start <= m.addr && end <= r.end && r.slot < 3)
                     .ok_or_else(|| bad("pre-copied memory outside the map sent with it"))?;
-                if memfds[r.slot].is_none() {
-                    memfds[r.slot] = Some(memory_file(r.slot)?);
+                if b.memfds[r.slot].is_none() {
+                    b.memfds[r.slot] = Some(memory_file(r.slot)?);
                 }
-                write_at(&memfds, r.slot, r.offset + (m.addr - r.start), &m.bytes)
+                write_at(&b.memfds, r.slot, r.offset + (m.addr - r.start), &m.bytes)
                     .with_context(|| format!("restoring pre-copied memory at {:#x}", m.addr))?;
                 precopied = true;
             }
             Record::Memory(m) => {
-                write_memory(&input.export.state.mm, &memfds, m.addr, &m.bytes)
+                let mm = &input_in(&mut b.input_map).export.state.mm;
+                write_memory(mm, &b.memfds, m.addr, &m.bytes)
                     .with_context(|| format!("restoring memory at {:#x}", m.addr))?;
-                memory_bytes += m.bytes.len() as u64;
+                b.memory_bytes += m.bytes.len() as u64;
             }
             Record::Known { .. } | Record::Unknown { .. } => {}
         }
     }
-    let manifest = manifest.ok_or_else(|| bad("no manifest"))?;
-    let table = table.ok_or_else(|| bad("no descriptors"))?;
-    check_supplies(&table, &sockets)?;
-    if !have_state {
-        return Err(bad("no LWK state"));
-    }
-    if memory_bytes != manifest.memory_bytes {
-        return Err(bad("the memory records do not add up to what the manifest says"));
-    }
-    if precopied {
-        // Pre-copied pages at offsets the memory manager no longer uses
-        // must read as zeros when it gives them out again, as its free
-        // offsets do; a file the final state does not use goes.
-        let mm = &input.export.state.mm;
-        for (k, file) in memfds.iter_mut().enumerate() {
-            if mm.memfd[k] < 0 {
-                *file = None;
-                continue;
-            }
-            let Some(fd) = file else { continue };
-            let e = &mm.extents[k];
-            for x in &e.free[..(e.n as usize).min(e.free.len())] {
-                rustix::fs::fallocate(
-                    &*fd,
-                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
-                    x.off,
-                    x.len,
-                )
-                .context("freeing pre-copied pages no longer in use")?;
-            }
+    done.push(b);
+    let prepared = done.into_iter().map(|b| b.finish(&path)).collect::<Result<Vec<_>>>()?;
+    let tree = match tree {
+        Some(t) if t.members.len() != prepared.len() => return Err(bad("fewer processes than the tree record names")),
+        Some(t) => t,
+        None => TreeRecord {
+            members: vec![MemberRecord {
+                pid_in_namespace: prepared[0].manifest.pid_in_namespace,
+                parent: None,
+                exit_signal: libc::SIGCHLD,
+                shares_memory_with: None,
+            }],
+            shared: Vec::new(),
+        },
+    };
+    Ok((prepared, tree))
+}
+
+/// Pre-copied pages at offsets the memory manager no longer uses must read
+/// as zeros when it gives them out again, as its free offsets do.
+fn free_unused(mm: &MmSnapshot, files: &[Option<OwnedFd>; 3]) -> Result<()> {
+    for (k, file) in files.iter().enumerate() {
+        let Some(fd) = file else { continue };
+        let e = &mm.extents[k];
+        for x in &e.free[..(e.n as usize).min(e.free.len())] {
+            rustix::fs::fallocate(
+                fd,
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                x.off,
+                x.len,
+            )
+            .context("freeing pre-copied pages no longer in use")?;
         }
     }
-    let x = &mut input.export;
-    x.magic = EXPORT_MAGIC;
-    x.version = EXPORT_VERSION;
-    x.n_threads = x.threads.iter().filter(|t| t.saved != 0).count() as u32;
-    if x.n_threads != manifest.threads {
-        return Err(bad("the thread records do not match the manifest"));
+    Ok(())
+}
+
+/// A tree record makes sense: a first process, parents before children,
+/// shared memory and descriptions of processes it names.
+fn check_tree(t: &TreeRecord) -> std::result::Result<(), String> {
+    if t.members.is_empty() || t.members[0].parent.is_some() {
+        return Err("the process tree has no first process".into());
     }
-    let thread_ids: Vec<i32> = x.threads.iter().filter(|t| t.saved != 0).map(|t| t.tid).collect();
-    input.magic = INPUT_MAGIC;
-    input.same_ids = 1;
-    input.specials = manifest.specials;
-    if let Some(c) = &manifest.credentials {
-        if !input.credentials.set(c.uid, c.gid, &c.groups) {
-            bail!(
-                "{}: the application had {} supplementary groups, more than {MAX_GROUPS}",
-                path.display(),
-                c.groups.len()
-            );
+    for (i, m) in t.members.iter().enumerate().skip(1) {
+        if m.parent.is_none_or(|p| p >= i) || m.shares_memory_with.is_some_and(|j| j >= i) {
+            return Err(format!("process {} of the tree comes before its parent", m.pid_in_namespace));
+        }
+        if !(1..=64).contains(&m.exit_signal) {
+            return Err(format!("process {} of the tree has exit signal {}", m.pid_in_namespace, m.exit_signal));
         }
     }
-    if manifest.file_mappings.len() > MAX_FILE_MAPPINGS {
-        bail!("{}: more than {MAX_FILE_MAPPINGS} file mappings", path.display());
+    if t.shared.iter().flat_map(|s| &s.holders).any(|&(m, _)| m >= t.members.len()) {
+        return Err("a shared descriptor names a process outside the tree".into());
     }
-    input.n_files = manifest.file_mappings.len() as u64;
-    for (slot, f) in input.files.iter_mut().zip(&manifest.file_mappings) {
-        let p = f.path.as_bytes();
-        if p.len() >= FILE_PATH_MAX {
-            bail!("{}: the path is too long for a restore", f.path);
-        }
-        *slot = FileMapping { start: f.start, end: f.end, path: [0; FILE_PATH_MAX] };
-        slot.path[..p.len()].copy_from_slice(p);
-    }
-    let mm_fds = input.export.state.mm.memfd;
-    drop(input_map);
-    let memfds = memfds.into_iter().enumerate().filter_map(|(k, fd)| Some((fd?, mm_fds[k]))).collect();
-    Ok(Prepared { manifest, table, sockets, thread_ids, input: input_fd, memfds })
+    Ok(())
 }
 
 /// The files the program had mapped must be the same here.
@@ -414,29 +528,25 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         Some(k) => Some(lwk_node::key::load(k)?),
         None => None,
     };
-    let p = prepare(&args.dir, key.as_ref(), args.image_fd)?;
+    let (ps, tree) = prepare(&args.dir, key.as_ref(), args.image_fd)?;
     let kernel = run::kernel_image()?;
-    let region = run::ControlRegion::create(p.manifest.options, run::spin_cycles())?;
-    let h = &region.get().header;
-    h.parent_pid.store(p.manifest.parent_pid, Ordering::Relaxed);
-    if args.go_fd.is_none() {
-        h.restore_gate.store(RESTORE_OPEN, Ordering::SeqCst);
+    let mut regions = Vec::with_capacity(ps.len());
+    for p in &ps {
+        let region = run::ControlRegion::create(p.manifest.options, run::spin_cycles())?;
+        let h = &region.get().header;
+        h.parent_pid.store(p.manifest.parent_pid, Ordering::Relaxed);
+        if args.go_fd.is_none() {
+            h.restore_gate.store(RESTORE_OPEN, Ordering::SeqCst);
+        }
+        regions.push(region);
     }
-
-    // Descriptor numbers for the application process: its memory files
-    // where the saved state says, the control region, stderr for the LWK's
-    // messages and the input above all of them.
-    let top = p.memfds.iter().map(|m| m.1).max().unwrap_or(2).max(2) + 1;
-    let (ctl_at, diag_at, input_at) = (top, top + 1, top + 2);
-    let mut places: Vec<(i32, i32)> = p.memfds.iter().map(|(fd, at)| (fd.as_raw_fd(), *at)).collect();
-    places.push((region.fd.as_raw_fd(), ctl_at));
-    places.push((2, diag_at));
-    places.push((p.input.as_raw_fd(), input_at));
+    // What the processes' proxies share, built once and handed to each.
+    let mut shared = build_shared(&tree.shared, &ps)?;
 
     // The application gets its process ids back in a pid namespace of its
-    // own (and a mount namespace whose /proc shows it): the proxy is the
-    // namespace's first process, the application process then gets its
-    // old pid, and the LWK gives each thread its old tid.
+    // own (and a mount namespace whose /proc shows it): the first proxy is
+    // the namespace's first process, the application processes then get
+    // their old pids, and the LWK gives each thread its old tid.
     // Our own pid namespace, to come back to once the children are there.
     let own_pid_ns = File::open("/proc/self/ns/pid").context("opening our own pid namespace")?;
     // SAFETY: plain unshare; this process has one thread.
@@ -444,28 +554,60 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         let e = std::io::Error::last_os_error();
         bail!("lwk restore needs root, to give the application its process ids back in a pid namespace: {e}");
     }
-    let ns_pid = p.manifest.pid_in_namespace;
-    let max_id = p.thread_ids.iter().copied().chain([ns_pid]).max().unwrap_or(ns_pid);
-    let (proxy, proxy_mnt, pending) = spawn_proxy(&kernel, &region, &p.table, &p.sockets, max_id)?;
+    let max_id = ps
+        .iter()
+        .flat_map(|p| p.thread_ids.iter().copied().chain([p.manifest.pid_in_namespace]))
+        .chain(tree.members.iter().map(|m| m.pid_in_namespace))
+        .max()
+        .unwrap_or(1);
+    let mut proxies: Vec<i32> = Vec::with_capacity(ps.len());
+    let mut proxy_mnt: Option<File> = None;
+    let mut pending = Pending { tcp: Vec::new(), udp: Vec::new() };
+    for (i, p) in ps.iter().enumerate() {
+        let given = std::mem::take(&mut shared[i]);
+        match spawn_proxy(&kernel, &regions[i], &p.table, &p.sockets, max_id, given, proxy_mnt.as_ref()) {
+            Ok((pid, mnt, pend)) => {
+                proxies.push(pid);
+                proxy_mnt.get_or_insert(mnt);
+                pending.tcp.extend(pend.tcp);
+                pending.udp.extend(pend.udp);
+            }
+            Err(e) => {
+                end_children(&proxies);
+                return Err(e);
+            }
+        }
+    }
+    let proxy_mnt = proxy_mnt.expect("one process at least");
     let address = args.address.zip(args.address_dev.as_deref());
     let mut pending = Some(pending);
     if args.go_fd.is_none() {
         // Here already: the sockets go live before the application starts.
         if let Err(e) = pending.take().expect("once").finish(address) {
-            end_children(&[proxy]);
+            end_children(&proxies);
             return Err(e);
         }
     }
-    let app =
-        match spawn_restoring(&kernel, &p.manifest.command, &places, [ctl_at, diag_at, input_at], ns_pid, &proxy_mnt) {
-            Ok(c) => c,
-            Err(e) => {
-                end_children(&[proxy]);
-                return Err(e);
-            }
-        };
-    drop(p.memfds);
-    drop(p.input);
+    let launches: Result<Vec<Launch>> =
+        ps.iter().enumerate().map(|(i, p)| launch_of(p, &regions[i], &tree, i)).collect();
+    let launches = match launches {
+        Ok(l) => l,
+        Err(e) => {
+            end_children(&proxies);
+            return Err(e);
+        }
+    };
+    let app = match spawn_restoring(&kernel, &launches, &proxy_mnt) {
+        Ok(c) => c,
+        Err(e) => {
+            end_children(&proxies);
+            return Err(e);
+        }
+    };
+    let mut all = vec![app];
+    all.extend(&proxies);
+    drop(launches);
+    drop(ps);
     // Back in our own namespace for the children to come: only there can
     // this process start threads (the relay's, if the application moves
     // on), as clone refuses a thread whose children's namespace is not
@@ -473,24 +615,26 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     // SAFETY: setns on a namespace descriptor of ours.
     if unsafe { libc::setns(own_pid_ns.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
         let e = std::io::Error::last_os_error();
-        end_children(&[app, proxy]);
+        end_children(&all);
         bail!("cannot return to our own pid namespace: {e}");
     }
     if let (Some(ready), Some(go)) = (args.ready_fd, args.go_fd) {
         let finish = || pending.take().expect("once").finish(address);
-        if let Err(e) = hold_at_gate(region.get(), app, ready, go, finish) {
+        let ns_pids: Vec<i32> = tree.members.iter().map(|m| m.pid_in_namespace).collect();
+        let at_gate = AtGate { regions: &regions, app, proxy: proxies[0], ns_pids: &ns_pids };
+        if let Err(e) = hold_at_gate(&at_gate, ready, go, finish) {
             // The image directory is the daemon's, and this copy is not to
             // run: nothing of it stays.
             std::fs::remove_dir_all(&args.dir).ok();
-            end_children(&[app, proxy]);
+            end_children(&all);
             return Err(e);
         }
     }
     run::APP_PID.store(app, Ordering::Relaxed);
     run::setup_signals();
-    let standing = run::Standing::start(&region)?;
-    let mut outcome = run::wait_both(app, proxy)?;
-    outcome.status = standing.outcome(&region, outcome.status)?;
+    let standing = run::Standing::start(&regions[0])?;
+    let mut outcome = run::wait_both(app, proxies[0])?;
+    outcome.status = standing.outcome(&regions[0], outcome.status)?;
     run::APP_PID.store(0, Ordering::Relaxed);
     if let Some(e) = outcome.proxy_failure {
         bail!("the proxy process failed ({e}); the application was stopped");
@@ -499,6 +643,62 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         ExitStatus::Code(c) => c,
         ExitStatus::Signal(sig) => run::reraise(sig),
     })
+}
+
+/// The descriptions the tree's proxies share (`shared`), each built once:
+/// for each process, the descriptors to hand its proxy, by number.
+fn build_shared(shared: &[Shared], ps: &[Prepared]) -> Result<Vec<BTreeMap<i32, OwnedFd>>> {
+    let mut given: Vec<BTreeMap<i32, OwnedFd>> = ps.iter().map(|_| BTreeMap::new()).collect();
+    for (id, s) in shared.iter().enumerate() {
+        let entry_of = |m: usize, fd: i32| {
+            ps.get(m)
+                .and_then(|p| p.table.entry(fd))
+                .filter(|e| e.disposition == fds::Disposition::Shared { id })
+                .with_context(|| format!("shared descriptor {fd} of process {m} is not in its table"))
+        };
+        match &s.what {
+            SharedWhat::Pipe(contents) => {
+                let (r, w) = fds::rebuild_pipe(contents).context("rebuilding a pipe between the processes")?;
+                // Each end one description, with the status flags its first
+                // holder's entry says.
+                let mut flagged = [false, false];
+                for &(m, fd) in &s.holders {
+                    let e = entry_of(m, fd)?;
+                    let end = lwk_migrate::tree::pipe_end(e).context("a shared pipe entry that is no pipe")?;
+                    let (mine, k) = match end {
+                        fds::PipeEnd::Read => (r.try_clone()?, 0),
+                        fds::PipeEnd::Write => (w.try_clone()?, 1),
+                        // An anonymous pipe has no path; /proc opens it again.
+                        fds::PipeEnd::ReadWrite => (
+                            rustix::fs::open(
+                                format!("/proc/self/fd/{}", r.as_raw_fd()).as_str(),
+                                rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+                                rustix::fs::Mode::empty(),
+                            )
+                            .context("opening a shared pipe for reading and writing")?,
+                            2,
+                        ),
+                    };
+                    if k == 2 || !flagged[k] {
+                        fds::set_status_flags(mine.as_fd(), e)?;
+                        if k < 2 {
+                            flagged[k] = true;
+                        }
+                    }
+                    given[m].insert(fd, mine);
+                }
+            }
+            SharedWhat::Description(e) => {
+                let one = fds::rebuild_description(e)
+                    .with_context(|| format!("rebuilding descriptor {} shared by the processes", e.fd))?;
+                for &(m, fd) in &s.holders {
+                    entry_of(m, fd)?;
+                    given[m].insert(fd, one.try_clone()?);
+                }
+            }
+        }
+    }
+    Ok(given)
 }
 
 /// Kill and reap our children `pids` (a restore that will not run).
@@ -513,25 +713,51 @@ fn end_children(pids: &[i32]) {
     }
 }
 
-/// Wait until the restored application (process `app`) is ready at the
-/// gate, say so on `ready`, and when `go` brings a byte make its sockets
-/// live and open the gate; `go` closing first (the source kept its
-/// application) is an error.
-fn hold_at_gate(
-    ctl: &lwk_abi::control::Control,
+/// The restored processes held at their gates.
+struct AtGate<'a> {
+    /// One control region per process, the first process's first.
+    regions: &'a [run::ControlRegion],
+    /// The first application process and its proxy (our children).
     app: i32,
-    ready: i32,
-    go: i32,
-    sockets_live: impl FnOnce() -> Result<()>,
-) -> Result<()> {
+    proxy: i32,
+    /// Each process's pid in the application's namespace.
+    ns_pids: &'a [i32],
+}
+
+impl AtGate<'_> {
+    /// Has process `i` of the tree ended (or never started)? The others
+    /// are not our children: the first proxy's mount namespace has a
+    /// /proc of their pid namespace.
+    fn ended(&self, i: usize) -> bool {
+        if i == 0 {
+            return run::has_terminated(self.app);
+        }
+        let stat = format!("/proc/{}/root/proc/{}/stat", self.proxy, self.ns_pids[i]);
+        match std::fs::read_to_string(stat) {
+            Ok(s) => s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            Err(_) => true,
+        }
+    }
+}
+
+/// Wait until every restored process is ready at its gate, say so on
+/// `ready`, and when `go` brings a byte make the sockets live and open the
+/// gates; `go` closing first (the source kept its application) is an error.
+fn hold_at_gate(at: &AtGate<'_>, ready: i32, go: i32, sockets_live: impl FnOnce() -> Result<()>) -> Result<()> {
     // SAFETY: descriptors our caller (the node daemon) passed us, ours now.
     let (ready, go) = unsafe { (File::from_raw_fd(ready), File::from_raw_fd(go)) };
-    let gate = &ctl.header.restore_gate;
-    while gate.load(Ordering::SeqCst) != RESTORE_PARKED {
-        if run::has_terminated(app) {
-            bail!("the restored application ended before it was ready");
+    for (i, region) in at.regions.iter().enumerate() {
+        let gate = &region.get().header.restore_gate;
+        let mut looked = std::time::Instant::now();
+        while gate.load(Ordering::SeqCst) != RESTORE_PARKED {
+            // Looking for an ended process costs a read of /proc: not at
+            // every turn.
+            if (i == 0 || looked.elapsed() > std::time::Duration::from_millis(100)) && at.ended(i) {
+                bail!("restored process {} of the application ended before it was ready", at.ns_pids[i]);
+            }
+            looked = std::time::Instant::now();
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        std::thread::sleep(std::time::Duration::from_millis(2));
     }
     std::io::Write::write_all(&mut &ready, b"r").context("telling the daemon the application is ready")?;
     let mut byte = [0u8; 1];
@@ -540,9 +766,12 @@ fn hold_at_gate(
         _ => bail!("the source kept its application: the copy here ends"),
     }
     sockets_live()?;
-    gate.store(RESTORE_OPEN, Ordering::SeqCst);
-    // SAFETY: waking the LWK's waiters on the gate word (a shared futex).
-    unsafe { libc::syscall(libc::SYS_futex, gate.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
+    for region in at.regions {
+        let gate = &region.get().header.restore_gate;
+        gate.store(RESTORE_OPEN, Ordering::SeqCst);
+        // SAFETY: waking the LWK's waiters on the gate word (a shared futex).
+        unsafe { libc::syscall(libc::SYS_futex, gate.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
+    }
     // The daemon tells the source when its freeze ended.
     std::io::Write::write_all(&mut &ready, b"o").ok();
     Ok(())
@@ -553,13 +782,15 @@ fn hold_at_gate(
 /// its working directory, umask and limits. Descriptors that must close on
 /// exec are rebuilt open across the exec and named to the proxy, which
 /// marks them again.
-fn spawn_proxy<'a>(
+fn spawn_proxy(
     kernel: &Path,
     region: &run::ControlRegion,
     table: &FdTable,
-    sockets: &'a [(i32, SocketImage)],
+    sockets: &[(i32, SocketImage)],
     max_id: i32,
-) -> Result<(i32, File, Pending<'a>)> {
+    shared: BTreeMap<i32, OwnedFd>,
+    join: Option<&File>,
+) -> Result<(i32, File, Pending)> {
     use std::os::unix::ffi::OsStrExt;
     let top = table.fds.iter().map(|e| e.fd).max().unwrap_or(2).max(2);
     // Above every number the table uses: restore leaves it where it is.
@@ -585,7 +816,8 @@ fn spawn_proxy<'a>(
     // application ran here, or its address moved here).
     // Connections stay in repair mode and UDP sockets without their queue
     // until the address is here (Pending).
-    let mut supplied = std::collections::BTreeMap::new();
+    // Descriptions shared with the tree's other processes: built once.
+    let mut supplied = shared;
     let mut pending = Pending { tcp: Vec::new(), udp: Vec::new() };
     for (fd, image) in sockets {
         let why = || format!("cannot rebuild the socket of descriptor {fd}");
@@ -599,7 +831,7 @@ fn spawn_proxy<'a>(
             SocketImage::TcpListener(i) => i.restore().with_context(why)?,
             SocketImage::Udp(i) => {
                 let (s, bound) = i.restore_bound().with_context(why)?;
-                pending.udp.push((i, s.try_clone()?, bound));
+                pending.udp.push((i.clone(), s.try_clone()?, bound));
                 s
             }
         };
@@ -630,7 +862,15 @@ fn spawn_proxy<'a>(
             unsafe { libc::_exit(125) }
         };
         drop(ready_r);
-        if let Err(e) = enter_namespaces(max_id) {
+        let namespaces = match join {
+            // A later process's proxy: in the first one's mount namespace.
+            Some(mnt) => {
+                rustix::thread::move_into_link_name_space(mnt.as_fd(), Some(rustix::thread::LinkNameSpaceType::Mount))
+                    .context("joining the first proxy's mount namespace")
+            }
+            None => enter_namespaces(max_id),
+        };
+        if let Err(e) = namespaces {
             fail(format!("{e:#}"));
         }
         if rustix::io::write(&ready_w, b"r") != Ok(1) {
@@ -693,69 +933,114 @@ fn enter_namespaces(max_id: i32) -> Result<()> {
 /// At most three memory files, the control region, stderr and the input.
 const MAX_PLACES: usize = 6;
 
-/// Start the LWK image in restore mode, as process `ns_pid` of the new pid
-/// namespace, in the proxy's mount namespace `mnt`, with `places`
-/// (descriptor, number) in place; everything else of ours closes on exec.
-/// Returns its pid as this process sees it.
-fn spawn_restoring(
-    kernel: &Path,
-    command: &str,
-    places: &[(i32, i32)],
-    [ctl_at, diag_at, input_at]: [i32; 3],
+/// How one application process of the tree starts: the LWK image in
+/// restore mode, as process `ns_pid` of the new pid namespace, with
+/// `places` (descriptor, number) in place.
+struct Launch {
+    args: Vec<std::ffi::CString>,
+    places: Vec<(i32, i32)>,
     ns_pid: i32,
-    mnt: &File,
-) -> Result<i32> {
-    use std::os::unix::ffi::OsStrExt;
+    exit_signal: i32,
+    /// The processes it forked (places in the tree), started by it.
+    children: Vec<usize>,
+}
+
+/// Process `i` of the tree `p`, with its region: its memory files where
+/// the saved state says, the control region, stderr for the LWK's
+/// messages and the input above all of them.
+fn launch_of(p: &Prepared, region: &run::ControlRegion, tree: &TreeRecord, i: usize) -> Result<Launch> {
+    let top = p.memfds.iter().map(|m| m.1).max().unwrap_or(2).max(2) + 1;
+    let (ctl_at, diag_at, input_at) = (top, top + 1, top + 2);
+    let mut places: Vec<(i32, i32)> = p.memfds.iter().map(|(fd, at)| (fd.as_raw_fd(), *at)).collect();
+    places.push((region.fd.as_raw_fd(), ctl_at));
+    places.push((2, diag_at));
+    places.push((p.input.as_raw_fd(), input_at));
     assert!(places.len() <= MAX_PLACES);
-    let argv0 = command.split(' ').next().unwrap_or("lwk-restored");
-    let args: Vec<std::ffi::CString> =
-        [argv0.to_string(), "restore".into(), ctl_at.to_string(), diag_at.to_string(), input_at.to_string()]
-            .into_iter()
-            .map(|a| std::ffi::CString::new(a).context("a NUL in the command"))
-            .collect::<Result<_>>()?;
-    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
-    argv.push(std::ptr::null());
+    let argv0 = p.manifest.command.split(' ').next().unwrap_or("lwk-restored");
+    let args = [argv0.to_string(), "restore".into(), ctl_at.to_string(), diag_at.to_string(), input_at.to_string()]
+        .into_iter()
+        .map(|a| std::ffi::CString::new(a).context("a NUL in the command"))
+        .collect::<Result<_>>()?;
+    let m = &tree.members[i];
+    let children = tree.members.iter().enumerate().filter(|(_, c)| c.parent == Some(i)).map(|(c, _)| c).collect();
+    Ok(Launch { args, places, ns_pid: m.pid_in_namespace, exit_signal: m.exit_signal, children })
+}
+
+/// Start the tree's application processes, in the proxy's mount namespace
+/// `mnt`: the first as our child, each other one as the child of the
+/// process that forked it (which starts it before it becomes the LWK
+/// image, so that wait4 and SIGCHLD work as they did). Everything else of
+/// ours closes on exec. Returns the first one's pid as this process sees it.
+fn spawn_restoring(kernel: &Path, launches: &[Launch], mnt: &File) -> Result<i32> {
+    use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(kernel.as_os_str().as_bytes()).context("the LWK image's path")?;
-    let ids = [ns_pid];
-    // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal,
-    // stack, stack_size, tls, set_tid, set_tid_size, cgroup.
-    let clone_args: [u64; 11] = [0, 0, 0, 0, libc::SIGCHLD as u64, 0, 0, 0, ids.as_ptr() as u64, 1, 0];
-    // SAFETY: clone3 without a new stack or CLONE_VM is a fork; this process
-    // has one thread.
-    let pid = unsafe { libc::syscall(libc::SYS_clone3, clone_args.as_ptr(), std::mem::size_of_val(&clone_args)) };
+    let pid = clone_at(launches[0].ns_pid, libc::SIGCHLD);
     if pid < 0 {
         let e = std::io::Error::last_os_error();
-        bail!("cannot start the application process as pid {ns_pid} in its pid namespace: {e}");
+        bail!("cannot start the application process as pid {} in its pid namespace: {e}", launches[0].ns_pid);
     }
     if pid > 0 {
         return Ok(pid as i32);
     }
     // The child: only system calls on what was prepared above.
-    let fail = |what: &str| -> ! {
-        eprintln!("lwk: starting the restored application: {what}: {}", std::io::Error::last_os_error());
-        // SAFETY: leaving the child without running the parent's exit code.
-        unsafe { libc::_exit(125) }
-    };
     // SAFETY: joining the proxy's mount namespace (this process has one thread).
     if unsafe { libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
-        fail("joining the proxy's mount namespace");
+        launch_failed("joining the proxy's mount namespace");
     }
-    let high = 1 + places.iter().map(|&(f, t)| f.max(t)).max().unwrap_or(0);
+    launch(launches, 0, &path)
+}
+
+/// A fork (clone3 without a new stack or CLONE_VM) whose child is
+/// process `ns_pid` of our pid namespace for children, and sends
+/// `exit_signal` when it ends. Returns as fork does.
+fn clone_at(ns_pid: i32, exit_signal: i32) -> libc::c_long {
+    let ids = [ns_pid];
+    // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal,
+    // stack, stack_size, tls, set_tid, set_tid_size, cgroup.
+    let clone_args: [u64; 11] = [0, 0, 0, 0, exit_signal as u64, 0, 0, 0, ids.as_ptr() as u64, 1, 0];
+    // SAFETY: clone3 without a new stack or CLONE_VM is a fork; the process
+    // calling it has one thread.
+    unsafe { libc::syscall(libc::SYS_clone3, clone_args.as_ptr(), std::mem::size_of_val(&clone_args)) }
+}
+
+fn launch_failed(what: &str) -> ! {
+    eprintln!("lwk: starting the restored application: {what}: {}", std::io::Error::last_os_error());
+    // SAFETY: leaving the child without running the parent's exit code.
+    unsafe { libc::_exit(125) }
+}
+
+/// In the child that becomes process `i`: start its children (each does
+/// the same), put its descriptors in place and become the LWK image.
+fn launch(launches: &[Launch], i: usize, path: &std::ffi::CStr) -> ! {
+    let l = &launches[i];
+    for &c in &l.children {
+        let pid = clone_at(launches[c].ns_pid, launches[c].exit_signal);
+        if pid < 0 {
+            launch_failed("starting a process it had forked");
+        }
+        if pid == 0 {
+            launch(launches, c, path);
+        }
+    }
+    let places = &l.places;
+    let high = 1 + launches.iter().flat_map(|l| &l.places).map(|&(f, t)| f.max(t)).max().unwrap_or(0);
     let mut moved = [-1; MAX_PLACES];
     for (m, &(from, _)) in moved.iter_mut().zip(places) {
         // SAFETY: duplicating our own descriptors above every target.
         *m = unsafe { libc::fcntl(from, libc::F_DUPFD_CLOEXEC, high) };
         if *m < 0 {
-            fail("placing its descriptors");
+            launch_failed("placing its descriptors");
         }
     }
     for (&fd, &(_, to)) in moved.iter().zip(places) {
         // SAFETY: every source was moved above every target first.
         if unsafe { libc::dup2(fd, to) } < 0 {
-            fail("placing its descriptors");
+            launch_failed("placing its descriptors");
         }
     }
+    let mut argv: Vec<*const libc::c_char> = l.args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
     // SAFETY: a NUL-terminated argv of ours; the environment is ours.
     unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
-    fail("executing the LWK image")
+    launch_failed("executing the LWK image")
 }

@@ -100,7 +100,7 @@ pub fn restore_main(st: &Startup) -> ! {
     let all = !0u64;
     // SAFETY: our own mask word.
     unsafe { syscall6(nr::RT_SIGPROCMASK, 2, &all as *const u64 as u64, 0, 8, 0, 0) };
-    if let Err(e) = map_control(ctl).and_then(|()| crate::boot::die_with_supervisor()) {
+    if let Err(e) = map_control(ctl).and_then(|()| stand_by_parent()) {
         lwk_rt::diag!("{}", e);
         exit_group(125);
     }
@@ -234,6 +234,22 @@ pub fn restore_main(st: &Startup) -> ! {
     unsafe { syscall3(nr::SET_TID_ADDRESS, mine.clear_tid, 0, 0) };
     thread::leaving_restored();
     thread::enter_saved(&mine.ctx)
+}
+
+/// The first process of a tree dies with `lwk restore`, whose child it is
+/// (outside its pid namespace: getppid says 0), as it would with its
+/// `lwk run`. A process it forked is restored as its child again, and
+/// outlives it as a forked process does.
+fn stand_by_parent() -> Result<(), &'static str> {
+    // SAFETY: plain getppid.
+    let parent = unsafe { syscall3(nr::GETPPID, 0, 0, 0) } as i32;
+    if parent == 0 {
+        return crate::boot::die_with_supervisor();
+    }
+    if parent != control().header.parent_pid.load(Relaxed) {
+        return Err("restore: this process is not the child of the process that forked it");
+    }
+    Ok(())
 }
 
 /// A restored thread other than the first: enter the application from its

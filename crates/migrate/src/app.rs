@@ -37,6 +37,8 @@ pub enum AppError {
     BadExport(i32),
     #[error("process {pid} did not resume within {ms} ms")]
     NoResume { pid: i32, ms: u128 },
+    #[error("the process tree of {pid}: {what}")]
+    Tree { pid: i32, what: String },
 }
 
 type Result<T> = std::result::Result<T, AppError>;

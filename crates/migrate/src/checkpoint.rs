@@ -27,7 +27,9 @@ use lwk_kernel::freeze::ThreadRecord;
 use lwk_kernel::persist::LwkState;
 
 use crate::app::{AppInfo, Frozen};
+use crate::fds::{Disposition, FdKind, FdTable};
 use crate::image::{ImageError, ImageWriter, RecordKind};
+use crate::tree;
 
 /// What an image holds, and from where.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -101,7 +103,10 @@ pub enum CheckpointError {
 /// What writing an image took.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Written {
+    /// The first process's manifest.
     pub manifest: Manifest,
+    /// The other processes' (of a tree).
+    pub others: Vec<Manifest>,
     /// Bytes of image written (after compression).
     pub image_bytes: u64,
     pub seconds: f64,
@@ -115,26 +120,78 @@ fn bytes_of<T: Copy>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
 }
 
-/// The descriptors of the frozen application's proxy `proxy`, refused if
-/// any cannot be moved (each named with its reason), but for standard
-/// input, output and error, which are then handed over at the restore.
+/// The descriptors of the proxies of the application's processes
+/// `members` (application process, proxy), which should be frozen:
+/// refused if any cannot be moved (each named with its reason), but for
+/// standard input, output and error, which are then handed over at the
+/// restore. Descriptions that several proxies share are listed once
+/// ([`tree::share_across`]).
+///
 /// With `relayed_by` (a migration whose source supervisor, that process,
-/// stands for the application), those of them that are still the
+/// stands for the application), standard streams that are still the
 /// supervisor's own (the same open file) are handed over too, whatever
 /// they are: they are relayed to where they lead on this node (a file
 /// here stays the file here). Other descriptors that lead outside the
 /// application (a pipe, a terminal) are refused: a restore hands over only
 /// the standard streams. With `force_close`, what cannot move is left out
 /// instead (closed in the image: the application here keeps it until it
-/// ends), and named in the second part of the answer.
+/// ends), and named in [`Descriptors::closed`].
 pub fn capture_descriptors(
-    pid: i32,
-    proxy: i32,
+    members: &[(i32, i32)],
     relayed_by: Option<i32>,
     force_close: bool,
-) -> Result<(crate::fds::FdTable, Vec<String>), CheckpointError> {
-    use crate::fds::{Disposition, FdKind};
-    let mut table = crate::fds::capture(proxy).map_err(|source| CheckpointError::Descriptors { pid: proxy, source })?;
+) -> Result<Descriptors, CheckpointError> {
+    let proxies: Vec<i32> = members.iter().map(|m| m.1).collect();
+    let mut tables = Vec::with_capacity(members.len());
+    for &proxy in &proxies {
+        tables.push(crate::fds::capture(proxy).map_err(|source| CheckpointError::Descriptors { pid: proxy, source })?);
+    }
+    let shared = match members.len() {
+        1 => Vec::new(),
+        _ => tree::share_across(&mut tables, &proxies)
+            .map_err(|source| CheckpointError::Descriptors { pid: members[0].1, source })?,
+    };
+    let mut refused = Vec::new();
+    for (table, &(pid, proxy)) in tables.iter_mut().zip(members) {
+        hand_over_streams(table, proxy, relayed_by);
+        let these: Vec<String> = table.unmovable().iter().map(|u| u.to_string()).collect();
+        if !these.is_empty() && members.len() > 1 {
+            refused.push(format!("process {pid}: {}", these.join("; ")));
+        } else {
+            refused.extend(these);
+        }
+        if force_close {
+            // Closed, as a close would: gone from the table and from every
+            // epoll instance's interest list.
+            let gone: Vec<i32> = table.unmovable().iter().map(|u| u.fd).collect();
+            table.fds.retain(|e| !gone.contains(&e.fd));
+            for e in &mut table.fds {
+                if let FdKind::Epoll { registrations } = &mut e.kind {
+                    registrations.retain(|r| !gone.contains(&r.fd));
+                }
+            }
+        }
+    }
+    if !refused.is_empty() && !force_close {
+        return Err(CheckpointError::Unmovable { pid: members[0].0, what: refused.join("; ") });
+    }
+    Ok(Descriptors { tables, shared, closed: refused })
+}
+
+/// The descriptors of an application's processes, as captured.
+pub struct Descriptors {
+    /// Each process's proxy's table, in the tree's order.
+    pub tables: Vec<FdTable>,
+    /// The descriptions they share.
+    pub shared: Vec<tree::Shared>,
+    /// What `force_close` left out, named.
+    pub closed: Vec<String>,
+}
+
+/// What of `table` (proxy `proxy`'s) leads outside the application: its
+/// standard streams are handed over (see [`capture_descriptors`]), any
+/// other such pipe or terminal cannot move.
+fn hand_over_streams(table: &mut FdTable, proxy: i32, relayed_by: Option<i32>) {
     for e in table.fds.iter_mut().filter(|e| e.fd > 2) {
         if let (Disposition::Supply { why }, FdKind::Pipe { .. } | FdKind::CharDevice { .. }) =
             (&e.disposition, &e.kind)
@@ -145,6 +202,9 @@ pub fn capture_descriptors(
         }
     }
     for e in table.fds.iter_mut().filter(|e| e.fd <= 2) {
+        if matches!(e.disposition, Disposition::Shared { .. }) {
+            continue;
+        }
         if relayed_by.is_some_and(|s| same_file(proxy, s, e.fd)) {
             e.disposition = Disposition::Supply { why: "a standard stream of lwk run's, relayed".to_string() };
         } else if let Disposition::CannotMove { reason } = &e.disposition {
@@ -154,23 +214,6 @@ pub fn capture_descriptors(
             e.disposition = Disposition::Supply { why: format!("a standard stream that cannot be rebuilt ({reason})") };
         }
     }
-    let refused: Vec<String> = table.unmovable().iter().map(|u| u.to_string()).collect();
-    if refused.is_empty() {
-        return Ok((table, refused));
-    }
-    if !force_close {
-        return Err(CheckpointError::Unmovable { pid, what: refused.join("; ") });
-    }
-    // Closed, as a close would: gone from the table and from every epoll
-    // instance's interest list.
-    let gone: Vec<i32> = table.unmovable().iter().map(|u| u.fd).collect();
-    table.fds.retain(|e| !gone.contains(&e.fd));
-    for e in &mut table.fds {
-        if let FdKind::Epoll { registrations } = &mut e.kind {
-            registrations.retain(|r| !gone.contains(&r.fd));
-        }
-    }
-    Ok((table, refused))
 }
 
 /// Is descriptor `fd` of process `a` the same open file as `fd` of `b`?
@@ -181,18 +224,50 @@ fn same_file(a: i32, b: i32, fd: i32) -> bool {
     unsafe { libc::syscall(libc::SYS_kcmp, a, b, KCMP_FILE, fd as libc::c_long, fd as libc::c_long) == 0 }
 }
 
-/// Write the frozen application `frozen` (described by `info`), its
-/// descriptors `table` and its sockets as an image; of its memory, all of
-/// it, or `only` those ranges (what a pre-copy has not sent).
+/// One frozen process of the application, as [`write_image`] writes it.
+pub struct ProcessImage<'a> {
+    pub frozen: &'a Frozen<'a>,
+    pub info: &'a AppInfo,
+    /// Its proxy's descriptors.
+    pub table: &'a FdTable,
+    pub sockets: &'a CapturedSockets,
+    /// Of its memory, only these ranges (what a pre-copy has not sent);
+    /// all of it if None.
+    pub only: Option<&'a [std::ops::Range<u64>]>,
+}
+
+/// Write the frozen application's processes (its first process first,
+/// parents before children; `tree` says how they relate, when there are
+/// several) as one image.
 pub fn write_image<W: Write>(
-    frozen: &Frozen<'_>,
-    info: &AppInfo,
-    table: &crate::fds::FdTable,
-    sockets: &CapturedSockets,
-    only: Option<&[std::ops::Range<u64>]>,
+    processes: &[ProcessImage<'_>],
+    tree: &tree::TreeRecord,
     mut out: ImageWriter<W>,
 ) -> Result<(Written, W), CheckpointError> {
     let t0 = Instant::now();
+    let pids: Vec<i32> = processes.iter().map(|p| p.frozen.app.pid).collect();
+    if processes.len() > 1 {
+        out.json(RecordKind::Processes, tree)?;
+    }
+    let mut manifests = Vec::with_capacity(processes.len());
+    for p in processes {
+        manifests.push(write_process(p, &pids, &mut out)?);
+    }
+    let image_bytes = out.bytes_written();
+    let w = out.finish()?;
+    let mut manifests = manifests.into_iter();
+    let manifest = manifests.next().expect("at least one process");
+    Ok((Written { manifest, others: manifests.collect(), image_bytes, seconds: t0.elapsed().as_secs_f64() }, w))
+}
+
+/// One process's records: manifest, LWK state, threads, descriptors,
+/// sockets, memory. Its children must all be among `tree` (pids).
+fn write_process<W: Write>(
+    p: &ProcessImage<'_>,
+    tree: &[i32],
+    out: &mut ImageWriter<W>,
+) -> Result<Manifest, CheckpointError> {
+    let ProcessImage { frozen, info, table, sockets, only } = *p;
     let x = frozen.export();
     let pid = frozen.app.pid;
     let mm = &x.state.mm;
@@ -232,12 +307,10 @@ pub fn write_image<W: Write>(
         }
     }
     let unmovable = |what: String| CheckpointError::Unmovable { pid, what };
-    let children: Vec<String> = crate::app::children(pid).iter().map(|c| c.to_string()).collect();
-    if !children.is_empty() {
-        return Err(unmovable(format!(
-            "it has child processes ({}): process trees are not movable yet",
-            children.join(", ")
-        )));
+    let strays: Vec<String> =
+        crate::app::children(pid).iter().filter(|c| !tree.contains(c)).map(|c| c.to_string()).collect();
+    if !strays.is_empty() {
+        return Err(unmovable(format!("it forked processes {} while it was being frozen", strays.join(", "))));
     }
     if mm.part_page != 0 {
         return Err(unmovable("it runs in a partition (restoring into one is not built yet)".into()));
@@ -343,9 +416,7 @@ pub fn write_image<W: Write>(
             done += n as u64;
         }
     }
-    let image_bytes = out.bytes_written();
-    let w = out.finish()?;
-    Ok((Written { manifest, image_bytes, seconds: t0.elapsed().as_secs_f64() }, w))
+    Ok(manifest)
 }
 
 /// The extents of [off, off+len) of `f` that hold data (SEEK_DATA,
@@ -435,6 +506,23 @@ impl CapturedSockets {
             let _ = crate::sockets::TcpConnection::release_source(s);
         }
     }
+}
+
+/// [`capture_sockets`] for each process of a tree (`proxies` and their
+/// `tables`, in the same order); on an error those already captured are
+/// resumed.
+pub fn capture_tree_sockets(proxies: &[i32], tables: &[FdTable]) -> Result<Vec<CapturedSockets>, CheckpointError> {
+    let mut all = Vec::with_capacity(proxies.len());
+    for (&proxy, table) in proxies.iter().zip(tables) {
+        match capture_sockets(proxy, table) {
+            Ok(s) => all.push(s),
+            Err(e) => {
+                all.into_iter().for_each(CapturedSockets::resume);
+                return Err(e);
+            }
+        }
+    }
+    Ok(all)
 }
 
 /// Capture the TCP and UDP sockets among the proxy's descriptors `table`

@@ -156,6 +156,11 @@ pub enum Disposition {
     Supply { why: String },
     /// It cannot be moved, for this reason.
     CannotMove { reason: String },
+    /// Its open file description is shared with other processes of the
+    /// application's tree (`lwk_migrate::tree`): rebuilt once, by whoever
+    /// restores the tree, and handed in to each ([`RestoreOptions::supplied`]).
+    /// `id` is its place in the tree's list of shared descriptions.
+    Shared { id: usize },
 }
 
 /// The file status flags of an open file description, as
@@ -293,10 +298,10 @@ pub enum PipeEnd {
 }
 
 impl PipeEnd {
-    fn reads(self) -> bool {
+    pub fn reads(self) -> bool {
         matches!(self, PipeEnd::Read | PipeEnd::ReadWrite)
     }
-    fn writes(self) -> bool {
+    pub fn writes(self) -> bool {
         matches!(self, PipeEnd::Write | PipeEnd::ReadWrite)
     }
 }
@@ -1200,6 +1205,12 @@ pub fn restore(table: &FdTable, options: RestoreOptions) -> Result<Restored> {
                 return Err(Error::CannotMove { fd: e.fd, reason: reason.clone() })
             }
             Disposition::Supply { why } if !supplied => return Err(Error::NotSupplied { fd: e.fd, why: why.clone() }),
+            Disposition::Shared { id } if !supplied => {
+                return Err(Error::NotSupplied {
+                    fd: e.fd,
+                    why: format!("shared with another process (description {id})"),
+                })
+            }
             _ => {}
         }
     }
@@ -1365,17 +1376,7 @@ impl Restorer {
     /// Status flags the description had that opening it did not give
     /// (`O_NONBLOCK` of a pipe or an eventfd, `O_APPEND`, ...).
     fn set_status_flags(&self, e: &FdEntry) -> Result<()> {
-        if e.flags.access_mode() == AccessMode::Path {
-            return Ok(());
-        }
-        let fd = borrow(e.fd);
-        let now = rustix::fs::fcntl_getfl(fd).map_err(rebuild_error(e.fd, "F_GETFL"))?;
-        let settable = OFlags::from_bits_retain(SETTABLE_FLAGS);
-        let want = (now - settable) | (OFlags::from_bits_retain(e.flags.0) & settable);
-        if want != now {
-            rustix::fs::fcntl_setfl(fd, want).map_err(rebuild_error(e.fd, "F_SETFL"))?;
-        }
-        Ok(())
+        set_status_flags(borrow(e.fd), e)
     }
 
     /// A new open file description for `e` (not a pipe, not epoll).
@@ -1510,6 +1511,60 @@ impl Restorer {
         }
         Ok(())
     }
+}
+
+/// Give `fd` the status flags `e`'s description had that opening it did
+/// not give (`O_NONBLOCK` of a pipe or an eventfd, `O_APPEND`, ...).
+pub fn set_status_flags(fd: std::os::fd::BorrowedFd<'_>, e: &FdEntry) -> Result<()> {
+    if e.flags.access_mode() == AccessMode::Path {
+        return Ok(());
+    }
+    let now = rustix::fs::fcntl_getfl(fd).map_err(rebuild_error(e.fd, "F_GETFL"))?;
+    let settable = OFlags::from_bits_retain(SETTABLE_FLAGS);
+    let want = (now - settable) | (OFlags::from_bits_retain(e.flags.0) & settable);
+    if want != now {
+        rustix::fs::fcntl_setfl(fd, want).map_err(rebuild_error(e.fd, "F_SETFL"))?;
+    }
+    Ok(())
+}
+
+/// A new open file description like `e`'s, with its offset and status
+/// flags, at a number of its own (close-on-exec): for a description that
+/// several processes share, rebuilt once and handed to each. Not for a
+/// pipe ([`rebuild_pipe`]), an epoll instance, a socket or a memory file.
+pub fn rebuild_description(e: &FdEntry) -> Result<OwnedFd> {
+    let fd = Restorer { floor: 0, restored: Restored::default() }.rebuild(e)?;
+    set_status_flags(fd.as_fd(), e)?;
+    Ok(fd)
+}
+
+/// A new anonymous pipe of the capacity `contents` says, holding its bytes:
+/// (reading end, writing end), close-on-exec, without status flags.
+pub fn rebuild_pipe(contents: &PipeContents) -> Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC).map_err(rebuild_error(-1, "pipe2"))?;
+    let size = rustix::pipe::fcntl_getpipe_size(&w).map_err(rebuild_error(-1, "F_GETPIPE_SZ"))?;
+    if size != contents.capacity {
+        rustix::pipe::fcntl_setpipe_size(&w, contents.capacity)
+            .map_err(rebuild_error(-1, &format!("F_SETPIPE_SZ to {} bytes", contents.capacity)))?;
+    }
+    write_all(&w, &contents.buffered).map_err(|source| Error::Rebuild {
+        fd: -1,
+        what: format!("writing back the {} bytes the pipe held", contents.buffered.len()),
+        source,
+    })?;
+    Ok((r, w))
+}
+
+/// The bytes in the pipe at descriptor `fd` of process `pid` (which
+/// should be frozen), read without taking them, through a reading end
+/// opened again by /proc.
+pub fn pipe_contents_at(pid: i32, fd: RawFd, inode: u64) -> Result<PipeContents> {
+    let path = proc_path(pid, &format!("fd/{fd}"));
+    let reader =
+        rustix::fs::open(&path, OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
+            Error::Inspect { pid, fd, what: "opening the pipe for reading through /proc", source: e.into() }
+        })?;
+    peek_pipe(pid, fd, inode, reader.as_fd())
 }
 
 fn write_all(fd: &OwnedFd, mut bytes: &[u8]) -> io::Result<()> {

@@ -12,6 +12,7 @@
 //! | [`image`] | the image format: framed, versioned, checksummed records, on disk and on the wire |
 //! | [`fds`] | a process's descriptors captured (files, pipes with their bytes, eventfd, timerfd, epoll, ...) and rebuilt at the same numbers |
 //! | [`sockets`] | TCP connections moved with `TCP_REPAIR`, listening sockets, UDP sockets with their queued datagrams |
+//! | [`tree`] | an application's process tree: its processes frozen together, what their proxies share |
 //! | [`precopy`] | memory sent while the application runs, in rounds of what was written since |
 //! | [`dirty`] | pages written since the last look: userfaultfd write-protection (async) and `PAGEMAP_SCAN` |
 //!
@@ -24,3 +25,4 @@ pub mod fds;
 pub mod image;
 pub mod precopy;
 pub mod sockets;
+pub mod tree;
