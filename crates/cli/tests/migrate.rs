@@ -649,6 +649,40 @@ fn an_application_migrated_to_b_and_back_to_a_still_talks_through_its_first_lwk_
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, pid namespaces)"]
+fn a_process_tree_migrated_to_b_and_back_keeps_its_child_pipes_and_shared_memory() {
+    // tree_target's parent and child pass numbers through two pipes and
+    // add them up in shared memory; they move to B and back to A mid-way.
+    // The child stays the parent's child (getppid, SIGUSR1, wait4 and its
+    // exit status), and the output comes through the first lwk run.
+    let prog = compiled("tree_target");
+    let pause = ["40000"];
+    let o = Command::new(prog).args(pause).output().unwrap();
+    let expected = String::from_utf8(o.stdout).unwrap();
+    let mut c = Cluster::new("tree");
+    c.start_daemon(&c.key(), None);
+    c.start_daemon_in_a();
+    let (mut child, mut out, pid) = c.start(prog, &pause);
+    std::thread::sleep(Duration::from_millis(200));
+    let o = c.migrate(pid, &c.key());
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["processes"], 2, "{report}");
+    assert_eq!(report["threads"], 2, "{report}");
+    let in_b = c.apps_in(&c.b);
+    assert_eq!(in_b.len(), 2, "both processes run in B: {in_b:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let first = *in_b.iter().min_by_key(|&&p| lwk_migrate::app::pid_in_namespace(p)).unwrap();
+    let o = c.migrate_command(&c.b, first, A_ADDR, &c.key(), &[]).output().unwrap();
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert_eq!(format!("ready\n{rest}"), expected, "{}", c.daemon_log());
+    assert!(child.wait().unwrap().success());
+    c.wait_until_b_is_clean("after the tree left B");
+}
+
+#[test]
 #[ignore = "needs root (network namespaces, pid namespaces, tc)"]
 fn a_writer_faster_than_the_link_is_refused_before_the_freeze_with_max_freeze() {
     let mut c = Cluster::new("fast");
