@@ -130,8 +130,7 @@ fn resolve(to: &str) -> Result<SocketAddr> {
 pub fn main(args: MigrateArgs) -> Result<i32> {
     let key = lwk_node::key::load(&args.key)?;
     // The application's processes: the one `lwk run` started and those it
-    // forked. Memory goes ahead (pre-copy) for the first; the others'
-    // goes in the freeze.
+    // forked, each with its memory sent ahead (pre-copy).
     let tree = Tree::attach(args.pid)?;
     let app = &tree.members[0].app;
     let info = tree.members[0].info.clone();
@@ -160,9 +159,11 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     stream.set_read_timeout(Some(Duration::from_secs(args.timeout)))?;
     stream.set_write_timeout(Some(Duration::from_secs(args.timeout)))?;
     let mut ch = Channel::handshake(stream, &key, Role::Client).with_context(|| format!("the node daemon at {to}"))?;
-    // Memory goes ahead while the application runs (pre-copy), if both its
-    // processes have a userfaultfd; otherwise all of it in the freeze.
-    let mut precopy = match PreCopy::start(app) {
+    // Memory goes ahead while the application runs (pre-copy), if each of
+    // its processes and proxies has a userfaultfd; otherwise all of it in
+    // the freeze.
+    let apps: Vec<&App> = tree.members.iter().map(|m| &m.app).collect();
+    let mut precopy = match PreCopy::start(&apps) {
         Ok(p) => Some(p),
         Err(e) => {
             report.precopy_off = Some(e.to_string());
@@ -271,7 +272,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
                 info: &tree.members[i].info,
                 table: &tables[i],
                 sockets: &s[i],
-                only: if i == 0 { remaining.as_deref() } else { None },
+                only: remaining.as_ref().map(|r| r[i].as_slice()),
             })
             .collect();
         let (written, mut sink) = write_image(&processes, &record, w)?;

@@ -156,6 +156,8 @@ struct Building {
     memory_bytes: u64,
     table: Option<FdTable>,
     sockets: Vec<(i32, SocketImage)>,
+    /// Memory came ahead (pre-copy) into its memory files.
+    precopied: bool,
 }
 
 impl Building {
@@ -173,6 +175,7 @@ impl Building {
             memory_bytes: 0,
             table: None,
             sockets: Vec::new(),
+            precopied: false,
         })
     }
 
@@ -261,20 +264,25 @@ fn prepare(
     let mut r = ImageReader::new(BufReader::new(f), key).with_context(|| format!("{}", path.display()))?;
     let bad = |what: &str| anyhow::anyhow!("{}: {what}", path.display());
 
-    // Each manifest starts the next process's records.
-    let mut done: Vec<Building> = Vec::new();
-    let mut b = Building::new()?;
+    // Pre-copied memory first (each process's, into its memory files),
+    // then the tree, then each process's records, each starting with its
+    // manifest.
+    let mut builds: Vec<Building> = Vec::new();
+    let mut cur: Option<usize> = None;
     let mut tree: Option<TreeRecord> = None;
     let mut premap: Vec<MappedRange> = Vec::new();
-    let mut precopied = false;
+    let members = |tree: &Option<TreeRecord>| tree.as_ref().map_or(1, |t| t.members.len());
     while let Some(rec) = r.next_record().with_context(|| format!("reading {}", path.display()))? {
         match rec {
             Record::Known { kind: RecordKind::Processes, .. } => {
-                if tree.is_some() || b.manifest.is_some() {
+                if tree.is_some() || cur.is_some() {
                     return Err(bad("the process tree record is out of place"));
                 }
                 let t: TreeRecord = rec.json()?;
                 check_tree(&t).map_err(|e| bad(&e))?;
+                if builds.len() > t.members.len() {
+                    return Err(bad("memory came ahead for more processes than the tree has"));
+                }
                 tree = Some(t);
             }
             Record::Known { kind: RecordKind::Manifest, .. } => {
@@ -289,19 +297,22 @@ fn prepare(
                     );
                 }
                 check_files(&m)?;
-                if b.manifest.is_some() {
-                    done.push(std::mem::replace(&mut b, Building::new()?));
-                }
-                if done.len() >= tree.as_ref().map_or(1, |t| t.members.len()) {
+                let next = cur.map_or(0, |c| c + 1);
+                if next >= members(&tree) {
                     return Err(bad("more processes than the tree record names"));
                 }
-                b.manifest = Some(m);
+                while builds.len() <= next {
+                    builds.push(Building::new()?);
+                }
+                builds[next].manifest = Some(m);
+                cur = Some(next);
             }
             Record::Known { kind: RecordKind::LwkState, payload } => {
-                if payload.len() != std::mem::size_of::<LwkState>() || b.manifest.is_none() || b.have_state {
+                let i = cur.ok_or_else(|| bad("the LWK state record is out of place"))?;
+                if payload.len() != std::mem::size_of::<LwkState>() || builds[i].have_state {
                     return Err(bad("the LWK state record is out of place or of the wrong size"));
                 }
-                let input = b.input();
+                let input = builds[i].input();
                 // SAFETY: the record holds the bytes of an LwkState written
                 // by this build (its size checked, its hash verified); the
                 // LWK checks every value before it uses it.
@@ -312,31 +323,44 @@ fn prepare(
                         payload.len(),
                     )
                 };
-                b.have_state = true;
+                builds[i].have_state = true;
+                let t = tree.as_ref();
+                let shares = t.and_then(|t| t.members.get(i)?.shares_memory_with);
+                let shared_slot =
+                    shares.is_some() || t.is_some_and(|t| t.members.iter().any(|m| m.shares_memory_with == Some(i)));
+                // The shared memory of a process it forked, or that forked
+                // it: one file for both.
+                let theirs = match shares {
+                    Some(j) => builds[j].memfds[2]
+                        .as_ref()
+                        .map(|f| f.try_clone())
+                        .transpose()
+                        .context("sharing a memory file")?,
+                    None => None,
+                };
+                let b = &mut builds[i];
                 let mm = &input_in(&mut b.input_map).export.state.mm;
-                let shares = tree.as_ref().and_then(|t| t.members.get(done.len())?.shares_memory_with);
                 for k in 0..3 {
                     if mm.memfd[k] < 0 {
                         b.memfds[k] = None; // pre-copied, but no longer in use
+                    } else if k == 2 && theirs.is_some() {
+                        b.memfds[2] = theirs.as_ref().map(|f| f.try_clone()).transpose()?;
                     } else if b.memfds[k].is_none() {
-                        b.memfds[k] = Some(match shares.and_then(|j| done.get(j)?.memfds[2].as_ref()) {
-                            // The shared memory of a process it forked, or
-                            // that forked it: one file for both.
-                            Some(theirs) if k == 2 => theirs.try_clone().context("sharing a memory file")?,
-                            _ => memory_file(k)?,
-                        });
+                        b.memfds[k] = Some(memory_file(k)?);
                     }
                 }
-                if precopied && done.is_empty() {
-                    free_unused(mm, &b.memfds)?;
+                if b.precopied {
+                    // A shared file's free offsets may be another process's.
+                    free_unused(mm, &b.memfds, if shared_slot { 2 } else { 3 })?;
                 }
             }
             Record::Known { kind: RecordKind::ThreadContexts, payload } => {
                 let size = 4 + std::mem::size_of::<ThreadRecord>();
-                if payload.len() % size != 0 || !b.have_state {
+                let i = cur.filter(|&i| builds[i].have_state);
+                let Some(i) = i.filter(|_| payload.len() % size == 0) else {
                     return Err(bad("the thread record is out of place or of the wrong size"));
-                }
-                let input = b.input();
+                };
+                let input = builds[i].input();
                 for chunk in payload.chunks(size) {
                     let slot = u32::from_le_bytes(chunk[..4].try_into().expect("4 bytes")) as usize;
                     let Some(t) = input.export.threads.get_mut(slot) else {
@@ -351,35 +375,48 @@ fn prepare(
                 }
             }
             Record::Known { kind: RecordKind::Descriptors, .. } => {
+                let i = cur.ok_or_else(|| bad("the descriptors record is out of place"))?;
                 let t: FdTable = rec.json()?;
                 fds::check(&t).context("the application's files are not as they were")?;
-                b.table = Some(t);
+                builds[i].table = Some(t);
             }
             Record::Known { kind: RecordKind::Sockets, .. } => {
-                b.sockets = rec.json()?;
+                let i = cur.ok_or_else(|| bad("the sockets record is out of place"))?;
+                builds[i].sockets = rec.json()?;
             }
             Record::Known { kind: RecordKind::MemoryMap, .. } => {
+                if cur.is_some() {
+                    return Err(bad("a memory map after the processes' states"));
+                }
                 premap = rec.json()?;
             }
-            Record::Memory(m) if !b.have_state => {
-                // Pre-copy (of the first process): where the map sent just
-                // before says.
-                if !done.is_empty() || b.manifest.is_some() {
-                    return Err(bad("pre-copied memory after the state it goes before"));
-                }
+            Record::Memory(m) if cur.is_none() => {
+                // Pre-copy: into the memory file the map sent just before
+                // names.
                 let end = m.addr + m.bytes.len() as u64;
                 let r = premap
                     .iter()
                     .find(|r| r.start <= m.addr && end <= r.end && r.slot < 3)
                     .ok_or_else(|| bad("pre-copied memory outside the map sent with it"))?;
+                if r.member >= MAX_TREE {
+                    return Err(bad("pre-copied memory of a process beyond any tree"));
+                }
+                while builds.len() <= r.member {
+                    builds.push(Building::new()?);
+                }
+                let b = &mut builds[r.member];
                 if b.memfds[r.slot].is_none() {
                     b.memfds[r.slot] = Some(memory_file(r.slot)?);
                 }
                 write_at(&b.memfds, r.slot, r.offset + (m.addr - r.start), &m.bytes)
                     .with_context(|| format!("restoring pre-copied memory at {:#x}", m.addr))?;
-                precopied = true;
+                b.precopied = true;
             }
             Record::Memory(m) => {
+                let b = &mut builds[cur.expect("checked by the guard above")];
+                if !b.have_state {
+                    return Err(bad("memory before its process's state"));
+                }
                 let mm = &input_in(&mut b.input_map).export.state.mm;
                 write_memory(mm, &b.memfds, m.addr, &m.bytes)
                     .with_context(|| format!("restoring memory at {:#x}", m.addr))?;
@@ -388,10 +425,11 @@ fn prepare(
             Record::Known { .. } | Record::Unknown { .. } => {}
         }
     }
-    done.push(b);
-    let prepared = done.into_iter().map(|b| b.finish(&path)).collect::<Result<Vec<_>>>()?;
+    if builds.len() != members(&tree) || cur != Some(builds.len() - 1) {
+        return Err(bad("fewer processes than the tree record names"));
+    }
+    let prepared = builds.into_iter().map(|b| b.finish(&path)).collect::<Result<Vec<_>>>()?;
     let tree = match tree {
-        Some(t) if t.members.len() != prepared.len() => return Err(bad("fewer processes than the tree record names")),
         Some(t) => t,
         None => TreeRecord {
             members: vec![MemberRecord {
@@ -406,10 +444,15 @@ fn prepare(
     Ok((prepared, tree))
 }
 
+/// The most processes a tree may have here (a bound on what an image can
+/// make this restorer build).
+const MAX_TREE: usize = 4096;
+
 /// Pre-copied pages at offsets the memory manager no longer uses must read
-/// as zeros when it gives them out again, as its free offsets do.
-fn free_unused(mm: &MmSnapshot, files: &[Option<OwnedFd>; 3]) -> Result<()> {
-    for (k, file) in files.iter().enumerate() {
+/// as zeros when it gives them out again, as its free offsets do (in the
+/// memory files below slot `below`).
+fn free_unused(mm: &MmSnapshot, files: &[Option<OwnedFd>; 3], below: usize) -> Result<()> {
+    for (k, file) in files.iter().enumerate().take(below) {
         let Some(fd) = file else { continue };
         let e = &mm.extents[k];
         for x in &e.free[..(e.n as usize).min(e.free.len())] {

@@ -669,6 +669,7 @@ fn a_process_tree_migrated_to_b_and_back_keeps_its_child_pipes_and_shared_memory
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["processes"], 2, "{report}");
     assert_eq!(report["threads"], 2, "{report}");
+    assert_eq!(report["precopy_off"], serde_json::Value::Null, "both processes' memory went ahead: {report}");
     let in_b = c.apps_in(&c.b);
     assert_eq!(in_b.len(), 2, "both processes run in B: {in_b:?}");
     std::thread::sleep(Duration::from_millis(300));

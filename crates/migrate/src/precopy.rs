@@ -27,13 +27,18 @@ use crate::dirty::{DirtySet, PageSize, WriteTracker};
 use crate::image::{ImageWriter, RecordKind};
 
 /// A range of LWK memory and where it is: memory file `slot` (4 KiB pages,
-/// 2 MiB pages, shared) at `offset`.
+/// 2 MiB pages, shared) of process `member` of the tree at `offset`.
+/// `member` is the first process that has the file: the shared memory
+/// file of a process and the one that forked it is one file, and its
+/// bytes go there whichever process's map they were read through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MappedRange {
     pub start: u64,
     pub end: u64,
     pub slot: usize,
     pub offset: u64,
+    #[serde(default)]
+    pub member: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,8 +65,57 @@ pub struct Round {
     pub ms: f64,
 }
 
+/// Pre-copy of every process of an application's tree (`tree`): each
+/// round goes through them in order, each process's memory after a
+/// `MemoryMap` record of its own.
 pub struct PreCopy {
+    members: Vec<Tracked>,
+}
+
+impl PreCopy {
+    /// Watch the memory of the processes `apps` (the tree's, in order).
+    pub fn start(apps: &[&App]) -> Result<PreCopy> {
+        let mut members: Vec<Tracked> = Vec::with_capacity(apps.len());
+        for (i, app) in apps.iter().enumerate() {
+            let mut t = Tracked::start(app)?;
+            // A memory file an earlier process has too is that one's.
+            for k in 0..3 {
+                let Some(id) = t.file_ids[k] else { continue };
+                t.owners[k] = members.iter().position(|m| m.file_ids[k] == Some(id)).unwrap_or(i);
+            }
+            members.push(t);
+        }
+        Ok(PreCopy { members })
+    }
+
+    /// One round of every process: what to send, sent to `out`.
+    pub fn round<W: Write>(&mut self, out: &mut ImageWriter<W>) -> Result<Round> {
+        let t = Instant::now();
+        let mut total = Round::default();
+        for m in &mut self.members {
+            let r = m.round(out)?;
+            total.bytes += r.bytes;
+            total.dirty_bytes += r.dirty_bytes;
+        }
+        total.ms = t.elapsed().as_secs_f64() * 1e3;
+        Ok(total)
+    }
+
+    /// After the freeze: for each process, the ranges the final image
+    /// must still carry (written since the last round, or mapped since),
+    /// without sending them.
+    pub fn remaining(&mut self) -> Result<Vec<Vec<Range<u64>>>> {
+        self.members.iter_mut().map(|m| m.remaining()).collect()
+    }
+}
+
+/// One process watched.
+struct Tracked {
     pid: i32,
+    /// Each memory file's identity (device, inode), and the process of the
+    /// tree whose file it is (see [`MappedRange::member`]).
+    file_ids: [Option<(u64, u64)>; 3],
+    owners: [usize; 3],
     files: [Option<File>; 3],
     app: WriteTracker,
     proxy: WriteTracker,
@@ -103,14 +157,15 @@ fn lwk_ranges(pid: i32) -> Result<Vec<MappedRange>> {
                 end: u64::from_str_radix(e, 16).ok()?,
                 slot,
                 offset: u64::from_str_radix(f[2], 16).ok()?,
+                member: 0,
             })
         })
         .collect())
 }
 
-impl PreCopy {
+impl Tracked {
     /// Watch `app`'s memory (and its proxy's writes into it).
-    pub fn start(app: &App) -> Result<PreCopy> {
+    fn start(app: &App) -> Result<Tracked> {
         use std::sync::atomic::Ordering::SeqCst;
         let h = &app.control().header;
         let (a, p, ptid) = (h.app_uffd.load(SeqCst), h.proxy_uffd.load(SeqCst), h.proxy_uffd_tid.load(SeqCst));
@@ -156,8 +211,14 @@ impl PreCopy {
         };
         let app_tracker = tracker(&h.app_uffd_ready, a, app.pid, app_uffd)?;
         let proxy_tracker = tracker(&h.proxy_uffd_ready, p, proxy_pid, proxy_uffd)?;
-        Ok(PreCopy {
+        let file_ids = std::array::from_fn(|k| {
+            use std::os::unix::fs::MetadataExt;
+            files[k].as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()))
+        });
+        Ok(Tracked {
             pid: app.pid,
+            file_ids,
+            owners: [0; 3],
             files,
             app: app_tracker,
             proxy: proxy_tracker,
@@ -240,11 +301,13 @@ impl PreCopy {
     }
 
     /// One round: what to send, sent to `out`.
-    pub fn round<W: Write>(&mut self, out: &mut ImageWriter<W>) -> Result<Round> {
+    fn round<W: Write>(&mut self, out: &mut ImageWriter<W>) -> Result<Round> {
         let t = Instant::now();
         let first = self.rounds == 0;
         let (ranges, dirty_bytes) = self.collect()?;
-        out.json(RecordKind::MemoryMap, &self.map.values().collect::<Vec<_>>())?;
+        let map: Vec<MappedRange> =
+            self.map.values().map(|r| MappedRange { member: self.owners[r.slot], ..*r }).collect();
+        out.json(RecordKind::MemoryMap, &map)?;
         let mut bytes = 0;
         for r in &ranges {
             bytes += self.send_range(out, r.clone(), first)?;
@@ -256,7 +319,7 @@ impl PreCopy {
     /// After the freeze: the ranges the final image must still carry
     /// (written since the last round, or mapped since), without sending
     /// them.
-    pub fn remaining(&mut self) -> Result<Vec<Range<u64>>> {
+    fn remaining(&mut self) -> Result<Vec<Range<u64>>> {
         Ok(self.collect()?.0)
     }
 
