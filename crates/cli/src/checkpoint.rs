@@ -46,7 +46,8 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
     let proxies: Vec<i32> = members.iter().map(|m| m.1).collect();
     let mut sockets = None;
     let written = (|| -> Result<_> {
-        let lwk_migrate::checkpoint::Descriptors { tables, shared, .. } = capture_descriptors(&members, None, false)?;
+        let lwk_migrate::checkpoint::Descriptors { tables, shared, .. } =
+            capture_descriptors(&members, None, false, lwk_migrate::fds::Contents::Read)?;
         let record = TreeRecord { members: tree.records(&frozen)?, shared };
         let s = sockets.insert(capture_tree_sockets(&proxies, &tables)?);
         let processes: Vec<ProcessImage> = (0..members.len())

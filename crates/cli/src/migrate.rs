@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use lwk_migrate::app::App;
 use lwk_migrate::checkpoint::{capture_descriptors, capture_tree_sockets, write_image, ProcessImage};
+use lwk_migrate::fds::Contents;
 use lwk_migrate::image::ImageWriter;
 use lwk_migrate::precopy::{PreCopy, Round};
 use lwk_migrate::tree::{Tree, TreeRecord};
@@ -148,7 +149,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let relayed_by = relay.as_ref().map(|r| r.0);
     // What cannot move is refused before anything is sent or stopped (the
     // descriptors are looked at again in the freeze).
-    if let Err(e) = capture_descriptors(&members, relayed_by, args.force_close) {
+    if let Err(e) = capture_descriptors(&members, relayed_by, args.force_close, Contents::Skip) {
         return Err(anyhow::Error::from(e).context(format!("process {} cannot be migrated; it goes on here", app.pid)));
     }
     let t0 = Instant::now();
@@ -253,7 +254,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let outcome = (|| -> Result<()> {
         let tc = Instant::now();
         let lwk_migrate::checkpoint::Descriptors { tables, shared, closed } =
-            capture_descriptors(&members, relayed_by, args.force_close)?;
+            capture_descriptors(&members, relayed_by, args.force_close, Contents::Read)?;
         report.closed = closed;
         let record = TreeRecord { members: tree.records(&frozen)?, shared };
         let s = sockets.insert(capture_tree_sockets(&proxies, &tables)?);

@@ -676,7 +676,12 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     run::APP_PID.store(app, Ordering::Relaxed);
     run::setup_signals();
     let standing = run::Standing::start(&regions[0])?;
-    let mut outcome = run::wait_both(app, proxies[0])?;
+    let outcome = run::wait_both(app, proxies[0]);
+    // The other processes' proxies are ours too: with the first process
+    // gone, its proxy (the pid namespace's first process) is gone, and
+    // the namespace with it.
+    end_children(&proxies[1..]);
+    let mut outcome = outcome?;
     outcome.status = standing.outcome(&regions[0], outcome.status)?;
     run::APP_PID.store(0, Ordering::Relaxed);
     if let Some(e) = outcome.proxy_failure {

@@ -286,6 +286,14 @@ impl Drop for Cluster {
             all.extend([c.clone(), sw.clone()]);
         }
         for ns in all {
+            // Whatever still runs there (a test that failed half-way leaves
+            // its application, or the copy restored in B) goes with it.
+            if let Ok(o) = Command::new("ip").args(["netns", "pids", &ns]).output() {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()) {
+                    // SAFETY: plain kill of a process of the test's own namespace.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
             Command::new("ip").args(["netns", "delete", &ns]).status().ok();
         }
     }
@@ -415,6 +423,114 @@ fn a_tcp_connection_and_queued_datagrams_go_on_at_the_destination_with_the_servi
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
     assert_eq!(rest, "done\n");
+    assert!(child.wait().unwrap().success());
+}
+
+/// One client of service_target: a connection that streams numbered
+/// lines and checks that each comes back, in order, once.
+struct Streamer {
+    handle: std::thread::JoinHandle<Result<u64, String>>,
+}
+
+impl Streamer {
+    /// Connect from the calling thread's network namespace; the thread
+    /// that streams runs until `stop`, and says how many lines came back.
+    fn start(
+        id: usize,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) -> Streamer {
+        use std::io::Write;
+        let conn = std::net::TcpStream::connect((SERVICE, 7001)).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let handle = std::thread::spawn(move || {
+            let mut replies = BufReader::new(conn.try_clone().unwrap());
+            let mut w = &conn;
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let line = format!("client {id} line {n}\n");
+                w.write_all(line.as_bytes()).map_err(|e| format!("client {id}: send {n}: {e}"))?;
+                let mut back = String::new();
+                replies.read_line(&mut back).map_err(|e| format!("client {id}: echo {n}: {e}"))?;
+                if back != line {
+                    return Err(format!("client {id}: sent {line:?}, got {back:?}"));
+                }
+                sent.fetch_add(line.len() as u64, std::sync::atomic::Ordering::SeqCst);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(n)
+        });
+        Streamer { handle }
+    }
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, pid namespaces, TCP_REPAIR)"]
+fn a_whole_application_with_a_child_100_clients_udp_and_512_mib_migrates_without_losing_a_byte() {
+    // service_target: a thread rewriting 512 MiB with its pattern, a forked
+    // child that adds up every line the server gets (through a pipe), an
+    // epoll loop echoing 100 clients that stream numbered lines through
+    // the whole migration, and a UDP socket read only afterwards.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let mut c = Cluster::with_client("all");
+    c.timeout = 60;
+    c.start_daemon(&c.key(), None);
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &c.a, LWK, "run", "--"])
+        .arg(compiled("service_target"))
+        .args([SERVICE, "7001", "7002", "512"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let mut child = only_standard_streams(&mut cmd).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut ready = String::new();
+    out.read_line(&mut ready).unwrap();
+    let pid_line = ready.strip_prefix("ready ").expect("ready PID").trim().to_string();
+    let pid = lwk_migrate::app::App::attach(child.id() as i32).unwrap().pid;
+
+    let (client_ns, _, _) = c.client.clone().unwrap();
+    enter_netns(&client_ns);
+    let stop = Arc::new(AtomicBool::new(false));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let streamers: Vec<Streamer> = (0..100).map(|i| Streamer::start(i, stop.clone(), bytes.clone())).collect();
+    let udp = std::net::UdpSocket::bind("198.18.0.100:0").unwrap();
+    for d in ["d1", "d2", "d3"] {
+        udp.send_to(d.as_bytes(), (SERVICE, 7002)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let before = bytes.load(Ordering::SeqCst);
+    assert!(before > 0, "the clients stream before the migration");
+
+    let o = c.migrate_with(pid, &c.key(), &["--address", SERVICE_24]);
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["processes"], 2, "{report}");
+    assert_eq!(report["threads"], 3, "{report}");
+    assert_eq!(report["precopy_off"], serde_json::Value::Null, "{report}");
+    assert_eq!(c.apps_in(&c.b).len(), 2, "both processes run in B");
+    let after_migration = bytes.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(bytes.load(Ordering::SeqCst) > after_migration, "the clients stream after the migration");
+    stop.store(true, Ordering::SeqCst);
+    let mut lines = 0;
+    for s in streamers {
+        lines += s.handle.join().unwrap().unwrap();
+    }
+    // Datagrams queued before the freeze, read after it.
+    let mut control = LineClient::connect((SERVICE, 7001), Duration::from_secs(20));
+    assert_eq!(control.ask("udp\n"), "udp 3 d1 d2 d3\n");
+    assert_eq!(control.ask("end\n"), "bye\n");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let total = bytes.load(Ordering::SeqCst);
+    assert_eq!(
+        rest,
+        format!("pid {pid_line}\nmemory ok\nchild exit 3 lines {lines} bytes {total}\n"),
+        "{report}\n{}",
+        c.daemon_log()
+    );
     assert!(child.wait().unwrap().success());
 }
 

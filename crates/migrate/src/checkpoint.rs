@@ -27,7 +27,7 @@ use lwk_kernel::freeze::ThreadRecord;
 use lwk_kernel::persist::LwkState;
 
 use crate::app::{AppInfo, Frozen};
-use crate::fds::{Disposition, FdKind, FdTable};
+use crate::fds::{Contents, Disposition, FdKind, FdTable};
 use crate::image::{ImageError, ImageWriter, RecordKind};
 use crate::tree;
 
@@ -136,19 +136,26 @@ fn bytes_of<T: Copy>(v: &T) -> &[u8] {
 /// the standard streams. With `force_close`, what cannot move is left out
 /// instead (closed in the image: the application here keeps it until it
 /// ends), and named in [`Descriptors::closed`].
+///
+/// With [`Contents::Skip`], the pipes' bytes are not read: a check of what
+/// can move while the application runs.
 pub fn capture_descriptors(
     members: &[(i32, i32)],
     relayed_by: Option<i32>,
     force_close: bool,
+    contents: Contents,
 ) -> Result<Descriptors, CheckpointError> {
     let proxies: Vec<i32> = members.iter().map(|m| m.1).collect();
     let mut tables = Vec::with_capacity(members.len());
     for &proxy in &proxies {
-        tables.push(crate::fds::capture(proxy).map_err(|source| CheckpointError::Descriptors { pid: proxy, source })?);
+        tables.push(
+            crate::fds::capture_with(proxy, contents)
+                .map_err(|source| CheckpointError::Descriptors { pid: proxy, source })?,
+        );
     }
     let shared = match members.len() {
         1 => Vec::new(),
-        _ => tree::share_across(&mut tables, &proxies)
+        _ => tree::share_across(&mut tables, &proxies, contents)
             .map_err(|source| CheckpointError::Descriptors { pid: members[0].1, source })?,
     };
     let mut refused = Vec::new();

@@ -575,6 +575,20 @@ fn read_proc(path: &Path) -> Result<String> {
 /// Describe every descriptor of process `pid`, which should be frozen (its
 /// descriptors must not change while they are read).
 pub fn capture(pid: i32) -> Result<FdTable> {
+    capture_with(pid, Contents::Read)
+}
+
+/// Whether [`capture_with`] reads what the pipes hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contents {
+    Read,
+    /// Only what the descriptors are (to see whether they can move, while
+    /// the process runs and its pipes change): every pipe listed empty.
+    Skip,
+}
+
+/// [`capture`], reading the pipes' bytes or not.
+pub fn capture_with(pid: i32, contents: Contents) -> Result<FdTable> {
     let raw_pid = Pid::from_raw(pid)
         .ok_or_else(|| Error::PidfdOpen { pid, source: io::Error::from(io::ErrorKind::InvalidInput) })?;
     let pidfd = rustix::process::pidfd_open(raw_pid, PidfdFlags::empty())
@@ -618,7 +632,10 @@ pub fn capture(pid: i32) -> Result<FdTable> {
     }
     mark_shared_descriptions(pid, &taken, &mut fds);
     mark_external_pipe_ends(&mut fds);
-    let pipes = capture_pipe_contents(pid, &taken, &fds)?;
+    let pipes = match contents {
+        Contents::Read => capture_pipe_contents(pid, &taken, &fds)?,
+        Contents::Skip => Vec::new(),
+    };
     check_epoll_registrations(&taken, &mut fds);
 
     Ok(FdTable { pid, fds, pipes, process: capture_process_fs(pid)? })

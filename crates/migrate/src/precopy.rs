@@ -163,6 +163,38 @@ fn lwk_ranges(pid: i32) -> Result<Vec<MappedRange>> {
         .collect())
 }
 
+/// `ranges` with neighbours that continue each other (the same memory
+/// file, the offset going on) joined, by start.
+fn runs(mut ranges: Vec<MappedRange>) -> BTreeMap<u64, MappedRange> {
+    ranges.sort_by_key(|r| r.start);
+    let mut out: BTreeMap<u64, MappedRange> = BTreeMap::new();
+    let mut last: Option<MappedRange> = None;
+    for r in ranges {
+        match &mut last {
+            Some(l) if l.end == r.start && l.slot == r.slot && l.offset + (l.end - l.start) == r.offset => {
+                l.end = r.end
+            }
+            _ => {
+                if let Some(l) = last.replace(r) {
+                    out.insert(l.start, l);
+                }
+            }
+        }
+    }
+    if let Some(l) = last {
+        out.insert(l.start, l);
+    }
+    out
+}
+
+/// Does one of `runs` map all of `r`, the same memory file at the same
+/// offsets?
+fn covers(runs: &BTreeMap<u64, MappedRange>, r: &MappedRange) -> bool {
+    runs.range(..=r.start).next_back().is_some_and(|(_, run)| {
+        run.slot == r.slot && run.end >= r.end && run.offset + (r.start - run.start) == r.offset
+    })
+}
+
 impl Tracked {
     /// Watch `app`'s memory (and its proxy's writes into it).
     fn start(app: &App) -> Result<Tracked> {
@@ -250,18 +282,20 @@ impl Tracked {
             }
         }
         // The proxy maps what the application mapped at its next
-        // delegated call: track it there once it has.
-        let proxy_now: BTreeMap<u64, MappedRange> =
-            lwk_ranges(self.proxy.pid())?.into_iter().map(|r| (r.start, r)).collect();
+        // delegated call: track it there once it has. Its map may cut the
+        // same memory into other pieces than the application's (the kernel
+        // merges neighbouring mappings differently in each process), so a
+        // range counts as mapped there when the proxy's runs cover it.
+        let proxy_now = runs(lwk_ranges(self.proxy.pid())?);
         for (start, old) in std::mem::take(&mut self.in_proxy) {
-            if proxy_now.get(&start) == Some(&old) && self.map.get(&start) == Some(&old) {
+            if covers(&proxy_now, &old) && self.map.get(&start) == Some(&old) {
                 self.in_proxy.insert(start, old);
             } else {
                 self.proxy.forget(old.start..old.end);
             }
         }
         for (start, r) in &self.map {
-            if !self.in_proxy.contains_key(start) && proxy_now.get(start) == Some(r) {
+            if !self.in_proxy.contains_key(start) && covers(&proxy_now, r) {
                 self.proxy.track(r.start..r.end, page_size(r.slot))?;
                 self.in_proxy.insert(*start, *r);
                 if !whole.contains(r) {
@@ -352,5 +386,34 @@ impl Tracked {
             }
         }
         Ok(sent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(start: u64, end: u64, slot: usize, offset: u64) -> MappedRange {
+        MappedRange { start, end, slot, offset, member: 0 }
+    }
+
+    #[test]
+    fn a_range_the_proxy_maps_in_two_pieces_is_covered_there() {
+        // As seen: the application has one mapping where its proxy has two.
+        let proxy = runs(vec![r(0x3000, 0x10000, 0, 0x80e000), r(0x1000, 0x3000, 0, 0x80c000)]);
+        assert_eq!(proxy.len(), 1, "{proxy:?}");
+        assert!(covers(&proxy, &r(0x1000, 0x10000, 0, 0x80c000)));
+        assert!(covers(&proxy, &r(0x2000, 0x4000, 0, 0x80d000)), "a part of a run");
+    }
+
+    #[test]
+    fn a_range_mapped_otherwise_or_only_in_part_is_not_covered() {
+        let proxy =
+            runs(vec![r(0x1000, 0x3000, 0, 0x10000), r(0x3000, 0x5000, 0, 0x90000), r(0x5000, 0x6000, 2, 0x12000)]);
+        assert_eq!(proxy.len(), 3, "offsets or files that do not go on are not joined");
+        assert!(!covers(&proxy, &r(0x1000, 0x5000, 0, 0x10000)), "the offsets jump at 0x3000");
+        assert!(!covers(&proxy, &r(0x5000, 0x6000, 0, 0x12000)), "another memory file");
+        assert!(!covers(&proxy, &r(0x5000, 0x7000, 2, 0x12000)), "beyond the end");
+        assert!(!covers(&proxy, &r(0x0, 0x1000, 0, 0xf000)), "before the first");
     }
 }

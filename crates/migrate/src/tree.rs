@@ -226,7 +226,14 @@ fn same_description(p: i32, a: RawFd, q: i32, b: RawFd) -> bool {
 ///   proxies is rebuilt once.
 /// * A socket, an epoll instance, a signalfd or a FIFO held by several is
 ///   refused (not movable yet).
-pub fn share_across(tables: &mut [FdTable], proxies: &[i32]) -> Result<Vec<Shared>, fds::Error> {
+///
+/// With [`fds::Contents::Skip`] the pipes are listed empty (a check while
+/// the processes run).
+pub fn share_across(
+    tables: &mut [FdTable],
+    proxies: &[i32],
+    contents: fds::Contents,
+) -> Result<Vec<Shared>, fds::Error> {
     let mut shared: Vec<Shared> = Vec::new();
     // Anonymous pipes by inode: which tables hold them, and which sides.
     let mut pipes: HashMap<u64, (Vec<usize>, bool, bool)> = HashMap::new();
@@ -247,12 +254,15 @@ pub fn share_across(tables: &mut [FdTable], proxies: &[i32]) -> Result<Vec<Share
     pipe_inodes.sort_unstable();
     for inode in pipe_inodes {
         let mut holders = Vec::new();
-        let mut contents = None;
+        let mut bytes = None;
         for (m, t) in tables.iter_mut().enumerate() {
             for e in t.fds.iter_mut() {
                 if matches!(e.kind, FdKind::Pipe { inode: i, fifo: None, .. } if i == inode) {
-                    if contents.is_none() {
-                        contents = Some(fds::pipe_contents_at(proxies[m], e.fd, inode)?);
+                    if bytes.is_none() {
+                        bytes = Some(match contents {
+                            fds::Contents::Read => fds::pipe_contents_at(proxies[m], e.fd, inode)?,
+                            fds::Contents::Skip => PipeContents { inode, capacity: 0, buffered: Vec::new() },
+                        });
                     }
                     if e.same_description_as.is_none() {
                         holders.push((m, e.fd));
@@ -262,8 +272,8 @@ pub fn share_across(tables: &mut [FdTable], proxies: &[i32]) -> Result<Vec<Share
             }
             t.pipes.retain(|p| p.inode != inode);
         }
-        let contents = contents.expect("a pipe held by more than one table has an entry");
-        shared.push(Shared { what: SharedWhat::Pipe(contents), holders });
+        let bytes = bytes.expect("a pipe held by more than one table has an entry");
+        shared.push(Shared { what: SharedWhat::Pipe(bytes), holders });
     }
 
     // Everything else: grouped by what /proc/PID/fd/N leads to, then
