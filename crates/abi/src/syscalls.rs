@@ -74,6 +74,10 @@ pub enum Handler {
     /// A blocking local call that must wait with the application's signal
     /// mask, so that a signal runs its handler and interrupts it.
     WaitWithAppMask,
+    /// nanosleep and clock_nanosleep: as WaitWithAppMask, and a relative
+    /// sleep the LWK interrupted (a freeze) goes on for the time it had
+    /// left when it runs again, not for all of it.
+    Sleep,
     /// futex: the waiting operations wait with the application's mask.
     Futex,
     Exit,
@@ -303,7 +307,7 @@ const ENTRIES: &[Syscall] = &[
     sys!(__NR_dup, Rule::Delegate),
     sys!(__NR_dup2, Rule::Handler(Handler::CloseFds)),
     sys!(__NR_pause, Rule::Handler(Handler::Pause)).never_restarted(),
-    sys!(__NR_nanosleep, Rule::Handler(Handler::WaitWithAppMask)).never_restarted(),
+    sys!(__NR_nanosleep, Rule::Handler(Handler::Sleep)).never_restarted(),
     sys!(__NR_getitimer, Rule::Local),
     sys!(__NR_alarm, Rule::Handler(Handler::Itimer)).note(ITIMER),
     sys!(__NR_setitimer, Rule::Handler(Handler::Itimer)).note(ITIMER),
@@ -523,7 +527,7 @@ const ENTRIES: &[Syscall] = &[
     sys!(__NR_clock_settime, Rule::Local),
     sys!(__NR_clock_gettime, Rule::Local),
     sys!(__NR_clock_getres, Rule::Local),
-    sys!(__NR_clock_nanosleep, Rule::Handler(Handler::WaitWithAppMask)).never_restarted(),
+    sys!(__NR_clock_nanosleep, Rule::Handler(Handler::Sleep)).never_restarted(),
     sys!(__NR_exit_group, Rule::Handler(Handler::ExitGroup)),
     sys!(__NR_epoll_wait, Rule::Delegate).never_restarted(),
     sys!(__NR_epoll_ctl, Rule::Delegate),
@@ -818,6 +822,7 @@ mod tests {
             | Handler::RtSigreturn
             | Handler::Pause
             | Handler::WaitWithAppMask
+            | Handler::Sleep
             | Handler::Futex
             | Handler::Exit
             | Handler::ExitGroup

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use lwk_migrate::checkpoint::{capture_descriptors, capture_tree_sockets, write_image, ProcessImage};
+use lwk_migrate::checkpoint::{freeze_and_capture, write_image, ProcessImage};
 use lwk_migrate::image::ImageWriter;
-use lwk_migrate::tree::{Tree, TreeRecord};
+use lwk_migrate::tree::Tree;
 
 #[derive(clap::Args)]
 pub struct CheckpointArgs {
@@ -41,26 +41,20 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
     let partial = args.dir.join(format!("{IMAGE_FILE}.partial"));
     let file = std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
     let t0 = Instant::now();
-    let frozen = tree.freeze(Duration::from_secs(5))?;
-    let members: Vec<(i32, i32)> = tree.members.iter().map(|m| (m.app.pid, m.info.proxy_pid)).collect();
-    let proxies: Vec<i32> = members.iter().map(|m| m.1).collect();
-    let mut sockets = None;
+    let captured = freeze_and_capture(&tree, None, false, Duration::from_secs(5))?;
+    let busy_retries = captured.retries;
     let written = (|| -> Result<_> {
-        let lwk_migrate::checkpoint::Descriptors { tables, shared, .. } =
-            capture_descriptors(&members, None, false, lwk_migrate::fds::Contents::Read)?;
-        let record = TreeRecord { members: tree.records(&frozen)?, shared };
-        let s = sockets.insert(capture_tree_sockets(&proxies, &tables)?);
-        let processes: Vec<ProcessImage> = (0..members.len())
+        let processes: Vec<ProcessImage> = (0..tree.members.len())
             .map(|i| ProcessImage {
-                frozen: &frozen[i],
+                frozen: &captured.frozen[i],
                 info: &tree.members[i].info,
-                table: &tables[i],
-                sockets: &s[i],
+                table: &captured.descriptors.tables[i],
+                sockets: &captured.sockets[i],
                 only: None,
             })
             .collect();
         let w = ImageWriter::new(std::io::BufWriter::new(file), None)?;
-        let (written, w) = write_image(&processes, &record, w)?;
+        let (written, w) = write_image(&processes, &captured.tree, w)?;
         let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         Ok(written)
@@ -68,29 +62,20 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
     let written = match written {
         Ok(w) => w,
         Err(e) => {
-            sockets.into_iter().flatten().for_each(|s| s.resume());
-            drop(frozen); // resumes
+            captured.resume().ok();
             std::fs::remove_file(&partial).ok();
             return Err(e.context(format!("checkpoint of process {} failed; it goes on", root.app.pid)));
         }
     };
-    let sockets = sockets.expect("captured when the image was written");
     std::fs::rename(&partial, &path).with_context(|| format!("cannot rename {}", partial.display()))?;
     let frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
     if args.leave_running {
-        sockets.into_iter().for_each(|s| s.resume());
-        for f in frozen {
-            f.resume()?;
-        }
+        captured.resume()?;
     } else {
         // The image is complete: the application ends where it stands
         // (its `lwk run` reports the SIGKILL), its connections closed
-        // silently (a restore goes on with them). Children first: their
-        // parent must not see them end.
-        for f in frozen.into_iter().rev() {
-            f.kill();
-        }
-        sockets.into_iter().for_each(|s| s.release());
+        // silently (a restore goes on with them).
+        captured.end();
     }
     let m = &written.manifest;
     let all = || std::iter::once(m).chain(&written.others);
@@ -105,6 +90,7 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
             "image_bytes": written.image_bytes,
             "write_seconds": written.seconds,
             "frozen_ms": frozen_ms,
+            "busy_retries": busy_retries,
             "left_running": args.leave_running,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);

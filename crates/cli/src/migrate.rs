@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use lwk_migrate::app::App;
-use lwk_migrate::checkpoint::{capture_descriptors, capture_tree_sockets, write_image, ProcessImage};
+use lwk_migrate::checkpoint::{capture_descriptors, freeze_and_capture, write_image, ProcessImage};
 use lwk_migrate::fds::Contents;
 use lwk_migrate::image::ImageWriter;
 use lwk_migrate::precopy::{PreCopy, Round};
-use lwk_migrate::tree::{Tree, TreeRecord};
+use lwk_migrate::tree::Tree;
 use lwk_node::channel::{Channel, Role};
 use lwk_node::key::DEFAULT_KEY_FILE;
 use lwk_node::server::{Decision, Reply, Request};
@@ -115,6 +115,10 @@ struct Report {
     resent_bytes: u64,
     /// The application's memory.
     memory_bytes: u64,
+    /// Freezes given up because the application was busy (a connection
+    /// in a listener's accept queue, a fork under way), each followed by a
+    /// moment of running.
+    busy_retries: u32,
     /// Descriptors closed (`--force-close`), with what they were.
     closed: Vec<String>,
     threads: u32,
@@ -136,7 +140,6 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let app = &tree.members[0].app;
     let info = tree.members[0].info.clone();
     let members: Vec<(i32, i32)> = tree.members.iter().map(|m| (m.app.pid, m.info.proxy_pid)).collect();
-    let proxies: Vec<i32> = members.iter().map(|m| m.1).collect();
     let to = resolve(&args.to)?;
     let mut report = Report::default();
     // The `lwk run` that started it keeps standing for it (its streams,
@@ -246,22 +249,25 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
 
     let sent_ahead = w.bytes_written();
     let tf = Instant::now();
-    let frozen = tree.freeze(Duration::from_secs(5))?;
-    report.stop_ms = ms(tf);
-    let mut sockets = None;
+    let captured = match freeze_and_capture(&tree, relayed_by, args.force_close, Duration::from_secs(5)) {
+        Ok(c) => c,
+        Err(e) => {
+            ch.stream.shutdown(std::net::Shutdown::Write).ok();
+            return Err(
+                anyhow::Error::from(e).context(format!("process {} cannot be migrated now; it goes on here", app.pid))
+            );
+        }
+    };
+    report.stop_ms = captured.stop_ms;
+    report.capture_ms = captured.capture_ms;
+    report.busy_retries = captured.retries;
+    report.closed = captured.descriptors.closed.clone();
     let mut image_sent = false;
     // Everything up to the go can fail: the application then goes on here.
     let outcome = (|| -> Result<()> {
-        let tc = Instant::now();
-        let lwk_migrate::checkpoint::Descriptors { tables, shared, closed } =
-            capture_descriptors(&members, relayed_by, args.force_close, Contents::Read)?;
-        report.closed = closed;
-        let record = TreeRecord { members: tree.records(&frozen)?, shared };
-        let s = sockets.insert(capture_tree_sockets(&proxies, &tables)?);
-        if s.iter().any(|s| !s.images.is_empty()) && args.address.is_none() {
+        if captured.sockets.iter().any(|s| !s.images.is_empty()) && args.address.is_none() {
             bail!("the application has TCP or UDP sockets: name the service address that moves with it (--address)");
         }
-        report.capture_ms = ms(tc);
         let tt = Instant::now();
         let remaining = match &mut precopy {
             Some(pre) => Some(pre.remaining()?),
@@ -269,14 +275,14 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         };
         let processes: Vec<ProcessImage> = (0..members.len())
             .map(|i| ProcessImage {
-                frozen: &frozen[i],
+                frozen: &captured.frozen[i],
                 info: &tree.members[i].info,
-                table: &tables[i],
-                sockets: &s[i],
+                table: &captured.descriptors.tables[i],
+                sockets: &captured.sockets[i],
                 only: remaining.as_ref().map(|r| r[i].as_slice()),
             })
             .collect();
-        let (written, mut sink) = write_image(&processes, &record, w)?;
+        let (written, mut sink) = write_image(&processes, &captured.tree, w)?;
         sink.flush()?;
         drop(sink);
         image_sent = true;
@@ -307,10 +313,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         } else {
             ch.stream.shutdown(std::net::Shutdown::Write).ok();
         }
-        sockets.into_iter().flatten().for_each(|s| s.resume());
-        for f in frozen {
-            f.resume().ok();
-        }
+        captured.resume().ok();
         return Err(e.context(format!("the migration of process {} to {to} failed; it goes on here", app.pid)));
     }
     // The commit: the destination runs it once it has the go, and says so;
@@ -349,10 +352,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
                 eprintln!("lwk: putting {a} back on {dev}: {e:#}");
             }
         }
-        sockets.into_iter().flatten().for_each(|s| s.resume());
-        for f in frozen {
-            f.resume().ok();
-        }
+        captured.resume().ok();
         return Err(e.context(format!(
             "the destination at {to} did not confirm that process {} runs there; it goes on here",
             app.pid
@@ -369,16 +369,13 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         }
     }
     drop(stream);
-    for f in frozen.into_iter().rev() {
-        f.kill();
-    }
+    captured.end();
     if precopy.is_some() {
         report.resent_bytes = report.rounds.iter().skip(1).map(|r| r.bytes).sum::<u64>() + report.frozen_memory_bytes;
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    sockets.into_iter().flatten().for_each(|s| s.release());
     report.total_ms = ms(t0);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

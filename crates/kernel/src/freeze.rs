@@ -48,7 +48,7 @@ use crate::thread::{self, ContextSnapshot, Current};
 pub const FREEZE_COOKIE: u64 = u64::from_le_bytes(*b"LWKFRZE\0");
 pub const EXPORT_MAGIC: u64 = u64::from_le_bytes(*b"LWKFROZN");
 /// The layout of [`FreezeExport`] and [`ThreadRecord`].
-pub const EXPORT_VERSION: u32 = 1;
+pub const EXPORT_VERSION: u32 = 2;
 /// How long the freezer waits for the other threads to park.
 pub const PARK_TIMEOUT_MS: u64 = 2000;
 /// A requester silent this long (no heartbeat) is taken for gone.
@@ -66,6 +66,10 @@ pub struct ThreadRecord {
     pub clear_tid: u64,
     /// Signals pending for the thread or the process when it parked.
     pub pending: u64,
+    /// A relative sleep the freeze interrupted: where its call returns to
+    /// (0: none) and the nanoseconds it had left (`thread::sleep_left_of`).
+    pub sleep_at: u64,
+    pub sleep_left_ns: u64,
     pub ctx: ContextSnapshot,
 }
 
@@ -136,6 +140,7 @@ fn save_thread(r: &mut ThreadRecord, uc: &mut UContext) {
     unsafe { syscall3(lwk_rt::nr::PRCTL, PR_GET_TID_ADDRESS, &mut clear_tid as *mut u64 as u64, 0) };
     r.clear_tid = clear_tid;
     r.pending = crate::signal::pending();
+    (r.sleep_at, r.sleep_left_ns) = thread::sleep_left_of(thread::current_slot());
     r.saved = 1;
 }
 

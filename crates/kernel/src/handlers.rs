@@ -42,6 +42,7 @@ pub fn run(h: Handler, call: &Syscall, a: [u64; 6], uc: &mut UContext) -> (i64, 
         // Blocking local calls: with the application's mask, so that a
         // signal runs its handler and interrupts them as natively.
         Handler::WaitWithAppMask => signal::with_app_mask(uc, || passthrough(nr, a)),
+        Handler::Sleep => sleep(nr, a, uc),
         Handler::Futex if FUTEX_WAITS.contains(&(a[1] & FUTEX_CMD_MASK)) => {
             signal::with_app_mask(uc, || passthrough(nr, a))
         }
@@ -140,4 +141,49 @@ fn credentials(nr: u64, a: [u64; 6]) -> i64 {
     // SAFETY: changes only this process's dumpable flag.
     unsafe { syscall3(nr::PRCTL, PR_SET_DUMPABLE, 1, 0) };
     r
+}
+
+/// nanosleep, and clock_nanosleep: with the application's mask, as any
+/// wait. A relative sleep that the LWK's own signal interrupts (a freeze)
+/// runs again when the thread goes on, here or wherever the process is
+/// restored: for the time it had left, as Linux's restart of an
+/// interrupted sleep does, not for all of it again.
+fn sleep(nr: u64, a: [u64; 6], uc: &UContext) -> i64 {
+    const TIMER_ABSTIME: u64 = 1;
+    const NS: u64 = 1_000_000_000;
+    let (i, relative) = if nr == nr::NANOSLEEP { (0, true) } else { (2, a[1] & TIMER_ABSTIME == 0) };
+    if !relative {
+        return signal::with_app_mask(uc, || passthrough(nr, a));
+    }
+    let at = uc.gregs[crate::arch::REG_RIP];
+    let mut args = a;
+    // On this stack (the application's), where the call may read it; it
+    // lives until the function returns.
+    let left: [u64; 2];
+    let total = match thread::take_sleep_left(at) {
+        Some(ns) => {
+            left = [ns / NS, ns % NS];
+            args[i] = left.as_ptr() as u64;
+            ns
+        }
+        // A request the kernel would refuse is the kernel's to refuse.
+        None => match crate::uaccess::read_app::<2>(a[i]) {
+            Ok([s, n]) if s < (i64::MAX as u64) / NS && n < NS => s * NS + n,
+            _ => return signal::with_app_mask(uc, || passthrough(nr, a)),
+        },
+    };
+    let t0 = monotonic_ns();
+    let r = signal::with_app_mask(uc, || passthrough(nr, args));
+    if r == -EINTR && thread::is_interrupted() {
+        thread::note_sleep_left(at, total.saturating_sub(monotonic_ns().saturating_sub(t0)));
+    }
+    r
+}
+
+fn monotonic_ns() -> u64 {
+    const CLOCK_MONOTONIC: u64 = 1;
+    let mut ts = [0u64; 2];
+    // SAFETY: the kernel writes one timespec into our own array.
+    unsafe { syscall3(nr::CLOCK_GETTIME, CLOCK_MONOTONIC, ts.as_mut_ptr() as u64, 0) };
+    ts[0] * 1_000_000_000 + ts[1]
 }

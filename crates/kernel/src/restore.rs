@@ -226,6 +226,7 @@ pub fn restore_main(st: &Startup) -> ! {
     }
     wait_at_gate();
     let mine = x.threads[me];
+    thread::set_sleep_left(me, mine.sleep_at, mine.sleep_left_ns);
     // SAFETY: the input is ours; every thread copied what it needed.
     unsafe { munmap(FREEZE_EXPORT_ADDR, INPUT_SIZE) };
     control().stats.tsc_start.store(rdtsc(), Relaxed);
@@ -261,6 +262,8 @@ extern "C" fn restored_thread(slot: u64) -> ! {
     // Copied out of the input (onto this slot's LWK stack) before the
     // first thread may unmap it.
     let ctx = input().export.threads[slot].ctx;
+    let t = &input().export.threads[slot];
+    thread::set_sleep_left(slot, t.sleep_at, t.sleep_left_ns);
     take_handed_credentials(&input().credentials, &mut 0);
     STARTED.fetch_add(1, Release);
     futex_wake(&STARTED, 1);

@@ -45,6 +45,10 @@ pub struct Thread {
     interrupted: AtomicU32,
     /// 1 while the thread is parked by a freeze, its context saved.
     parked: AtomicU32,
+    /// A relative sleep the LWK interrupted: where its call returns to (0:
+    /// none), and the nanoseconds it had left.
+    sleep_at: AtomicU64,
+    sleep_left: AtomicU64,
 }
 
 pub struct Slots {
@@ -68,6 +72,8 @@ static SLOTS: Slots = Slots {
             waiting: AtomicU32::new(0),
             interrupted: AtomicU32::new(0),
             parked: AtomicU32::new(0),
+            sleep_at: AtomicU64::new(0),
+            sleep_left: AtomicU64::new(0),
         }
     }; MAX_CHANNELS],
     used: [const { AtomicU64::new(0) }; MAX_CHANNELS / 64],
@@ -321,6 +327,7 @@ pub fn reset_for_fork() {
         t.waiting.store(0, SeqCst);
         t.interrupted.store(0, SeqCst);
         t.parked.store(0, SeqCst);
+        t.sleep_at.store(0, SeqCst);
     }
     STOP.store(0, SeqCst);
     STOPPER.store(0, SeqCst);
@@ -414,6 +421,44 @@ pub fn waiting() -> bool {
 /// sake (a freeze), not the application's: it is run again.
 pub fn mark_interrupted() {
     SLOTS.threads[current_slot()].interrupted.store(1, SeqCst);
+}
+
+/// Has the calling thread's call been interrupted for the LWK's sake
+/// (the note [`take_interrupted`] clears)?
+pub fn is_interrupted() -> bool {
+    SLOTS.threads[current_slot()].interrupted.load(SeqCst) != 0
+}
+
+/// The calling thread's sleep, whose call returns to `at`, was interrupted
+/// for the LWK's sake with `left_ns` to go: its next run sleeps that long.
+pub fn note_sleep_left(at: u64, left_ns: u64) {
+    set_sleep_left(current_slot(), at, left_ns);
+}
+
+/// What the interrupted sleep of the calling thread whose call returns to
+/// `at` has left, if that is the call it runs again. Clears the note.
+pub fn take_sleep_left(at: u64) -> Option<u64> {
+    let t = &SLOTS.threads[current_slot()];
+    let noted = t.sleep_at.swap(0, SeqCst);
+    (noted != 0 && noted == at).then(|| t.sleep_left.load(SeqCst))
+}
+
+/// The interrupted sleep of `slot`'s thread: (where its call returns to,
+/// nanoseconds left); (0, 0) for none. (A freeze saves it.)
+pub fn sleep_left_of(slot: usize) -> (u64, u64) {
+    let t = &SLOTS.threads[slot];
+    match t.sleep_at.load(SeqCst) {
+        0 => (0, 0),
+        at => (at, t.sleep_left.load(SeqCst)),
+    }
+}
+
+/// Note an interrupted sleep for `slot`'s thread (a restore puts back
+/// what the freeze saved).
+pub fn set_sleep_left(slot: usize, at: u64, left_ns: u64) {
+    let t = &SLOTS.threads[slot];
+    t.sleep_left.store(left_ns, SeqCst);
+    t.sleep_at.store(at, SeqCst);
 }
 
 /// Was the calling thread's call interrupted for the LWK's sake since

@@ -123,7 +123,8 @@ pub unsafe extern "C" fn lwk_sigsys(sig: i32, info: *mut u8, ctx: *mut UContext)
         // Interrupted for the LWK's sake (a freeze), not by a signal of the
         // application's: the call runs again when the thread goes on, here
         // or wherever the process is restored, as after a signal with
-        // SA_RESTART. (A relative timeout starts again in full.)
+        // SA_RESTART. (A relative sleep goes on for what it had left,
+        // `handlers::sleep`; other relative timeouts start again in full.)
         uc.restart_syscall(nr);
         ret = nr as i64;
     }

@@ -5,6 +5,7 @@
 //!
 //! | record | payload |
 //! |---|---|
+//! | Processes | (an application that forked) JSON [`tree::TreeRecord`]: its processes, their parents, and what they share; then the records below for each process |
 //! | Manifest | JSON [`Manifest`]: what the image holds, from which process |
 //! | LwkState | the LWK's whole state, `lwk_kernel::persist::LwkState` as its bytes |
 //! | ThreadContexts | each saved thread: its slot (u32 LE), then `lwk_kernel::freeze::ThreadRecord` as its bytes |
@@ -98,6 +99,12 @@ pub enum CheckpointError {
     Proc { pid: i32, what: String, source: std::io::Error },
     #[error("the descriptors of process {pid}: {source}")]
     Descriptors { pid: i32, source: crate::fds::Error },
+    /// Not now, but maybe in a moment: connections wait in a listener's
+    /// accept queue (the application takes them itself if it goes on).
+    #[error("process {pid} cannot be captured now: {what}")]
+    Busy { pid: i32, what: String },
+    #[error(transparent)]
+    App(#[from] crate::app::AppError),
 }
 
 /// What writing an image took.
@@ -532,6 +539,96 @@ pub fn capture_tree_sockets(proxies: &[i32], tables: &[FdTable]) -> Result<Vec<C
     Ok(all)
 }
 
+/// An application's processes frozen, with their descriptors and sockets
+/// captured ([`freeze_and_capture`]).
+pub struct Captured<'a> {
+    /// One per process of the tree, in its order.
+    pub frozen: Vec<Frozen<'a>>,
+    pub descriptors: Descriptors,
+    pub sockets: Vec<CapturedSockets>,
+    pub tree: tree::TreeRecord,
+    /// The last freeze, until every thread was parked.
+    pub stop_ms: f64,
+    /// The capture that followed it.
+    pub capture_ms: f64,
+    /// Freezes given up because the application was busy.
+    pub retries: u32,
+}
+
+impl Captured<'_> {
+    /// Let the application go on as it was.
+    pub fn resume(self) -> Result<(), crate::app::AppError> {
+        self.sockets.into_iter().for_each(CapturedSockets::resume);
+        let mut first = Ok(());
+        for f in self.frozen {
+            let r = f.resume();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
+    /// End the application here (it runs elsewhere, or its image is all
+    /// that is wanted): children first, so that no parent sees one end;
+    /// its connections close silently.
+    pub fn end(self) {
+        for f in self.frozen.into_iter().rev() {
+            f.kill();
+        }
+        self.sockets.into_iter().for_each(CapturedSockets::release);
+    }
+}
+
+/// How often a busy application is frozen again, and how long it runs in
+/// between.
+const BUSY_ATTEMPTS: u32 = 20;
+const BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// Freeze every process of `tree` and capture its descriptors (see
+/// [`capture_descriptors`]) and sockets. An application caught busy (a
+/// connection waiting in a listener's accept queue, a fork or an exit
+/// under way) goes on for a moment and is frozen again, a few times,
+/// before it is refused: it takes its connections and reaps its children
+/// itself, and nothing is lost. On any error it goes on.
+pub fn freeze_and_capture<'a>(
+    tree: &'a tree::Tree,
+    relayed_by: Option<i32>,
+    force_close: bool,
+    answer_within: std::time::Duration,
+) -> Result<Captured<'a>, CheckpointError> {
+    let members: Vec<(i32, i32)> = tree.members.iter().map(|m| (m.app.pid, m.info.proxy_pid)).collect();
+    let proxies: Vec<i32> = members.iter().map(|m| m.1).collect();
+    let mut retries = 0;
+    loop {
+        let t0 = Instant::now();
+        let attempt = tree.freeze(answer_within).map_err(CheckpointError::from).and_then(|frozen| {
+            let stop_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let tc = Instant::now();
+            let captured = (|| -> Result<_, CheckpointError> {
+                let descriptors = capture_descriptors(&members, relayed_by, force_close, Contents::Read)?;
+                let records = tree.records(&frozen)?;
+                let sockets = capture_tree_sockets(&proxies, &descriptors.tables)?;
+                Ok((descriptors, records, sockets))
+            })();
+            // On an error the frozen processes resume as they drop.
+            let (descriptors, members, sockets) = captured?;
+            let tree = tree::TreeRecord { members, shared: descriptors.shared.clone() };
+            let capture_ms = tc.elapsed().as_secs_f64() * 1e3;
+            Ok(Captured { frozen, descriptors, sockets, tree, stop_ms, capture_ms, retries })
+        });
+        match attempt {
+            Err(CheckpointError::Busy { .. } | CheckpointError::App(crate::app::AppError::Tree { .. }))
+                if retries + 1 < BUSY_ATTEMPTS =>
+            {
+                retries += 1;
+                std::thread::sleep(BUSY_PAUSE);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Capture the TCP and UDP sockets among the proxy's descriptors `table`
 /// (`pid` is the proxy). A listener with connections in its accept queue
 /// is refused: they cannot be put back, and the application (which goes on
@@ -575,10 +672,13 @@ pub fn capture_sockets(pid: i32, table: &crate::fds::FdTable) -> Result<Captured
         out.in_repair.extend(part.in_repair);
         failed = failed.or(part.failed);
     }
-    if let Some(what) = failed {
+    if let Some((what, busy)) = failed {
         // Every connection captured goes on as it was.
         out.resume();
-        return Err(CheckpointError::Unmovable { pid, what });
+        return Err(match busy {
+            true => CheckpointError::Busy { pid, what },
+            false => CheckpointError::Unmovable { pid, what },
+        });
     }
     out.images.sort_by_key(|(fd, _)| *fd);
     Ok(out)
@@ -589,7 +689,8 @@ pub fn capture_sockets(pid: i32, table: &crate::fds::FdTable) -> Result<Captured
 struct CapturedPart {
     images: Vec<(i32, SocketImage)>,
     in_repair: Vec<std::os::fd::OwnedFd>,
-    failed: Option<String>,
+    /// Why it stopped, and whether trying again later may do.
+    failed: Option<(String, bool)>,
 }
 
 fn capture_part(pidfd: &std::os::fd::OwnedFd, sockets: &[&crate::fds::FdEntry]) -> CapturedPart {
@@ -602,7 +703,7 @@ fn capture_part(pidfd: &std::os::fd::OwnedFd, sockets: &[&crate::fds::FdEntry]) 
         let fd = match rustix::process::pidfd_getfd(pidfd, e.fd, rustix::process::PidfdGetfdFlags::empty()) {
             Ok(fd) => fd,
             Err(err) => {
-                out.failed = Some(format!("fd {}: cannot take it from the proxy: {err}", e.fd));
+                out.failed = Some((format!("fd {}: cannot take it from the proxy: {err}", e.fd), false));
                 return out;
             }
         };
@@ -610,7 +711,9 @@ fn capture_part(pidfd: &std::os::fd::OwnedFd, sockets: &[&crate::fds::FdEntry]) 
             SocketType::Stream => match TcpListenerImage::is_listener(fd.as_fd()) {
                 Ok(true) => match TcpListenerImage::describe(fd.as_fd()) {
                     Ok((_, queued)) if queued > 0 => {
-                        Err(format!("fd {}: {queued} connections wait in its accept queue (try again)", e.fd))
+                        out.failed =
+                            Some((format!("fd {}: {queued} connections wait in its accept queue", e.fd), true));
+                        return out;
                     }
                     Ok((image, _)) => Ok(SocketImage::TcpListener(image)),
                     Err(err) => Err(format!("fd {}: {err}", e.fd)),
@@ -633,7 +736,7 @@ fn capture_part(pidfd: &std::os::fd::OwnedFd, sockets: &[&crate::fds::FdEntry]) 
         match image {
             Ok(image) => out.images.push((e.fd, image)),
             Err(why) => {
-                out.failed = Some(why);
+                out.failed = Some((why, false));
                 return out;
             }
         }

@@ -75,10 +75,18 @@ pub enum SharedWhat {
 }
 
 impl Tree {
-    /// The application whose application process (or `lwk run`) is `pid`,
-    /// with every process it forked, and theirs.
+    /// The application one of whose application processes (or whose
+    /// `lwk run`) is `pid`: its first process, with every process it
+    /// forked, and theirs.
     pub fn attach(pid: i32) -> Result<Tree, AppError> {
-        let root = App::attach(pid)?;
+        let mut root = App::attach(pid)?;
+        // A forked process names its application too: go up to the first.
+        while let Some(parent) = crate::app::parent_of(root.pid).filter(|&p| p > 0) {
+            match App::attach(parent) {
+                Ok(up) if up.pid == parent => root = up,
+                _ => break,
+            }
+        }
         let info = root.info();
         let mut members = vec![Member { app: root, info, parent: None }];
         let mut i = 0;

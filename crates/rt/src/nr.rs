@@ -22,6 +22,7 @@ numbers! {
     ARCH_PRCTL = __NR_arch_prctl,
     BRK = __NR_brk,
     CHDIR = __NR_chdir,
+    CLOCK_GETTIME = __NR_clock_gettime,
     CLOCK_NANOSLEEP = __NR_clock_nanosleep,
     CLONE = __NR_clone,
     CLONE3 = __NR_clone3,

@@ -1,6 +1,8 @@
 /* A small TCP and UDP server that is checkpointed while a client is
  * connected, and restored (tests/checkpoint.rs). Arguments: ADDRESS
- * TCP_PORT UDP_PORT. It listens on TCP, accepts one connection and then
+ * TCP_PORT UDP_PORT [ACCEPT_DELAY_MS]. It listens on TCP, accepts one
+ * connection (after ACCEPT_DELAY_MS, if given: until then a client waits
+ * in the accept queue) and then
  * answers it line by line: "udp" reports the datagrams waiting on its UDP
  * socket (count, then each with its source port's parity and its bytes),
  * "quit" says "bye" and ends, anything else is echoed. Prints "ready" once
@@ -14,7 +16,7 @@
 #include <unistd.h>
 
 int main(int argc, char **argv) {
-    if (argc != 4)
+    if (argc != 4 && argc != 5)
         return 2;
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
     inet_pton(AF_INET, argv[1], &a.sin_addr);
@@ -29,6 +31,8 @@ int main(int argc, char **argv) {
         return 4;
     printf("ready\n");
     fflush(stdout);
+    if (argc == 5)
+        usleep(atoi(argv[4]) * 1000);
     int c = accept(l, NULL, NULL);
     if (c < 0)
         return 5;
