@@ -156,7 +156,9 @@ impl Cluster {
             cmd.env("LWK_NODE_FAULT", f);
         }
         if let Some((_, _, dev)) = &self.client {
-            cmd.args(["--service-dev", dev]);
+            // The node's own end on the bridge: b… in B, a… in A.
+            let dev = if ns == self.a { format!("a{}", &dev[1..]) } else { dev.clone() };
+            cmd.args(["--service-dev", &dev]);
         }
         let d = cmd.spawn().unwrap();
         let t0 = Instant::now();
@@ -467,7 +469,7 @@ impl Streamer {
 
 #[test]
 #[ignore = "needs root (network namespaces, pid namespaces, TCP_REPAIR)"]
-fn a_whole_application_with_a_child_100_clients_udp_and_512_mib_migrates_without_losing_a_byte() {
+fn a_whole_application_with_a_child_100_clients_udp_and_512_mib_goes_to_b_and_back_without_losing_a_byte() {
     // service_target: a thread rewriting 512 MiB with its pattern, a forked
     // child that adds up every line the server gets (through a pipe), an
     // epoll loop echoing 100 clients that stream numbered lines through
@@ -477,6 +479,7 @@ fn a_whole_application_with_a_child_100_clients_udp_and_512_mib_migrates_without
     let mut c = Cluster::with_client("all");
     c.timeout = 60;
     c.start_daemon(&c.key(), None);
+    c.start_daemon_in_a();
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &c.a, LWK, "run", "--"])
         .arg(compiled("service_target"))
@@ -509,10 +512,18 @@ fn a_whole_application_with_a_child_100_clients_udp_and_512_mib_migrates_without
     assert_eq!(report["processes"], 2, "{report}");
     assert_eq!(report["threads"], 3, "{report}");
     assert_eq!(report["precopy_off"], serde_json::Value::Null, "{report}");
-    assert_eq!(c.apps_in(&c.b).len(), 2, "both processes run in B");
+    let in_b = c.apps_in(&c.b);
+    assert_eq!(in_b.len(), 2, "both processes run in B");
     let after_migration = bytes.load(Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(1000));
     assert!(bytes.load(Ordering::SeqCst) > after_migration, "the clients stream after the migration");
+    // And back to A, still streaming.
+    let first = *in_b.iter().min_by_key(|&&p| lwk_migrate::app::pid_in_namespace(p)).unwrap();
+    let o = c.migrate_command(&c.b, first, A_ADDR, &c.key(), &["--address", SERVICE_24]).output().unwrap();
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
+    let back = bytes.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(bytes.load(Ordering::SeqCst) > back, "the clients stream after the way back");
     stop.store(true, Ordering::SeqCst);
     let mut lines = 0;
     for s in streamers {
@@ -532,6 +543,7 @@ fn a_whole_application_with_a_child_100_clients_udp_and_512_mib_migrates_without
         c.daemon_log()
     );
     assert!(child.wait().unwrap().success());
+    c.wait_until_b_is_clean("after it went back to A");
 }
 
 /// The relay target in A, with its standard input and error piped too.
