@@ -18,13 +18,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use lwk_migrate::app::App;
-use lwk_migrate::checkpoint::{capture_descriptors, freeze_and_capture, write_image, ProcessImage};
+use lwk_migrate::checkpoint::{capture_descriptors, freeze_and_capture, write_image, PartitionSpec, ProcessImage};
 use lwk_migrate::fds::Contents;
 use lwk_migrate::image::ImageWriter;
 use lwk_migrate::precopy::{PreCopy, Round};
 use lwk_migrate::tree::Tree;
 use lwk_node::channel::{Channel, Role};
 use lwk_node::key::DEFAULT_KEY_FILE;
+use lwk_node::quiet::Quiet;
 use lwk_node::server::{Decision, Reply, Request};
 
 #[derive(clap::Args)]
@@ -179,6 +180,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         memory_bytes: info.memory_bytes,
         address: args.address.map(|a| a.to_string()),
         relay: relay.is_some(),
+        partition: PartitionSpec::of(&app.control().header).map(|p| serde_json::to_string(&p)).transpose()?,
     })?;
     match ch.recv::<Reply>()? {
         Reply::Ready => {}
@@ -249,6 +251,16 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
 
     let sent_ahead = w.bytes_written();
     let tf = Instant::now();
+    // Its peers' data is kept out from before the capture until the
+    // address has left (or the application goes on here): what a socket
+    // took in after its queues were read would be lost (`lwk_node::quiet`).
+    let mut quiet = match args.address.map(|a| Quiet::start(a.addr)).transpose() {
+        Ok(q) => q,
+        Err(e) => {
+            ch.stream.shutdown(std::net::Shutdown::Write).ok();
+            return Err(e.context(format!("process {} cannot be migrated; it goes on here", app.pid)));
+        }
+    };
     let captured = match freeze_and_capture(&tree, relayed_by, args.force_close, Duration::from_secs(5)) {
         Ok(c) => c,
         Err(e) => {
@@ -328,6 +340,10 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let committed = (|| -> Result<()> {
         if let Some(a) = args.address {
             moved_from = Some(lwk_node::address::remove(a)?);
+            // Gone from here: what comes for it now is not this node's.
+            if let Some(q) = quiet.take() {
+                q.lift();
+            }
         }
         ch.send(&Decision::Go)?;
         match ch.recv::<Reply>()? {

@@ -24,7 +24,7 @@ use lwk_kernel::freeze::{ThreadRecord, EXPORT_MAGIC, EXPORT_VERSION};
 use lwk_kernel::mm::{MmSnapshot, PieceRecord};
 use lwk_kernel::persist::LwkState;
 use lwk_kernel::restore::{FileMapping, RestoreInput, FILE_PATH_MAX, INPUT_MAGIC, INPUT_SIZE, MAX_FILE_MAPPINGS};
-use lwk_migrate::checkpoint::{mtime_ns, Manifest, SocketImage};
+use lwk_migrate::checkpoint::{mtime_ns, Manifest, PartitionSpec, SocketImage};
 use lwk_migrate::fds::{self, FdTable};
 use lwk_migrate::image::{ImageReader, Record, RecordKind};
 use lwk_migrate::precopy::MappedRange;
@@ -58,6 +58,99 @@ pub struct RestoreArgs {
     address: Option<lwk_node::address::Cidr>,
     #[arg(long, requires = "address")]
     address_dev: Option<String>,
+    /// The partition the application ran in (JSON, as its manifest says),
+    /// known before the image comes: the partition made for it here is
+    /// ready before memory that goes there arrives. (For the node daemon.)
+    #[arg(long, hide = true)]
+    partition: Option<String>,
+}
+
+/// The partition a restore made for an application that ran in one: like
+/// it (as many CPUs, taken from those Linux has here, as much memory on
+/// the same pages, the same owner), held for the run, destroyed when the
+/// restore ends (and by the next restore, if this one was killed).
+struct OwnPartition {
+    held: Option<run::InPartition>,
+    name: String,
+}
+
+/// The names of partitions `lwk restore` makes: this, and its pid.
+const OWN_PARTITION_PREFIX: &str = "restored-";
+
+impl OwnPartition {
+    fn create(spec: &PartitionSpec, owner_gid: u32) -> Result<OwnPartition> {
+        sweep_stale_partitions();
+        let page = lwk_partition::PageSize::from_bytes(spec.page_size)
+            .with_context(|| format!("partition {} has pages of {} bytes", spec.name, spec.page_size))?;
+        let linux = lwk_partition::linux_cpus()?;
+        if linux.len() <= spec.cpus {
+            bail!(
+                "the application ran in partition {} of {} CPUs; this node has {} CPUs outside partitions, and one \
+                 must stay with Linux",
+                spec.name,
+                spec.cpus,
+                linux.len()
+            );
+        }
+        let cpus = linux[linux.len() - spec.cpus..].to_vec();
+        let name = format!("{OWN_PARTITION_PREFIX}{}", std::process::id());
+        let req = lwk_partition::Request {
+            name: name.clone(),
+            cpus,
+            mem_bytes: spec.mem_bytes,
+            page,
+            owner_uid: spec.owner_uid,
+            owner_gid,
+        };
+        lwk_partition::create(&req)
+            .with_context(|| format!("making a partition like {}, where the application ran", spec.name))?;
+        let mut own = OwnPartition { held: None, name };
+        own.held = Some(run::InPartition::enter(&own.name)?);
+        Ok(own)
+    }
+
+    fn part(&self) -> &lwk_partition::Partition {
+        &self.held.as_ref().expect("held until dropped").part
+    }
+
+    /// Does memory file `k` (4 KiB pages, 2 MiB pages, shared) come from
+    /// the partition?
+    fn holds_slot(&self, k: usize) -> bool {
+        matches!((k, self.part().page_size), (0, 4096) | (1, HUGE))
+    }
+}
+
+impl Drop for OwnPartition {
+    fn drop(&mut self) {
+        self.held = None;
+        // Its processes may take a moment to be gone from its cpuset.
+        for _ in 0..50 {
+            match lwk_partition::destroy(&self.name, true) {
+                Ok(()) => return,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+        if let Err(e) = lwk_partition::destroy(&self.name, true) {
+            eprintln!(
+                "lwk: cannot destroy partition {} (lwk partition destroy {} --force): {e:#}",
+                self.name, self.name
+            );
+        }
+    }
+}
+
+/// Partitions that an `lwk restore` made and that outlived it (it was
+/// killed): destroyed.
+fn sweep_stale_partitions() {
+    let Ok(all) = lwk_partition::list() else { return };
+    for p in all {
+        let Some(pid) = p.name.strip_prefix(OWN_PARTITION_PREFIX).and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            lwk_partition::destroy(&p.name, true).ok();
+        }
+    }
 }
 
 /// Sockets rebuilt but not yet live: TCP connections still in repair mode,
@@ -251,6 +344,7 @@ fn prepare(
     dir: &Path,
     key: Option<&lwk_migrate::image::ClusterKey>,
     image_fd: Option<i32>,
+    part: &mut Option<OwnPartition>,
 ) -> Result<(Vec<Prepared>, TreeRecord)> {
     let path = match image_fd {
         Some(fd) => PathBuf::from(format!("the image on descriptor {fd}")),
@@ -301,6 +395,13 @@ fn prepare(
                 if next >= members(&tree) {
                     return Err(bad("more processes than the tree record names"));
                 }
+                if let (0, Some(spec), None) = (next, &m.partition, &part) {
+                    if builds.iter().any(|b| b.memfds.iter().any(Option::is_some)) {
+                        return Err(bad("memory came ahead of the partition it belongs in"));
+                    }
+                    let gid = m.credentials.as_ref().map_or(0, |c| c.gid[0]);
+                    *part = Some(OwnPartition::create(spec, gid)?);
+                }
                 while builds.len() <= next {
                     builds.push(Building::new()?);
                 }
@@ -346,7 +447,7 @@ fn prepare(
                     } else if k == 2 && theirs.is_some() {
                         b.memfds[2] = theirs.as_ref().map(|f| f.try_clone()).transpose()?;
                     } else if b.memfds[k].is_none() {
-                        b.memfds[k] = Some(memory_file(k)?);
+                        b.memfds[k] = Some(memory_file(k, part.as_ref())?);
                     }
                 }
                 if b.precopied {
@@ -406,7 +507,7 @@ fn prepare(
                 }
                 let b = &mut builds[r.member];
                 if b.memfds[r.slot].is_none() {
-                    b.memfds[r.slot] = Some(memory_file(r.slot)?);
+                    b.memfds[r.slot] = Some(memory_file(r.slot, part.as_ref())?);
                 }
                 write_at(&b.memfds, r.slot, r.offset + (m.addr - r.start), &m.bytes)
                     .with_context(|| format!("restoring pre-copied memory at {:#x}", m.addr))?;
@@ -525,8 +626,20 @@ fn check_supplies(t: &FdTable, sockets: &[(i32, SocketImage)]) -> Result<()> {
 }
 
 /// A new memory file of slot `k` (4 KiB pages, 2 MiB pages, shared), as
-/// the LWK makes them.
-fn memory_file(k: usize) -> Result<OwnedFd> {
+/// the LWK makes them: in the partition's memory directory when its pages
+/// are the partition's.
+fn memory_file(k: usize, part: Option<&OwnPartition>) -> Result<OwnedFd> {
+    if let Some(p) = part.filter(|p| p.holds_slot(k)) {
+        let dir = &p.part().mem_dir;
+        let fd = rustix::fs::open(
+            dir,
+            rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .with_context(|| format!("a memory file in the partition's {}", dir.display()))?;
+        rustix::fs::ftruncate(&fd, MEMFD_SPACE).context("sizing a memory file")?;
+        return Ok(fd);
+    }
     let (name, flags) = match k {
         0 => ("lwk-mem", 0),
         1 => ("lwk-huge", libc::MFD_HUGETLB | libc::MFD_HUGE_2MB),
@@ -571,13 +684,28 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         Some(k) => Some(lwk_node::key::load(k)?),
         None => None,
     };
-    let (ps, tree) = prepare(&args.dir, key.as_ref(), args.image_fd)?;
+    // A partition like the one it ran in, before its memory comes.
+    let mut part = match &args.partition {
+        Some(json) => {
+            let spec: PartitionSpec = serde_json::from_str(json).context("--partition")?;
+            Some(OwnPartition::create(&spec, 0)?)
+        }
+        None => None,
+    };
+    let (ps, tree) = prepare(&args.dir, key.as_ref(), args.image_fd, &mut part)?;
     let kernel = run::kernel_image()?;
     let mut regions = Vec::with_capacity(ps.len());
     for p in &ps {
         let region = run::ControlRegion::create(p.manifest.options, run::spin_cycles())?;
         let h = &region.get().header;
         h.parent_pid.store(p.manifest.parent_pid, Ordering::Relaxed);
+        if let Some(own) = &part {
+            use std::os::unix::ffi::OsStrExt;
+            let q = own.part();
+            if !h.partition.set(&q.cpus, q.page_size, q.mem_dir.as_os_str().as_bytes()) {
+                bail!("partition {}: its CPU numbers or memory path do not fit the LWK's control region", q.name);
+            }
+        }
         if args.go_fd.is_none() {
             h.restore_gate.store(RESTORE_OPEN, Ordering::SeqCst);
         }
@@ -640,7 +768,8 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
             return Err(e);
         }
     };
-    let app = match spawn_restoring(&kernel, &launches, &proxy_mnt) {
+    let procs = part.as_ref().map(|p| p.held.as_ref().expect("held").procs_file.as_raw_fd());
+    let app = match spawn_restoring(&kernel, &launches, &proxy_mnt, procs) {
         Ok(c) => c,
         Err(e) => {
             end_children(&proxies);
@@ -684,6 +813,8 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     let mut outcome = outcome?;
     outcome.status = standing.outcome(&regions[0], outcome.status)?;
     run::APP_PID.store(0, Ordering::Relaxed);
+    // Its partition goes before a signal of the application's ends us.
+    drop(part);
     if let Some(e) = outcome.proxy_failure {
         bail!("the proxy process failed ({e}); the application was stopped");
     }
@@ -1015,11 +1146,12 @@ fn launch_of(p: &Prepared, region: &run::ControlRegion, tree: &TreeRecord, i: us
 }
 
 /// Start the tree's application processes, in the proxy's mount namespace
-/// `mnt`: the first as our child, each other one as the child of the
+/// `mnt` (and the partition's cpuset, whose cgroup.procs is `procs`): the
+/// first as our child, each other one as the child of the
 /// process that forked it (which starts it before it becomes the LWK
 /// image, so that wait4 and SIGCHLD work as they did). Everything else of
 /// ours closes on exec. Returns the first one's pid as this process sees it.
-fn spawn_restoring(kernel: &Path, launches: &[Launch], mnt: &File) -> Result<i32> {
+fn spawn_restoring(kernel: &Path, launches: &[Launch], mnt: &File, procs: Option<i32>) -> Result<i32> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(kernel.as_os_str().as_bytes()).context("the LWK image's path")?;
     let pid = clone_at(launches[0].ns_pid, libc::SIGCHLD);
@@ -1034,6 +1166,12 @@ fn spawn_restoring(kernel: &Path, launches: &[Launch], mnt: &File) -> Result<i32
     // SAFETY: joining the proxy's mount namespace (this process has one thread).
     if unsafe { libc::setns(mnt.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
         launch_failed("joining the proxy's mount namespace");
+    }
+    // Into the partition's cpuset (with the processes it starts), so that
+    // the LWK can pin each thread to one of its CPUs.
+    // SAFETY: a write of our own bytes to an open descriptor.
+    if procs.is_some_and(|fd| unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1) {
+        launch_failed("entering the partition's cpuset");
     }
     launch(launches, 0, &path)
 }

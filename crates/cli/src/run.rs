@@ -192,13 +192,13 @@ pub(crate) fn spawn(
 /// `lwk run` gets "busy"), its cpuset's cgroup.procs open for the
 /// application process.
 pub struct InPartition {
-    part: lwk_partition::Partition,
+    pub(crate) part: lwk_partition::Partition,
     _lock: lwk_partition::RunLock,
-    procs_file: File,
+    pub(crate) procs_file: File,
 }
 
 impl InPartition {
-    fn enter(name: &str) -> Result<Self> {
+    pub(crate) fn enter(name: &str) -> Result<Self> {
         let part = lwk_partition::open(name)?;
         if part.page_size > lwk_abi::layout::HUGE_PAGE_SIZE {
             bail!(

@@ -434,6 +434,74 @@ fn a_process_tree_is_restored_with_its_parent_child_pipes_and_shared_memory() {
     }
 }
 
+#[test]
+#[ignore = "needs root, a second CPU and a cpuset cgroup (partitions)"]
+fn an_application_that_ran_in_a_partition_is_restored_into_one_made_like_it_and_gone_after() {
+    // Checkpointed in partition A (the last CPU, 64 MiB of 4 KiB pages),
+    // which is then destroyed (this machine has one CPU to give); the
+    // restore makes its own like it, runs the application there (its
+    // threads on its CPU, its memory in its memory directory) and destroys
+    // it when the application ends.
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    let cpu = *lwk_partition::parse_cpu_list(&online).unwrap().last().unwrap();
+    let name = format!("t-ck-{}", std::process::id());
+    let lwk = |args: &[&str]| Command::new(LWK).args(args).output().unwrap();
+    let o = lwk(&["partition", "create", &name, "--cpus", &cpu.to_string(), "--mem", "64M", "--hugepages", "none"]);
+    assert!(o.status.success(), "partition create: {}", String::from_utf8_lossy(&o.stderr));
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            Command::new(LWK).args(["partition", "destroy", "--force", &self.0]).output().ok();
+        }
+    }
+    let source = Gone(name.clone());
+    let mut cmd = Command::new(LWK);
+    cmd.args(["run", "--partition", &name, "--"]).arg(compiled("sleep_target")).arg("3000");
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut child = only_standard_streams(&mut cmd).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let app = App::attach(child.id() as i32).unwrap();
+    let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
+    let o = lwk(&["checkpoint", &app.pid.to_string(), dir.path().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    child.wait().unwrap();
+    drop(source);
+
+    let restored = Command::new(LWK)
+        .arg("restore")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let own = format!("restored-{}", restored.id());
+    let t0 = std::time::Instant::now();
+    let app = loop {
+        match App::attach(restored.id() as i32) {
+            Ok(a) if a.control().header.started.load(std::sync::atomic::Ordering::SeqCst) != 0 => break a,
+            _ => assert!(t0.elapsed() < Duration::from_secs(10), "the restored application did not start"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let list = String::from_utf8(lwk(&["partition", "list"]).stdout).unwrap();
+    assert!(list.contains(&own), "{list}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", app.pid)).unwrap();
+    let allowed = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
+    assert_eq!(allowed.split_whitespace().nth(1), Some(cpu.to_string().as_str()), "{allowed}");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", app.pid)).unwrap();
+    assert!(maps.contains(&format!("/run/lwk/partitions/{own}/mem/")), "its memory is the partition's:\n{maps}");
+    let r = restored.wait_with_output().unwrap();
+    assert!(r.status.success(), "{:?}: {}", r.status, String::from_utf8_lossy(&r.stderr));
+    let after = String::from_utf8(r.stdout).unwrap();
+    assert!(after.starts_with("slept ") && after.ends_with("returned 0\n"), "{after}");
+    let list = String::from_utf8(lwk(&["partition", "list"]).stdout).unwrap();
+    assert!(!list.contains(&own), "its partition is gone: {list}");
+}
+
 /// A network namespace of this test's own (only its loopback, up), which
 /// the calling thread enters: everything it starts runs there. Deleted on
 /// drop; the thread is the test's own and ends with it.

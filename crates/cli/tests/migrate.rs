@@ -25,6 +25,15 @@ fn native() -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
+/// A command run in network namespace `ns`, with the machine's /sys as it
+/// is (`ip netns exec` mounts a sysfs of the namespace's own there, which
+/// hides the cpuset cgroup that partitions live in).
+fn in_netns(ns: &str) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{ns}"));
+    cmd
+}
+
 fn ip(args: &[&str]) {
     let o = Command::new("ip").args(args).output().expect("ip (iproute2)");
     assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
@@ -144,8 +153,8 @@ impl Cluster {
     }
 
     fn spawn_daemon(&self, ns: &str, addr: &str, key: &Path, state: &Path, log: &str, fault: Option<&str>) -> Child {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns, LWK, "node", "serve", "--listen", &format!("{addr}:7070")])
+        let mut cmd = in_netns(ns);
+        cmd.args([LWK, "node", "serve", "--listen", &format!("{addr}:7070")])
             .arg("--key")
             .arg(key)
             .arg("--state-dir")
@@ -223,13 +232,18 @@ impl Cluster {
         self.start(restore_target(), &[])
     }
 
+    /// restore_target in node A, in partition `name`.
+    fn start_in_partition(&self, name: &str) -> (Child, BufReader<ChildStdout>, i32) {
+        self.start_with(&["--partition", name], restore_target(), &[])
+    }
+
     fn start(&self, prog: &Path, args: &[&str]) -> (Child, BufReader<ChildStdout>, i32) {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.a, LWK, "run", "--"])
-            .arg(prog)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped());
+        self.start_with(&[], prog, args)
+    }
+
+    fn start_with(&self, opts: &[&str], prog: &Path, args: &[&str]) -> (Child, BufReader<ChildStdout>, i32) {
+        let mut cmd = in_netns(&self.a);
+        cmd.args([LWK, "run"]).args(opts).arg("--").arg(prog).args(args).stdin(Stdio::null()).stdout(Stdio::piped());
         let mut child = only_standard_streams(&mut cmd).spawn().unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
@@ -249,8 +263,8 @@ impl Cluster {
 
     /// `lwk migrate` from namespace `from` to the daemon at `to`.
     fn migrate_command(&self, from: &str, pid: i32, to: &str, key: &Path, extra: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", from, LWK, "migrate", &pid.to_string(), "--to", to, "--json"])
+        let mut cmd = in_netns(from);
+        cmd.args([LWK, "migrate", &pid.to_string(), "--to", to, "--json"])
             .arg("--key")
             .arg(key)
             .args(["--timeout", &self.timeout.to_string()])
@@ -453,7 +467,9 @@ impl Streamer {
                 let line = format!("client {id} line {n}\n");
                 w.write_all(line.as_bytes()).map_err(|e| format!("client {id}: send {n}: {e}"))?;
                 let mut back = String::new();
-                replies.read_line(&mut back).map_err(|e| format!("client {id}: echo {n}: {e}"))?;
+                replies
+                    .read_line(&mut back)
+                    .map_err(|e| format!("client {id}: echo {n}: {e} at {:?}", std::time::SystemTime::now()))?;
                 if back != line {
                     return Err(format!("client {id}: sent {line:?}, got {back:?}"));
                 }
@@ -544,6 +560,49 @@ fn a_whole_application_with_a_child_100_clients_udp_and_512_mib_goes_to_b_and_ba
     );
     assert!(child.wait().unwrap().success());
     c.wait_until_b_is_clean("after it went back to A");
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, pid namespaces), a second CPU and a cpuset cgroup (partitions)"]
+fn an_application_in_a_partition_moves_only_where_a_partition_like_it_can_be_made() {
+    // restore_target runs in A in a partition of the last CPU. B (on the
+    // same machine) must make a partition of one CPU too: with two CPUs
+    // there is none left (one stays with Linux), and the migration is
+    // refused with the reason while the application goes on in A; with
+    // more, it moves and B's partition goes when it ends.
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    let online = lwk_partition::parse_cpu_list(&online).unwrap();
+    let cpu = *online.last().unwrap();
+    let name = format!("t-mig-{}", std::process::id());
+    let o = Command::new(LWK)
+        .args(["partition", "create", &name, "--cpus", &cpu.to_string(), "--mem", "128M", "--hugepages", "none"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "partition create: {}", String::from_utf8_lossy(&o.stderr));
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            Command::new(LWK).args(["partition", "destroy", "--force", &self.0]).output().ok();
+        }
+    }
+    let _source = Gone(name.clone());
+    let expected = native();
+    let mut c = Cluster::new("part");
+    c.start_daemon(&c.key(), None);
+    let (child, out, pid) = c.start_in_partition(&name);
+    let o = c.migrate(pid, &c.key());
+    let err = String::from_utf8_lossy(&o.stderr);
+    if online.len() <= 2 {
+        assert!(!o.status.success(), "{}", c.daemon_log());
+        assert!(err.contains("CPUs outside partitions") && err.contains("goes on here"), "{err}\n{}", c.daemon_log());
+        finishes_at_the_source(child, out, &expected);
+    } else {
+        assert!(o.status.success(), "{err}\n{}", c.daemon_log());
+        finishes_at_the_source(child, out, &expected);
+    }
+    c.wait_until_b_is_clean("after the partition");
+    let list = String::from_utf8(Command::new(LWK).args(["partition", "list"]).output().unwrap().stdout).unwrap();
+    assert!(!list.contains("restored-"), "no partition of B's is left: {list}");
 }
 
 /// The relay target in A, with its standard input and error piped too.

@@ -329,7 +329,7 @@ pub fn app_main(st: &Startup) -> ! {
 
 /// In a partition, the directory its memory comes from: give it to the
 /// memory manager; the partition's page size.
-fn open_partition_memory() -> Option<u64> {
+pub(crate) fn open_partition_memory() -> Option<u64> {
     let p = &control().header.partition;
     if !p.is_set() {
         return None;

@@ -154,6 +154,20 @@ pub fn restore_main(st: &Startup) -> ! {
         fail("the saved state is refused", e);
     }
     drop(held);
+    // Memory to come is the partition's made here (the saved directory
+    // descriptor was the source's), with pages of the size it had.
+    let part_page = x.state.mm.part_page;
+    match crate::boot::open_partition_memory() {
+        Some(page) if page == part_page => {}
+        None if part_page == 0 => {}
+        _ => {
+            lwk_rt::diag!(
+                "restore: the application ran in a partition of {} KiB pages; restore it into one",
+                part_page >> 10
+            );
+            exit_group(125);
+        }
+    }
     // The other threads' slots are the restored table's; their tids are
     // set as they start. This thread's is its own.
     thread::init_as(me);

@@ -72,6 +72,45 @@ pub struct Manifest {
     /// descriptors); absent in images written before they were kept.
     #[serde(default)]
     pub credentials: Option<crate::fds::Credentials>,
+    /// The partition it ran in: a restore makes one like it.
+    #[serde(default)]
+    pub partition: Option<PartitionSpec>,
+}
+
+/// A partition as a restore remakes it: as many CPUs (which ones is the
+/// destination's choice), as much memory on pages of the same size, the
+/// same owner.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartitionSpec {
+    /// Its name where the application ran (for messages).
+    pub name: String,
+    pub cpus: usize,
+    pub mem_bytes: u64,
+    pub page_size: u64,
+    pub owner_uid: u32,
+}
+
+impl PartitionSpec {
+    /// The partition whose memory directory the control region `h` names.
+    pub fn of(h: &lwk_abi::control::Header) -> Option<PartitionSpec> {
+        if !h.partition.is_set() {
+            return None;
+        }
+        let mut buf = [0u8; lwk_abi::control::PARTITION_PATH_WORDS * 8];
+        h.partition.mem_dir_into(&mut buf);
+        let len = buf.iter().position(|&c| c == 0)?;
+        let dir = std::path::Path::new(std::str::from_utf8(&buf[..len]).ok()?);
+        // /run/lwk/partitions/NAME/mem
+        let name = dir.parent()?.file_name()?.to_str()?;
+        let p = lwk_partition::open(name).ok()?;
+        (p.mem_dir == dir).then(|| PartitionSpec {
+            name: p.name.clone(),
+            cpus: p.cpus.len(),
+            mem_bytes: p.mem_bytes,
+            page_size: p.page_size,
+            owner_uid: p.owner_uid,
+        })
+    }
 }
 
 /// A piece of the address space mapped (privately) from a file.
@@ -326,8 +365,10 @@ fn write_process<W: Write>(
     if !strays.is_empty() {
         return Err(unmovable(format!("it forked processes {} while it was being frozen", strays.join(", "))));
     }
-    if mm.part_page != 0 {
-        return Err(unmovable("it runs in a partition (restoring into one is not built yet)".into()));
+    let h = &frozen.app.control().header;
+    let partition = PartitionSpec::of(h);
+    if mm.part_page != 0 && partition.is_none() {
+        return Err(unmovable("it runs in a partition this node no longer describes (/run/lwk/partitions)".into()));
     }
     if x.state.signalfd.entries.iter().any(|e| e.app_fd >= 0) {
         return Err(unmovable("it uses a signalfd (not movable yet)".into()));
@@ -380,7 +421,6 @@ fn write_process<W: Write>(
         })
         .collect();
     descriptors.sort();
-    let h = &frozen.app.control().header;
     let saved: Vec<(usize, &ThreadRecord)> = x.threads.iter().enumerate().filter(|(_, t)| t.saved != 0).collect();
     let manifest = Manifest {
         lwk_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -403,6 +443,7 @@ fn write_process<W: Write>(
         credentials: Some(
             crate::fds::Credentials::of(pid).map_err(|source| CheckpointError::Descriptors { pid, source })?,
         ),
+        partition,
     };
     out.json(RecordKind::Manifest, &manifest)?;
     out.record(RecordKind::LwkState, bytes_of(&x.state))?;

@@ -68,16 +68,16 @@ pub struct Round {
 /// Pre-copy of every process of an application's tree (`tree`): each
 /// round goes through them in order, each process's memory after a
 /// `MemoryMap` record of its own.
-pub struct PreCopy {
-    members: Vec<Tracked>,
+pub struct PreCopy<'a> {
+    members: Vec<Tracked<'a>>,
 }
 
-impl PreCopy {
+impl<'a> PreCopy<'a> {
     /// Watch the memory of the processes `apps` (the tree's, in order).
-    pub fn start(apps: &[&App]) -> Result<PreCopy> {
+    pub fn start(apps: &[&'a App]) -> Result<PreCopy<'a>> {
         let mut members: Vec<Tracked> = Vec::with_capacity(apps.len());
         for (i, app) in apps.iter().enumerate() {
-            let mut t = Tracked::start(app)?;
+            let mut t = Tracked::start(app, i)?;
             // A memory file an earlier process has too is that one's.
             for k in 0..3 {
                 let Some(id) = t.file_ids[k] else { continue };
@@ -110,10 +110,15 @@ impl PreCopy {
 }
 
 /// One process watched.
-struct Tracked {
+struct Tracked<'a> {
     pid: i32,
+    process: &'a App,
+    /// Its place in the tree.
+    me: usize,
     /// Each memory file's identity (device, inode), and the process of the
-    /// tree whose file it is (see [`MappedRange::member`]).
+    /// tree whose file it is (see [`MappedRange::member`]). The LWK may
+    /// make new ones as it runs (its 2 MiB pages' when it first uses them,
+    /// new ones at an exec): looked at again every round.
     file_ids: [Option<(u64, u64)>; 3],
     owners: [usize; 3],
     files: [Option<File>; 3],
@@ -134,8 +139,11 @@ fn page_size(slot: usize) -> PageSize {
     }
 }
 
-/// The LWK memory ranges of process `pid`, from /proc/PID/maps.
-fn lwk_ranges(pid: i32) -> Result<Vec<MappedRange>> {
+/// The LWK memory ranges of process `pid`, from /proc/PID/maps: the
+/// mappings of the memory files `files` (device and inode of each slot's),
+/// whatever their names (a memfd, or a file of a partition's memory
+/// directory).
+fn lwk_ranges(pid: i32, files: &[Option<(u64, u64)>; 3]) -> Result<Vec<MappedRange>> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| PreCopyError::Proc {
         pid,
         what: "the memory map".into(),
@@ -144,13 +152,12 @@ fn lwk_ranges(pid: i32) -> Result<Vec<MappedRange>> {
     Ok(maps
         .lines()
         .filter_map(|l| {
+            // start-end perms offset major:minor inode [path]
             let f: Vec<&str> = l.split_whitespace().collect();
-            let slot = match f.get(5)? {
-                p if p.starts_with("/memfd:lwk-mem") => 0,
-                p if p.starts_with("/memfd:lwk-huge") => 1,
-                p if p.starts_with("/memfd:lwk-shared") => 2,
-                _ => return None,
-            };
+            let (major, minor) = f.get(3)?.split_once(':')?;
+            let dev = libc::makedev(u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?);
+            let inode: u64 = f.get(4)?.parse().ok()?;
+            let slot = files.iter().position(|id| *id == Some((dev, inode)))?;
             let (s, e) = f[0].split_once('-')?;
             Some(MappedRange {
                 start: u64::from_str_radix(s, 16).ok()?,
@@ -195,9 +202,10 @@ fn covers(runs: &BTreeMap<u64, MappedRange>, r: &MappedRange) -> bool {
     })
 }
 
-impl Tracked {
-    /// Watch `app`'s memory (and its proxy's writes into it).
-    fn start(app: &App) -> Result<Tracked> {
+impl<'a> Tracked<'a> {
+    /// Watch `app`'s memory (and its proxy's writes into it); `me` is its
+    /// place in the tree.
+    fn start(app: &'a App, me: usize) -> Result<Tracked<'a>> {
         use std::sync::atomic::Ordering::SeqCst;
         let h = &app.control().header;
         let (a, p, ptid) = (h.app_uffd.load(SeqCst), h.proxy_uffd.load(SeqCst), h.proxy_uffd_tid.load(SeqCst));
@@ -220,17 +228,6 @@ impl Tracked {
             })
             .unwrap_or(ptid);
         let proxy_uffd = crate::dirty::take_userfaultfd_of_thread(host_tid, p - 1)?;
-        let mut files: [Option<File>; 3] = [None, None, None];
-        for (k, f) in files.iter_mut().enumerate() {
-            let fd = h.memfd[k].load(SeqCst);
-            if fd >= 0 {
-                *f = Some(File::open(format!("/proc/{}/fd/{fd}", app.pid)).map_err(|source| PreCopyError::Proc {
-                    pid: app.pid,
-                    what: format!("memory file {fd}"),
-                    source,
-                })?);
-            }
-        }
         // Each userfaultfd takes one handshake in its life: a migration
         // after one that rolled back finds it made (see the header).
         let tracker = |ready: &std::sync::atomic::AtomicI32, value: i32, pid: i32, uffd| {
@@ -243,27 +240,53 @@ impl Tracked {
         };
         let app_tracker = tracker(&h.app_uffd_ready, a, app.pid, app_uffd)?;
         let proxy_tracker = tracker(&h.proxy_uffd_ready, p, proxy_pid, proxy_uffd)?;
-        let file_ids = std::array::from_fn(|k| {
-            use std::os::unix::fs::MetadataExt;
-            files[k].as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()))
-        });
-        Ok(Tracked {
+        let mut t = Tracked {
             pid: app.pid,
-            file_ids,
-            owners: [0; 3],
-            files,
+            process: app,
+            me,
+            file_ids: [None; 3],
+            owners: [me; 3],
+            files: [None, None, None],
             app: app_tracker,
             proxy: proxy_tracker,
             map: BTreeMap::new(),
             in_proxy: BTreeMap::new(),
             rounds: 0,
-        })
+        };
+        t.refresh_files()?;
+        Ok(t)
+    }
+
+    /// The memory files the control region names now, opened again where
+    /// one is new (a file first seen belongs to this process).
+    fn refresh_files(&mut self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        use std::sync::atomic::Ordering::SeqCst;
+        let h = &self.process.control().header;
+        for k in 0..3 {
+            let fd = h.memfd[k].load(SeqCst);
+            if fd < 0 {
+                continue;
+            }
+            let path = format!("/proc/{}/fd/{fd}", self.pid);
+            let proc_error = |source| PreCopyError::Proc { pid: self.pid, what: format!("memory file {fd}"), source };
+            let meta = std::fs::metadata(&path).map_err(proc_error)?;
+            let id = (meta.dev(), meta.ino());
+            if self.file_ids[k] != Some(id) {
+                self.files[k] = Some(File::open(&path).map_err(proc_error)?);
+                self.file_ids[k] = Some(id);
+                self.owners[k] = self.me;
+            }
+        }
+        Ok(())
     }
 
     /// Bring the tracked ranges up to date with both processes' maps; the
     /// ranges to send whole go into `whole`.
     fn reconcile(&mut self, whole: &mut Vec<MappedRange>) -> Result<()> {
-        let now: BTreeMap<u64, MappedRange> = lwk_ranges(self.pid)?.into_iter().map(|r| (r.start, r)).collect();
+        self.refresh_files()?;
+        let now: BTreeMap<u64, MappedRange> =
+            lwk_ranges(self.pid, &self.file_ids)?.into_iter().map(|r| (r.start, r)).collect();
         for (start, old) in std::mem::take(&mut self.map) {
             if now.get(&start) != Some(&old) {
                 self.app.forget(old.start..old.end);
@@ -286,7 +309,7 @@ impl Tracked {
         // same memory into other pieces than the application's (the kernel
         // merges neighbouring mappings differently in each process), so a
         // range counts as mapped there when the proxy's runs cover it.
-        let proxy_now = runs(lwk_ranges(self.proxy.pid())?);
+        let proxy_now = runs(lwk_ranges(self.proxy.pid(), &self.file_ids)?);
         for (start, old) in std::mem::take(&mut self.in_proxy) {
             if covers(&proxy_now, &old) && self.map.get(&start) == Some(&old) {
                 self.in_proxy.insert(start, old);

@@ -68,13 +68,40 @@ pub fn add(cidr: Cidr, dev: &str) -> Result<()> {
     announce(cidr.addr, dev).with_context(|| format!("announcing {} on {dev}", cidr.addr))
 }
 
+/// The hardware address of `dev` in this network namespace (SIOCGIFHWADDR:
+/// /sys/class/net shows the devices of the namespace sysfs was mounted in,
+/// which need not be ours).
+fn hardware_address(dev: &str) -> Result<Vec<u8>> {
+    if dev.len() >= libc::IFNAMSIZ {
+        bail!("{dev}: an interface name is shorter");
+    }
+    // SAFETY: a fresh socket of ours, for the ioctl only; closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("a socket");
+    }
+    // SAFETY: ifreq is plain data; zero is a valid start.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, &b) in req.ifr_name.iter_mut().zip(dev.as_bytes()) {
+        *to = b as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills the ifreq we pass.
+    let r = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    let e = std::io::Error::last_os_error();
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd) };
+    if r < 0 {
+        return Err(e).context("SIOCGIFHWADDR");
+    }
+    // SAFETY: the kernel filled the hardware-address member.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    Ok(data[..6].iter().map(|&b| b as u8).collect())
+}
+
 /// A gratuitous ARP for `addr` on `dev`: neighbours learn at once that the
 /// address is here now.
 pub fn announce(addr: Ipv4Addr, dev: &str) -> Result<()> {
-    let mac = std::fs::read_to_string(format!("/sys/class/net/{dev}/address"))
-        .with_context(|| format!("the hardware address of {dev}"))?;
-    let mac: Vec<u8> =
-        mac.trim().split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>().context("a MAC")?;
+    let mac = hardware_address(dev).with_context(|| format!("the hardware address of {dev}"))?;
     let index = std::ffi::CString::new(dev).context("a NUL in the device name")?;
     // SAFETY: plain if_nametoindex on a NUL-terminated name.
     let ifindex = unsafe { libc::if_nametoindex(index.as_ptr()) };
@@ -134,5 +161,21 @@ mod tests {
             let e = bad.parse::<Cidr>().unwrap_err().to_string();
             assert!(e.starts_with(bad), "{e}");
         }
+    }
+
+    #[test]
+    fn the_hardware_address_is_the_one_sysfs_shows_for_each_interface_here() {
+        let mut seen = 0;
+        for e in std::fs::read_dir("/sys/class/net").unwrap().flatten() {
+            let dev = e.file_name().into_string().unwrap();
+            let text = std::fs::read_to_string(e.path().join("address")).unwrap();
+            let want: Vec<u8> = text.trim().split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+            if want.len() != 6 {
+                continue;
+            }
+            assert_eq!(hardware_address(&dev).unwrap(), want, "{dev}");
+            seen += 1;
+        }
+        assert!(seen > 0, "no interface with a 6-byte hardware address here");
     }
 }

@@ -1,6 +1,8 @@
 //! The node daemon (`lwk node serve`) and what talks to it: the cluster
 //! key ([`key`]), authenticated connections between nodes ([`channel`]),
-//! the service address that moves with an application ([`address`]), and
+//! the service address that moves with an application ([`address`]) and
+//! the drop rule that keeps its peers' data out while its connections are
+//! captured ([`quiet`]), and
 //! the daemon's side of a migration ([`server`]): it receives an
 //! application's image and restores it on this node.
 //!
@@ -11,6 +13,7 @@
 pub mod address;
 pub mod channel;
 pub mod key;
+pub mod quiet;
 pub mod relay;
 pub mod server;
 

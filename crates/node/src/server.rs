@@ -45,6 +45,11 @@ pub enum Request {
         /// kept here (as the received directory's log).
         #[serde(default)]
         relay: bool,
+        /// The partition it runs in (JSON, as `lwk restore --partition`
+        /// takes it; opaque here): the restorer makes one like it before
+        /// the memory comes.
+        #[serde(default)]
+        partition: Option<String>,
     },
 }
 
@@ -168,7 +173,7 @@ fn handle(stream: TcpStream, config: &Config) -> anyhow::Result<()> {
         }
     };
     match ch.recv::<Request>()? {
-        Request::Restore { command, memory_bytes, address, relay } => {
+        Request::Restore { command, memory_bytes, address, relay, partition } => {
             log(&format!("{peer}: receiving {command} ({} MiB of memory)", memory_bytes >> 20));
             let address = match (address, &config.service_dev) {
                 (None, _) => None,
@@ -179,7 +184,7 @@ fn handle(stream: TcpStream, config: &Config) -> anyhow::Result<()> {
                     anyhow::bail!(why);
                 }
             };
-            receive(ch, config, peer, address, relay)
+            receive(ch, config, peer, Destination { address, partition }, relay)
         }
     }
 }
@@ -198,13 +203,14 @@ impl Drop for Incoming {
     }
 }
 
-fn receive(
-    mut ch: Channel,
-    config: &Config,
-    peer: SocketAddr,
+/// What an application that comes needs here: its service address (and
+/// the device it comes up on), the partition it ran in.
+struct Destination {
     address: Option<(String, String)>,
-    relay: bool,
-) -> anyhow::Result<()> {
+    partition: Option<String>,
+}
+
+fn receive(mut ch: Channel, config: &Config, peer: SocketAddr, to: Destination, relay: bool) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let mut incoming = Incoming { dir: config.state_dir.join(format!("in-{stamp}")), keep: false };
@@ -214,7 +220,7 @@ fn receive(
     // The restorer starts now and reads the image as it comes; the stream
     // is also checked here, record by record (keyed with the cluster key,
     // with this session's stream id), to know where it ends.
-    let mut restoring = match Restoring::start(&config.lwk, &incoming.dir, &config.key, address.as_ref()) {
+    let mut restoring = match Restoring::start(&config.lwk, &incoming.dir, &config.key, &to) {
         Ok(r) => r,
         Err(e) => {
             ch.send(&Reply::Failed { why: format!("{e:#}") }).ok();
@@ -373,12 +379,7 @@ impl Output {
 }
 
 impl Restoring {
-    fn start(
-        lwk: &Path,
-        dir: &Path,
-        key: &ClusterKey,
-        address: Option<&(String, String)>,
-    ) -> anyhow::Result<Restoring> {
+    fn start(lwk: &Path, dir: &Path, key: &ClusterKey, to: &Destination) -> anyhow::Result<Restoring> {
         use anyhow::Context;
         // The key goes to the restorer as a file only root reads.
         let key_file = dir.join("cluster.key");
@@ -402,8 +403,11 @@ impl Restoring {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if let Some((cidr, dev)) = address {
+        if let Some((cidr, dev)) = &to.address {
             cmd.arg("--address").arg(cidr).arg("--address-dev").arg(dev);
+        }
+        if let Some(p) = &to.partition {
+            cmd.arg("--partition").arg(p);
         }
         let raw = [go_r.as_raw_fd(), ready_w.as_raw_fd(), image_r.as_raw_fd()];
         // SAFETY: only fcntl on open descriptors runs in the child: the
