@@ -113,6 +113,11 @@ impl OwnPartition {
         &self.held.as_ref().expect("held until dropped").part
     }
 
+    /// Its cpuset's cgroup.procs, open for writing.
+    fn procs_fd(&self) -> i32 {
+        self.held.as_ref().expect("held until dropped").procs_file.as_raw_fd()
+    }
+
     /// Does memory file `k` (4 KiB pages, 2 MiB pages, shared) come from
     /// the partition?
     fn holds_slot(&self, k: usize) -> bool {
@@ -731,25 +736,7 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         .chain(tree.members.iter().map(|m| m.pid_in_namespace))
         .max()
         .unwrap_or(1);
-    let mut proxies: Vec<i32> = Vec::with_capacity(ps.len());
-    let mut proxy_mnt: Option<File> = None;
-    let mut pending = Pending { tcp: Vec::new(), udp: Vec::new() };
-    for (i, p) in ps.iter().enumerate() {
-        let given = std::mem::take(&mut shared[i]);
-        match spawn_proxy(&kernel, &regions[i], &p.table, &p.sockets, max_id, given, proxy_mnt.as_ref()) {
-            Ok((pid, mnt, pend)) => {
-                proxies.push(pid);
-                proxy_mnt.get_or_insert(mnt);
-                pending.tcp.extend(pend.tcp);
-                pending.udp.extend(pend.udp);
-            }
-            Err(e) => {
-                end_children(&proxies);
-                return Err(e);
-            }
-        }
-    }
-    let proxy_mnt = proxy_mnt.expect("one process at least");
+    let (proxies, proxy_mnt, pending) = spawn_proxies(&kernel, &ps, &regions, &mut shared, max_id)?;
     let address = args.address.zip(args.address_dev.as_deref());
     let mut pending = Some(pending);
     if args.go_fd.is_none() {
@@ -768,7 +755,7 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
             return Err(e);
         }
     };
-    let procs = part.as_ref().map(|p| p.held.as_ref().expect("held").procs_file.as_raw_fd());
+    let procs = part.as_ref().map(OwnPartition::procs_fd);
     let app = match spawn_restoring(&kernel, &launches, &proxy_mnt, procs) {
         Ok(c) => c,
         Err(e) => {
@@ -822,6 +809,38 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         ExitStatus::Code(c) => c,
         ExitStatus::Signal(sig) => run::reraise(sig),
     })
+}
+
+/// Start every process's proxy, each with the descriptions it shares with
+/// the others (`shared`), the later ones in the first one's mount
+/// namespace: their pids (the first one's first), that namespace, and
+/// their sockets not yet live. On an error, those started are ended.
+fn spawn_proxies(
+    kernel: &Path,
+    ps: &[Prepared],
+    regions: &[run::ControlRegion],
+    shared: &mut [BTreeMap<i32, OwnedFd>],
+    max_id: i32,
+) -> Result<(Vec<i32>, File, Pending)> {
+    let mut proxies: Vec<i32> = Vec::with_capacity(ps.len());
+    let mut proxy_mnt: Option<File> = None;
+    let mut pending = Pending { tcp: Vec::new(), udp: Vec::new() };
+    for (i, p) in ps.iter().enumerate() {
+        let given = std::mem::take(&mut shared[i]);
+        match spawn_proxy(kernel, &regions[i], &p.table, &p.sockets, max_id, given, proxy_mnt.as_ref()) {
+            Ok((pid, mnt, pend)) => {
+                proxies.push(pid);
+                proxy_mnt.get_or_insert(mnt);
+                pending.tcp.extend(pend.tcp);
+                pending.udp.extend(pend.udp);
+            }
+            Err(e) => {
+                end_children(&proxies);
+                return Err(e);
+            }
+        }
+    }
+    Ok((proxies, proxy_mnt.expect("one process at least"), pending))
 }
 
 /// The descriptions the tree's proxies share (`shared`), each built once:

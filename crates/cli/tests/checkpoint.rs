@@ -15,7 +15,7 @@ use lwk_migrate::app::{App, AppError};
 use lwk_migrate::image::{ImageReader, Record, RecordKind};
 
 mod common;
-use common::{compiled, enter_netns, only_standard_streams, LineClient};
+use common::{compiled, enter_netns, only_standard_streams, LineClient, TestPartition};
 
 const LWK: &str = env!("CARGO_BIN_EXE_lwk");
 const TMP_ROOT: &str = env!("CARGO_TARGET_TMPDIR");
@@ -272,23 +272,36 @@ fn lwk_checkpoint_without_leave_running_stops_the_application_after_the_image() 
 #[ignore = "needs root (lwk restore gives the application its pids back in a pid namespace)"]
 fn a_checkpointed_program_restored_in_new_processes_finishes_as_a_native_run_does() {
     let prog = compiled("restore_target");
-    let expected = native_of(prog, &[]);
+    let (_, before, dir) = checkpointed(prog, Duration::from_millis(150));
+    assert_eq!(before, "", "the checkpointed run stops after its image is written");
+    restored_twice_as_native(prog, &dir, &before);
+}
+
+/// Run `prog` under lwk, and after `after` checkpoint it (it stops): what
+/// `lwk checkpoint` printed, what the program printed after "ready", and
+/// the image's directory.
+fn checkpointed(prog: &Path, after: Duration) -> (String, String, tempfile::TempDir) {
     let (mut child, mut out) = start_of(prog, &[]);
     let app = App::attach(child.id() as i32).unwrap();
-    std::thread::sleep(Duration::from_millis(150));
+    std::thread::sleep(after);
     let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
     let o = Command::new(LWK).args(["checkpoint", &app.pid.to_string()]).arg(dir.path()).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut before = String::new();
     out.read_to_string(&mut before).unwrap();
-    assert_eq!(before, "", "the checkpointed run stops after its image is written");
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&child.wait().unwrap()), Some(libc::SIGKILL));
-    // Restored twice from the same image: each run finishes the work.
+    (String::from_utf8(o.stdout).unwrap(), before, dir)
+}
+
+/// Restored twice from the image in `dir`: each run finishes the work of
+/// `prog`, which printed `before` until the checkpoint, as a native run.
+fn restored_twice_as_native(prog: &Path, dir: &tempfile::TempDir, before: &str) {
+    let expected = native_of(prog, &[]);
     for _ in 0..2 {
         let r = Command::new(LWK).arg("restore").arg(dir.path()).stdin(Stdio::null()).output().unwrap();
         assert!(r.status.success(), "{:?}: {}", r.status, String::from_utf8_lossy(&r.stderr));
         let after = String::from_utf8(r.stdout).unwrap();
-        assert_eq!(format!("ready\n{after}"), expected, "stderr: {}", String::from_utf8_lossy(&r.stderr));
+        assert_eq!(format!("ready\n{before}{after}"), expected, "stderr: {}", String::from_utf8_lossy(&r.stderr));
     }
 }
 
@@ -415,23 +428,9 @@ fn a_process_tree_is_restored_with_its_parent_child_pipes_and_shared_memory() {
     // wait4 with its exit status 7, SIGUSR1 from it), the bytes in the
     // pipe between them are still there, and both see one shared memory.
     let prog = compiled("tree_target");
-    let expected = native_of(prog, &[]);
-    let (mut child, mut out) = start_of(prog, &[]);
-    let app = App::attach(child.id() as i32).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
-    let o = Command::new(LWK).args(["checkpoint", &app.pid.to_string()]).arg(dir.path()).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("2 processes"), "{}", String::from_utf8_lossy(&o.stdout));
-    let mut before = String::new();
-    out.read_to_string(&mut before).unwrap();
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&child.wait().unwrap()), Some(libc::SIGKILL));
-    for _ in 0..2 {
-        let r = Command::new(LWK).arg("restore").arg(dir.path()).stdin(Stdio::null()).output().unwrap();
-        assert!(r.status.success(), "{:?}: {}", r.status, String::from_utf8_lossy(&r.stderr));
-        let after = String::from_utf8(r.stdout).unwrap();
-        assert_eq!(format!("ready\n{before}{after}"), expected, "stderr: {}", String::from_utf8_lossy(&r.stderr));
-    }
+    let (said, before, dir) = checkpointed(prog, Duration::from_millis(300));
+    assert!(said.contains("2 processes"), "{said}");
+    restored_twice_as_native(prog, &dir, &before);
 }
 
 #[test]
@@ -442,21 +441,11 @@ fn an_application_that_ran_in_a_partition_is_restored_into_one_made_like_it_and_
     // restore makes its own like it, runs the application there (its
     // threads on its CPU, its memory in its memory directory) and destroys
     // it when the application ends.
-    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
-    let cpu = *lwk_partition::parse_cpu_list(&online).unwrap().last().unwrap();
-    let name = format!("t-ck-{}", std::process::id());
     let lwk = |args: &[&str]| Command::new(LWK).args(args).output().unwrap();
-    let o = lwk(&["partition", "create", &name, "--cpus", &cpu.to_string(), "--mem", "64M", "--hugepages", "none"]);
-    assert!(o.status.success(), "partition create: {}", String::from_utf8_lossy(&o.stderr));
-    struct Gone(String);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            Command::new(LWK).args(["partition", "destroy", "--force", &self.0]).output().ok();
-        }
-    }
-    let source = Gone(name.clone());
+    let source = TestPartition::create("ck", "64M");
+    let cpu = source.cpu;
     let mut cmd = Command::new(LWK);
-    cmd.args(["run", "--partition", &name, "--"]).arg(compiled("sleep_target")).arg("3000");
+    cmd.args(["run", "--partition", &source.name, "--"]).arg(compiled("sleep_target")).arg("3000");
     cmd.stdin(Stdio::null()).stdout(Stdio::piped());
     let mut child = only_standard_streams(&mut cmd).spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());

@@ -11,7 +11,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{compiled, enter_netns, only_standard_streams, LineClient};
+use common::{compiled, enter_netns, only_standard_streams, LineClient, TestPartition};
 
 const LWK: &str = env!("CARGO_BIN_EXE_lwk");
 const TMP_ROOT: &str = env!("CARGO_TARGET_TMPDIR");
@@ -52,6 +52,28 @@ struct Cluster {
     daemon_a: Option<Child>,
     /// B's timeout for silent peers (seconds).
     timeout: u64,
+    /// Its turn (last, so that it is given back after the rest is gone).
+    _turn: Turn,
+}
+
+/// The tests run side by side, but for those that load the machine so
+/// much (a whole application, a gigabyte of memory, a hundred clients)
+/// that the others' timing would be another's: they run alone.
+static TURNS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+enum Turn {
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
+}
+
+impl Turn {
+    fn shared() -> Turn {
+        Turn::Shared(TURNS.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn alone() -> Turn {
+        Turn::Alone(TURNS.write().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 const A_ADDR: &str = "198.18.0.1";
@@ -63,6 +85,7 @@ const SERVICE_24: &str = "198.18.0.10/24";
 
 impl Cluster {
     fn new(tag: &str) -> Cluster {
+        let _turn = Turn::shared();
         let id = std::process::id();
         let (a, b) = (format!("lwk-{tag}-a-{id}"), format!("lwk-{tag}-b-{id}"));
         ip(&["netns", "add", &a]);
@@ -74,6 +97,7 @@ impl Cluster {
             daemon: None,
             daemon_a: None,
             timeout: 10,
+            _turn,
         };
         ip(&["netns", "add", &b]);
         // Interface names: at most 15 bytes, and apart for each test.
@@ -95,6 +119,15 @@ impl Cluster {
     /// Node A, node B and a client C on one bridge (in a namespace of its
     /// own), all in 198.18.0.0/24; the service address SERVICE on A.
     fn with_client(tag: &str) -> Cluster {
+        Cluster::with_client_taking(tag, Turn::shared())
+    }
+
+    /// As `with_client`, for a test that runs alone.
+    fn with_client_alone(tag: &str) -> Cluster {
+        Cluster::with_client_taking(tag, Turn::alone())
+    }
+
+    fn with_client_taking(tag: &str, _turn: Turn) -> Cluster {
         let id = std::process::id();
         let names = ["a", "b", "c", "s"].map(|n| format!("lwk-{tag}-{n}-{id}"));
         let mut c = Cluster {
@@ -105,6 +138,7 @@ impl Cluster {
             daemon: None,
             daemon_a: None,
             timeout: 10,
+            _turn,
         };
         for n in &names {
             ip(&["netns", "add", n]);
@@ -326,7 +360,9 @@ fn an_application_migrates_to_another_node_and_finishes_there() {
     let o = c.migrate(pid, &c.key());
     assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(report["threads"], 3);
+    // Its main thread and its waiter; its sleeper ends after some 600 ms,
+    // which a loaded machine may reach before the freeze.
+    assert!(matches!(report["threads"].as_u64(), Some(2 | 3)), "{report}");
     assert!(report["memory_bytes"].as_u64().unwrap() >= 32 << 20, "{report}");
     for part in
         ["stop_ms", "capture_ms", "transfer_ms", "in_flight_ms", "restore_ms", "commit_ms", "resume_ms", "freeze_ms"]
@@ -492,7 +528,7 @@ fn a_whole_application_with_a_child_100_clients_udp_and_512_mib_goes_to_b_and_ba
     // the whole migration, and a UDP socket read only afterwards.
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
-    let mut c = Cluster::with_client("all");
+    let mut c = Cluster::with_client_alone("all");
     c.timeout = 60;
     c.start_daemon(&c.key(), None);
     c.start_daemon_in_a();
@@ -572,24 +608,11 @@ fn an_application_in_a_partition_moves_only_where_a_partition_like_it_can_be_mad
     // more, it moves and B's partition goes when it ends.
     let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
     let online = lwk_partition::parse_cpu_list(&online).unwrap();
-    let cpu = *online.last().unwrap();
-    let name = format!("t-mig-{}", std::process::id());
-    let o = Command::new(LWK)
-        .args(["partition", "create", &name, "--cpus", &cpu.to_string(), "--mem", "128M", "--hugepages", "none"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "partition create: {}", String::from_utf8_lossy(&o.stderr));
-    struct Gone(String);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            Command::new(LWK).args(["partition", "destroy", "--force", &self.0]).output().ok();
-        }
-    }
-    let _source = Gone(name.clone());
+    let source = TestPartition::create("mig", "128M");
     let expected = native();
     let mut c = Cluster::new("part");
     c.start_daemon(&c.key(), None);
-    let (child, out, pid) = c.start_in_partition(&name);
+    let (child, out, pid) = c.start_in_partition(&source.name);
     let o = c.migrate(pid, &c.key());
     let err = String::from_utf8_lossy(&o.stderr);
     if online.len() <= 2 {

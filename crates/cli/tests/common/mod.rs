@@ -77,3 +77,33 @@ impl LineClient {
         answer
     }
 }
+
+/// A partition on the last online CPU (`--mem MEM`, 4 KiB pages) made for
+/// one test, destroyed (forcibly) when dropped, also on a panic.
+pub struct TestPartition {
+    pub name: String,
+    /// Its CPU (not every test binary looks).
+    #[allow(dead_code)]
+    pub cpu: usize,
+}
+
+impl TestPartition {
+    pub fn create(tag: &str, mem: &str) -> TestPartition {
+        let lwk = env!("CARGO_BIN_EXE_lwk");
+        let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+        let cpu = *lwk_partition::parse_cpu_list(&online).unwrap().last().unwrap();
+        let name = format!("t-{tag}-{}", std::process::id());
+        let o = Command::new(lwk)
+            .args(["partition", "create", &name, "--cpus", &cpu.to_string(), "--mem", mem, "--hugepages", "none"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "partition create: {}", String::from_utf8_lossy(&o.stderr));
+        TestPartition { name, cpu }
+    }
+}
+
+impl Drop for TestPartition {
+    fn drop(&mut self) {
+        Command::new(env!("CARGO_BIN_EXE_lwk")).args(["partition", "destroy", "--force", &self.name]).output().ok();
+    }
+}
