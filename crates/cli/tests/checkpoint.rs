@@ -491,6 +491,19 @@ fn an_application_that_ran_in_a_partition_is_restored_into_one_made_like_it_and_
     assert!(!list.contains(&own), "its partition is gone: {list}");
 }
 
+#[test]
+#[ignore = "needs root (a network namespace, TCP_REPAIR, a pid namespace)"]
+fn a_loopback_connection_between_a_parent_and_its_child_survives_checkpoint_and_restore() {
+    // loopback_target's child sends numbers a few ahead over 127.0.0.1 and
+    // checks each comes back doubled: both ends are the tree's, captured
+    // and rebuilt in repair mode, with the bytes in flight.
+    let _ns = NetNs::enter("lo");
+    let prog = compiled("loopback_target");
+    let (said, before, dir) = checkpointed(prog, Duration::from_millis(500));
+    assert!(said.contains("2 processes"), "{said}");
+    restored_twice_as_native(prog, &dir, &before);
+}
+
 /// A network namespace of this test's own (only its loopback, up), which
 /// the calling thread enters: everything it starts runs there. Deleted on
 /// drop; the thread is the test's own and ends with it.
