@@ -78,7 +78,7 @@ struct OwnPartition {
 const OWN_PARTITION_PREFIX: &str = "restored-";
 
 impl OwnPartition {
-    fn create(spec: &PartitionSpec, owner_gid: u32) -> Result<OwnPartition> {
+    fn create(spec: &PartitionSpec) -> Result<OwnPartition> {
         sweep_stale_partitions();
         let page = lwk_partition::PageSize::from_bytes(spec.page_size)
             .with_context(|| format!("partition {} has pages of {} bytes", spec.name, spec.page_size))?;
@@ -100,7 +100,7 @@ impl OwnPartition {
             mem_bytes: spec.mem_bytes,
             page,
             owner_uid: spec.owner_uid,
-            owner_gid,
+            owner_gid: spec.owner_gid,
         };
         lwk_partition::create(&req)
             .with_context(|| format!("making a partition like {}, where the application ran", spec.name))?;
@@ -406,8 +406,7 @@ fn prepare(
                     if builds.iter().any(|b| b.memfds.iter().any(Option::is_some)) {
                         return Err(bad("memory came ahead of the partition it belongs in"));
                     }
-                    let gid = m.credentials.as_ref().map_or(0, |c| c.gid[0]);
-                    *part = Some(OwnPartition::create(spec, gid)?);
+                    *part = Some(OwnPartition::create(spec)?);
                 }
                 while builds.len() <= next {
                     builds.push(Building::new()?);
@@ -695,11 +694,14 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     let mut part = match &args.partition {
         Some(json) => {
             let spec: PartitionSpec = serde_json::from_str(json).context("--partition")?;
-            Some(OwnPartition::create(&spec, 0)?)
+            Some(OwnPartition::create(&spec)?)
         }
         None => None,
     };
     let (ps, tree) = prepare(&args.dir, key.as_ref(), args.image_fd, &mut part)?;
+    if part.is_some() && ps[0].manifest.partition.is_none() {
+        bail!("--partition: the image says the application ran in no partition");
+    }
     let kernel = run::kernel_image()?;
     let mut regions = Vec::with_capacity(ps.len());
     for p in &ps {

@@ -88,6 +88,8 @@ pub struct PartitionSpec {
     pub mem_bytes: u64,
     pub page_size: u64,
     pub owner_uid: u32,
+    #[serde(default)]
+    pub owner_gid: u32,
 }
 
 impl PartitionSpec {
@@ -109,6 +111,7 @@ impl PartitionSpec {
             mem_bytes: p.mem_bytes,
             page_size: p.page_size,
             owner_uid: p.owner_uid,
+            owner_gid: p.owner_gid,
         })
     }
 }

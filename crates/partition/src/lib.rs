@@ -159,6 +159,7 @@ pub struct Partition {
     /// The memory mount (hugetlbfs or tmpfs), owned by the owner, mode 0700.
     pub mem_dir: PathBuf,
     pub owner_uid: u32,
+    pub owner_gid: u32,
     /// The partition's cpuset cgroup.
     pub cgroup_dir: PathBuf,
     /// /run/lwk/partitions/NAME.
@@ -183,6 +184,7 @@ pub fn open(name: &str) -> Result<Partition> {
         page_size: st.page_size,
         mem_dir: st.dir().join("mem"),
         owner_uid: st.owner_uid,
+        owner_gid: st.owner_gid,
         cgroup_dir,
         state_dir: st.dir(),
     })
