@@ -175,11 +175,9 @@ impl Pending {
             for (image, fd, bound) in self.udp {
                 image.finish(fd.as_fd(), bound).with_context(|| format!("the UDP socket of {}", image.local))?;
             }
-            // The connections on every CPU: a thousand take tens of ms.
-            let leave = |s: lwk_migrate::sockets::TcpSocketInRepair| {
-                s.leave_repair().map(drop).context("a TCP connection leaving repair mode")
-            };
-            on_every_cpu(self.tcp, leave).into_iter().collect::<Result<Vec<()>>>()?;
+            for s in self.tcp {
+                s.leave_repair().context("a TCP connection leaving repair mode")?;
+            }
             anyhow::Ok(())
         })();
         // The copy here will not run: the address goes back to the source.
@@ -720,19 +718,8 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         }
         regions.push(region);
     }
-    // What the processes' proxies share, built once and handed to each,
-    // and their sockets, rebuilt on every CPU (here, where threads may
-    // start: not after the unshare below). Connections stay in repair mode
-    // and UDP sockets without their queue until the address is here
-    // (Pending).
-    let mut supplied = build_shared(&tree.shared, &ps)?;
-    let pending = rebuild_sockets(&ps, &mut supplied)?;
-    let address = args.address.zip(args.address_dev.as_deref());
-    let mut pending = Some(pending);
-    if args.go_fd.is_none() {
-        // Here already: the sockets go live before the application starts.
-        pending.take().expect("once").finish(address)?;
-    }
+    // What the processes' proxies share, built once and handed to each.
+    let mut shared = build_shared(&tree.shared, &ps)?;
 
     // The application gets its process ids back in a pid namespace of its
     // own (and a mount namespace whose /proc shows it): the first proxy is
@@ -751,7 +738,16 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         .chain(tree.members.iter().map(|m| m.pid_in_namespace))
         .max()
         .unwrap_or(1);
-    let (proxies, proxy_mnt) = spawn_proxies(&kernel, &ps, &regions, &mut supplied, max_id)?;
+    let (proxies, proxy_mnt, pending) = spawn_proxies(&kernel, &ps, &regions, &mut shared, max_id)?;
+    let address = args.address.zip(args.address_dev.as_deref());
+    let mut pending = Some(pending);
+    if args.go_fd.is_none() {
+        // Here already: the sockets go live before the application starts.
+        if let Err(e) = pending.take().expect("once").finish(address) {
+            end_children(&proxies);
+            return Err(e);
+        }
+    }
     let launches: Result<Vec<Launch>> =
         ps.iter().enumerate().map(|(i, p)| launch_of(p, &regions[i], &tree, i)).collect();
     let launches = match launches {
@@ -817,25 +813,28 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     })
 }
 
-/// Start every process's proxy with the descriptors built for it already
-/// (`supplied`: those it shares with the others, its sockets), the later
-/// ones in the first one's mount namespace: their pids (the first one's
-/// first) and that namespace. On an error, those started are ended.
+/// Start every process's proxy, each with the descriptions it shares with
+/// the others (`shared`), the later ones in the first one's mount
+/// namespace: their pids (the first one's first), that namespace, and
+/// their sockets not yet live. On an error, those started are ended.
 fn spawn_proxies(
     kernel: &Path,
     ps: &[Prepared],
     regions: &[run::ControlRegion],
-    supplied: &mut [BTreeMap<i32, OwnedFd>],
+    shared: &mut [BTreeMap<i32, OwnedFd>],
     max_id: i32,
-) -> Result<(Vec<i32>, File)> {
+) -> Result<(Vec<i32>, File, Pending)> {
     let mut proxies: Vec<i32> = Vec::with_capacity(ps.len());
     let mut proxy_mnt: Option<File> = None;
+    let mut pending = Pending { tcp: Vec::new(), udp: Vec::new() };
     for (i, p) in ps.iter().enumerate() {
-        let given = std::mem::take(&mut supplied[i]);
-        match spawn_proxy(kernel, &regions[i], &p.table, max_id, given, proxy_mnt.as_ref()) {
-            Ok((pid, mnt)) => {
+        let given = std::mem::take(&mut shared[i]);
+        match spawn_proxy(kernel, &regions[i], &p.table, &p.sockets, max_id, given, proxy_mnt.as_ref()) {
+            Ok((pid, mnt, pend)) => {
                 proxies.push(pid);
                 proxy_mnt.get_or_insert(mnt);
+                pending.tcp.extend(pend.tcp);
+                pending.udp.extend(pend.udp);
             }
             Err(e) => {
                 end_children(&proxies);
@@ -843,80 +842,7 @@ fn spawn_proxies(
             }
         }
     }
-    Ok((proxies, proxy_mnt.expect("one process at least")))
-}
-
-/// Every process's TCP and UDP sockets rebuilt from their images (the
-/// address is this node's: the application ran here, or its address moved
-/// here), on every CPU, each added to its process's `supplied`
-/// descriptors; the connections in repair mode and the UDP sockets without
-/// their queues, until [`Pending::finish`].
-fn rebuild_sockets(ps: &[Prepared], supplied: &mut [BTreeMap<i32, OwnedFd>]) -> Result<Pending> {
-    enum Built {
-        Tcp(lwk_migrate::sockets::TcpSocketInRepair, OwnedFd),
-        Listener(OwnedFd),
-        Udp(lwk_migrate::sockets::UdpSocketImage, OwnedFd, OwnedFd, lwk_migrate::sockets::UdpBound),
-    }
-    let all: Vec<(usize, i32, &SocketImage)> =
-        ps.iter().enumerate().flat_map(|(m, p)| p.sockets.iter().map(move |(fd, image)| (m, *fd, image))).collect();
-    let build = |(m, fd, image): (usize, i32, &SocketImage)| -> Result<(usize, i32, Built)> {
-        let why = || format!("cannot rebuild the socket of descriptor {fd}");
-        let built = match image {
-            SocketImage::TcpConnection(i) => {
-                let r = i.restore_in_repair().with_context(why)?;
-                let dup = r.as_fd().try_clone_to_owned()?;
-                Built::Tcp(r, dup)
-            }
-            SocketImage::TcpListener(i) => Built::Listener(i.restore().with_context(why)?),
-            SocketImage::Udp(i) => {
-                let (s, bound) = i.restore_bound().with_context(why)?;
-                Built::Udp(i.clone(), s.try_clone()?, s, bound)
-            }
-        };
-        Ok((m, fd, built))
-    };
-    let mut pending = Pending { tcp: Vec::new(), udp: Vec::new() };
-    for r in on_every_cpu(all, build) {
-        let (m, fd, built) = r?;
-        let given = match built {
-            Built::Tcp(r, dup) => {
-                pending.tcp.push(r);
-                dup
-            }
-            Built::Listener(l) => l,
-            Built::Udp(image, s, given, bound) => {
-                pending.udp.push((image, s, bound));
-                given
-            }
-        };
-        supplied[m].insert(fd, given);
-    }
-    Ok(pending)
-}
-
-/// `f` of each of `items`, spread over the CPUs (at most 8 threads), the
-/// results in no particular order.
-fn on_every_cpu<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
-    if items.len() < 2 || workers == 1 {
-        return items.into_iter().map(f).collect();
-    }
-    let per = items.len().div_ceil(workers);
-    let mut parts: Vec<Vec<T>> = Vec::with_capacity(workers);
-    let mut items = items.into_iter();
-    loop {
-        let part: Vec<T> = items.by_ref().take(per).collect();
-        if part.is_empty() {
-            break;
-        }
-        parts.push(part);
-    }
-    let f = &f;
-    std::thread::scope(|scope| {
-        let handles: Vec<_> =
-            parts.into_iter().map(|part| scope.spawn(move || part.into_iter().map(f).collect::<Vec<R>>())).collect();
-        handles.into_iter().flat_map(|h| h.join().expect("a worker does not panic")).collect()
-    })
+    Ok((proxies, proxy_mnt.expect("one process at least"), pending))
 }
 
 /// The descriptions the tree's proxies share (`shared`), each built once:
@@ -1060,10 +986,11 @@ fn spawn_proxy(
     kernel: &Path,
     region: &run::ControlRegion,
     table: &FdTable,
+    sockets: &[(i32, SocketImage)],
     max_id: i32,
-    supplied: BTreeMap<i32, OwnedFd>,
+    shared: BTreeMap<i32, OwnedFd>,
     join: Option<&File>,
-) -> Result<(i32, File)> {
+) -> Result<(i32, File, Pending)> {
     use std::os::unix::ffi::OsStrExt;
     let top = table.fds.iter().map(|e| e.fd).max().unwrap_or(2).max(2);
     // Above every number the table uses: restore leaves it where it is.
@@ -1085,9 +1012,31 @@ fn spawn_proxy(
     let path = std::ffi::CString::new(kernel.as_os_str().as_bytes()).context("the LWK image's path")?;
     let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
-    // Descriptions shared with the tree's other processes and sockets,
-    // built already.
-    let mut supplied = supplied;
+    // Sockets rebuilt from their images (the address is this node's: the
+    // application ran here, or its address moved here).
+    // Connections stay in repair mode and UDP sockets without their queue
+    // until the address is here (Pending).
+    // Descriptions shared with the tree's other processes: built once.
+    let mut supplied = shared;
+    let mut pending = Pending { tcp: Vec::new(), udp: Vec::new() };
+    for (fd, image) in sockets {
+        let why = || format!("cannot rebuild the socket of descriptor {fd}");
+        let s = match image {
+            SocketImage::TcpConnection(i) => {
+                let r = i.restore_in_repair().with_context(why)?;
+                let dup = r.as_fd().try_clone_to_owned()?;
+                pending.tcp.push(r);
+                dup
+            }
+            SocketImage::TcpListener(i) => i.restore().with_context(why)?,
+            SocketImage::Udp(i) => {
+                let (s, bound) = i.restore_bound().with_context(why)?;
+                pending.udp.push((i.clone(), s.try_clone()?, bound));
+                s
+            }
+        };
+        supplied.insert(*fd, s);
+    }
     // Handed over: our standard input, output and error.
     let stdio: Vec<i32> =
         table.to_supply().into_iter().map(|(fd, _)| fd).filter(|fd| !supplied.contains_key(fd)).collect();
@@ -1161,7 +1110,7 @@ fn spawn_proxy(
         bail!("the proxy could not set up the application's namespaces");
     }
     let mnt = File::open(format!("/proc/{pid}/ns/mnt")).context("the proxy's mount namespace")?;
-    Ok((pid, mnt))
+    Ok((pid, mnt, pending))
 }
 
 /// In the pid namespace's first process (the proxy, before it becomes the
