@@ -106,6 +106,10 @@ struct Report {
     /// The destination from the go until its sockets were live and its
     /// gate open (its threads run). The freeze ends there.
     resume_ms: f64,
+    /// Putting in the rule that drops the peers' TCP to the service address
+    /// (`lwk_node::quiet`), just before the freeze: the peers' wait is
+    /// this and the freeze.
+    quiet_ms: f64,
     /// The freeze as the application saw it: until the destination's gate
     /// opened.
     freeze_ms: f64,
@@ -250,10 +254,10 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     }
 
     let sent_ahead = w.bytes_written();
-    let tf = Instant::now();
     // Its peers' data is kept out from before the capture until the
     // address has left (or the application goes on here): what a socket
     // took in after its queues were read would be lost (`lwk_node::quiet`).
+    let tq = Instant::now();
     let mut quiet = match args.address.map(|a| Quiet::start(a.addr)).transpose() {
         Ok(q) => q,
         Err(e) => {
@@ -261,6 +265,8 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
             return Err(e.context(format!("process {} cannot be migrated; it goes on here", app.pid)));
         }
     };
+    report.quiet_ms = ms(tq);
+    let tf = Instant::now();
     let captured = match freeze_and_capture(&tree, relayed_by, args.force_close, Duration::from_secs(5)) {
         Ok(c) => c,
         Err(e) => {
