@@ -858,7 +858,8 @@ fn build_shared(shared: &[Shared], ps: &[Prepared]) -> Result<Vec<BTreeMap<i32, 
         };
         match &s.what {
             SharedWhat::Pipe(contents) => {
-                let (r, w) = fds::rebuild_pipe(contents).context("rebuilding a pipe between the processes")?;
+                let first = s.holders.first().map_or(-1, |h| h.1);
+                let (r, w) = fds::rebuild_pipe(contents, first).context("rebuilding a pipe between the processes")?;
                 // Each end one description, with the status flags its first
                 // holder's entry says.
                 let mut flagged = [false, false];

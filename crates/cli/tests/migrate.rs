@@ -992,17 +992,18 @@ fn what_cannot_move_is_refused_before_anything_stops_and_force_close_closes_it()
     let o = c.migrate(pid, &c.key());
     assert_eq!(o.status.code(), Some(125), "{}", String::from_utf8_lossy(&o.stdout));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("inotify") && err.contains("it goes on here"), "{err}");
+    assert!(err.contains("inotify") && err.contains("appmem") && err.contains("it goes on here"), "{err}");
     // Refused before anything was sent: the daemon heard nothing.
     assert!(!c.daemon_log().contains("receiving"), "{}", c.daemon_log());
     let o = c.migrate_with(pid, &c.key(), &["--force-close"]);
     assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stderr), c.daemon_log());
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let closed = report["closed"].as_array().unwrap();
-    assert!(closed.len() == 1 && closed[0].as_str().unwrap().contains("inotify"), "{report}");
+    assert!(closed.len() == 2 && closed[0].as_str().unwrap().contains("inotify"), "{report}");
+    assert!(closed[1].as_str().unwrap().contains("appmem"), "{report}");
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
-    assert_eq!(rest, "inotify closed\n");
+    assert_eq!(rest, "inotify closed\nmemfd closed\n");
     assert!(child.wait().unwrap().success());
 }
 

@@ -249,13 +249,18 @@ pub struct Descriptors {
 /// other such pipe or terminal cannot move.
 fn hand_over_streams(table: &mut FdTable, proxy: i32, relayed_by: Option<i32>) {
     for e in table.fds.iter_mut().filter(|e| e.fd > 2) {
-        if let (Disposition::Supply { why }, FdKind::Pipe { .. } | FdKind::CharDevice { .. }) =
-            (&e.disposition, &e.kind)
-        {
-            e.disposition = Disposition::CannotMove {
-                reason: format!("{why}: a restore hands over only standard input, output and error"),
-            };
-        }
+        let reason = match (&e.disposition, &e.kind) {
+            (Disposition::Supply { why }, FdKind::Pipe { .. } | FdKind::CharDevice { .. }) => {
+                format!("{why}: a restore hands over only standard input, output and error")
+            }
+            // Only the LWK's own memory files travel in the image; one the
+            // program made (memfd_create) would come back empty.
+            (Disposition::Supply { .. }, FdKind::MemoryFile { name, .. }) => {
+                format!("a memory file the program made ({name}) is not movable yet")
+            }
+            _ => continue,
+        };
+        e.disposition = Disposition::CannotMove { reason };
     }
     for e in table.fds.iter_mut().filter(|e| e.fd <= 2) {
         if matches!(e.disposition, Disposition::Shared { .. }) {

@@ -1556,16 +1556,17 @@ pub fn rebuild_description(e: &FdEntry) -> Result<OwnedFd> {
 }
 
 /// A new anonymous pipe of the capacity `contents` says, holding its bytes:
-/// (reading end, writing end), close-on-exec, without status flags.
-pub fn rebuild_pipe(contents: &PipeContents) -> Result<(OwnedFd, OwnedFd)> {
-    let (r, w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC).map_err(rebuild_error(-1, "pipe2"))?;
-    let size = rustix::pipe::fcntl_getpipe_size(&w).map_err(rebuild_error(-1, "F_GETPIPE_SZ"))?;
+/// (reading end, writing end), close-on-exec, without status flags. `fd`
+/// is a number one of its ends will have (for messages).
+pub fn rebuild_pipe(contents: &PipeContents, fd: RawFd) -> Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC).map_err(rebuild_error(fd, "pipe2"))?;
+    let size = rustix::pipe::fcntl_getpipe_size(&w).map_err(rebuild_error(fd, "F_GETPIPE_SZ"))?;
     if size != contents.capacity {
         rustix::pipe::fcntl_setpipe_size(&w, contents.capacity)
-            .map_err(rebuild_error(-1, &format!("F_SETPIPE_SZ to {} bytes", contents.capacity)))?;
+            .map_err(rebuild_error(fd, &format!("F_SETPIPE_SZ to {} bytes", contents.capacity)))?;
     }
     write_all(&w, &contents.buffered).map_err(|source| Error::Rebuild {
-        fd: -1,
+        fd,
         what: format!("writing back the {} bytes the pipe held", contents.buffered.len()),
         source,
     })?;

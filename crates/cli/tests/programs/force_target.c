@@ -1,8 +1,10 @@
-/* A program with a descriptor lwk cannot move (an inotify instance), for
- * `lwk migrate --force-close` (tests/migrate.rs): prints "ready", waits
- * three seconds (the migration comes then), and says whether the inotify
- * descriptor is still open. */
+/* A program with descriptors lwk cannot move (an inotify instance, a
+ * memory file of its own), for `lwk migrate --force-close`
+ * (tests/migrate.rs): prints "ready", waits three seconds (the migration
+ * comes then), and says whether each descriptor is still open. */
+#define _GNU_SOURCE
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <stdio.h>
 #include <sys/inotify.h>
 #include <time.h>
@@ -10,7 +12,8 @@
 
 int main(void) {
     int fd = inotify_init1(IN_CLOEXEC);
-    if (fd < 0)
+    int mem = memfd_create("appmem", MFD_CLOEXEC);
+    if (fd < 0 || mem < 0)
         return 2;
     printf("ready\n");
     fflush(stdout);
@@ -19,5 +22,6 @@ int main(void) {
         nanosleep(&ts, NULL);
     }
     printf("inotify %s\n", fcntl(fd, F_GETFD) < 0 ? "closed" : "open");
+    printf("memfd %s\n", fcntl(mem, F_GETFD) < 0 ? "closed" : "open");
     return 0;
 }
