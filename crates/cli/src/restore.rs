@@ -889,6 +889,19 @@ fn build_shared(shared: &[Shared], ps: &[Prepared]) -> Result<Vec<BTreeMap<i32, 
                     given[m].insert(fd, mine);
                 }
             }
+            SharedWhat::TcpSocket { listener } => {
+                let listener = listener.as_ref().context("a shared TCP socket without its image")?;
+                let one =
+                    listener.restore().with_context(|| format!("rebuilding the listener on {}", listener.local))?;
+                // Its status flags (O_NONBLOCK), as its first holder had them.
+                if let Some(&(m, fd)) = s.holders.first() {
+                    fds::set_status_flags(one.as_fd(), entry_of(m, fd)?)?;
+                }
+                for &(m, fd) in &s.holders {
+                    entry_of(m, fd)?;
+                    given[m].insert(fd, one.try_clone()?);
+                }
+            }
             SharedWhat::Description(e) => {
                 let one = fds::rebuild_description(e)
                     .with_context(|| format!("rebuilding descriptor {} shared by the processes", e.fd))?;

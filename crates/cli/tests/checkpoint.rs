@@ -504,6 +504,53 @@ fn a_loopback_connection_between_a_parent_and_its_child_survives_checkpoint_and_
     restored_twice_as_native(prog, &dir, &before);
 }
 
+#[test]
+#[ignore = "needs root (a network namespace, a pid namespace)"]
+fn a_pre_forked_servers_shared_listener_comes_back_once_for_all_its_workers() {
+    // prefork_target's two workers share one listener (the parent closed
+    // its own): it is rebuilt once and handed to both, which serve
+    // connections made after the restore and are reaped by the parent.
+    let _ns = NetNs::enter("pf");
+    let ask = |what: &str| {
+        let mut c = std::net::TcpStream::connect("127.0.0.1:7402").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        std::io::Write::write_all(&mut c, what.as_bytes()).unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let prog = compiled("prefork_target");
+    let (mut child, _out) = start_of(prog, &[]);
+    assert_eq!(ask("before\n"), "worker: before\n");
+    let app = App::attach(child.id() as i32).unwrap();
+    let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
+    let o = Command::new(LWK).args(["checkpoint", &app.pid.to_string()]).arg(dir.path()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("3 processes"), "{}", String::from_utf8_lossy(&o.stdout));
+    child.wait().unwrap();
+    let restored = Command::new(LWK)
+        .arg("restore")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !App::attach(restored.id() as i32)
+        .is_ok_and(|a| a.control().header.started.load(std::sync::atomic::Ordering::SeqCst) != 0)
+    {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the restored application did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ask("after\n"), "worker: after\n");
+    assert_eq!(ask("quit\n"), "worker: quit\n");
+    assert_eq!(ask("quit\n"), "worker: quit\n");
+    let r = restored.wait_with_output().unwrap();
+    assert!(r.status.success(), "{:?}: {}", r.status, String::from_utf8_lossy(&r.stderr));
+    assert_eq!(String::from_utf8(r.stdout).unwrap(), "workers done: 2 of 2\n");
+}
+
 /// A network namespace of this test's own (only its loopback, up), which
 /// the calling thread enters: everything it starts runs there. Deleted on
 /// drop; the thread is the test's own and ends with it.

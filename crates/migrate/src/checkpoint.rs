@@ -574,7 +574,20 @@ impl CapturedSockets {
 /// [`capture_sockets`] for each process of a tree (`proxies` and their
 /// `tables`, in the same order); on an error those already captured are
 /// resumed.
-pub fn capture_tree_sockets(proxies: &[i32], tables: &[FdTable]) -> Result<Vec<CapturedSockets>, CheckpointError> {
+///
+/// The TCP sockets several processes share (`shared`) are listeners, each
+/// described once here (the first holder's); a connection shared so is
+/// refused.
+pub fn capture_tree_sockets(
+    proxies: &[i32],
+    tables: &[FdTable],
+    shared: &mut [tree::Shared],
+) -> Result<Vec<CapturedSockets>, CheckpointError> {
+    for s in shared.iter_mut() {
+        let tree::SharedWhat::TcpSocket { listener } = &mut s.what else { continue };
+        let &(m, fd) = s.holders.first().expect("a shared description has holders");
+        *listener = Some(shared_listener(proxies[m], fd)?);
+    }
     let mut all = Vec::with_capacity(proxies.len());
     for (&proxy, table) in proxies.iter().zip(tables) {
         match capture_sockets(proxy, table) {
@@ -657,12 +670,13 @@ pub fn freeze_and_capture<'a>(
             let captured = (|| -> Result<_, CheckpointError> {
                 let descriptors = capture_descriptors(&members, relayed_by, force_close, Contents::Read)?;
                 let records = tree.records(&frozen)?;
-                let sockets = capture_tree_sockets(&proxies, &descriptors.tables)?;
-                Ok((descriptors, records, sockets))
+                let mut shared = descriptors.shared.clone();
+                let sockets = capture_tree_sockets(&proxies, &descriptors.tables, &mut shared)?;
+                Ok((descriptors, records, shared, sockets))
             })();
             // On an error the frozen processes resume as they drop.
-            let (descriptors, members, sockets) = captured?;
-            let tree = tree::TreeRecord { members, shared: descriptors.shared.clone() };
+            let (descriptors, members, shared, sockets) = captured?;
+            let tree = tree::TreeRecord { members, shared };
             let capture_ms = tc.elapsed().as_secs_f64() * 1e3;
             Ok(Captured { frozen, descriptors, sockets, tree, stop_ms, capture_ms, retries })
         });
@@ -675,6 +689,36 @@ pub fn freeze_and_capture<'a>(
             }
             other => return other,
         }
+    }
+}
+
+/// The listener at descriptor `fd` of proxy `pid`, which other proxies
+/// hold too.
+fn shared_listener(pid: i32, fd: i32) -> Result<crate::sockets::TcpListenerImage, CheckpointError> {
+    use crate::sockets::TcpListenerImage;
+    use std::os::fd::AsFd;
+    let proc_error = |what: &str, e: std::io::Error| CheckpointError::Proc { pid, what: what.into(), source: e };
+    let raw = rustix::process::Pid::from_raw(pid).expect("a pid");
+    let pidfd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+        .map_err(|e| proc_error("a pidfd", e.into()))?;
+    let socket = rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
+        .map_err(|e| proc_error(&format!("descriptor {fd}"), e.into()))?;
+    let unmovable = |what: String| CheckpointError::Unmovable { pid, what };
+    match TcpListenerImage::is_listener(socket.as_fd()) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(unmovable(format!(
+                "fd {fd}: a TCP connection held by several processes of the application (not movable yet)"
+            )))
+        }
+        Err(e) => return Err(unmovable(format!("fd {fd}: {e}"))),
+    }
+    match TcpListenerImage::describe(socket.as_fd()) {
+        Ok((_, queued)) if queued > 0 => {
+            Err(CheckpointError::Busy { pid, what: format!("fd {fd}: {queued} connections wait in its accept queue") })
+        }
+        Ok((image, _)) => Ok(image),
+        Err(e) => Err(unmovable(format!("fd {fd}: {e}"))),
     }
 }
 
@@ -698,6 +742,7 @@ pub fn capture_sockets(pid: i32, table: &crate::fds::FdTable) -> Result<Captured
         .filter(|e| {
             matches!(&e.kind, FdKind::Socket { family: SocketFamily::Inet | SocketFamily::Inet6, .. })
                 && e.same_description_as.is_none()
+                && !matches!(e.disposition, crate::fds::Disposition::Shared { .. })
         })
         .collect();
     // The application is frozen: its CPUs are free, and each socket is

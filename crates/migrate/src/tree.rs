@@ -72,6 +72,11 @@ pub enum SharedWhat {
     /// Anything else rebuilt from its description (a file, a directory, a
     /// device, an eventfd, a timerfd): the first holder's entry.
     Description(fds::FdEntry),
+    /// A TCP socket several processes hold: a listener, as a pre-forked
+    /// server's workers share it (its image is taken in the freeze,
+    /// `checkpoint::capture_tree_sockets`; a connection shared so is
+    /// refused there).
+    TcpSocket { listener: Option<crate::sockets::TcpListenerImage> },
 }
 
 impl Tree {
@@ -232,8 +237,9 @@ fn same_description(p: i32, a: RawFd, q: i32, b: RawFd) -> bool {
 ///   handed over, say).
 /// * A file, directory, device, eventfd or timerfd held by several
 ///   proxies is rebuilt once.
-/// * A socket, an epoll instance, a signalfd or a FIFO held by several is
-///   refused (not movable yet).
+/// * A TCP socket held by several is shared (a listener; see
+///   [`SharedWhat::TcpSocket`]). Another socket, an epoll instance, a
+///   signalfd or a FIFO held by several is refused (not movable yet).
 ///
 /// With [`fds::Contents::Skip`] the pipes are listed empty (a check while
 /// the processes run).
@@ -317,8 +323,25 @@ pub fn share_across(
                 continue;
             }
             let entry = tables[m0].fds[k0].clone();
+            let tcp = matches!(
+                entry.kind,
+                FdKind::Socket {
+                    family: fds::SocketFamily::Inet | fds::SocketFamily::Inet6,
+                    socket_type: fds::SocketType::Stream,
+                    protocol: libc::IPPROTO_TCP,
+                    ..
+                }
+            );
             let refuse = match (&entry.kind, &entry.disposition) {
-                (FdKind::Socket { .. }, _) => Some("a socket"),
+                (FdKind::Socket { .. }, _) if tcp => {
+                    let id = shared.len();
+                    for &(m, k) in &same {
+                        tables[m].fds[k].disposition = Disposition::Shared { id };
+                    }
+                    shared.push(Shared { what: SharedWhat::TcpSocket { listener: None }, holders });
+                    None
+                }
+                (FdKind::Socket { .. }, _) => Some("a socket other than a TCP listener"),
                 (FdKind::Epoll { .. }, _) => Some("an epoll instance"),
                 (FdKind::SignalFd { .. }, _) => Some("a signalfd"),
                 (FdKind::Pipe { fifo: Some(_), .. }, _) => Some("a FIFO"),
