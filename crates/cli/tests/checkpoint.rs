@@ -282,15 +282,44 @@ fn a_checkpointed_program_restored_in_new_processes_finishes_as_a_native_run_doe
 /// the image's directory.
 fn checkpointed(prog: &Path, after: Duration) -> (String, String, tempfile::TempDir) {
     let (mut child, mut out) = start_of(prog, &[]);
-    let app = App::attach(child.id() as i32).unwrap();
     std::thread::sleep(after);
+    let (said, dir) = checkpoint_stopping(&mut child);
+    let mut before = String::new();
+    out.read_to_string(&mut before).unwrap();
+    (said, before, dir)
+}
+
+/// Checkpoint the application that `child` (its `lwk run`) runs, which
+/// then stops (SIGKILL): what `lwk checkpoint` printed, and the image's
+/// directory.
+fn checkpoint_stopping(child: &mut std::process::Child) -> (String, tempfile::TempDir) {
+    let app = App::attach(child.id() as i32).unwrap();
     let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
     let o = Command::new(LWK).args(["checkpoint", &app.pid.to_string()]).arg(dir.path()).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let mut before = String::new();
-    out.read_to_string(&mut before).unwrap();
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&child.wait().unwrap()), Some(libc::SIGKILL));
-    (String::from_utf8(o.stdout).unwrap(), before, dir)
+    (String::from_utf8(o.stdout).unwrap(), dir)
+}
+
+/// `lwk restore` of the image in `dir` (its output piped), once the
+/// application it restored runs: the restore, and the application.
+fn restore_started(dir: &Path) -> (std::process::Child, App) {
+    let restored = Command::new(LWK)
+        .arg("restore")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        match App::attach(restored.id() as i32) {
+            Ok(a) if a.control().header.started.load(std::sync::atomic::Ordering::SeqCst) != 0 => return (restored, a),
+            _ => assert!(t0.elapsed() < Duration::from_secs(10), "the restored application did not start"),
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Restored twice from the image in `dir`: each run finishes the work of
@@ -452,30 +481,11 @@ fn an_application_that_ran_in_a_partition_is_restored_into_one_made_like_it_and_
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "ready\n");
-    let app = App::attach(child.id() as i32).unwrap();
-    let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
-    let o = lwk(&["checkpoint", &app.pid.to_string(), dir.path().to_str().unwrap()]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    child.wait().unwrap();
+    let (_, dir) = checkpoint_stopping(&mut child);
     drop(source);
 
-    let restored = Command::new(LWK)
-        .arg("restore")
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (restored, app) = restore_started(dir.path());
     let own = format!("restored-{}", restored.id());
-    let t0 = std::time::Instant::now();
-    let app = loop {
-        match App::attach(restored.id() as i32) {
-            Ok(a) if a.control().header.started.load(std::sync::atomic::Ordering::SeqCst) != 0 => break a,
-            _ => assert!(t0.elapsed() < Duration::from_secs(10), "the restored application did not start"),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
     let list = String::from_utf8(lwk(&["partition", "list"]).stdout).unwrap();
     assert!(list.contains(&own), "{list}");
     let status = std::fs::read_to_string(format!("/proc/{}/status", app.pid)).unwrap();
@@ -522,27 +532,9 @@ fn a_pre_forked_servers_shared_listener_comes_back_once_for_all_its_workers() {
     let prog = compiled("prefork_target");
     let (mut child, _out) = start_of(prog, &[]);
     assert_eq!(ask("before\n"), "worker: before\n");
-    let app = App::attach(child.id() as i32).unwrap();
-    let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
-    let o = Command::new(LWK).args(["checkpoint", &app.pid.to_string()]).arg(dir.path()).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("3 processes"), "{}", String::from_utf8_lossy(&o.stdout));
-    child.wait().unwrap();
-    let restored = Command::new(LWK)
-        .arg("restore")
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while !App::attach(restored.id() as i32)
-        .is_ok_and(|a| a.control().header.started.load(std::sync::atomic::Ordering::SeqCst) != 0)
-    {
-        assert!(t0.elapsed() < Duration::from_secs(10), "the restored application did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (said, dir) = checkpoint_stopping(&mut child);
+    assert!(said.contains("3 processes"), "{said}");
+    let (restored, _) = restore_started(dir.path());
     assert_eq!(ask("after\n"), "worker: after\n");
     assert_eq!(ask("quit\n"), "worker: quit\n");
     assert_eq!(ask("quit\n"), "worker: quit\n");
@@ -624,31 +616,11 @@ fn a_tcp_connection_and_queued_datagrams_survive_checkpoint_and_restore() {
         UdpSocket::bind(from).unwrap().send_to(what.as_bytes(), "127.0.0.1:7002").unwrap();
     }
     std::thread::sleep(Duration::from_millis(200)); // acknowledgements settle
-    let app = App::attach(child.id() as i32).unwrap();
-    let dir = tempfile::Builder::new().prefix("lwk-checkpoint-").tempdir_in(TMP_ROOT).unwrap();
-    let o = Command::new(LWK).args(["checkpoint", &app.pid.to_string()]).arg(dir.path()).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    child.wait().unwrap();
-    let restored = Command::new(LWK)
-        .arg("restore")
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (_, dir) = checkpoint_stopping(&mut child);
     // Nothing may reach the port until the restore rebuilt the sockets
     // (the kernel would reset the connection; holding packets meanwhile is
     // the cluster's job): wait until the restored application runs.
-    let t0 = std::time::Instant::now();
-    let started = || {
-        App::attach(restored.id() as i32)
-            .is_ok_and(|a| a.control().header.started.load(std::sync::atomic::Ordering::SeqCst) != 0)
-    };
-    while !started() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "the restore did not start the application");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (restored, _) = restore_started(dir.path());
     // The connection goes on where it was, in both directions.
     assert_eq!(client.ask("world\n"), "world\n");
     assert_eq!(client.ask("udp\n"), "udp 2 127.0.0.2:d1 127.0.0.3:d2\n");
