@@ -77,20 +77,37 @@ impl<'a> PreCopy<'a> {
     pub fn start(apps: &[&'a App]) -> Result<PreCopy<'a>> {
         let mut members: Vec<Tracked> = Vec::with_capacity(apps.len());
         for (i, app) in apps.iter().enumerate() {
-            let mut t = Tracked::start(app, i)?;
-            // A memory file an earlier process has too is that one's.
-            for k in 0..3 {
-                let Some(id) = t.file_ids[k] else { continue };
-                t.owners[k] = members.iter().position(|m| m.file_ids[k] == Some(id)).unwrap_or(i);
-            }
-            members.push(t);
+            members.push(Tracked::start(app, i)?);
         }
-        Ok(PreCopy { members })
+        let mut p = PreCopy { members };
+        p.assign_owners();
+        Ok(p)
+    }
+
+    /// The memory files as the processes have them now, each the first
+    /// process's that has it (a process's files change at an exec).
+    fn refresh(&mut self) -> Result<()> {
+        for m in &mut self.members {
+            m.refresh_files()?;
+        }
+        self.assign_owners();
+        Ok(())
+    }
+
+    /// A memory file an earlier process has too is that one's.
+    fn assign_owners(&mut self) {
+        for i in 0..self.members.len() {
+            for k in 0..3 {
+                let Some(id) = self.members[i].file_ids[k] else { continue };
+                self.members[i].owners[k] = self.members.iter().position(|m| m.file_ids[k] == Some(id)).unwrap_or(i);
+            }
+        }
     }
 
     /// One round of every process: what to send, sent to `out`.
     pub fn round<W: Write>(&mut self, out: &mut ImageWriter<W>) -> Result<Round> {
         let t = Instant::now();
+        self.refresh()?;
         let mut total = Round::default();
         for m in &mut self.members {
             let r = m.round(out)?;
@@ -105,6 +122,7 @@ impl<'a> PreCopy<'a> {
     /// must still carry (written since the last round, or mapped since),
     /// without sending them.
     pub fn remaining(&mut self) -> Result<Vec<Vec<Range<u64>>>> {
+        self.refresh()?;
         self.members.iter_mut().map(|m| m.remaining()).collect()
     }
 }
@@ -113,8 +131,6 @@ impl<'a> PreCopy<'a> {
 struct Tracked<'a> {
     pid: i32,
     process: &'a App,
-    /// Its place in the tree.
-    me: usize,
     /// Each memory file's identity (device, inode), and the process of the
     /// tree whose file it is (see [`MappedRange::member`]). The LWK may
     /// make new ones as it runs (its 2 MiB pages' when it first uses them,
@@ -243,7 +259,6 @@ impl<'a> Tracked<'a> {
         let mut t = Tracked {
             pid: app.pid,
             process: app,
-            me,
             file_ids: [None; 3],
             owners: [me; 3],
             files: [None, None, None],
@@ -258,7 +273,7 @@ impl<'a> Tracked<'a> {
     }
 
     /// The memory files the control region names now, opened again where
-    /// one is new (a file first seen belongs to this process).
+    /// one is new (whose they are is `PreCopy::assign_owners`'s to say).
     fn refresh_files(&mut self) -> Result<()> {
         use std::os::unix::fs::MetadataExt;
         use std::sync::atomic::Ordering::SeqCst;
@@ -275,7 +290,6 @@ impl<'a> Tracked<'a> {
             if self.file_ids[k] != Some(id) {
                 self.files[k] = Some(File::open(&path).map_err(proc_error)?);
                 self.file_ids[k] = Some(id);
-                self.owners[k] = self.me;
             }
         }
         Ok(())
