@@ -304,7 +304,7 @@ fn checkpoint_stopping(child: &mut std::process::Child) -> (String, tempfile::Te
 /// `lwk restore` of the image in `dir` (its output piped), once the
 /// application it restored runs: the restore, and the application.
 fn restore_started(dir: &Path) -> (std::process::Child, App) {
-    let restored = Command::new(LWK)
+    let mut restored = Command::new(LWK)
         .arg("restore")
         .arg(dir)
         .stdin(Stdio::null())
@@ -316,7 +316,14 @@ fn restore_started(dir: &Path) -> (std::process::Child, App) {
     loop {
         match App::attach(restored.id() as i32) {
             Ok(a) if a.control().header.started.load(std::sync::atomic::Ordering::SeqCst) != 0 => return (restored, a),
-            _ => assert!(t0.elapsed() < Duration::from_secs(10), "the restored application did not start"),
+            _ => {
+                if let Some(status) = restored.try_wait().unwrap() {
+                    let mut err = String::new();
+                    restored.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                    panic!("lwk restore ended ({status}) before the application ran: {err}");
+                }
+                assert!(t0.elapsed() < Duration::from_secs(30), "the restored application did not start")
+            }
         }
         std::thread::sleep(Duration::from_millis(5));
     }
