@@ -41,8 +41,17 @@ fn start(args: &[&str]) -> (std::process::Child, BufReader<std::process::ChildSt
 }
 
 fn start_of(prog: &Path, args: &[&str]) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    start_with(&[], prog, args)
+}
+
+/// As `start_of`, with options `opts` for `lwk run`.
+fn start_with(
+    opts: &[&str],
+    prog: &Path,
+    args: &[&str],
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
     let mut cmd = Command::new(LWK);
-    cmd.arg("run").arg("--").arg(prog).args(args).stdin(Stdio::null()).stdout(Stdio::piped());
+    cmd.arg("run").args(opts).arg("--").arg(prog).args(args).stdin(Stdio::null()).stdout(Stdio::piped());
     let mut child = only_standard_streams(&mut cmd).spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
@@ -480,14 +489,7 @@ fn an_application_that_ran_in_a_partition_is_restored_into_one_made_like_it_and_
     let lwk = |args: &[&str]| Command::new(LWK).args(args).output().unwrap();
     let source = TestPartition::create("ck", "64M");
     let cpu = source.cpu;
-    let mut cmd = Command::new(LWK);
-    cmd.args(["run", "--partition", &source.name, "--"]).arg(compiled("sleep_target")).arg("3000");
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
-    let mut child = only_standard_streams(&mut cmd).spawn().unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line, "ready\n");
+    let (mut child, _out) = start_with(&["--partition", &source.name], compiled("sleep_target"), &["3000"]);
     let (_, dir) = checkpoint_stopping(&mut child);
     drop(source);
 

@@ -414,9 +414,15 @@ impl App {
 /// The parent of process `pid`, as this process sees it (0: outside its
 /// pid namespace).
 pub fn parent_of(pid: i32) -> Option<i32> {
+    stat_field(pid, 4)?.parse().ok()
+}
+
+/// Field `n` (counted from 1, as proc(5) does) of /proc/PID/stat, from the
+/// state (3) on.
+pub fn stat_field(pid: i32, n: usize) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // pid (comm) state ppid ...: comm may hold spaces and parentheses.
-    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    Some(stat.rsplit_once(')')?.1.split_whitespace().nth(n.checked_sub(3)?)?.to_string())
 }
 
 /// The proxy's descriptors by kind, and how many are established TCP

@@ -266,7 +266,7 @@ fn hand_over_streams(table: &mut FdTable, proxy: i32, relayed_by: Option<i32>) {
         if matches!(e.disposition, Disposition::Shared { .. }) {
             continue;
         }
-        if relayed_by.is_some_and(|s| same_file(proxy, s, e.fd)) {
+        if relayed_by.is_some_and(|s| crate::fds::same_description(proxy, e.fd, s, e.fd) == Some(true)) {
             e.disposition = Disposition::Supply { why: "a standard stream of lwk run's, relayed".to_string() };
         } else if let Disposition::CannotMove { reason } = &e.disposition {
             // Standard input, output and error that cannot be rebuilt (a
@@ -275,14 +275,6 @@ fn hand_over_streams(table: &mut FdTable, proxy: i32, relayed_by: Option<i32>) {
             e.disposition = Disposition::Supply { why: format!("a standard stream that cannot be rebuilt ({reason})") };
         }
     }
-}
-
-/// Is descriptor `fd` of process `a` the same open file as `fd` of `b`?
-fn same_file(a: i32, b: i32, fd: i32) -> bool {
-    const KCMP_FILE: libc::c_long = 0;
-    // SAFETY: kcmp compares two processes' descriptors; it reads nothing
-    // of ours.
-    unsafe { libc::syscall(libc::SYS_kcmp, a, b, KCMP_FILE, fd as libc::c_long, fd as libc::c_long) == 0 }
 }
 
 /// One frozen process of the application, as [`write_image`] writes it.
@@ -713,12 +705,23 @@ fn shared_listener(pid: i32, fd: i32) -> Result<crate::sockets::TcpListenerImage
         }
         Err(e) => return Err(unmovable(format!("fd {fd}: {e}"))),
     }
-    match TcpListenerImage::describe(socket.as_fd()) {
-        Ok((_, queued)) if queued > 0 => {
-            Err(CheckpointError::Busy { pid, what: format!("fd {fd}: {queued} connections wait in its accept queue") })
-        }
+    listener_image(fd, socket.as_fd()).map_err(|(what, busy)| match busy {
+        true => CheckpointError::Busy { pid, what },
+        false => unmovable(what),
+    })
+}
+
+/// The image of the listener at `fd`; why not, and whether it may do in a
+/// moment: connections waiting in its accept queue cannot be put back,
+/// but the application takes them itself if it goes on.
+fn listener_image(
+    fd: i32,
+    socket: std::os::fd::BorrowedFd<'_>,
+) -> Result<crate::sockets::TcpListenerImage, (String, bool)> {
+    match crate::sockets::TcpListenerImage::describe(socket) {
+        Ok((_, queued)) if queued > 0 => Err((format!("fd {fd}: {queued} connections wait in its accept queue"), true)),
         Ok((image, _)) => Ok(image),
-        Err(e) => Err(unmovable(format!("fd {fd}: {e}"))),
+        Err(e) => Err((format!("fd {fd}: {e}"), false)),
     }
 }
 
@@ -803,14 +806,12 @@ fn capture_part(pidfd: &std::os::fd::OwnedFd, sockets: &[&crate::fds::FdEntry]) 
         };
         let image = match socket_type {
             SocketType::Stream => match TcpListenerImage::is_listener(fd.as_fd()) {
-                Ok(true) => match TcpListenerImage::describe(fd.as_fd()) {
-                    Ok((_, queued)) if queued > 0 => {
-                        out.failed =
-                            Some((format!("fd {}: {queued} connections wait in its accept queue", e.fd), true));
+                Ok(true) => match listener_image(e.fd, fd.as_fd()) {
+                    Ok(image) => Ok(SocketImage::TcpListener(image)),
+                    Err(why) => {
+                        out.failed = Some(why);
                         return out;
                     }
-                    Ok((image, _)) => Ok(SocketImage::TcpListener(image)),
-                    Err(err) => Err(format!("fd {}: {err}", e.fd)),
                 },
                 Ok(false) => match TcpConnection::capture(fd.as_fd()) {
                     Ok(image) => {

@@ -893,11 +893,12 @@ fn classify_socket(pid: i32, t: &Taken) -> Result<(FdKind, Disposition)> {
 
 const KCMP_FILE: libc::c_int = 0;
 
-/// Whether two descriptors of `pid` share one open file description:
-/// `None` if the kernel cannot say (no `kcmp`).
-fn same_description(pid: i32, a: RawFd, b: RawFd) -> Option<bool> {
+/// Whether descriptor `a` of process `p` and descriptor `b` of process `q`
+/// are one open file description: `None` if the kernel cannot say (no
+/// `kcmp`, or a descriptor is gone).
+pub fn same_description(p: i32, a: RawFd, q: i32, b: RawFd) -> Option<bool> {
     // SAFETY: kcmp takes integers only and reads no memory of ours.
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) };
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, p, q, KCMP_FILE, a, b) };
     (r >= 0).then_some(r == 0)
 }
 
@@ -911,7 +912,8 @@ fn mark_shared_descriptions(pid: i32, taken: &[Taken], fds: &mut [FdEntry]) {
     for group in by_inode.values() {
         let mut primaries: Vec<usize> = Vec::new();
         for &i in group {
-            let shared = primaries.iter().find(|&&p| same_description(pid, taken[p].fd, taken[i].fd) == Some(true));
+            let shared =
+                primaries.iter().find(|&&p| same_description(pid, taken[p].fd, pid, taken[i].fd) == Some(true));
             match shared {
                 Some(&p) => fds[i].same_description_as = Some(taken[p].fd),
                 None => primaries.push(i),

@@ -19,7 +19,7 @@ use std::os::fd::RawFd;
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
-use crate::app::{children, App, AppError, AppInfo, Frozen};
+use crate::app::{children, stat_field, App, AppError, AppInfo, Frozen};
 use crate::fds::{self, Disposition, FdKind, FdTable, PipeContents, PipeEnd};
 
 /// One process of the tree.
@@ -206,25 +206,12 @@ impl Tree {
 
 /// The state letter of process `pid` (R, S, D, Z, ...).
 fn state_of(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.split_whitespace().next()?.chars().next()
+    stat_field(pid, 3)?.chars().next()
 }
 
-/// The signal process `pid` sends its parent when it ends (field 38 of
-/// /proc/PID/stat).
+/// The signal process `pid` sends its parent when it ends.
 fn exit_signal(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields from the 3rd (state) on follow the command's ')'.
-    stat.rsplit_once(')')?.1.split_whitespace().nth(38 - 3)?.parse().ok()
-}
-
-const KCMP_FILE: libc::c_long = 0;
-
-/// Is descriptor `a` of process `p` the same open file description as
-/// `b` of process `q`?
-fn same_description(p: i32, a: RawFd, q: i32, b: RawFd) -> bool {
-    // SAFETY: kcmp takes integers only and reads no memory of ours.
-    unsafe { libc::syscall(libc::SYS_kcmp, p, q, KCMP_FILE, a as libc::c_long, b as libc::c_long) == 0 }
+    stat_field(pid, 38)?.parse().ok()
 }
 
 /// Find the open file descriptions that the proxies `proxies` (one per
@@ -313,7 +300,9 @@ pub fn share_across(
             let (m0, k0) = first;
             let fd0 = tables[m0].fds[k0].fd;
             let (same, rest): (Vec<_>, Vec<_>) = left.into_iter().partition(|&(m, k)| {
-                (m, k) == first || (m != m0 && same_description(proxies[m0], fd0, proxies[m], tables[m].fds[k].fd))
+                (m, k) == first
+                    || (m != m0
+                        && fds::same_description(proxies[m0], fd0, proxies[m], tables[m].fds[k].fd) == Some(true))
             });
             left = rest;
             let holders: Vec<(usize, RawFd)> = same.iter().map(|&(m, k)| (m, tables[m].fds[k].fd)).collect();
