@@ -76,8 +76,8 @@ impl<'a> PreCopy<'a> {
     /// Watch the memory of the processes `apps` (the tree's, in order).
     pub fn start(apps: &[&'a App]) -> Result<PreCopy<'a>> {
         let mut members: Vec<Tracked> = Vec::with_capacity(apps.len());
-        for (i, app) in apps.iter().enumerate() {
-            members.push(Tracked::start(app, i)?);
+        for app in apps {
+            members.push(Tracked::start(app)?);
         }
         let mut p = PreCopy { members };
         p.assign_owners();
@@ -219,9 +219,8 @@ fn covers(runs: &BTreeMap<u64, MappedRange>, r: &MappedRange) -> bool {
 }
 
 impl<'a> Tracked<'a> {
-    /// Watch `app`'s memory (and its proxy's writes into it); `me` is its
-    /// place in the tree.
-    fn start(app: &'a App, me: usize) -> Result<Tracked<'a>> {
+    /// Watch `app`'s memory (and its proxy's writes into it).
+    fn start(app: &'a App) -> Result<Tracked<'a>> {
         use std::sync::atomic::Ordering::SeqCst;
         let h = &app.control().header;
         let (a, p, ptid) = (h.app_uffd.load(SeqCst), h.proxy_uffd.load(SeqCst), h.proxy_uffd_tid.load(SeqCst));
@@ -260,7 +259,8 @@ impl<'a> Tracked<'a> {
             pid: app.pid,
             process: app,
             file_ids: [None; 3],
-            owners: [me; 3],
+            // PreCopy::assign_owners says whose they are.
+            owners: [0; 3],
             files: [None, None, None],
             app: app_tracker,
             proxy: proxy_tracker,
