@@ -95,7 +95,10 @@ impl App {
             _ => AppError::Sys { what: "list the descriptors", pid, source: e },
         })?;
         // An application process holds its own region, and while it forks
-        // also its child's; `lwk run` holds the one of its application.
+        // also its child's; `lwk run` holds the one of its application;
+        // `lwk restore` of a process tree holds one per process, and stands
+        // for the one that is its child (the tree's first).
+        let kids = children(pid);
         let mut found: Option<App> = None;
         for e in entries.flatten() {
             let Ok(target) = std::fs::read_link(e.path()) else { continue };
@@ -116,12 +119,15 @@ impl App {
             if app_pid == pid || (app_pid > 0 && pid_in_namespace(pid) == Some(app_pid)) {
                 return Ok(app); // the application process itself
             }
+            // `lwk run` or `lwk restore`: the application is its child
+            // (whose pid in its own namespace the region holds).
+            if let Some(&child) = kids.iter().find(|&&c| app_pid > 0 && pid_in_namespace(c) == Some(app_pid)) {
+                app.pid = child;
+                return Ok(app);
+            }
             if found.is_none() {
-                // `lwk run` or `lwk restore`: the application is its child
-                // (whose pid in its own namespace the region holds).
                 if app_pid > 0 {
-                    app.pid =
-                        children(pid).into_iter().find(|&c| pid_in_namespace(c) == Some(app_pid)).unwrap_or(app_pid);
+                    app.pid = app_pid;
                 }
                 found = Some(app);
             }
