@@ -242,6 +242,9 @@ struct Prepared {
     /// The memory files, with the descriptor number each must have in the
     /// application process.
     memfds: Vec<(OwnedFd, i32)>,
+    /// Other numbers the LWK makes its own descriptors at (its signalfds'),
+    /// which ours must stay clear of.
+    lwk_fds: Vec<i32>,
 }
 
 /// One process of the image as its records arrive.
@@ -327,10 +330,12 @@ impl Building {
             slot.path[..p.len()].copy_from_slice(p);
         }
         let mm_fds = input.export.state.mm.memfd;
+        let lwk_fds = input.export.state.signalfd.entries.iter().filter(|e| e.app_fd >= 0).flat_map(|e| [e.sfd, e.pipe]);
+        let lwk_fds = lwk_fds.collect();
         let memfds = self.memfds.into_iter().enumerate().filter_map(|(k, fd)| Some((fd?, mm_fds[k]))).collect();
         let Building { input_fd, input_map, sockets, .. } = self;
         drop(input_map);
-        Ok(Prepared { manifest, table, sockets, thread_ids, input: input_fd, memfds })
+        Ok(Prepared { manifest, table, sockets, thread_ids, input: input_fd, memfds, lwk_fds })
     }
 }
 
@@ -1161,9 +1166,10 @@ struct Launch {
 
 /// Process `i` of the tree `p`, with its region: its memory files where
 /// the saved state says, the control region, stderr for the LWK's
-/// messages and the input above all of them.
+/// messages and the input above all of them (and above the numbers of the
+/// LWK's signalfds, which it makes itself).
 fn launch_of(p: &Prepared, region: &run::ControlRegion, tree: &TreeRecord, i: usize) -> Result<Launch> {
-    let top = p.memfds.iter().map(|m| m.1).max().unwrap_or(2).max(2) + 1;
+    let top = p.memfds.iter().map(|m| m.1).chain(p.lwk_fds.iter().copied()).max().unwrap_or(2).max(2) + 1;
     let (ctl_at, diag_at, input_at) = (top, top + 1, top + 2);
     let mut places: Vec<(i32, i32)> = p.memfds.iter().map(|(fd, at)| (fd.as_raw_fd(), *at)).collect();
     places.push((region.fd.as_raw_fd(), ctl_at));

@@ -717,6 +717,34 @@ fn the_whole_application_with_its_child_clients_datagrams_and_memory_survives_ch
 }
 
 #[test]
+#[ignore = "needs root (lwk restore gives the application its pids back in a pid namespace)"]
+fn signalfds_read_and_polled_come_back_with_the_signal_pending_at_the_checkpoint() {
+    // signalfd_target sent itself a SIGUSR1, which it blocks and reads
+    // from a signalfd after its sleep, through epoll; it is checkpointed
+    // while it sleeps. The restored one reads that signal, then those
+    // sent to it afterwards, from both of its signalfds.
+    let prog = compiled("signalfd_target");
+    let (mut child, _out) = start_of(prog, &[]);
+    let (_, dir) = checkpoint_stopping(&mut child);
+    let (mut restored, app) = restore_started(dir.path());
+    let mut out = BufReader::new(restored.stdout.take().unwrap());
+    let mut line = || {
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        l
+    };
+    assert_eq!(line(), "sfd USR1\n");
+    // SAFETY: signals to the restored application, ours.
+    unsafe { libc::kill(app.pid, libc::SIGUSR2) };
+    assert_eq!(line(), "sfd USR2\n");
+    unsafe { libc::kill(app.pid, libc::SIGTERM) };
+    assert_eq!(line(), "sfd2 TERM\n");
+    assert_eq!(line(), "done\n");
+    let r = restored.wait_with_output().unwrap();
+    assert!(r.status.success(), "{:?}: {}", r.status, String::from_utf8_lossy(&r.stderr));
+}
+
+#[test]
 fn an_application_whose_requester_dies_while_it_is_frozen_goes_on() {
     // `lwk checkpoint` writes into a FIFO nobody reads: it blocks, with the
     // application frozen, until it is killed.

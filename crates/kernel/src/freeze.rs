@@ -48,7 +48,7 @@ use crate::thread::{self, ContextSnapshot, Current};
 pub const FREEZE_COOKIE: u64 = u64::from_le_bytes(*b"LWKFRZE\0");
 pub const EXPORT_MAGIC: u64 = u64::from_le_bytes(*b"LWKFROZN");
 /// The layout of [`FreezeExport`] and [`ThreadRecord`].
-pub const EXPORT_VERSION: u32 = 2;
+pub const EXPORT_VERSION: u32 = 3;
 /// How long the freezer waits for the other threads to park.
 pub const PARK_TIMEOUT_MS: u64 = 2000;
 /// A requester silent this long (no heartbeat) is taken for gone.

@@ -346,9 +346,9 @@ mod tests {
 
     #[test]
     fn signalfd_and_identity_snapshots_are_checked() {
-        let mut table = [Entry { app_fd: -1, sfd: -1, pipe: -1, reported: false }; MAX];
+        let mut table = [Entry { app_fd: -1, sfd: -1, pipe: -1, reported: false, mask: 0 }; MAX];
         let mut s = SignalfdSnapshot { entries: table };
-        s.entries[0] = Entry { app_fd: 5, sfd: -1, pipe: 7, reported: false }; // no signalfd behind it
+        s.entries[0] = Entry { app_fd: 5, sfd: -1, pipe: 7, reported: false, mask: 0 }; // no signalfd behind it
         assert_eq!(table.restore(&s), Err(-EINVAL));
         s.entries[0].sfd = 6;
         assert_eq!(table.restore(&s), Ok(()));

@@ -201,6 +201,11 @@ pub fn restore_main(st: &Startup) -> ! {
     if h.mirror_error.load(Relaxed) != 0 {
         fail("the proxy could not map the application's memory", -(h.mirror_error.load(Relaxed) as i64));
     }
+    // The signalfds, while this process may still open the proxy's
+    // descriptors.
+    if let Err((what, e)) = crate::signalfd::remake_in_new_process() {
+        fail(what, e);
+    }
     // The LWK's handlers first: a thread runs with Syscall User Dispatch on
     // from its start.
     if let Err(e) = trap::enable() {
@@ -240,6 +245,7 @@ pub fn restore_main(st: &Startup) -> ! {
     }
     wait_at_gate();
     let mine = x.threads[me];
+    let (process, own) = pending_at_freeze(x, me);
     thread::set_sleep_left(me, mine.sleep_at, mine.sleep_left_ns);
     // SAFETY: the input is ours; every thread copied what it needed.
     unsafe { munmap(FREEZE_EXPORT_ADDR, INPUT_SIZE) };
@@ -247,6 +253,8 @@ pub fn restore_main(st: &Startup) -> ! {
     h.started.store(1, Release);
     // SAFETY: this thread's clear-tid address, as it was.
     unsafe { syscall3(nr::SET_TID_ADDRESS, mine.clear_tid, 0, 0) };
+    raise_again(process, true);
+    raise_again(own, false);
     thread::leaving_restored();
     thread::enter_saved(&mine.ctx)
 }
@@ -277,13 +285,41 @@ extern "C" fn restored_thread(slot: u64) -> ! {
     // first thread may unmap it.
     let ctx = input().export.threads[slot].ctx;
     let t = &input().export.threads[slot];
+    let (_, own) = pending_at_freeze(&input().export, slot);
     thread::set_sleep_left(slot, t.sleep_at, t.sleep_left_ns);
     take_handed_credentials(&input().credentials, &mut 0);
     STARTED.fetch_add(1, Release);
     futex_wake(&STARTED, 1);
     wait_at_gate();
+    raise_again(own, false);
     thread::leaving_restored();
     thread::enter_saved(&ctx)
+}
+
+/// The signals pending at the freeze for thread `slot`: those pending for
+/// the process (every thread's set held them), and those for the thread
+/// alone. The kernel's records (who sent them, an RT signal's count and
+/// value) stayed with the old process.
+fn pending_at_freeze(x: &FreezeExport, slot: usize) -> (u64, u64) {
+    let saved = || x.threads.iter().filter(|t| t.saved != 0);
+    let process = saved().fold(!0u64, |all, t| all & t.pending);
+    (process, x.threads[slot].pending & !process)
+}
+
+/// Raise `set` again: for this thread alone, or for the process. Every
+/// signal is still blocked here; each is taken when a thread enters the
+/// application with a mask that lets it through, as it would have been.
+fn raise_again(set: u64, process: bool) {
+    for sig in (1..=64u64).filter(|s| set & (1 << (s - 1)) != 0) {
+        // SAFETY: plain signals to this process or thread.
+        unsafe {
+            if process {
+                syscall3(nr::KILL, getpid() as u64, sig, 0);
+            } else {
+                syscall3(nr::TGKILL, getpid() as u64, gettid() as u64, sig);
+            }
+        }
+    }
 }
 
 /// Wait until the restorer opens the gate.

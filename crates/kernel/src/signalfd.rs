@@ -48,9 +48,12 @@ pub struct Entry {
     pub pipe: i32,
     /// The watcher reported this one and waits for a read to re-arm it.
     pub reported: bool,
+    /// The signals it takes (bit `n - 1` for signal `n`): what a restore
+    /// into a new process makes the real signalfd again with.
+    pub mask: u64,
 }
 
-const FREE: Entry = Entry { app_fd: -1, sfd: -1, pipe: -1, reported: false };
+const FREE: Entry = Entry { app_fd: -1, sfd: -1, pipe: -1, reported: false, mask: 0 };
 
 static TABLE: SpinLock<[Entry; MAX]> = SpinLock::new([FREE; MAX]);
 /// Entries in use: the fast check on every read and close.
@@ -88,13 +91,16 @@ pub fn signalfd4(fd: u64, mask: u64, size: u64, flags: u64) -> i64 {
 }
 
 fn change_mask(fd: i32, set: u64) -> i64 {
-    let t = TABLE.lock();
-    let Some(e) = t.iter().find(|e| e.app_fd == fd && fd >= 0) else {
+    let mut t = TABLE.lock();
+    let Some(e) = t.iter_mut().find(|e| e.app_fd == fd && fd >= 0) else {
         // Natively: EBADF for no descriptor, EINVAL for one that is not a signalfd.
         return if delegate::call(nr::FCNTL, [fd as u64, F_GETFL, 0, 0, 0, 0]) < 0 { -EBADF } else { -EINVAL };
     };
     // SAFETY: set is the LWK's own word.
     let r = unsafe { syscall6(nr::SIGNALFD4, e.sfd as u64, &set as *const u64 as u64, 8, SFD_NONBLOCK, 0, 0) };
+    if r >= 0 {
+        e.mask = set;
+    }
     drop(t);
     wake_watcher();
     if r < 0 {
@@ -126,7 +132,7 @@ fn create(set: u64, flags: u64) -> i64 {
         close(sfd as i32);
         return pipe;
     }
-    let e = Entry { app_fd: ends[0], sfd: sfd as i32, pipe: pipe as i32, reported: false };
+    let e = Entry { app_fd: ends[0], sfd: sfd as i32, pipe: pipe as i32, reported: false, mask: set };
     TABLE.lock()[slot] = e;
     USED.fetch_add(1, Relaxed);
     start_watcher();
@@ -308,7 +314,7 @@ pub struct SignalfdSnapshot {
 
 impl Persist for [Entry; MAX] {
     type Snapshot = SignalfdSnapshot;
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 
     fn save(&self, out: &mut SignalfdSnapshot) {
         out.entries = *self;
@@ -328,6 +334,52 @@ impl Persist for [Entry; MAX] {
 /// The signalfd table, locked (to save or restore it).
 pub fn lock() -> crate::sync::Guard<'static, [Entry; MAX]> {
     TABLE.lock()
+}
+
+/// In a process restored from a saved state (not the frozen one resumed):
+/// the saved table names descriptors of the old process. Make each
+/// signalfd again at the numbers it names, as the table lists it: the real
+/// signalfd with its mask, and this process's end of the pipe that the
+/// restorer left, empty, in the proxy at the application's number
+/// (`Disposition::SignalfdPipe` in `lwk_migrate::fds`). The numbers must
+/// be free (the restorer keeps its own descriptors above them). Signals
+/// pending at the freeze are raised again later, by each thread as it
+/// enters the application. Needs the right to open the proxy's
+/// descriptors through /proc.
+pub fn remake_in_new_process() -> Result<(), (&'static str, i64)> {
+    let mut t = TABLE.lock();
+    for e in t.iter_mut().filter(|e| e.app_fd >= 0) {
+        // SAFETY: the mask is the LWK's own word.
+        let sfd = unsafe {
+            syscall6(nr::SIGNALFD4, !0u64, &e.mask as *const u64 as u64, 8, SFD_NONBLOCK | SFD_CLOEXEC, 0, 0)
+        };
+        if sfd < 0 {
+            return Err(("cannot make a signalfd again", sfd));
+        }
+        move_to(sfd as i32, e.sfd).map_err(|r| ("cannot put a signalfd back at its number", r))?;
+        let pipe = open_proxy_fd(e.app_fd);
+        if pipe < 0 {
+            return Err(("cannot open a signalfd's pipe in the proxy", pipe));
+        }
+        move_to(pipe as i32, e.pipe).map_err(|r| ("cannot put a signalfd's pipe back at its number", r))?;
+        e.reported = false;
+    }
+    Ok(())
+}
+
+/// Give descriptor `fd` the number `at` (close-on-exec), closing `fd`.
+fn move_to(fd: i32, at: i32) -> Result<(), i64> {
+    if fd == at {
+        return Ok(());
+    }
+    // SAFETY: plain dup3 and close of descriptors of the LWK's own.
+    let r = unsafe { syscall3(nr::DUP3, fd as u64, at as u64, O_CLOEXEC) };
+    close(fd);
+    if r < 0 {
+        Err(r)
+    } else {
+        Ok(())
+    }
 }
 
 /// After a restore of the table, with its lock released: a watcher thread

@@ -196,11 +196,11 @@ pub fn capture_descriptors(
 ) -> Result<Descriptors, CheckpointError> {
     let proxies: Vec<i32> = members.iter().map(|m| m.1).collect();
     let mut tables = Vec::with_capacity(members.len());
-    for &proxy in &proxies {
-        tables.push(
-            crate::fds::capture_with(proxy, contents)
-                .map_err(|source| CheckpointError::Descriptors { pid: proxy, source })?,
-        );
+    for &(pid, proxy) in members {
+        let mut table = crate::fds::capture_with(proxy, contents)
+            .map_err(|source| CheckpointError::Descriptors { pid: proxy, source })?;
+        mark_signalfd_pipes(&mut table, pid);
+        tables.push(table);
     }
     let shared = match members.len() {
         1 => Vec::new(),
@@ -232,6 +232,25 @@ pub fn capture_descriptors(
         return Err(CheckpointError::Unmovable { pid: members[0].0, what: refused.join("; ") });
     }
     Ok(Descriptors { tables, shared, closed: refused })
+}
+
+/// The pipes of `table` (proxy's) that the application process `pid`
+/// holds too: the LWK process keeps no pipe but the writing sides of its
+/// signalfds' pipes (`lwk_kernel::signalfd`), which it makes again at a
+/// restore ([`Disposition::SignalfdPipe`]).
+fn mark_signalfd_pipes(table: &mut FdTable, pid: i32) {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return };
+    let lwk_pipes: std::collections::HashSet<u64> = dir
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("pipe:[")?.strip_suffix(']')?.parse().ok())
+        .collect();
+    for e in &mut table.fds {
+        if matches!(e.kind, FdKind::Pipe { inode, fifo: None, .. } if lwk_pipes.contains(&inode)) {
+            e.disposition = Disposition::SignalfdPipe;
+        }
+    }
+    table.pipes.retain(|p| !lwk_pipes.contains(&p.inode));
 }
 
 /// The descriptors of an application's processes, as captured.
@@ -369,9 +388,6 @@ fn write_process<W: Write>(
     let partition = PartitionSpec::of(h);
     if mm.part_page != 0 && partition.is_none() {
         return Err(unmovable("it runs in a partition this node no longer describes (/run/lwk/partitions)".into()));
-    }
-    if x.state.signalfd.entries.iter().any(|e| e.app_fd >= 0) {
-        return Err(unmovable("it uses a signalfd (not movable yet)".into()));
     }
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|source| CheckpointError::Proc {
         pid,

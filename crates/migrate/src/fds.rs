@@ -161,6 +161,13 @@ pub enum Disposition {
     /// restores the tree, and handed in to each ([`RestoreOptions::supplied`]).
     /// `id` is its place in the tree's list of shared descriptions.
     Shared { id: usize },
+    /// The proxy's side of one of the LWK's signalfds (`lwk_kernel::signalfd`):
+    /// the reading end of a pipe whose writing end the LWK process holds.
+    /// [`restore`] makes a new, empty pipe and keeps only its reading end
+    /// here; the restored LWK opens its own end through /proc and makes
+    /// the real signalfd again (the signals themselves travel with the
+    /// LWK's state).
+    SignalfdPipe,
 }
 
 /// The file status flags of an open file description, as
@@ -1264,6 +1271,14 @@ pub fn restore(table: &FdTable, options: RestoreOptions) -> Result<Restored> {
 
     restorer.rebuild_pipes(table, &installed)?;
     for e in primaries().filter(pending).filter(|e| !is_epoll(e)) {
+        if e.disposition == Disposition::SignalfdPipe {
+            let (r, _w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC).map_err(rebuild_error(e.fd, "pipe2"))?;
+            let r = restorer.above(r, e.fd)?;
+            restorer.install(r, e.fd, e.close_on_exec)?;
+            restorer.set_status_flags(e)?;
+            restorer.restored.rebuilt.push(e.fd);
+            continue;
+        }
         if matches!(e.kind, FdKind::Pipe { .. }) {
             continue;
         }

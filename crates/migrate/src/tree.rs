@@ -337,6 +337,8 @@ pub fn share_across(
                 // Handed over (a terminal, a pipe to outside, lwk run's
                 // own streams): each table keeps its own hand-over.
                 (_, Disposition::Supply { .. } | Disposition::CannotMove { .. }) => None,
+                // Each process's LWK makes its own again.
+                (_, Disposition::SignalfdPipe) => None,
                 (_, _) => {
                     let id = shared.len();
                     for &(m, k) in &same {
