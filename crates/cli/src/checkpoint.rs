@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use lwk_migrate::checkpoint::{freeze_and_capture, write_image, ProcessImage};
+use lwk_migrate::checkpoint::{freeze_and_capture, tcp_endpoints, write_image, CheckpointError, ProcessImage};
 use lwk_migrate::image::ImageWriter;
 use lwk_migrate::tree::Tree;
+use lwk_node::quiet::Quiet;
 
 #[derive(clap::Args)]
 pub struct CheckpointArgs {
@@ -41,8 +42,32 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
     let partial = args.dir.join(format!("{IMAGE_FILE}.partial"));
     let file = std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
     let t0 = Instant::now();
-    let captured = freeze_and_capture(&tree, None, false, Duration::from_secs(5))?;
+    // An application that stops leaves TCP connections that its restore
+    // goes on with: their peers' segments are dropped from before its
+    // sockets are captured (a socket in repair mode still acknowledges
+    // data) until that restore, not answered with resets by this node.
+    let proxies: Vec<i32> = tree.members.iter().map(|m| m.info.proxy_pid).collect();
+    let netns = other_netns(proxies[0]);
+    let mut hold: Option<(Quiet, Vec<std::net::SocketAddr>)> = None;
+    let mut hold_endpoints = |d: &lwk_migrate::checkpoint::Descriptors| {
+        let endpoints = tcp_endpoints(&proxies, &d.tables);
+        if args.leave_running || hold.as_ref().map(|h| &h.1) == Some(&endpoints) {
+            return Ok(());
+        }
+        hold = None; // another try found other sockets
+        if !endpoints.is_empty() {
+            let q = Quiet::endpoints(&endpoints, netns.as_deref())
+                .map_err(|e| CheckpointError::Hold { pid: root.app.pid, what: format!("{e:#}") })?;
+            hold = Some((q, endpoints));
+        }
+        Ok(())
+    };
+    let captured = freeze_and_capture(&tree, None, false, Duration::from_secs(5), &mut hold_endpoints)?;
     let busy_retries = captured.retries;
+    let held_by = hold.as_ref().map(|_| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        format!("lwk-held-{}-{now}", root.app.pid)
+    });
     let written = (|| -> Result<_> {
         let processes: Vec<ProcessImage> = (0..tree.members.len())
             .map(|i| ProcessImage {
@@ -51,6 +76,7 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
                 table: &captured.descriptors.tables[i],
                 sockets: &captured.sockets[i],
                 only: None,
+                held_by: if i == 0 { held_by.as_deref() } else { None },
             })
             .collect();
         let w = ImageWriter::new(std::io::BufWriter::new(file), None)?;
@@ -69,6 +95,14 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
     };
     std::fs::rename(&partial, &path).with_context(|| format!("cannot rename {}", partial.display()))?;
     let frozen_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let endpoints: Vec<String> = hold.as_ref().map_or(Vec::new(), |h| h.1.iter().map(|e| e.to_string()).collect());
+    if let (Some((quiet, _)), Some(name)) = (hold, &held_by) {
+        if let Err(e) = quiet.keep_as(name) {
+            captured.resume().ok();
+            std::fs::remove_file(&path).ok();
+            return Err(e.context(format!("checkpoint of process {} failed; it goes on", root.app.pid)));
+        }
+    }
     if args.leave_running {
         captured.resume()?;
     } else {
@@ -92,6 +126,8 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
             "frozen_ms": frozen_ms,
             "busy_retries": busy_retries,
             "left_running": args.leave_running,
+            "held_by": held_by,
+            "held_endpoints": endpoints,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -110,6 +146,21 @@ pub fn main(args: CheckpointArgs) -> Result<i32> {
             frozen_ms,
             if args.leave_running { "left running" } else { "stopped" }
         );
+        if let Some(name) = &held_by {
+            println!(
+                "TCP to {} is dropped here until `lwk restore {}` on this node rebuilds its connections \
+                 (or `nft delete table inet {name}` lets it in again)",
+                endpoints.join(", "),
+                args.dir.display()
+            );
+        }
     }
     Ok(0)
+}
+
+/// The network namespace of process `pid`, if it is not ours.
+fn other_netns(pid: i32) -> Option<PathBuf> {
+    let theirs = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    let same = std::fs::read_link(&theirs).ok()? == std::fs::read_link("/proc/self/ns/net").ok()?;
+    (!same).then_some(theirs)
 }

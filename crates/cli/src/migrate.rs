@@ -267,7 +267,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     };
     report.quiet_ms = ms(tq);
     let tf = Instant::now();
-    let captured = match freeze_and_capture(&tree, relayed_by, args.force_close, Duration::from_secs(5)) {
+    let captured = match freeze_and_capture(&tree, relayed_by, args.force_close, Duration::from_secs(5), &mut |_| Ok(())) {
         Ok(c) => c,
         Err(e) => {
             ch.stream.shutdown(std::net::Shutdown::Write).ok();
@@ -298,6 +298,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
                 table: &captured.descriptors.tables[i],
                 sockets: &captured.sockets[i],
                 only: remaining.as_ref().map(|r| r[i].as_slice()),
+                held_by: None,
             })
             .collect();
         let (written, mut sink) = write_image(&processes, &captured.tree, w)?;

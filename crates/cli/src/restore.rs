@@ -705,6 +705,7 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     if part.is_some() && ps[0].manifest.partition.is_none() {
         bail!("--partition: the image says the application ran in no partition");
     }
+    let held_by = ps[0].manifest.held_by.clone();
     let kernel = run::kernel_image()?;
     let mut regions = Vec::with_capacity(ps.len());
     for p in &ps {
@@ -794,6 +795,15 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
             std::fs::remove_dir_all(&args.dir).ok();
             end_children(&all);
             return Err(e);
+        }
+    }
+    // The source node kept the connections' peers out since the
+    // checkpoint (`lwk checkpoint`); if this is that node, they come in
+    // again now that the sockets are back.
+    if let Some(name) = &held_by {
+        match lwk_node::quiet::release(name) {
+            Ok(_) => {}
+            Err(e) => eprintln!("lwk restore: warning: TCP held since the checkpoint is still held out: {e:#}"),
         }
     }
     run::APP_PID.store(app, Ordering::Relaxed);

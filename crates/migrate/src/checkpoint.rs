@@ -75,6 +75,12 @@ pub struct Manifest {
     /// The partition it ran in: a restore makes one like it.
     #[serde(default)]
     pub partition: Option<PartitionSpec>,
+    /// The packet-filter table (nftables, family inet) that keeps its TCP
+    /// peers' segments out on the node it was checkpointed on, until a
+    /// restore there rebuilds its connections and deletes it
+    /// (`lwk_node::quiet`).
+    #[serde(default)]
+    pub held_by: Option<String>,
 }
 
 /// A partition as a restore remakes it: as many CPUs (which ones is the
@@ -147,6 +153,8 @@ pub enum CheckpointError {
     Busy { pid: i32, what: String },
     #[error(transparent)]
     App(#[from] crate::app::AppError),
+    #[error("cannot keep the TCP peers of process {pid} out while it is captured: {what}")]
+    Hold { pid: i32, what: String },
 }
 
 /// What writing an image took.
@@ -234,6 +242,64 @@ pub fn capture_descriptors(
     Ok(Descriptors { tables, shared, closed: refused })
 }
 
+/// The local addresses of the TCP sockets (listeners and connections) in
+/// the proxies' `tables`, as each proxy's network namespace lists them.
+pub fn tcp_endpoints(proxies: &[i32], tables: &[FdTable]) -> Vec<std::net::SocketAddr> {
+    let mut all = Vec::new();
+    for (&proxy, table) in proxies.iter().zip(tables) {
+        let inodes: std::collections::HashSet<u64> = table
+            .fds
+            .iter()
+            .filter_map(|e| match e.kind {
+                FdKind::Socket { inode, socket_type: crate::fds::SocketType::Stream, protocol, .. }
+                    if protocol == libc::IPPROTO_TCP || protocol == 0 =>
+                {
+                    Some(inode)
+                }
+                _ => None,
+            })
+            .collect();
+        for file in ["tcp", "tcp6"] {
+            let Ok(text) = std::fs::read_to_string(format!("/proc/{proxy}/net/{file}")) else { continue };
+            for line in text.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let (Some(local), Some(inode)) = (f.get(1), f.get(9).and_then(|i| i.parse::<u64>().ok())) else {
+                    continue;
+                };
+                if inodes.contains(&inode) {
+                    all.extend(proc_net_address(local));
+                }
+            }
+        }
+    }
+    all.sort();
+    all.dedup();
+    all
+}
+
+/// An address as /proc/net/tcp{,6} shows it: the address's 32-bit words
+/// in hex, each in the host's (little-endian) order, a colon, the port.
+fn proc_net_address(text: &str) -> Option<std::net::SocketAddr> {
+    let (addr, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..addr.len() / 8)
+        .map(|i| u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let ip: std::net::IpAddr = match words[..] {
+        [w] => std::net::Ipv4Addr::from(w.to_le_bytes()).into(),
+        [a, b, c, d] => {
+            let mut bytes = [0u8; 16];
+            for (k, w) in [a, b, c, d].into_iter().enumerate() {
+                bytes[k * 4..k * 4 + 4].copy_from_slice(&w.to_le_bytes());
+            }
+            std::net::Ipv6Addr::from(bytes).into()
+        }
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
 /// The pipes of `table` (proxy's) that the application process `pid`
 /// holds too: the LWK process keeps no pipe but the writing sides of its
 /// signalfds' pipes (`lwk_kernel::signalfd`), which it makes again at a
@@ -306,6 +372,8 @@ pub struct ProcessImage<'a> {
     /// Of its memory, only these ranges (what a pre-copy has not sent);
     /// all of it if None.
     pub only: Option<&'a [std::ops::Range<u64>]>,
+    /// The table that holds its TCP peers out (see [`Manifest::held_by`]).
+    pub held_by: Option<&'a str>,
 }
 
 /// Write the frozen application's processes (its first process first,
@@ -339,7 +407,7 @@ fn write_process<W: Write>(
     tree: &[i32],
     out: &mut ImageWriter<W>,
 ) -> Result<Manifest, CheckpointError> {
-    let ProcessImage { frozen, info, table, sockets, only } = *p;
+    let ProcessImage { frozen, info, table, sockets, only, held_by } = *p;
     let x = frozen.export();
     let pid = frozen.app.pid;
     let mm = &x.state.mm;
@@ -460,6 +528,7 @@ fn write_process<W: Write>(
             crate::fds::Credentials::of(pid).map_err(|source| CheckpointError::Descriptors { pid, source })?,
         ),
         partition,
+        held_by: held_by.map(str::to_string),
     };
     out.json(RecordKind::Manifest, &manifest)?;
     out.record(RecordKind::LwkState, bytes_of(&x.state))?;
@@ -661,11 +730,16 @@ const BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(25);
 /// under way) goes on for a moment and is frozen again, a few times,
 /// before it is refused: it takes its connections and reaps its children
 /// itself, and nothing is lost. On any error it goes on.
+///
+/// `before_sockets` runs between the capture of the descriptors and that
+/// of the sockets, which puts them in repair mode (`lwk checkpoint` keeps
+/// their peers out from there on).
 pub fn freeze_and_capture<'a>(
     tree: &'a tree::Tree,
     relayed_by: Option<i32>,
     force_close: bool,
     answer_within: std::time::Duration,
+    before_sockets: &mut dyn FnMut(&Descriptors) -> Result<(), CheckpointError>,
 ) -> Result<Captured<'a>, CheckpointError> {
     let members: Vec<(i32, i32)> = tree.members.iter().map(|m| (m.app.pid, m.info.proxy_pid)).collect();
     let proxies: Vec<i32> = members.iter().map(|m| m.1).collect();
@@ -677,6 +751,7 @@ pub fn freeze_and_capture<'a>(
             let tc = Instant::now();
             let captured = (|| -> Result<_, CheckpointError> {
                 let descriptors = capture_descriptors(&members, relayed_by, force_close, Contents::Read)?;
+                before_sockets(&descriptors)?;
                 let records = tree.records(&frozen)?;
                 let mut shared = descriptors.shared.clone();
                 let sockets = capture_tree_sockets(&proxies, &descriptors.tables, &mut shared)?;
@@ -853,4 +928,21 @@ fn capture_part(pidfd: &std::os::fd::OwnedFd, sockets: &[&crate::fds::FdEntry]) 
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proc_net_address;
+
+    #[test]
+    fn addresses_read_as_proc_net_tcp_prints_them() {
+        assert_eq!(proc_net_address("0100007F:1B59"), Some("127.0.0.1:7001".parse().unwrap()));
+        assert_eq!(proc_net_address("00000000:0016"), Some("0.0.0.0:22".parse().unwrap()));
+        assert_eq!(proc_net_address("00000000000000000000000001000000:1B59"), Some("[::1]:7001".parse().unwrap()));
+        assert_eq!(
+            proc_net_address("0000000000000000FFFF00000A0012C6:0050"),
+            Some("[::ffff:198.18.0.10]:80".parse().unwrap())
+        );
+        assert_eq!(proc_net_address("xyz"), None);
+    }
 }
