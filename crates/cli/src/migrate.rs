@@ -267,15 +267,15 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     };
     report.quiet_ms = ms(tq);
     let tf = Instant::now();
-    let captured = match freeze_and_capture(&tree, relayed_by, args.force_close, Duration::from_secs(5), &mut |_| Ok(())) {
-        Ok(c) => c,
-        Err(e) => {
-            ch.stream.shutdown(std::net::Shutdown::Write).ok();
-            return Err(
-                anyhow::Error::from(e).context(format!("process {} cannot be migrated now; it goes on here", app.pid))
-            );
-        }
-    };
+    let captured =
+        match freeze_and_capture(&tree, relayed_by, args.force_close, Duration::from_secs(5), &mut |_| Ok(())) {
+            Ok(c) => c,
+            Err(e) => {
+                ch.stream.shutdown(std::net::Shutdown::Write).ok();
+                return Err(anyhow::Error::from(e)
+                    .context(format!("process {} cannot be migrated now; it goes on here", app.pid)));
+            }
+        };
     report.stop_ms = captured.stop_ms;
     report.capture_ms = captured.capture_ms;
     report.busy_retries = captured.retries;

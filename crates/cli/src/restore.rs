@@ -330,7 +330,8 @@ impl Building {
             slot.path[..p.len()].copy_from_slice(p);
         }
         let mm_fds = input.export.state.mm.memfd;
-        let lwk_fds = input.export.state.signalfd.entries.iter().filter(|e| e.app_fd >= 0).flat_map(|e| [e.sfd, e.pipe]);
+        let lwk_fds =
+            input.export.state.signalfd.entries.iter().filter(|e| e.app_fd >= 0).flat_map(|e| [e.sfd, e.pipe]);
         let lwk_fds = lwk_fds.collect();
         let memfds = self.memfds.into_iter().enumerate().filter_map(|(k, fd)| Some((fd?, mm_fds[k]))).collect();
         let Building { input_fd, input_map, sockets, .. } = self;
@@ -728,9 +729,10 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     let mut shared = build_shared(&tree.shared, &ps)?;
 
     // The application gets its process ids back in a pid namespace of its
-    // own (and a mount namespace whose /proc shows it): the first proxy is
-    // the namespace's first process, the application processes then get
-    // their old pids, and the LWK gives each thread its old tid.
+    // own (and a mount namespace whose /proc shows it): a keeper is the
+    // namespace's first process, the proxies come next, the application
+    // processes then get their old pids, and the LWK gives each thread its
+    // old tid.
     // Our own pid namespace, to come back to once the children are there.
     let own_pid_ns = File::open("/proc/self/ns/pid").context("opening our own pid namespace")?;
     // SAFETY: plain unshare; this process has one thread.
@@ -744,7 +746,9 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
         .chain(tree.members.iter().map(|m| m.pid_in_namespace))
         .max()
         .unwrap_or(1);
-    let (proxies, proxy_mnt, pending) = spawn_proxies(&kernel, &ps, &regions, &mut shared, max_id)?;
+    let mut keeper = Keeper::start(max_id)?;
+    let proxy_mnt = keeper.mnt.try_clone().context("the keeper's mount namespace")?;
+    let (proxies, pending) = spawn_proxies(&kernel, &ps, &regions, &mut shared, &proxy_mnt)?;
     let address = args.address.zip(args.address_dev.as_deref());
     let mut pending = Some(pending);
     if args.go_fd.is_none() {
@@ -810,14 +814,22 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
     run::setup_signals();
     let standing = run::Standing::start(&regions[0])?;
     let outcome = run::wait_both(app, proxies[0]);
-    // The other processes' proxies are ours too: with the first process
-    // gone, its proxy (the pid namespace's first process) is gone, and
-    // the namespace with it.
-    end_children(&proxies[1..]);
+    // The other processes' proxies are ours too: those whose application
+    // ended have ended. An application process that outlives the first (an
+    // orphan, as natively) goes on with its proxy in the keeper's care.
+    for &p in &proxies[1..] {
+        // SAFETY: reaping our own child if it ended.
+        unsafe { libc::waitpid(p, std::ptr::null_mut(), libc::WNOHANG) };
+    }
+    if part.is_none() {
+        keeper.let_go();
+    }
     let mut outcome = outcome?;
     outcome.status = standing.outcome(&regions[0], outcome.status)?;
     run::APP_PID.store(0, Ordering::Relaxed);
-    // Its partition goes before a signal of the application's ends us.
+    // Its partition goes before a signal of the application's ends us,
+    // and with it whatever of the application still runs there.
+    drop(keeper);
     drop(part);
     if let Some(e) = outcome.proxy_failure {
         bail!("the proxy process failed ({e}); the application was stopped");
@@ -829,25 +841,23 @@ pub fn main(args: RestoreArgs) -> Result<i32> {
 }
 
 /// Start every process's proxy, each with the descriptions it shares with
-/// the others (`shared`), the later ones in the first one's mount
-/// namespace: their pids (the first one's first), that namespace, and
-/// their sockets not yet live. On an error, those started are ended.
+/// the others (`shared`), in the mount namespace `mnt` (the keeper's):
+/// their pids (the first one's first) and their sockets not yet live. On
+/// an error, those started are ended.
 fn spawn_proxies(
     kernel: &Path,
     ps: &[Prepared],
     regions: &[run::ControlRegion],
     shared: &mut [BTreeMap<i32, OwnedFd>],
-    max_id: i32,
-) -> Result<(Vec<i32>, File, Pending)> {
+    mnt: &File,
+) -> Result<(Vec<i32>, Pending)> {
     let mut proxies: Vec<i32> = Vec::with_capacity(ps.len());
-    let mut proxy_mnt: Option<File> = None;
     let mut pending = Pending { tcp: Vec::new(), udp: Vec::new() };
     for (i, p) in ps.iter().enumerate() {
         let given = std::mem::take(&mut shared[i]);
-        match spawn_proxy(kernel, &regions[i], &p.table, &p.sockets, max_id, given, proxy_mnt.as_ref()) {
-            Ok((pid, mnt, pend)) => {
+        match spawn_proxy(kernel, &regions[i], &p.table, &p.sockets, given, mnt, i > 0) {
+            Ok((pid, pend)) => {
                 proxies.push(pid);
-                proxy_mnt.get_or_insert(mnt);
                 pending.tcp.extend(pend.tcp);
                 pending.udp.extend(pend.udp);
             }
@@ -857,7 +867,7 @@ fn spawn_proxies(
             }
         }
     }
-    Ok((proxies, proxy_mnt.expect("one process at least"), pending))
+    Ok((proxies, pending))
 }
 
 /// The descriptions the tree's proxies share (`shared`), each built once:
@@ -1016,10 +1026,10 @@ fn spawn_proxy(
     region: &run::ControlRegion,
     table: &FdTable,
     sockets: &[(i32, SocketImage)],
-    max_id: i32,
     shared: BTreeMap<i32, OwnedFd>,
-    join: Option<&File>,
-) -> Result<(i32, File, Pending)> {
+    mnt: &File,
+    child: bool,
+) -> Result<(i32, Pending)> {
     use std::os::unix::ffi::OsStrExt;
     let top = table.fds.iter().map(|e| e.fd).max().unwrap_or(2).max(2);
     // Above every number the table uses: restore leaves it where it is.
@@ -1031,11 +1041,14 @@ fn spawn_proxy(
     // SAFETY: ctl is ours alone from here.
     let ctl = unsafe { OwnedFd::from_raw_fd(ctl) };
     let cloexec: Vec<String> = table.fds.iter().filter(|e| e.close_on_exec).map(|e| e.fd.to_string()).collect();
+    // A forked process's proxy may outlive us, as its process may.
+    let role = if child { "child" } else { "first" };
     let args: Vec<std::ffi::CString> = [
         std::ffi::CString::new("lwk-proxy").expect("no NUL"),
         std::ffi::CString::new("proxy").expect("no NUL"),
         std::ffi::CString::new(ctl.as_raw_fd().to_string()).expect("no NUL"),
         std::ffi::CString::new(cloexec.join(",")).expect("no NUL"),
+        std::ffi::CString::new(role).expect("no NUL"),
     ]
     .into();
     let path = std::ffi::CString::new(kernel.as_os_str().as_bytes()).context("the LWK image's path")?;
@@ -1091,16 +1104,10 @@ fn spawn_proxy(
             unsafe { libc::_exit(125) }
         };
         drop(ready_r);
-        let namespaces = match join {
-            // A later process's proxy: in the first one's mount namespace.
-            Some(mnt) => {
-                rustix::thread::move_into_link_name_space(mnt.as_fd(), Some(rustix::thread::LinkNameSpaceType::Mount))
-                    .context("joining the first proxy's mount namespace")
-            }
-            None => enter_namespaces(max_id),
-        };
-        if let Err(e) = namespaces {
-            fail(format!("{e:#}"));
+        if let Err(e) =
+            rustix::thread::move_into_link_name_space(mnt.as_fd(), Some(rustix::thread::LinkNameSpaceType::Mount))
+        {
+            fail(format!("joining the keeper's mount namespace: {e}"));
         }
         if rustix::io::write(&ready_w, b"r") != Ok(1) {
             fail("the restorer is gone".into());
@@ -1136,10 +1143,145 @@ fn spawn_proxy(
     if rustix::io::read(&ready_r, &mut byte) != Ok(1) {
         // SAFETY: reaping our own child, which said why it failed.
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
-        bail!("the proxy could not set up the application's namespaces");
+        bail!("the proxy could not join the application's namespaces");
     }
-    let mnt = File::open(format!("/proc/{pid}/ns/mnt")).context("the proxy's mount namespace")?;
-    Ok((pid, mnt, pending))
+    Ok((pid, pending))
+}
+
+/// The first process of the application's pid namespace, which mounts its
+/// /proc and stays while anything runs there: an application process
+/// that outlives the first (as an orphan does natively) is not killed
+/// with the namespace when the first process and its proxy end, and is
+/// reaped here, as init reaps orphans. It holds nothing of ours (not the
+/// image, not a socket, not our standard streams), and goes once this
+/// process let it go and it is alone in the namespace. Killed when
+/// dropped before [`Keeper::let_go`], and gone at once if this process
+/// ends before that (a restore that failed, or was killed): the
+/// namespace, and whatever runs there, goes with it.
+struct Keeper {
+    pid: i32,
+    /// Its mount namespace, which the proxies and the application join.
+    mnt: File,
+    /// Its end: "go" and closed once the application runs.
+    hold: Option<OwnedFd>,
+    let_go: bool,
+}
+
+impl Keeper {
+    fn start(max_id: i32) -> Result<Keeper> {
+        let (hold_r, hold_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("a pipe")?;
+        let (ready_r, ready_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("a pipe")?;
+        // SAFETY: this process has one thread, so the child may allocate.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            bail!("cannot start the pid namespace's first process: {}", std::io::Error::last_os_error());
+        }
+        if pid == 0 {
+            drop((hold_w, ready_r));
+            if let Err(e) = enter_namespaces(max_id) {
+                eprintln!("lwk: restoring the application's namespaces: {e:#}");
+                // SAFETY: leaving the child without running the parent's exit code.
+                unsafe { libc::_exit(125) }
+            }
+            rustix::io::write(&ready_w, b"k").ok();
+            keep(hold_r, ready_w)
+        }
+        drop((hold_r, ready_w));
+        let mut byte = [0u8; 1];
+        if rustix::io::read(&ready_r, &mut byte) != Ok(1) {
+            // SAFETY: reaping our own child, which said why it failed.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+            bail!("could not set up the application's pid and mount namespaces");
+        }
+        let mnt = File::open(format!("/proc/{pid}/ns/mnt")).context("the keeper's mount namespace")?;
+        Ok(Keeper { pid, mnt, hold: Some(hold_w), let_go: false })
+    }
+
+    /// The application is running: what of it outlives this process stays.
+    fn let_go(&mut self) {
+        if let Some(hold) = self.hold.take() {
+            self.let_go = rustix::io::write(&hold, LET_GO) == Ok(1);
+        }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        if !self.let_go {
+            end_children(&[self.pid]);
+            return;
+        }
+        // Alone, it goes within moments: reaped here, not left to init.
+        // With an orphan to keep, it stays (and is init's child after us).
+        for _ in 0..10 {
+            // SAFETY: reaping our own child if it ended.
+            if unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), libc::WNOHANG) } != 0 {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+/// What the restorer writes to let the keeper go its own way.
+const LET_GO: &[u8] = b"g";
+
+/// The keeper's life: reap what ends, and go when the restorer let go and
+/// nothing else runs in the namespace, or at once if the restorer ended
+/// without letting go.
+fn keep(hold: OwnedFd, ready: OwnedFd) -> ! {
+    use std::os::fd::IntoRawFd;
+    drop(ready);
+    // Only `hold` stays open, as 3; the standard streams are /dev/null.
+    let hold = hold.into_raw_fd();
+    // SAFETY: descriptor-number calls on our own table.
+    unsafe {
+        libc::dup2(hold, 3);
+        libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        for fd in 0..3 {
+            libc::dup2(null, fd);
+        }
+        if null > 3 {
+            libc::close(null);
+        }
+        libc::prctl(libc::PR_SET_NAME, c"lwk-keeper".as_ptr());
+    }
+    // Held: reap what ends, and wait for the restorer's word.
+    loop {
+        // SAFETY: reaping whatever ended among our children.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        let mut p = libc::pollfd { fd: 3, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd of ours.
+        if unsafe { libc::poll(&mut p, 1, 200) } > 0 {
+            let mut byte = [0u8; 1];
+            // SAFETY: one byte into our own buffer.
+            if unsafe { libc::read(3, byte.as_mut_ptr().cast(), 1) } != 1 || byte != LET_GO {
+                // SAFETY: leaving; the namespace ends with us.
+                unsafe { libc::_exit(0) }
+            }
+            break;
+        }
+    }
+    // Let go: reap until nothing else is left. Once the restorer is gone,
+    // everything here is our child (orphans come to a namespace's first
+    // process); until then some are its, which we only look for.
+    loop {
+        // SAFETY: waiting for any of our children.
+        if unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) } < 0 {
+            if alone() {
+                // SAFETY: leaving, with nothing of the parent's to run.
+                unsafe { libc::_exit(0) }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// Is this (the first) process the only one in its pid namespace?
+fn alone() -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return true };
+    !dir.flatten().any(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()).is_some_and(|p| p != 1))
 }
 
 /// In the pid namespace's first process (the proxy, before it becomes the

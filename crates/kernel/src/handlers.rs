@@ -82,8 +82,7 @@ pub fn run(h: Handler, call: &Syscall, a: [u64; 6], uc: &mut UContext) -> (i64, 
             -EPERM
         }
         Handler::ArchPrctl => passthrough(nr, a),
-        // The process that ran `lwk run` is the application's parent.
-        Handler::Getppid => control().header.parent_pid.load(Relaxed) as i64,
+        Handler::Getppid => getppid(),
         Handler::Rlimit => return rlimit(nr, a),
         Handler::Credentials => return (credentials(nr, a), Ran::Delegated),
         // Not while the signal subsystem, which holds the timers, is saved
@@ -186,4 +185,22 @@ fn monotonic_ns() -> u64 {
     // SAFETY: the kernel writes one timespec into our own array.
     unsafe { syscall3(nr::CLOCK_GETTIME, CLOCK_MONOTONIC, ts.as_mut_ptr() as u64, 0) };
     ts[0] * 1_000_000_000 + ts[1]
+}
+
+/// getppid(2). The first process's parent is the process that ran `lwk
+/// run` (whose child it really is: `lwk run`, or `lwk restore` outside
+/// its pid namespace, which getppid shows as 0). A forked process's is the
+/// process that forked it (the recorded pid) until that one ends; then,
+/// as natively, whoever it was given to (init, a subreaper, or in a
+/// restored application the keeper of its pid namespace, 1).
+fn getppid() -> i64 {
+    let h = &control().header;
+    let recorded = h.parent_pid.load(Relaxed);
+    // SAFETY: plain getppid.
+    let real = unsafe { syscall3(nr::GETPPID, 0, 0, 0) } as i32;
+    if real == 0 || real == h.supervisor_pid.load(Relaxed) {
+        recorded as i64
+    } else {
+        real as i64
+    }
 }

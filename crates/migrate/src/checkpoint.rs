@@ -282,10 +282,8 @@ pub fn tcp_endpoints(proxies: &[i32], tables: &[FdTable]) -> Vec<std::net::Socke
 fn proc_net_address(text: &str) -> Option<std::net::SocketAddr> {
     let (addr, port) = text.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
-    let words: Vec<u32> = (0..addr.len() / 8)
-        .map(|i| u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16))
-        .collect::<Result<_, _>>()
-        .ok()?;
+    let words: Vec<u32> =
+        (0..addr.len() / 8).map(|i| u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16)).collect::<Result<_, _>>().ok()?;
     let ip: std::net::IpAddr = match words[..] {
         [w] => std::net::Ipv4Addr::from(w.to_le_bytes()).into(),
         [a, b, c, d] => {

@@ -28,8 +28,12 @@ pub unsafe extern "C" fn lwk_entry(sp: *const u64) -> ! {
             // The first proxy, like the first application process, dies
             // with `lwk run`: an application killed before it started would
             // otherwise leave its proxy waiting for it forever. (Proxies of
-            // forked children are forks of this one and do not inherit it.)
-            let mapped = boot::map_control(fd).and_then(|()| boot::die_with_supervisor());
+            // forked children are forks of this one and do not inherit it;
+            // `lwk restore` names those it starts for forked processes
+            // `child`: they may outlive it, and its pid namespace's keeper
+            // ends them if it dies before their application runs.)
+            let child = st.argc > 4 && st.arg(4) == b"child";
+            let mapped = boot::map_control(fd).and_then(|()| if child { Ok(()) } else { boot::die_with_supervisor() });
             // The proxy's descriptor table is the application's: nothing of
             // the LWK's may stay in it.
             lwk_rt::close(fd);
