@@ -1,6 +1,7 @@
 //! `lwk`: run unmodified Linux programs on the lightweight kernel.
 
 mod checkpoint;
+mod cluster;
 mod migrate;
 mod node;
 mod partition;
@@ -65,6 +66,11 @@ enum Command {
         #[command(subcommand)]
         cmd: node::NodeCmd,
     },
+    /// A single-IP-address cluster: this node's part, or a simulated one.
+    Cluster {
+        #[command(subcommand)]
+        cmd: cluster::ClusterCmd,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -126,6 +132,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => restore::main(args),
         Command::Migrate(args) => migrate::main(args),
         Command::Node { cmd } => node::main(cmd),
+        Command::Cluster { cmd } => cluster::main(cmd),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

@@ -71,7 +71,7 @@ pub fn add(cidr: Cidr, dev: &str) -> Result<()> {
 /// The hardware address of `dev` in this network namespace (SIOCGIFHWADDR:
 /// /sys/class/net shows the devices of the namespace sysfs was mounted in,
 /// which need not be ours).
-fn hardware_address(dev: &str) -> Result<Vec<u8>> {
+pub fn hardware_address(dev: &str) -> Result<Vec<u8>> {
     if dev.len() >= libc::IFNAMSIZ {
         bail!("{dev}: an interface name is shorter");
     }
