@@ -61,6 +61,9 @@ struct State {
     added: Vec<String>,
     services: Vec<String>,
     arp_owner: bool,
+    /// The interface was up before (`up` brings it up).
+    #[serde(default)]
+    was_up: bool,
 }
 
 /// The default shared hardware address of a cluster whose first service
@@ -90,6 +93,8 @@ pub fn up(s: &Setup) -> Result<()> {
     let old_mac = old.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
     let mac = s.mac.clone().unwrap_or_else(|| mac_of(s.services[0].addr));
     let present = run("ip", &["-o", "-4", "addr", "show", "dev", &s.dev], None)?;
+    let flags = run("ip", &["-br", "link", "show", "dev", &s.dev], None)?;
+    let was_up = flags.split(['<', '>']).nth(1).is_some_and(|f| f.split(',').any(|f| f == "UP"));
     let mut state = State {
         dev: s.dev.clone(),
         old_mac,
@@ -97,6 +102,7 @@ pub fn up(s: &Setup) -> Result<()> {
         added: Vec::new(),
         services: s.services.iter().map(|c| c.to_string()).collect(),
         arp_owner: s.arp_owner,
+        was_up,
     };
     for c in &s.services {
         if !present.contains(&format!("inet {c} ")) {
@@ -174,6 +180,9 @@ pub fn down() -> Result<Vec<String>> {
     }
     if run("ip", &["link", "set", "dev", &state.dev, "address", &state.old_mac], None).is_ok() {
         undone.push(format!("hardware address of {} back to {}", state.dev, state.old_mac));
+    }
+    if !state.was_up && run("ip", &["link", "set", "dev", &state.dev, "down"], None).is_ok() {
+        undone.push(format!("{} down again", state.dev));
     }
     std::fs::remove_file(&file).with_context(|| format!("{}", file.display()))?;
     Ok(undone)

@@ -92,6 +92,7 @@ impl LineClient {
 
 /// A partition on the last online CPU (`--mem MEM`, 4 KiB pages) made for
 /// one test, destroyed (forcibly) when dropped, also on a panic.
+#[allow(dead_code)] // not every test binary makes partitions
 pub struct TestPartition {
     pub name: String,
     /// Its CPU (not every test binary looks).
@@ -99,6 +100,7 @@ pub struct TestPartition {
     pub cpu: usize,
 }
 
+#[allow(dead_code)]
 impl TestPartition {
     pub fn create(tag: &str, mem: &str) -> TestPartition {
         let lwk = env!("CARGO_BIN_EXE_lwk");
