@@ -4,7 +4,9 @@
 //! that interface the cluster's shared hardware address, and installs the
 //! packet filter, an nftables table `lwk-cluster` (family inet):
 //!
-//! * at prerouting, before connection tracking, a packet for a service
+//! * at prerouting, before connection tracking and after the raw table
+//!   (priority -290: a migration's hold comes first, see
+//!   [`crate::hold`]), a packet for a service
 //!   address is accepted only when the kernel finds a local socket for it
 //!   (the `socket` expression: an established flow, or a listener for a
 //!   new connection); everything else for those addresses is dropped
@@ -136,7 +138,7 @@ fn filter_rules(s: &State) -> String {
     let mut rules = format!(
         "table inet {TABLE} {{\n\
          \tchain pre {{\n\
-         \t\ttype filter hook prerouting priority -300; policy accept;\n\
+         \t\ttype filter hook prerouting priority -290; policy accept;\n\
          \t\tip daddr {set} socket transparent 0 accept\n\
          \t\tip daddr {set} socket transparent 1 accept\n\
          \t\tip daddr {set} icmp type echo-request {ping}\n\
