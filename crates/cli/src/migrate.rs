@@ -18,9 +18,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use lwk_migrate::app::App;
-use lwk_migrate::checkpoint::{capture_descriptors, freeze_and_capture, write_image, PartitionSpec, ProcessImage};
+use lwk_migrate::checkpoint::{
+    capture_descriptors, freeze_and_capture, tcp_endpoints, udp_endpoints, write_image, CheckpointError, PartitionSpec,
+    ProcessImage,
+};
 use lwk_migrate::fds::Contents;
-use lwk_migrate::image::ImageWriter;
+use lwk_migrate::image::{ImageWriter, RecordKind};
 use lwk_migrate::precopy::{PreCopy, Round};
 use lwk_migrate::tree::Tree;
 use lwk_node::channel::{Channel, Role};
@@ -44,6 +47,12 @@ pub struct MigrateArgs {
     /// has sockets.
     #[arg(long)]
     address: Option<lwk_node::address::Cidr>,
+    /// Both nodes are of a single-IP cluster that has the service address
+    /// (`lwk cluster up`): the address stays; the destination holds the
+    /// application's packets from the freeze until its sockets there are
+    /// live, so no peer has to send anything again.
+    #[arg(long, requires = "address")]
+    cluster: bool,
     /// Seconds the destination may stay silent before the migration fails
     /// (and the application goes on here).
     #[arg(long, default_value_t = 60)]
@@ -185,6 +194,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         address: args.address.map(|a| a.to_string()),
         relay: relay.is_some(),
         partition: PartitionSpec::of(&app.control().header).map(|p| serde_json::to_string(&p)).transpose()?,
+        cluster: args.cluster,
     })?;
     match ch.recv::<Reply>()? {
         Reply::Ready => {}
@@ -258,7 +268,10 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     // address has left (or the application goes on here): what a socket
     // took in after its queues were read would be lost (`lwk_node::quiet`).
     let tq = Instant::now();
-    let mut quiet = match args.address.map(|a| Quiet::start(a.addr)).transpose() {
+    // In a single-IP cluster the address stays, and other applications
+    // may share it: only this one's endpoints are kept out, from the
+    // freeze on (below).
+    let mut quiet = match args.address.filter(|_| !args.cluster).map(|a| Quiet::start(a.addr)).transpose() {
         Ok(q) => q,
         Err(e) => {
             ch.stream.shutdown(std::net::Shutdown::Write).ok();
@@ -267,8 +280,52 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     };
     report.quiet_ms = ms(tq);
     let tf = Instant::now();
+    // In a single-IP cluster, once the application is frozen: the
+    // destination holds its flows' packets (it says so), then this node
+    // keeps its TCP peers out, then the sockets are captured. What came
+    // before the hold is here (in the captured queues); what comes after
+    // is held there; TCP drops what is both.
+    let proxies: Vec<i32> = members.iter().map(|m| m.1).collect();
+    let mut holding = false;
+    let mut hold_there = |d: &lwk_migrate::checkpoint::Descriptors| -> Result<(), CheckpointError> {
+        let (Some(service), true) = (args.address, args.cluster) else { return Ok(()) };
+        let hold_error = |what: String| CheckpointError::Hold { pid: app.pid, what };
+        let tcp = tcp_endpoints(&proxies, &d.tables);
+        if !holding {
+            let ports = |eps: Vec<SocketAddr>| -> Vec<u16> {
+                let mut p: Vec<u16> = eps
+                    .iter()
+                    .filter(|e| e.ip() == std::net::IpAddr::V4(service.addr) || e.ip().is_unspecified())
+                    .map(|e| e.port())
+                    .collect();
+                p.sort_unstable();
+                p.dedup();
+                p
+            };
+            let flows = lwk_node::hold::Flows {
+                addr: Some(service.addr),
+                tcp_ports: ports(tcp.clone()),
+                udp_ports: ports(udp_endpoints(&proxies, &d.tables)),
+            };
+            if !flows.tcp_ports.is_empty() || !flows.udp_ports.is_empty() {
+                w.json(RecordKind::Hold, &flows)?;
+                w.flush()?;
+                match ch.recv::<Reply>() {
+                    Ok(Reply::Holding) => {}
+                    Ok(Reply::Failed { why }) => return Err(hold_error(format!("the destination cannot hold: {why}"))),
+                    Ok(other) => return Err(hold_error(format!("the destination answered {other:?}"))),
+                    Err(e) => return Err(hold_error(format!("the destination did not say it holds: {e:#}"))),
+                }
+            }
+            holding = true;
+        }
+        if quiet.is_none() && !tcp.is_empty() {
+            quiet = Some(Quiet::endpoints(&tcp, None).map_err(|e| hold_error(format!("{e:#}")))?);
+        }
+        Ok(())
+    };
     let captured =
-        match freeze_and_capture(&tree, relayed_by, args.force_close, Duration::from_secs(5), &mut |_| Ok(())) {
+        match freeze_and_capture(&tree, relayed_by, args.force_close, Duration::from_secs(5), &mut hold_there) {
             Ok(c) => c,
             Err(e) => {
                 ch.stream.shutdown(std::net::Shutdown::Write).ok();
@@ -345,7 +402,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let mut moved_from = None;
     let tc = Instant::now();
     let committed = (|| -> Result<()> {
-        if let Some(a) = args.address {
+        if let Some(a) = args.address.filter(|_| !args.cluster) {
             moved_from = Some(lwk_node::address::remove(a)?);
             // Gone from here: what comes for it now is not this node's.
             if let Some(q) = quiet.take() {
@@ -393,6 +450,9 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     }
     drop(stream);
     captured.end();
+    // Its sockets here are gone: in a cluster, what still comes for them
+    // is dropped by the filter (no socket), and the rule can go.
+    drop(quiet);
     if precopy.is_some() {
         report.resent_bytes = report.rounds.iter().skip(1).map(|r| r.bytes).sum::<u64>() + report.frozen_memory_bytes;
     }

@@ -16,7 +16,6 @@
 //! with `nft`, as the rest of lwk does (a netlink crate would bring an async
 //! runtime for a handful of calls made once).
 
-pub mod hold;
 pub mod node;
 pub mod sim;
 
@@ -53,7 +52,6 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String> {
 fn package_of(program: &str) -> &'static str {
     match program {
         "nft" => "nftables",
-        "iptables" => "iptables",
         _ => "iproute2",
     }
 }

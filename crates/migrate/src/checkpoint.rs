@@ -245,21 +245,36 @@ pub fn capture_descriptors(
 /// The local addresses of the TCP sockets (listeners and connections) in
 /// the proxies' `tables`, as each proxy's network namespace lists them.
 pub fn tcp_endpoints(proxies: &[i32], tables: &[FdTable]) -> Vec<std::net::SocketAddr> {
+    endpoints(proxies, tables, crate::fds::SocketType::Stream, libc::IPPROTO_TCP, ["tcp", "tcp6"])
+}
+
+/// The local addresses of the UDP sockets in the proxies' `tables`.
+pub fn udp_endpoints(proxies: &[i32], tables: &[FdTable]) -> Vec<std::net::SocketAddr> {
+    endpoints(proxies, tables, crate::fds::SocketType::Datagram, libc::IPPROTO_UDP, ["udp", "udp6"])
+}
+
+fn endpoints(
+    proxies: &[i32],
+    tables: &[FdTable],
+    of_type: crate::fds::SocketType,
+    proto: i32,
+    files: [&str; 2],
+) -> Vec<std::net::SocketAddr> {
     let mut all = Vec::new();
     for (&proxy, table) in proxies.iter().zip(tables) {
         let inodes: std::collections::HashSet<u64> = table
             .fds
             .iter()
             .filter_map(|e| match e.kind {
-                FdKind::Socket { inode, socket_type: crate::fds::SocketType::Stream, protocol, .. }
-                    if protocol == libc::IPPROTO_TCP || protocol == 0 =>
+                FdKind::Socket { inode, socket_type, protocol, .. }
+                    if socket_type == of_type && (protocol == proto || protocol == 0) =>
                 {
                     Some(inode)
                 }
                 _ => None,
             })
             .collect();
-        for file in ["tcp", "tcp6"] {
+        for file in files {
             let Ok(text) = std::fs::read_to_string(format!("/proc/{proxy}/net/{file}")) else { continue };
             for line in text.lines().skip(1) {
                 let f: Vec<&str> = line.split_whitespace().collect();

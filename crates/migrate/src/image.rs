@@ -32,7 +32,7 @@ pub const FORMAT_MAJOR: u16 = 1;
 /// The format's minor version: a reader reads any minor of its major. Bumped
 /// when record kinds are added (older readers see them as
 /// [`Record::Unknown`] and skip them).
-pub const FORMAT_MINOR: u16 = 1;
+pub const FORMAT_MINOR: u16 = 2;
 
 /// Bytes of the stream header: magic, major, minor, flags, stream id.
 pub const STREAM_HEADER_LEN: usize = 32;
@@ -89,13 +89,17 @@ pub enum RecordKind {
     /// in a migration's pre-copy) belong: which memory file and offset
     /// each mapped range of addresses is (`lwk_migrate::precopy`).
     MemoryMap = 8,
+    /// JSON: in a migration within a single-IP cluster, the flows whose
+    /// packets the destination holds from now on (`lwk_node::hold::Flows`);
+    /// a restore from the image has nothing to do with it.
+    Hold = 9,
     /// Empty: the stream is complete (written by [`ImageWriter::finish`]).
     End = 0xFFFF_FFFF,
 }
 
 impl RecordKind {
     /// Every kind this version knows.
-    pub const ALL: [RecordKind; 9] = [
+    pub const ALL: [RecordKind; 10] = [
         RecordKind::Manifest,
         RecordKind::LwkState,
         RecordKind::ThreadContexts,
@@ -104,6 +108,7 @@ impl RecordKind {
         RecordKind::Sockets,
         RecordKind::Processes,
         RecordKind::MemoryMap,
+        RecordKind::Hold,
         RecordKind::End,
     ];
 
@@ -823,7 +828,7 @@ mod tests {
     #[test]
     fn image_kind_numbers_are_the_formats() {
         let numbers: Vec<u32> = RecordKind::ALL.iter().map(|kind| kind.number()).collect();
-        assert_eq!(numbers, [1, 2, 3, 4, 5, 6, 7, 8, 0xFFFF_FFFF]);
+        assert_eq!(numbers, [1, 2, 3, 4, 5, 6, 7, 8, 9, 0xFFFF_FFFF]);
         for kind in RecordKind::ALL {
             assert_eq!(RecordKind::from_number(kind.number()), Some(kind));
         }

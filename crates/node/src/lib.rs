@@ -2,7 +2,8 @@
 //! key ([`key`]), authenticated connections between nodes ([`channel`]),
 //! the service address that moves with an application ([`address`]) and
 //! the drop rule that keeps its peers' data out while its connections are
-//! captured ([`quiet`]), and
+//! captured ([`quiet`]), the hold of its packets in a single-IP cluster
+//! ([`hold`]), and
 //! the daemon's side of a migration ([`server`]): it receives an
 //! application's image and restores it on this node.
 //!
@@ -12,6 +13,7 @@
 
 pub mod address;
 pub mod channel;
+pub mod hold;
 pub mod key;
 pub mod quiet;
 pub mod relay;

@@ -24,6 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use lwk_migrate::image::{ClusterKey, ImageError, ImageReader};
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +51,12 @@ pub enum Request {
         /// the memory comes.
         #[serde(default)]
         partition: Option<String>,
+        /// Both nodes are of a single-IP cluster that has the address: it
+        /// stays where it is, and this node holds the application's
+        /// packets from the source's word (a `Hold` record in the image)
+        /// until its sockets here are live (`crate::hold`).
+        #[serde(default)]
+        cluster: bool,
     },
 }
 
@@ -58,6 +65,9 @@ pub enum Request {
 pub enum Reply {
     /// Send the image.
     Ready,
+    /// The packets of the flows the image's `Hold` record names are held
+    /// here from now on.
+    Holding,
     /// The application is restored here, every thread parked: waiting for
     /// the decision.
     Restored {
@@ -173,10 +183,21 @@ fn handle(stream: TcpStream, config: &Config) -> anyhow::Result<()> {
         }
     };
     match ch.recv::<Request>()? {
-        Request::Restore { command, memory_bytes, address, relay, partition } => {
+        Request::Restore { command, memory_bytes, address, relay, partition, cluster } => {
             log(&format!("{peer}: receiving {command} ({} MiB of memory)", memory_bytes >> 20));
             let address = match (address, &config.service_dev) {
                 (None, _) => None,
+                (Some(a), _) if cluster => {
+                    // The address is every node's: it must be here already.
+                    let here =
+                        a.parse::<crate::address::Cidr>().ok().and_then(|c| crate::address::device_of(c.addr).ok()?);
+                    if here.is_none() {
+                        let why = format!("{a} is not on this node: is it a node of the cluster (lwk cluster up)?");
+                        ch.send(&Reply::Failed { why: why.clone() })?;
+                        anyhow::bail!(why);
+                    }
+                    None
+                }
                 (Some(a), Some(dev)) => Some((a, dev.clone())),
                 (Some(a), None) => {
                     let why = format!("{a} cannot come up here: this daemon has no --service-dev");
@@ -184,7 +205,7 @@ fn handle(stream: TcpStream, config: &Config) -> anyhow::Result<()> {
                     anyhow::bail!(why);
                 }
             };
-            receive(ch, config, peer, Destination { address, partition }, relay)
+            receive(ch, config, peer, Destination { address, partition, cluster }, relay)
         }
     }
 }
@@ -208,6 +229,8 @@ impl Drop for Incoming {
 struct Destination {
     address: Option<(String, String)>,
     partition: Option<String>,
+    /// In a single-IP cluster: hold the flows the image names.
+    cluster: bool,
 }
 
 fn receive(mut ch: Channel, config: &Config, peer: SocketAddr, to: Destination, relay: bool) -> anyhow::Result<()> {
@@ -228,13 +251,26 @@ fn receive(mut ch: Channel, config: &Config, peer: SocketAddr, to: Destination, 
         }
     };
     let id = ch.next_image_id();
-    let mut tee = Tee { from: &mut ch.stream, to: restoring.image(), passed: 0 };
+    // The image comes on a second handle of the connection: replies (that
+    // the hold is in) go out on `ch` meanwhile.
+    let mut from = ch.stream.try_clone()?;
+    let mut tee = Tee { from: &mut from, to: restoring.image(), passed: 0 };
+    let mut hold: Option<crate::hold::Hold> = None;
     let checked = (|| {
         let mut r = ImageReader::new(&mut tee, Some(&config.key))?;
         if r.header().stream_id != id {
             anyhow::bail!("the image stream is not this session's");
         }
-        while r.next_record()?.is_some() {}
+        while let Some(rec) = r.next_record()? {
+            if rec.kind() == Some(lwk_migrate::image::RecordKind::Hold) && to.cluster && hold.is_none() {
+                let flows: crate::hold::Flows = rec.json()?;
+                let queue = 4000 + (stamp % 1000) as u16;
+                let h = crate::hold::Hold::start(&flows, queue).context("holding the application's packets")?;
+                log(&format!("{peer}: holding {flows:?} in queue {queue}"));
+                hold = Some(h);
+                ch.send(&Reply::Holding)?;
+            }
+        }
         anyhow::Ok(())
     })();
     if let Err(e) = checked {
@@ -274,11 +310,26 @@ fn receive(mut ch: Channel, config: &Config, peer: SocketAddr, to: Destination, 
             let go = Instant::now();
             // Its output goes to the source from its first byte, after the
             // word that the gate is open.
+            // Its sockets are live once its gate opened: what was held for
+            // them goes in now, in order.
+            let mut release = |opened: &Reply| {
+                if let (Some(h), Reply::Opened { .. }) = (hold.take(), opened) {
+                    match h.release() {
+                        Ok(n) => log(&format!("{peer}: {n} packets held during the freeze let in")),
+                        Err(e) => log(&format!("{peer}: letting the held packets in: {e:#}")),
+                    }
+                }
+            };
             if relay {
-                restoring.relay_to(ch, peer, |r| r.open(go))?;
+                restoring.relay_to(ch, peer, |r| {
+                    let opened = r.open(go);
+                    release(&opened);
+                    opened
+                })?;
             } else {
                 restoring.input = None; // nothing comes: it reads its end
                 let opened = restoring.open(go);
+                release(&opened);
                 ch.send(&opened)?;
                 if let Reply::Failed { why } = opened {
                     anyhow::bail!(why);

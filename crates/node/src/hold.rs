@@ -6,7 +6,7 @@
 //! The queue is fed by an iptables rule (the xtables NFQUEUE target: nft's
 //! own `queue` statement is not built into these kernels), in the raw
 //! table's PREROUTING chain, which runs before the cluster's filter
-//! (`node::TABLE`, at priority -290): a packet let go goes on to that
+//! (`lwk_cluster::node::TABLE`, at priority -290): a packet let go goes on to that
 //! filter, which by then finds its restored socket. The rule has
 //! `--queue-bypass`, so a holder that died leaves the traffic to the
 //! filter instead of a queue nobody reads, and carries a comment naming
@@ -26,10 +26,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::run;
-
 /// What to hold: packets to `addr` for these TCP and UDP ports.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Flows {
     pub addr: Option<Ipv4Addr>,
     pub tcp_ports: Vec<u16>,
@@ -169,12 +167,25 @@ fn read(mut q: nfq::Queue, queue: u16, mode: &AtomicU8) -> Result<usize> {
 fn iptables(op: &str, rule: &[String]) -> Result<String> {
     let mut args = vec!["-w", "-t", "raw", op];
     args.extend(rule.iter().map(String::as_str));
-    run("iptables", &args, None)
+    run("iptables", &args)
+}
+
+/// Run `program` with `args`: its standard output, or its error naming the
+/// command.
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let o = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program} (install {program})"))?;
+    if !o.status.success() {
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 /// Remove hold rules whose process is gone (a holder that crashed).
 pub fn sweep() -> Result<usize> {
-    let listed = match run("iptables", &["-w", "-t", "raw", "-S", "PREROUTING"], None) {
+    let listed = match run("iptables", &["-w", "-t", "raw", "-S", "PREROUTING"]) {
         Ok(l) => l,
         Err(_) => return Ok(0), // no iptables: no rules either
     };
@@ -216,7 +227,7 @@ mod tests {
         // child, and the hold's reader thread are there too).
         // SAFETY: unshare of the calling thread's network namespace.
         assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "{}", std::io::Error::last_os_error());
-        run("ip", &["link", "set", "lo", "up"], None).unwrap();
+        run("ip", &["link", "set", "lo", "up"]).unwrap();
         let udp = std::net::UdpSocket::bind("127.0.0.1:9999").unwrap();
         udp.set_nonblocking(true).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:9998").unwrap();
@@ -250,7 +261,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         let got = server.read(&mut buf).unwrap();
         assert_eq!(&buf[..got], b"after");
-        let rules = run("iptables", &["-t", "raw", "-S", "PREROUTING"], None).unwrap();
+        let rules = run("iptables", &["-t", "raw", "-S", "PREROUTING"]).unwrap();
         assert!(!rules.contains("lwk-hold"), "{rules}");
         // Dropped: what it held is gone (the source had it), the rule too.
         let hold = Hold::start(&flows, 7).unwrap();
@@ -259,7 +270,7 @@ mod tests {
         drop(hold);
         std::thread::sleep(Duration::from_millis(20));
         assert!(udp.recv(&mut buf).is_err(), "a dropped datagram came in");
-        let rules = run("iptables", &["-t", "raw", "-S", "PREROUTING"], None).unwrap();
+        let rules = run("iptables", &["-t", "raw", "-S", "PREROUTING"]).unwrap();
         assert!(!rules.contains("lwk-hold"), "{rules}");
         // A rule whose holder died is swept; a live holder's is not.
         let stale: Vec<String> = "PREROUTING -d 127.0.0.1 -p udp -m comment --comment lwk-hold-2147483646 -j NFQUEUE --queue-num 7 --queue-bypass"
@@ -269,7 +280,7 @@ mod tests {
         iptables("-A", &stale).unwrap();
         let live = Hold::start(&flows, 8).unwrap();
         assert_eq!(sweep().unwrap(), 1);
-        let rules = run("iptables", &["-t", "raw", "-S", "PREROUTING"], None).unwrap();
+        let rules = run("iptables", &["-t", "raw", "-S", "PREROUTING"]).unwrap();
         assert!(!rules.contains("2147483646") && rules.contains(&comment()), "{rules}");
         drop(live);
     }
