@@ -1505,9 +1505,14 @@ fn transparent_sender(source: SocketAddr) -> Result<OwnedFd> {
     };
     set_flag(fd, level, name, true, what)?;
     sockopt::set_socket_reuseaddr(fd, true).context(|| "setsockopt(SO_REUSEADDR=1)".into())?;
+    set_option(fd, libc::SOL_SOCKET, libc::SO_MARK, REINJECTED_MARK, "SO_MARK")?;
     rustix::net::bind(fd, &source).context(|| format!("bind({source}) with {what} to re-inject datagrams"))?;
     Ok(sender)
 }
+
+/// The packet mark of re-injected datagrams: a hold of the application's
+/// packets (`lwk_node::hold`) lets them pass.
+pub const REINJECTED_MARK: u32 = 0x6c77_6b00;
 
 #[cfg(test)]
 mod tests {

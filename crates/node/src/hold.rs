@@ -12,16 +12,29 @@
 //! filter instead of a queue nobody reads, and carries a comment naming
 //! this process, so that [`sweep`] removes rules whose holder is gone.
 //!
-//! A [`Hold`] reads the queued packets' metadata as they come (the kernel
-//! keeps the packets) and gives its verdicts only when told:
-//! [`Hold::release`] accepts them in order, lets what still comes pass
-//! straight through while the rule goes, and accepts the stragglers;
-//! dropping a `Hold` drops what it held (the source kept its copies: every
-//! node receives every packet).
+//! A [`Hold`] reads the queued packets as they come and gives its verdicts
+//! only when told: [`Hold::release`] accepts them in order, lets what still
+//! comes pass straight through while the rule goes, and accepts the
+//! stragglers; dropping a `Hold` drops what it held (the source kept its
+//! copies: every node receives every packet).
+//!
+//! A datagram that came after the hold began but before the source captured
+//! its socket's queue is in both: in the queue the restore put back, and
+//! held here. [`Hold::release`] is told what the restored queues end with
+//! ([`Already`]), and drops the held datagrams that the queue of their port
+//! ends with, so that none comes twice. (TCP needs no such care: a segment
+//! the restored socket has already is dropped by TCP itself.) Only the
+//! datagrams that came before the [`Hold::cut`] are compared: the source
+//! holds its copies too from before its capture, so what comes after the
+//! capture's record reached this node cannot be in its queues. The one
+//! case that matching by content gets wrong: a sender that sends the same
+//! bytes twice within that window (one cluster round trip plus the capture)
+//! has the later copy taken for the earlier.
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU8, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -34,6 +47,15 @@ pub struct Flows {
     pub udp_ports: Vec<u16>,
 }
 
+/// A datagram a restored UDP socket's queue holds already.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Already {
+    /// The socket's port (the datagram's destination port).
+    pub port: u16,
+    pub source: std::net::SocketAddr,
+    pub data: Vec<u8>,
+}
+
 const HOLDING: u8 = 0;
 const PASSING: u8 = 1;
 const DROPPING: u8 = 2;
@@ -42,8 +64,19 @@ const STOPPED: u8 = 3;
 /// Packets held in a queue until released or dropped.
 pub struct Hold {
     rules: Vec<Vec<String>>,
-    mode: Arc<AtomicU8>,
+    shared: Arc<Shared>,
     reader: Option<std::thread::JoinHandle<Result<usize>>>,
+}
+
+/// What the reader and its [`Hold`] share.
+struct Shared {
+    mode: AtomicU8,
+    /// How many packets came so far.
+    came: AtomicUsize,
+    /// Only the packets that came before this many can be in a restored
+    /// queue too ([`Hold::cut`]).
+    cut: AtomicUsize,
+    already: Mutex<Vec<Already>>,
 }
 
 /// The comment on this process's rules.
@@ -57,19 +90,33 @@ impl Hold {
         let Some(addr) = flows.addr else { bail!("a hold needs the service address") };
         let mut q = nfq::Queue::open().context("cannot open a netfilter queue socket")?;
         q.bind(queue).with_context(|| format!("cannot bind netfilter queue {queue}"))?;
-        q.set_copy_range(queue, 0).context("netfilter queue: metadata only")?;
+        // Whole packets: a held datagram is compared with the restored
+        // queues' at the release.
+        q.set_copy_range(queue, u16::MAX).context("netfilter queue: whole packets")?;
         q.set_queue_max_len(queue, 1 << 16).context("netfilter queue: its length")?;
         q.set_fail_open(queue, false).context("netfilter queue: drop when full")?;
         q.set_nonblocking(true);
-        let mode = Arc::new(AtomicU8::new(HOLDING));
-        let mut hold = Hold { rules: Vec::new(), mode: mode.clone(), reader: None };
+        let shared = Arc::new(Shared {
+            mode: AtomicU8::new(HOLDING),
+            came: AtomicUsize::new(0),
+            cut: AtomicUsize::new(usize::MAX),
+            already: Mutex::new(Vec::new()),
+        });
+        let mut hold = Hold { rules: Vec::new(), shared: shared.clone(), reader: None };
         // The reader first: packets may come as soon as a rule is in.
-        hold.reader = Some(std::thread::spawn(move || read(q, queue, &mode)));
+        hold.reader = Some(std::thread::spawn(move || read(q, queue, &shared)));
         for (proto, ports) in [("tcp", &flows.tcp_ports), ("udp", &flows.udp_ports)] {
             for chunk in ports.chunks(15) {
                 let list: Vec<String> = chunk.iter().map(u16::to_string).collect();
+                // Not what a restore sends to put a socket's queued
+                // datagrams back (over the loopback, marked).
                 let rule: Vec<String> = [
                     "PREROUTING",
+                    "-m",
+                    "mark",
+                    "!",
+                    "--mark",
+                    &format!("{:#x}", lwk_migrate::sockets::REINJECTED_MARK),
                     "-d",
                     &addr.to_string(),
                     "-p",
@@ -101,15 +148,23 @@ impl Hold {
         Ok(hold)
     }
 
-    /// Let the held packets in, in order, then everything after them;
-    /// how many were held.
-    pub fn release(mut self) -> Result<usize> {
-        self.mode.store(PASSING, SeqCst);
+    /// Let the held packets in, in order, then everything after them, but
+    /// for the datagrams the restored queues have `already`; how many were
+    /// held.
+    pub fn release(mut self, already: Vec<Already>) -> Result<usize> {
+        *self.shared.already.lock().expect("not poisoned") = already;
+        self.shared.mode.store(PASSING, SeqCst);
         self.remove_rules();
         // What the kernel queued before the rules went is passed too.
         std::thread::sleep(Duration::from_millis(5));
-        self.mode.store(STOPPED, SeqCst);
+        self.shared.mode.store(STOPPED, SeqCst);
         self.reader.take().expect("a reader").join().expect("the reader does not panic")
+    }
+
+    /// The source has captured its sockets' queues (and holds what comes
+    /// there since): what comes from now on cannot be in them.
+    pub fn cut(&self) {
+        self.shared.cut.store(self.shared.came.load(SeqCst), SeqCst);
     }
 
     fn remove_rules(&mut self) {
@@ -122,9 +177,9 @@ impl Hold {
 impl Drop for Hold {
     fn drop(&mut self) {
         if let Some(reader) = self.reader.take() {
-            self.mode.store(DROPPING, SeqCst);
+            self.shared.mode.store(DROPPING, SeqCst);
             self.remove_rules();
-            self.mode.store(STOPPED, SeqCst);
+            self.shared.mode.store(STOPPED, SeqCst);
             reader.join().ok();
         }
         self.remove_rules();
@@ -133,15 +188,17 @@ impl Drop for Hold {
 
 /// The reader: keep what comes while holding; accept everything in order
 /// when passing; drop it when dropping. How many it held.
-fn read(mut q: nfq::Queue, queue: u16, mode: &AtomicU8) -> Result<usize> {
+fn read(mut q: nfq::Queue, queue: u16, shared: &Shared) -> Result<usize> {
     let mut held: Vec<nfq::Message> = Vec::new();
     let mut count = 0;
+    let mut deduplicated = false;
     loop {
-        let m = mode.load(SeqCst);
+        let m = shared.mode.load(SeqCst);
         match q.recv() {
             Ok(msg) => {
                 count += usize::from(m == HOLDING);
                 held.push(msg);
+                shared.came.fetch_add(1, SeqCst);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if m == STOPPED && held.is_empty() {
@@ -155,13 +212,59 @@ fn read(mut q: nfq::Queue, queue: u16, mode: &AtomicU8) -> Result<usize> {
             Err(e) => return Err(e).context("reading the netfilter queue"),
         }
         if m != HOLDING {
-            let verdict = if m == DROPPING { nfq::Verdict::Drop } else { nfq::Verdict::Accept };
-            for mut msg in held.drain(..) {
-                msg.set_verdict(verdict);
+            // The first time: what the restored queues have already goes.
+            let twice = match (m, deduplicated) {
+                (PASSING, false) => {
+                    deduplicated = true;
+                    let cut = shared.cut.load(SeqCst).min(held.len());
+                    in_queues_already(&held[..cut], &shared.already.lock().expect("not poisoned"))
+                }
+                _ => Vec::new(),
+            };
+            for (i, mut msg) in held.drain(..).enumerate() {
+                let drop = m == DROPPING || twice.contains(&i);
+                msg.set_verdict(if drop { nfq::Verdict::Drop } else { nfq::Verdict::Accept });
                 q.verdict(msg).context("giving a netfilter queue verdict")?;
             }
         }
     }
+}
+
+/// The held packets (by index) that are datagrams a restored queue ends
+/// with: for each port, the longest run of held datagrams from the first
+/// that equals the end of that port's queue.
+fn in_queues_already(held: &[nfq::Message], already: &[Already]) -> Vec<usize> {
+    let mut twice = Vec::new();
+    let datagrams: Vec<(usize, Already)> =
+        held.iter().enumerate().filter_map(|(i, m)| Some((i, datagram(m.get_payload())?))).collect();
+    let mut ports: Vec<u16> = datagrams.iter().map(|(_, d)| d.port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    for port in ports {
+        let here: Vec<&(usize, Already)> = datagrams.iter().filter(|(_, d)| d.port == port).collect();
+        let queue: Vec<&Already> = already.iter().filter(|a| a.port == port).collect();
+        let k = (0..=here.len().min(queue.len()))
+            .rev()
+            .find(|&k| here[..k].iter().zip(&queue[queue.len() - k..]).all(|((_, h), q)| h == *q))
+            .unwrap_or(0);
+        twice.extend(here[..k].iter().map(|(i, _)| *i));
+    }
+    twice
+}
+
+/// An IPv4 UDP packet as the datagram it carries.
+fn datagram(packet: &[u8]) -> Option<Already> {
+    let ihl = usize::from(*packet.first()? & 0x0f) * 4;
+    if packet.first()? >> 4 != 4 || *packet.get(9)? != 17 || packet.len() < ihl + 8 {
+        return None;
+    }
+    let src = std::net::Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
+    let udp = &packet[ihl..];
+    let sport = u16::from_be_bytes([udp[0], udp[1]]);
+    let dport = u16::from_be_bytes([udp[2], udp[3]]);
+    let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+    let data = udp.get(8..len.max(8))?.to_vec();
+    Some(Already { port: dport, source: std::net::SocketAddr::new(src.into(), sport), data })
 }
 
 fn iptables(op: &str, rule: &[String]) -> Result<String> {
@@ -211,6 +314,7 @@ pub fn sweep() -> Result<usize> {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
 
     fn retransmitted() -> u64 {
         let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap();
@@ -246,7 +350,19 @@ mod tests {
         let mut buf = [0u8; 64];
         assert!(udp.recv(&mut buf).is_err(), "a datagram got through the hold");
         assert!(server.read(&mut buf).is_err(), "TCP data got through the hold");
-        let n = hold.release().unwrap();
+        // What a restore sends to put a queue back passes.
+        let marked = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mark = lwk_migrate::sockets::REINJECTED_MARK;
+        // SAFETY: setsockopt on our socket with a u32 value.
+        let set = unsafe {
+            libc::setsockopt(marked.as_raw_fd(), libc::SOL_SOCKET, libc::SO_MARK, (&raw const mark).cast(), 4)
+        };
+        assert_eq!(set, 0);
+        marked.send_to(b"reinjected", "127.0.0.1:9999").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let got = udp.recv(&mut buf).expect("a re-injected datagram is not held");
+        assert_eq!(&buf[..got], b"reinjected");
+        let n = hold.release(Vec::new()).unwrap();
         assert!(n >= 51, "held {n}");
         std::thread::sleep(Duration::from_millis(50));
         for i in 0..50u32 {
@@ -263,6 +379,39 @@ mod tests {
         assert_eq!(&buf[..got], b"after");
         let rules = run("iptables", &["-t", "raw", "-S", "PREROUTING"]).unwrap();
         assert!(!rules.contains("lwk-hold"), "{rules}");
+        // Datagrams that the restored queue ends with are not let in twice:
+        // the queue had "old", "a0", "a1" (the last two came after the
+        // hold began); the hold has a0..a3.
+        let hold = Hold::start(&flows, 7).unwrap();
+        for i in 0..4 {
+            sender.send_to(format!("a{i}").as_bytes(), "127.0.0.1:9999").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let from = sender.local_addr().unwrap();
+        let queued = |data: &str| Already { port: 9999, source: from, data: data.as_bytes().to_vec() };
+        assert_eq!(hold.release(vec![queued("old"), queued("a0"), queued("a1")]).unwrap(), 4);
+        std::thread::sleep(Duration::from_millis(20));
+        for want in ["a2", "a3"] {
+            let got = udp.recv(&mut buf).expect("the datagrams the queue did not have");
+            assert_eq!(&buf[..got], want.as_bytes());
+        }
+        assert!(udp.recv(&mut buf).is_err(), "a datagram came in twice");
+        // After the cut, nothing held can be in the queue: the same bytes
+        // again are new datagrams.
+        let hold = Hold::start(&flows, 7).unwrap();
+        sender.send_to(b"same", "127.0.0.1:9999").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        hold.cut();
+        sender.send_to(b"same", "127.0.0.1:9999").unwrap();
+        sender.send_to(b"same", "127.0.0.1:9999").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(hold.release(vec![queued("same"), queued("same")]).unwrap(), 3);
+        std::thread::sleep(Duration::from_millis(20));
+        for _ in 0..2 {
+            let got = udp.recv(&mut buf).expect("the two that came after the cut");
+            assert_eq!(&buf[..got], b"same");
+        }
+        assert!(udp.recv(&mut buf).is_err(), "the one in the queue came in twice");
         // Dropped: what it held is gone (the source had it), the rule too.
         let hold = Hold::start(&flows, 7).unwrap();
         sender.send_to(b"x", "127.0.0.1:9999").unwrap();
