@@ -282,11 +282,15 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let tf = Instant::now();
     // In a single-IP cluster, once the application is frozen: the
     // destination holds its flows' packets (it says so), then this node
-    // keeps its TCP peers out, then the sockets are captured. What came
-    // before the hold is here (in the captured queues); what comes after
-    // is held there; TCP drops what is both.
+    // holds them too, then the sockets are captured. What came before the
+    // hold there is here (in the captured queues); what comes after is held
+    // there; what is both, TCP drops, and the destination's hold knows by
+    // the queues it is sent. What this node holds is dropped at the commit
+    // (the destination has it) and let in if the application goes on here:
+    // nothing is lost either way, and no peer has to send again.
     let proxies: Vec<i32> = members.iter().map(|m| m.1).collect();
     let mut holding = false;
+    let mut held_here: Option<lwk_node::hold::Hold> = None;
     let mut hold_there = |d: &lwk_migrate::checkpoint::Descriptors| -> Result<(), CheckpointError> {
         let (Some(service), true) = (args.address, args.cluster) else { return Ok(()) };
         let hold_error = |what: String| CheckpointError::Hold { pid: app.pid, what };
@@ -318,9 +322,12 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
                 }
             }
             holding = true;
-        }
-        if quiet.is_none() && !tcp.is_empty() {
-            quiet = Some(Quiet::endpoints(&tcp, None).map_err(|e| hold_error(format!("{e:#}")))?);
+            if !flows.tcp_ports.is_empty() || !flows.udp_ports.is_empty() {
+                // Queue numbers: 4000-4999 are the daemon's, these this
+                // command's.
+                let queue = 5000 + (std::process::id() % 1000) as u16;
+                held_here = Some(lwk_node::hold::Hold::start(&flows, queue).map_err(|e| hold_error(format!("{e:#}")))?);
+            }
         }
         Ok(())
     };
@@ -329,6 +336,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
             Ok(c) => c,
             Err(e) => {
                 ch.stream.shutdown(std::net::Shutdown::Write).ok();
+                let_in_here(held_here);
                 return Err(anyhow::Error::from(e)
                     .context(format!("process {} cannot be migrated now; it goes on here", app.pid)));
             }
@@ -390,6 +398,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
             ch.stream.shutdown(std::net::Shutdown::Write).ok();
         }
         captured.resume().ok();
+        let_in_here(held_here);
         return Err(e.context(format!("the migration of process {} to {to} failed; it goes on here", app.pid)));
     }
     // The commit: the destination runs it once it has the go, and says so;
@@ -433,6 +442,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
             }
         }
         captured.resume().ok();
+        let_in_here(held_here);
         return Err(e.context(format!(
             "the destination at {to} did not confirm that process {} runs there; it goes on here",
             app.pid
@@ -451,8 +461,10 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     drop(stream);
     captured.end();
     // Its sockets here are gone: in a cluster, what still comes for them
-    // is dropped by the filter (no socket), and the rule can go.
+    // is dropped by the filter (no socket), and the rule can go; what this
+    // node held, the destination let in.
     drop(quiet);
+    drop(held_here);
     if precopy.is_some() {
         report.resent_bytes = report.rounds.iter().skip(1).map(|r| r.bytes).sum::<u64>() + report.frozen_memory_bytes;
     }
@@ -490,6 +502,17 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// The application goes on here after all: what this node held of its
+/// flows during the freeze goes in, in order (the destination drops its
+/// copies).
+fn let_in_here(held: Option<lwk_node::hold::Hold>) {
+    if let Some(h) = held {
+        if let Err(e) = h.release(Vec::new()) {
+            eprintln!("lwk: letting in the packets held during the freeze: {e:#}");
+        }
+    }
 }
 
 /// A send that failed often means that the destination refused what came

@@ -31,8 +31,17 @@ static SIM: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Sim {
     fn up(nodes: usize) -> Sim {
+        Sim::up_with(nodes, &[])
+    }
+
+    /// With `env` for its daemons.
+    fn up_with(nodes: usize, env: &[(&str, &str)]) -> Sim {
         let alone = SIM.lock().unwrap_or_else(|e| e.into_inner());
-        let o = lwk(&["cluster", "sim", "up", &nodes.to_string(), "--json"]);
+        let o = Command::new(LWK)
+            .args(["cluster", "sim", "up", &nodes.to_string(), "--json"])
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let info = serde_json::from_slice(&o.stdout).unwrap();
         Sim { info, _alone: alone }
@@ -107,6 +116,239 @@ fn one_node_answers_for_the_service_address_and_sim_down_leaves_nothing() {
     assert_eq!((sent[0], sent[2]), (0, 0), "the other nodes sent nothing from the address: {sent:?}");
     drop(sim);
     assert_eq!(sim_leftovers(), Vec::<String>::new());
+}
+
+/// A counter of this thread's network namespace (`/proc/net/snmp`).
+fn snmp(proto: &str, name: &str) -> u64 {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap();
+    let mut lines = snmp.lines().filter(|l| l.starts_with(&format!("{proto}:")));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let i = names.split_whitespace().position(|n| n == name).unwrap();
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// What the clients of [`traffic`] saw.
+#[derive(Debug)]
+struct Seen {
+    rounds: usize,
+    /// TCP segments the client side sent again, and resets it got.
+    retransmitted: u64,
+    resets: u64,
+    /// Datagrams (flow:number) whose echo never came, or came twice.
+    missing: Vec<String>,
+    twice: Vec<String>,
+    /// The longest round: every connection's line out and back.
+    longest: Duration,
+}
+
+/// Clients of bench/src/cluster_service in the client namespace, sending
+/// until `stop` (and then a little more): `conns` TCP connections, each a
+/// line per round that must come back whole and in order, and `flows` UDP
+/// flows, each a numbered datagram per round, whose echoes are counted.
+fn traffic(client_ns: &str, conns: usize, flows: usize, stop: &std::sync::atomic::AtomicBool) -> Seen {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    enter_netns(client_ns);
+    let (retrans, resets) = (snmp("Tcp", "RetransSegs"), snmp("Tcp", "EstabResets"));
+    let mut tcp: Vec<std::net::TcpStream> = (0..conns)
+        .map(|_| {
+            let c = std::net::TcpStream::connect("198.18.0.10:7001").unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            c
+        })
+        .collect();
+    let udp: Vec<std::net::UdpSocket> = (0..flows)
+        .map(|_| {
+            let u = std::net::UdpSocket::bind("198.18.0.100:0").unwrap();
+            u.set_nonblocking(true).unwrap();
+            u
+        })
+        .collect();
+    let mut echoed: Vec<Vec<u32>> = vec![Vec::new(); flows];
+    let drain = |echoed: &mut Vec<Vec<u32>>| {
+        let mut buf = [0u8; 64];
+        for (f, u) in udp.iter().enumerate() {
+            while let Ok(n) = u.recv(&mut buf) {
+                echoed[f].push(std::str::from_utf8(&buf[..n]).unwrap().parse().unwrap());
+            }
+        }
+    };
+    let (mut rounds, mut longest, mut after) = (0u32, Duration::ZERO, 0);
+    while after < 20 {
+        if stop.load(Ordering::SeqCst) {
+            after += 1;
+        }
+        let t = std::time::Instant::now();
+        for (f, u) in udp.iter().enumerate() {
+            u.send_to(rounds.to_string().as_bytes(), "198.18.0.10:7002").unwrap_or_else(|e| panic!("flow {f}: {e}"));
+        }
+        for (i, c) in tcp.iter_mut().enumerate() {
+            c.write_all(format!("{i} {rounds}\n").as_bytes()).unwrap();
+        }
+        for (i, c) in tcp.iter_mut().enumerate() {
+            let want = format!("{i} {rounds}\n");
+            let mut got = vec![0u8; want.len()];
+            c.read_exact(&mut got).unwrap_or_else(|e| panic!("connection {i}, round {rounds}: {e}"));
+            assert_eq!(String::from_utf8_lossy(&got), want, "connection {i}: every byte, in order");
+        }
+        longest = longest.max(t.elapsed());
+        drain(&mut echoed);
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    drain(&mut echoed);
+    let (mut missing, mut twice) = (Vec::new(), Vec::new());
+    for (f, e) in echoed.iter_mut().enumerate() {
+        e.sort_unstable();
+        for n in 0..rounds {
+            match e.iter().filter(|&&x| x == n).count() {
+                0 => missing.push(format!("{f}:{n}")),
+                1 => {}
+                _ => twice.push(format!("{f}:{n}")),
+            }
+        }
+    }
+    // The last connection ends the service.
+    let last = tcp.last_mut().unwrap();
+    last.write_all(b"end\n").unwrap();
+    let mut bye = [0u8; 4];
+    last.read_exact(&mut bye).unwrap();
+    Seen {
+        rounds: rounds as usize,
+        retransmitted: snmp("Tcp", "RetransSegs") - retrans,
+        resets: snmp("Tcp", "EstabResets") - resets,
+        missing,
+        twice,
+        longest,
+    }
+}
+
+/// bench/src/cluster_service under `lwk run` on node `k` (its first
+/// line read).
+fn start_service(sim: &Sim, k: usize) -> (std::process::Child, BufReader<std::process::ChildStdout>, i32) {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &sim.node(k), LWK, "run", "--"])
+        .arg(compiled("bench/src/cluster_service"))
+        .args(["198.18.0.10", "7001", "7002", "16", "4"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let mut app = only_standard_streams(&mut cmd).spawn().unwrap();
+    let mut out = BufReader::new(app.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let pid = lwk_migrate::app::App::attach(app.id() as i32).unwrap().pid;
+    (app, out, pid)
+}
+
+/// `lwk migrate PID --cluster` from node `from` to node `to`.
+fn migrate_in_cluster(sim: &Sim, from: usize, to: usize, pid: i32) -> std::process::Output {
+    let to = format!("198.18.1.{}:7070", to + 1);
+    let pid = pid.to_string();
+    lwk_in(
+        &sim.node(from),
+        &["migrate", &pid, "--to", &to, "--key", "/run/lwk/sim/cluster.key", "--address", "198.18.0.10/24"]
+            .into_iter()
+            .chain(["--cluster", "--json"])
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// Clients keep sending through `during` (run once they are connected);
+/// what they saw, and the service's last words.
+fn through(
+    sim: &Sim,
+    conns: usize,
+    flows: usize,
+    mut app: std::process::Child,
+    mut out: BufReader<std::process::ChildStdout>,
+    during: impl FnOnce(),
+) -> (Seen, String) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let client_ns = sim.info["client"]["netns"].as_str().unwrap().to_string();
+    let stop = AtomicBool::new(false);
+    let seen = std::thread::scope(|s| {
+        let clients = s.spawn(|| traffic(&client_ns, conns, flows, &stop));
+        std::thread::sleep(Duration::from_millis(500));
+        // Stop the clients however `during` ends, or the scope waits for ever.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _stop = Stop(&stop);
+        during();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(_stop);
+        clients.join().unwrap()
+    });
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(app.wait().unwrap().success(), "its exit status came back to lwk run: {rest}");
+    (seen, rest)
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, nftables, iptables, a netfilter queue)"]
+fn a_migration_inside_the_cluster_loses_no_packet_and_makes_no_client_send_again() {
+    let sim = Sim::up(3);
+    let (app, out, pid) = start_service(&sim, 0);
+    let (seen, rest) = through(&sim, 200, 20, app, out, || {
+        let o = migrate_in_cluster(&sim, 0, 1, pid);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    });
+    assert!(seen.rounds > 10, "{seen:?}");
+    assert_eq!((seen.retransmitted, seen.resets), (0, 0), "no segment sent again, no reset: {seen:?}");
+    assert_eq!((seen.missing.len(), seen.twice.len()), (0, 0), "every datagram echoed once: {seen:?}");
+    assert!(rest.starts_with("ok\ntcp "), "its memory came whole: {rest}");
+    let log = std::fs::read_to_string("/run/lwk/sim/n2.log").unwrap();
+    assert!(log.contains("packets held during the freeze let in"), "{log}");
+    assert!(seen.longest < Duration::from_secs(1), "the longest stall a client saw: {seen:?}");
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, nftables, iptables, a netfilter queue)"]
+fn a_destination_killed_during_the_freeze_leaves_the_service_at_the_source_and_loses_nothing() {
+    // Every daemon of this cluster dies once the application waits at its
+    // gate, the source frozen and knowing it.
+    let sim = Sim::up_with(3, &[("LWK_NODE_FAULT", "gate")]);
+    let (app, out, pid) = start_service(&sim, 0);
+    let (seen, rest) = through(&sim, 200, 20, app, out, || {
+        let o = migrate_in_cluster(&sim, 0, 1, pid);
+        assert_eq!(o.status.code(), Some(125), "{}", String::from_utf8_lossy(&o.stdout));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("it goes on here"));
+    });
+    assert_eq!((seen.retransmitted, seen.resets), (0, 0), "no segment sent again, no reset: {seen:?}");
+    assert_eq!((seen.missing.len(), seen.twice.len()), (0, 0), "every datagram echoed once: {seen:?}");
+    assert!(rest.starts_with("ok\ntcp "), "{rest}");
+    let log = std::fs::read_to_string("/run/lwk/sim/n2.log").unwrap();
+    assert!(log.contains("fault injected at gate"), "{log}");
+    let holds = |k: usize| {
+        let o =
+            Command::new("ip").args(["netns", "exec", &sim.node(k), "iptables", "-t", "raw", "-S"]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.contains("lwk-hold")).count()
+    };
+    assert_eq!(holds(0), 0, "the source let its hold go");
+    // The dead daemon's rules (which let everything pass now) go when a
+    // daemon starts there again.
+    assert!(holds(1) > 0, "the destination died holding");
+    let mut again = Command::new("ip")
+        .args(["netns", "exec", &sim.node(1), LWK, "node", "serve", "--listen", "198.18.1.2:7070"])
+        .args(["--service-dev", "front", "--key", "/run/lwk/sim/cluster.key", "--state-dir", "/run/lwk/sim/n2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(again.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening") {
+        line.clear();
+        assert!(said.read_line(&mut line).unwrap() > 0, "the daemon ended");
+    }
+    again.kill().unwrap();
+    again.wait().unwrap();
+    assert_eq!(holds(1), 0, "a new daemon removed the dead one's rules");
 }
 
 #[test]

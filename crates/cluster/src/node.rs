@@ -166,6 +166,12 @@ fn filter_rules(s: &State) -> String {
 /// Undo `up` in this network namespace: what was undone, one line each.
 pub fn down() -> Result<Vec<String>> {
     let mut undone = Vec::new();
+    // Packet holds of migrations whose holder died (a killed daemon).
+    match lwk_node::hold::sweep() {
+        Ok(0) => {}
+        Ok(n) => undone.push(format!("{n} packet-hold rules of processes that ended")),
+        Err(e) => undone.push(format!("packet-hold rules of ended processes not removed: {e:#}")),
+    }
     for family in ["inet", "arp"] {
         if run("nft", &["list", "table", family, TABLE], None).is_ok() {
             run("nft", &["delete", "table", family, TABLE], None)?;

@@ -149,6 +149,13 @@ pub fn serve(config: Config) -> anyhow::Result<()> {
             std::fs::remove_dir_all(e.path()).ok();
         }
     }
+    // Packets an earlier daemon held when it died pass already (the rules
+    // bypass a queue nobody reads); its rules go.
+    match crate::hold::sweep() {
+        Ok(0) => {}
+        Ok(n) => log(&format!("removed {n} packet-hold rules left by an earlier daemon")),
+        Err(e) => log(&format!("cannot remove the packet-hold rules of an earlier daemon: {e:#}")),
+    }
     let listener = TcpListener::bind(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     log(&format!("listening on {}", config.listen));
     let config = std::sync::Arc::new(config);
@@ -256,6 +263,9 @@ fn receive(mut ch: Channel, config: &Config, peer: SocketAddr, to: Destination, 
     let mut from = ch.stream.try_clone()?;
     let mut tee = Tee { from: &mut from, to: restoring.image(), passed: 0 };
     let mut hold: Option<crate::hold::Hold> = None;
+    // What the restored UDP queues hold already (a datagram that came
+    // after the hold began may be there too).
+    let mut already: Vec<crate::hold::Already> = Vec::new();
     let checked = (|| {
         let mut r = ImageReader::new(&mut tee, Some(&config.key))?;
         if r.header().stream_id != id {
@@ -269,6 +279,20 @@ fn receive(mut ch: Channel, config: &Config, peer: SocketAddr, to: Destination, 
                 log(&format!("{peer}: holding {flows:?} in queue {queue}"));
                 hold = Some(h);
                 ch.send(&Reply::Holding)?;
+            }
+            if let (Some(lwk_migrate::image::RecordKind::Sockets), Some(h)) = (rec.kind(), &hold) {
+                use lwk_migrate::checkpoint::SocketImage;
+                h.cut();
+                let images: Vec<(i32, SocketImage)> = rec.json()?;
+                for (_, image) in images {
+                    if let SocketImage::Udp(u) = image {
+                        already.extend(u.queue.into_iter().map(|d| crate::hold::Already {
+                            port: u.local.port(),
+                            source: d.source,
+                            data: d.data,
+                        }));
+                    }
+                }
             }
         }
         anyhow::Ok(())
@@ -314,7 +338,7 @@ fn receive(mut ch: Channel, config: &Config, peer: SocketAddr, to: Destination, 
             // them goes in now, in order.
             let mut release = |opened: &Reply| {
                 if let (Some(h), Reply::Opened { .. }) = (hold.take(), opened) {
-                    match h.release() {
+                    match h.release(std::mem::take(&mut already)) {
                         Ok(n) => log(&format!("{peer}: {n} packets held during the freeze let in")),
                         Err(e) => log(&format!("{peer}: letting the held packets in: {e:#}")),
                     }
