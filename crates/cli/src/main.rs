@@ -2,6 +2,7 @@
 
 mod checkpoint;
 mod cluster;
+mod drain;
 mod migrate;
 mod node;
 mod partition;
@@ -61,6 +62,11 @@ enum Command {
     Restore(restore::RestoreArgs),
     /// Move a running application to another node's daemon.
     Migrate(migrate::MigrateArgs),
+    /// Move every lwk application off a node (through its daemon), which
+    /// then takes no new application until `lwk undrain`.
+    Drain(drain::DrainArgs),
+    /// Let a drained node take applications again.
+    Undrain(drain::UndrainArgs),
     /// The node daemon and the cluster key.
     Node {
         #[command(subcommand)]
@@ -131,6 +137,8 @@ fn main() -> ExitCode {
         Command::Checkpoint(args) => checkpoint::main(args),
         Command::Restore(args) => restore::main(args),
         Command::Migrate(args) => migrate::main(args),
+        Command::Drain(args) => drain::drain(args),
+        Command::Undrain(args) => drain::undrain(args),
         Command::Node { cmd } => node::main(cmd),
         Command::Cluster { cmd } => cluster::main(cmd),
     };

@@ -141,7 +141,7 @@ struct Report {
     total_ms: f64,
 }
 
-fn resolve(to: &str) -> Result<SocketAddr> {
+pub fn resolve(to: &str) -> Result<SocketAddr> {
     let with_port = if to.contains(':') { to.to_string() } else { format!("{to}:{}", lwk_node::DEFAULT_PORT) };
     with_port.to_socket_addrs()?.next().with_context(|| format!("{to}: no address"))
 }
@@ -325,8 +325,10 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
             if !flows.tcp_ports.is_empty() || !flows.udp_ports.is_empty() {
                 // Queue numbers: 4000-4999 are the daemon's, these this
                 // command's.
-                let queue = 5000 + (std::process::id() % 1000) as u16;
-                held_here = Some(lwk_node::hold::Hold::start(&flows, queue).map_err(|e| hold_error(format!("{e:#}")))?);
+                let from = 5000 + (std::process::id() % 1000) as u16;
+                let (h, _) = lwk_node::hold::Hold::start_in(&flows, 5000..6000, from)
+                    .map_err(|e| hold_error(format!("{e:#}")))?;
+                held_here = Some(h);
             }
         }
         Ok(())

@@ -38,10 +38,11 @@ pub enum NodeCmd {
 pub fn main(cmd: NodeCmd) -> Result<i32> {
     match cmd {
         NodeCmd::Serve { listen, key, state_dir, timeout, service_dev } => {
+            let key_file = std::fs::canonicalize(&key).unwrap_or(key.clone());
             let key = lwk_node::key::load(&key)?;
             let lwk = std::env::current_exe().context("cannot find the lwk binary's own path")?;
             let timeout = std::time::Duration::from_secs(timeout);
-            let config = lwk_node::server::Config { listen, key, state_dir, lwk, timeout, service_dev };
+            let config = lwk_node::server::Config { listen, key, key_file, state_dir, lwk, timeout, service_dev };
             lwk_node::server::serve(config)?;
             Ok(0)
         }

@@ -360,6 +360,10 @@ pub(crate) fn spin_cycles() -> u64 {
 
 pub fn run(args: RunArgs) -> Result<i32> {
     let (prog, rest) = args.command.split_first().context("no program given")?;
+    if lwk_node::drain::drained().is_some() {
+        eprintln!("lwk: {}", lwk_node::drain::refusal());
+        return Ok(125);
+    }
     let path = match resolve(prog) {
         Ok(p) => p,
         Err(e) => {

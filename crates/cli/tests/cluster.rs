@@ -73,6 +73,10 @@ fn sim_leftovers() -> Vec<String> {
     if std::path::Path::new("/run/lwk/sim").exists() {
         left.push("/run/lwk/sim".into());
     }
+    // No node of this machine is drained (a test's drained nodes are gone).
+    if let Ok(marks) = std::fs::read_dir("/run/lwk/drained") {
+        left.extend(marks.flatten().map(|m| m.path().display().to_string()));
+    }
     let daemons = Command::new("pgrep").args(["-f", "node serve --listen 198.18.1."]).output().unwrap();
     left.extend(String::from_utf8_lossy(&daemons.stdout).lines().map(|p| format!("daemon {p}")));
     left
@@ -145,14 +149,20 @@ struct Seen {
 /// until `stop` (and then a little more): `conns` TCP connections, each a
 /// line per round that must come back whole and in order, and `flows` UDP
 /// flows, each a numbered datagram per round, whose echoes are counted.
-fn traffic(client_ns: &str, conns: usize, flows: usize, stop: &std::sync::atomic::AtomicBool) -> Seen {
+fn traffic(
+    client_ns: &str,
+    ports: (u16, u16),
+    conns: usize,
+    flows: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Seen {
     use std::io::{Read, Write};
     use std::sync::atomic::Ordering;
     enter_netns(client_ns);
     let (retrans, resets) = (snmp("Tcp", "RetransSegs"), snmp("Tcp", "EstabResets"));
     let mut tcp: Vec<std::net::TcpStream> = (0..conns)
         .map(|_| {
-            let c = std::net::TcpStream::connect("198.18.0.10:7001").unwrap();
+            let c = std::net::TcpStream::connect(("198.18.0.10", ports.0)).unwrap();
             c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
             c
         })
@@ -180,7 +190,8 @@ fn traffic(client_ns: &str, conns: usize, flows: usize, stop: &std::sync::atomic
         }
         let t = std::time::Instant::now();
         for (f, u) in udp.iter().enumerate() {
-            u.send_to(rounds.to_string().as_bytes(), "198.18.0.10:7002").unwrap_or_else(|e| panic!("flow {f}: {e}"));
+            u.send_to(rounds.to_string().as_bytes(), ("198.18.0.10", ports.1))
+                .unwrap_or_else(|e| panic!("flow {f}: {e}"));
         }
         for (i, c) in tcp.iter_mut().enumerate() {
             c.write_all(format!("{i} {rounds}\n").as_bytes()).unwrap();
@@ -224,13 +235,17 @@ fn traffic(client_ns: &str, conns: usize, flows: usize, stop: &std::sync::atomic
     }
 }
 
-/// bench/src/cluster_service under `lwk run` on node `k` (its first
-/// line read).
-fn start_service(sim: &Sim, k: usize) -> (std::process::Child, BufReader<std::process::ChildStdout>, i32) {
+/// bench/src/cluster_service under `lwk run` on node `k`, on `ports`
+/// (its first line read).
+fn start_service(
+    sim: &Sim,
+    k: usize,
+    ports: (u16, u16),
+) -> (std::process::Child, BufReader<std::process::ChildStdout>, i32) {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &sim.node(k), LWK, "run", "--"])
         .arg(compiled("bench/src/cluster_service"))
-        .args(["198.18.0.10", "7001", "7002", "16", "4"])
+        .args(["198.18.0.10", &ports.0.to_string(), &ports.1.to_string(), "16", "4"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     let mut app = only_standard_streams(&mut cmd).spawn().unwrap();
@@ -269,7 +284,7 @@ fn through(
     let client_ns = sim.info["client"]["netns"].as_str().unwrap().to_string();
     let stop = AtomicBool::new(false);
     let seen = std::thread::scope(|s| {
-        let clients = s.spawn(|| traffic(&client_ns, conns, flows, &stop));
+        let clients = s.spawn(|| traffic(&client_ns, (7001, 7002), conns, flows, &stop));
         std::thread::sleep(Duration::from_millis(500));
         // Stop the clients however `during` ends, or the scope waits for ever.
         struct Stop<'a>(&'a AtomicBool);
@@ -294,7 +309,7 @@ fn through(
 #[ignore = "needs root (network namespaces, nftables, iptables, a netfilter queue)"]
 fn a_migration_inside_the_cluster_loses_no_packet_and_makes_no_client_send_again() {
     let sim = Sim::up(3);
-    let (app, out, pid) = start_service(&sim, 0);
+    let (app, out, pid) = start_service(&sim, 0, (7001, 7002));
     let (seen, rest) = through(&sim, 200, 20, app, out, || {
         let o = migrate_in_cluster(&sim, 0, 1, pid);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -314,7 +329,7 @@ fn a_destination_killed_during_the_freeze_leaves_the_service_at_the_source_and_l
     // Every daemon of this cluster dies once the application waits at its
     // gate, the source frozen and knowing it.
     let sim = Sim::up_with(3, &[("LWK_NODE_FAULT", "gate")]);
-    let (app, out, pid) = start_service(&sim, 0);
+    let (app, out, pid) = start_service(&sim, 0, (7001, 7002));
     let (seen, rest) = through(&sim, 200, 20, app, out, || {
         let o = migrate_in_cluster(&sim, 0, 1, pid);
         assert_eq!(o.status.code(), Some(125), "{}", String::from_utf8_lossy(&o.stdout));
@@ -349,6 +364,105 @@ fn a_destination_killed_during_the_freeze_leaves_the_service_at_the_source_and_l
     again.kill().unwrap();
     again.wait().unwrap();
     assert_eq!(holds(1), 0, "a new daemon removed the dead one's rules");
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, nftables, iptables, a netfilter queue)"]
+fn drain_moves_the_applications_of_two_nodes_to_a_third_and_the_drained_nodes_take_no_new_one() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let sim = Sim::up(3);
+    let key = "/run/lwk/sim/cluster.key";
+    // Two services sharing the address, on two nodes, on their own ports.
+    let ports = [(7001, 7002), (7101, 7102)];
+    let (a, a_out, _) = start_service(&sim, 0, ports[0]);
+    let (b, b_out, _) = start_service(&sim, 1, ports[1]);
+    let client_ns = sim.info["client"]["netns"].as_str().unwrap().to_string();
+    let stop = AtomicBool::new(false);
+    let (seen, drained) = std::thread::scope(|s| {
+        let clients: Vec<_> = ports
+            .iter()
+            .map(|&p| {
+                let (ns, stop) = (&client_ns, &stop);
+                s.spawn(move || traffic(ns, p, 50, 5, stop))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        // From the third node, over the cluster network: both at once.
+        let drain = |k: usize| {
+            let node = format!("198.18.1.{}:7070", k + 1);
+            let args = ["drain", &node, "--to", "198.18.1.3:7070", "--key", key, "--address", "198.18.0.10/24"];
+            lwk_in(&sim.node(2), &args.into_iter().chain(["--cluster", "--json"]).collect::<Vec<_>>())
+        };
+        let drained = std::thread::scope(|d| {
+            let first = d.spawn(|| drain(0));
+            let second = drain(1);
+            [first.join().unwrap(), second]
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+        (clients.into_iter().map(|c| c.join().unwrap()).collect::<Vec<Seen>>(), drained)
+    });
+    for (k, o) in drained.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "node {k}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!((summary["moved"].as_u64(), summary["failed"].as_u64()), (Some(1), Some(0)), "{summary}");
+        assert_eq!(summary["applications"][0]["to"], "198.18.1.3:7070", "{summary}");
+    }
+    for s in &seen {
+        assert_eq!((s.retransmitted, s.resets), (0, 0), "{s:?}");
+        assert_eq!((s.missing.len(), s.twice.len()), (0, 0), "{s:?}");
+    }
+    for (app, out) in [(a, a_out), (b, b_out)] {
+        let mut rest = String::new();
+        let mut out = out;
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        let mut app = app;
+        assert!(app.wait().unwrap().success(), "{rest}");
+        assert!(rest.starts_with("ok\n"), "{rest}");
+    }
+    // Both ran in the third node at the end.
+    let log = std::fs::read_to_string("/run/lwk/sim/n3.log").unwrap();
+    assert_eq!(log.matches("runs here").count(), 2, "{log}");
+    // A drained node takes no new application, started or migrated there.
+    let o = lwk_in(&sim.node(0), &["run", "--", "/bin/true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("this node is drained"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (mut c, mut c_out, c_pid) = start_service(&sim, 2, (7201, 7202));
+    let o = migrate_in_cluster(&sim, 2, 0, c_pid);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("this node is drained"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Undrained, it does.
+    let o = lwk_in(&sim.node(2), &["undrain", "198.18.1.1:7070", "--key", key]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(lwk_in(&sim.node(0), &["run", "--", "/bin/true"]).status.success());
+    let o = migrate_in_cluster(&sim, 2, 0, c_pid);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(&client_ns);
+            let mut l = LineClient::connect("198.18.0.10:7201", Duration::from_secs(10));
+            assert_eq!(l.ask("end\n"), "end\n");
+        });
+    });
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut c_out, &mut rest).unwrap();
+    assert!(c.wait().unwrap().success() && rest.starts_with("ok\n"), "{rest}");
+    // The second node is still drained; sim down takes its mark too.
+    drop(sim);
+    assert_eq!(sim_leftovers(), Vec::<String>::new());
 }
 
 #[test]

@@ -242,10 +242,14 @@ pub fn down() -> Result<Vec<String>> {
         for pid in pids.split_whitespace() {
             run("kill", &["-9", pid], None).ok();
         }
-        // Its node's state file (named by the namespace's inode).
+        // Its node's state file and drained mark (named by the
+        // namespace's inode, which a later namespace may get).
         if let Ok(meta) = std::fs::metadata(format!("/run/netns/{ns}")) {
             use std::os::unix::fs::MetadataExt;
             std::fs::remove_file(format!("/run/lwk/cluster/{}.json", meta.ino())).ok();
+            if std::fs::remove_file(format!("/run/lwk/drained/{}", meta.ino())).is_ok() {
+                removed.push(format!("the drained mark of {ns}"));
+            }
         }
         run("ip", &["netns", "delete", &ns], None)?;
         removed.push(format!("namespace {ns}"));

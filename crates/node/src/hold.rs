@@ -148,6 +148,21 @@ impl Hold {
         Ok(hold)
     }
 
+    /// Hold `flows` in a queue of `range` that no other holder has, looking
+    /// from `from` on (holds of several migrations at once); and its number.
+    pub fn start_in(flows: &Flows, range: std::ops::Range<u16>, from: u16) -> Result<(Hold, u16)> {
+        let len = range.end - range.start;
+        let mut last = None;
+        for k in 0..len.min(64) {
+            let queue = range.start + (from.wrapping_sub(range.start).wrapping_add(k)) % len;
+            match Hold::start(flows, queue) {
+                Ok(h) => return Ok((h, queue)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("tried one at least"))
+    }
+
     /// Let the held packets in, in order, then everything after them, but
     /// for the datagrams the restored queues have `already`; how many were
     /// held.

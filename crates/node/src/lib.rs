@@ -3,7 +3,7 @@
 //! the service address that moves with an application ([`address`]) and
 //! the drop rule that keeps its peers' data out while its connections are
 //! captured ([`quiet`]), the hold of its packets in a single-IP cluster
-//! ([`hold`]), and
+//! ([`hold`]), moving every application off a node ([`drain`]), and
 //! the daemon's side of a migration ([`server`]): it receives an
 //! application's image and restores it on this node.
 //!
@@ -13,6 +13,7 @@
 
 pub mod address;
 pub mod channel;
+pub mod drain;
 pub mod hold;
 pub mod key;
 pub mod quiet;

@@ -15,6 +15,10 @@
 //! | the image, as a keyed image stream (read by `lwk restore` as it comes) | `Reply::Restored` (or `Failed`) |
 //! | `Decision::Go` (or `Abort`) | `Reply::Running`, then `Reply::Opened` once the gate is open (or `Failed`) |
 //! | then the relay ([`crate::relay`]) | |
+//!
+//! `lwk drain` asks `Request::Drain` and hears `Reply::Draining`, then
+//! `Moving` and `Moved` for each application, then `Drained`
+//! ([`crate::drain`]); `lwk undrain` asks `Request::Undrain`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -58,6 +62,11 @@ pub enum Request {
         #[serde(default)]
         cluster: bool,
     },
+    /// `lwk drain`: move every application of this node away, and take no
+    /// new one ([`crate::drain`]).
+    Drain(crate::drain::Ask),
+    /// `lwk undrain`: take applications again.
+    Undrain,
 }
 
 /// What the daemon answers.
@@ -85,6 +94,32 @@ pub enum Reply {
     Failed {
         why: String,
     },
+    /// The node is drained; these applications (first pid, command) move.
+    Draining {
+        apps: Vec<(i32, String)>,
+    },
+    /// One of them starts moving to `to`.
+    Moving {
+        pid: i32,
+        to: String,
+    },
+    /// It moved (`lwk migrate --json`'s report), or did not (`why`: it
+    /// goes on here).
+    Moved {
+        pid: i32,
+        to: String,
+        why: Option<String>,
+        report: Option<String>,
+    },
+    /// All were tried.
+    Drained {
+        moved: usize,
+        failed: usize,
+    },
+    /// The node takes applications again (`was`: it was drained).
+    Undrained {
+        was: bool,
+    },
 }
 
 /// The source's decision once the application is restored here.
@@ -102,6 +137,8 @@ pub const DECISION_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Config {
     pub listen: SocketAddr,
     pub key: ClusterKey,
+    /// Its file (what `lwk migrate --key` reads, for `lwk drain`).
+    pub key_file: PathBuf,
     /// Where received images are kept while their application runs.
     pub state_dir: PathBuf,
     /// The `lwk` binary, which restores.
@@ -190,6 +227,21 @@ fn handle(stream: TcpStream, config: &Config) -> anyhow::Result<()> {
         }
     };
     match ch.recv::<Request>()? {
+        Request::Drain(ask) => {
+            log(&format!("{peer}: drain to {}", ask.to.join(", ")));
+            crate::drain::serve(&mut ch, config, &ask)
+        }
+        Request::Undrain => {
+            let was = crate::drain::clear()?;
+            log(&format!("{peer}: undrained: this node takes applications again"));
+            ch.send(&Reply::Undrained { was })?;
+            Ok(())
+        }
+        Request::Restore { command, .. } if crate::drain::drained().is_some() => {
+            log(&format!("{peer}: refused {command}: drained"));
+            ch.send(&Reply::Failed { why: crate::drain::refusal() })?;
+            Ok(())
+        }
         Request::Restore { command, memory_bytes, address, relay, partition, cluster } => {
             log(&format!("{peer}: receiving {command} ({} MiB of memory)", memory_bytes >> 20));
             let address = match (address, &config.service_dev) {
@@ -274,8 +326,8 @@ fn receive(mut ch: Channel, config: &Config, peer: SocketAddr, to: Destination, 
         while let Some(rec) = r.next_record()? {
             if rec.kind() == Some(lwk_migrate::image::RecordKind::Hold) && to.cluster && hold.is_none() {
                 let flows: crate::hold::Flows = rec.json()?;
-                let queue = 4000 + (stamp % 1000) as u16;
-                let h = crate::hold::Hold::start(&flows, queue).context("holding the application's packets")?;
+                let (h, queue) = crate::hold::Hold::start_in(&flows, 4000..5000, (stamp % 1000) as u16 + 4000)
+                    .context("holding the application's packets")?;
                 log(&format!("{peer}: holding {flows:?} in queue {queue}"));
                 hold = Some(h);
                 ch.send(&Reply::Holding)?;
