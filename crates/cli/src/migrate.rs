@@ -154,6 +154,15 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let app = &tree.members[0].app;
     let info = tree.members[0].info.clone();
     let members: Vec<(i32, i32)> = tree.members.iter().map(|m| (m.app.pid, m.info.proxy_pid)).collect();
+    // Its address, the rules that keep its packets, are of its node: this
+    // command must run there (in the same network namespace).
+    let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    if args.address.is_some() && netns(&info.proxy_pid.to_string()) != netns("self") {
+        bail!(
+            "process {} has its sockets in another network namespace than this command: run lwk migrate in its node (for example with ip netns exec)",
+            app.pid
+        );
+    }
     let to = resolve(&args.to)?;
     let mut report = Report::default();
     // The `lwk run` that started it keeps standing for it (its streams,

@@ -310,6 +310,11 @@ fn through(
 fn a_migration_inside_the_cluster_loses_no_packet_and_makes_no_client_send_again() {
     let sim = Sim::up(3);
     let (app, out, pid) = start_service(&sim, 0, (7001, 7002));
+    // From another node (network namespace) than its own: refused, it
+    // goes on.
+    let o = migrate_in_cluster(&sim, 1, 2, pid);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another network namespace"), "{o:?}");
     let (seen, rest) = through(&sim, 200, 20, app, out, || {
         let o = migrate_in_cluster(&sim, 0, 1, pid);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

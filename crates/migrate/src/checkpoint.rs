@@ -641,21 +641,22 @@ pub enum SocketImage {
 pub struct CapturedSockets {
     pub images: Vec<(i32, SocketImage)>,
     /// TCP connections left in repair mode by the capture.
-    in_repair: Vec<std::os::fd::OwnedFd>,
+    /// With each, its `SO_REUSEADDR` to give back if it goes on here.
+    in_repair: Vec<(std::os::fd::OwnedFd, bool)>,
 }
 
 impl CapturedSockets {
     /// The application goes on: its connections leave repair mode.
     pub fn resume(self) {
-        for s in &self.in_repair {
-            let _ = crate::sockets::TcpConnection::resume_source(std::os::fd::AsFd::as_fd(s));
+        for (s, reuse) in &self.in_repair {
+            let _ = crate::sockets::TcpConnection::resume_source(std::os::fd::AsFd::as_fd(s), *reuse);
         }
     }
 
     /// The application ends (it runs elsewhere now): its connections close
     /// without a FIN or a reset.
     pub fn release(self) {
-        for s in self.in_repair {
+        for (s, _) in self.in_repair {
             let _ = crate::sockets::TcpConnection::release_source(s);
         }
     }
@@ -889,7 +890,7 @@ pub fn capture_sockets(pid: i32, table: &crate::fds::FdTable) -> Result<Captured
 /// and the first failure (after which it stopped).
 struct CapturedPart {
     images: Vec<(i32, SocketImage)>,
-    in_repair: Vec<std::os::fd::OwnedFd>,
+    in_repair: Vec<(std::os::fd::OwnedFd, bool)>,
     /// Why it stopped, and whether trying again later may do.
     failed: Option<(String, bool)>,
 }
@@ -919,7 +920,7 @@ fn capture_part(pidfd: &std::os::fd::OwnedFd, sockets: &[&crate::fds::FdEntry]) 
                 },
                 Ok(false) => match TcpConnection::capture(fd.as_fd()) {
                     Ok(image) => {
-                        out.in_repair.push(fd);
+                        out.in_repair.push((fd, image.settings.reuse_address));
                         Ok(SocketImage::TcpConnection(image))
                     }
                     Err(err) => Err(format!("fd {}: {err}", e.fd)),

@@ -590,6 +590,12 @@ pub struct TcpSettings {
     pub keepalive_count: u32,
     pub buffers: BufferSizes,
     pub v6_only: Option<bool>,
+    /// `SO_REUSEADDR` (an accepted connection has its listener's). Leaving
+    /// repair mode turns it off (the kernel's `SK_NO_REUSE`): it is set
+    /// again after, or the connection's TIME_WAIT would keep a restarted
+    /// server from binding its port. Absent in older images: off.
+    #[serde(default)]
+    pub reuse_address: bool,
 }
 
 impl TcpSettings {
@@ -605,6 +611,9 @@ impl TcpSettings {
             keepalive_count: sockopt::tcp_keepcnt(socket).context(|| "getsockopt(TCP_KEEPCNT)".into())?,
             buffers: BufferSizes::capture(socket)?,
             v6_only: capture_v6_only(socket, family)?,
+            // Read before repair mode (set by the caller): in it the kernel
+            // reports its own forced reuse.
+            reuse_address: false,
         })
     }
 
@@ -692,6 +701,7 @@ impl TcpConnection {
         if state != uapi::TCP_ESTABLISHED {
             return Err(SocketError::UnsupportedTcpState { state, expected: "ESTABLISHED" });
         }
+        let reuse_address = sockopt::socket_reuseaddr(socket).context(|| "getsockopt(SO_REUSEADDR)".into())?;
         set_repair(socket, uapi::TCP_REPAIR_ON)?;
         // In repair mode the socket still transmits (a pacing timer, an
         // incoming ACK) unless the send queue is selected: then the kernel
@@ -702,11 +712,13 @@ impl TcpConnection {
         let captured =
             select_repair_queue(socket, uapi::TCP_SEND_QUEUE).and_then(|()| capture_in_repair(socket, family));
         match captured {
-            Ok(image) => Ok(image),
+            Ok(mut image) => {
+                image.settings.reuse_address = reuse_address;
+                Ok(image)
+            }
             Err(error) => {
                 // Back as it was; the capture's error is the one to report.
-                let _ = select_repair_queue(socket, uapi::TCP_NO_QUEUE);
-                let _ = set_repair(socket, uapi::TCP_REPAIR_OFF);
+                let _ = Self::resume_source(socket, reuse_address);
                 Err(error)
             }
         }
@@ -723,10 +735,13 @@ impl TcpConnection {
     }
 
     /// Takes the source's connection back (the rollback): out of repair
-    /// mode, with a window probe that makes the peer answer at once.
-    pub fn resume_source(socket: BorrowedFd<'_>) -> Result<()> {
+    /// mode, with a window probe that makes the peer answer at once, and
+    /// its `SO_REUSEADDR` (`reuse_address`, as captured) again.
+    pub fn resume_source(socket: BorrowedFd<'_>, reuse_address: bool) -> Result<()> {
         select_repair_queue(socket, uapi::TCP_NO_QUEUE)?;
-        set_repair(socket, uapi::TCP_REPAIR_OFF)
+        set_repair(socket, uapi::TCP_REPAIR_OFF)?;
+        sockopt::set_socket_reuseaddr(socket, reuse_address)
+            .context(|| format!("setsockopt(SO_REUSEADDR={})", u8::from(reuse_address)))
     }
 }
 
@@ -798,6 +813,8 @@ pub struct TcpSocketInRepair {
     /// after repair mode ends, as fresh data (written in repair mode they
     /// would count as sent, and go out only at the retransmission timeout).
     unsent: Vec<u8>,
+    /// `SO_REUSEADDR` once live (leaving repair mode turns it off).
+    reuse_address: bool,
     /// `IP_TRANSPARENT` was turned on to connect from an address not up
     /// here: turned off again once the connection is live.
     transparent: bool,
@@ -819,6 +836,8 @@ impl TcpSocketInRepair {
     pub fn leave_repair(self) -> Result<OwnedFd> {
         let socket = self.socket.as_fd();
         set_repair(socket, uapi::TCP_REPAIR_OFF)?;
+        sockopt::set_socket_reuseaddr(socket, self.reuse_address)
+            .context(|| format!("setsockopt(SO_REUSEADDR={})", u8::from(self.reuse_address)))?;
         write_all_within(socket, &self.unsent, UNSENT_WRITE_TIMEOUT)?;
         if self.transparent {
             let family = IpFamily::of(&local_address(socket)?);
@@ -967,7 +986,12 @@ impl TcpConnectionImage {
             "TCP_REPAIR_WINDOW",
         )?;
         self.settings.restore_behaviour(fd)?;
-        Ok(TcpSocketInRepair { socket, unsent: self.send_queue.unsent().to_vec(), transparent })
+        Ok(TcpSocketInRepair {
+            socket,
+            unsent: self.send_queue.unsent().to_vec(),
+            reuse_address: self.settings.reuse_address,
+            transparent,
+        })
     }
 
     fn restore_negotiated_options(&self, socket: BorrowedFd<'_>) -> Result<()> {
@@ -1115,7 +1139,10 @@ fn take_accept_queue(listener: BorrowedFd<'_>, local: SocketAddr) -> Result<Vec<
                 // Hand every connection taken out back, live.
                 let mut accepted = Vec::with_capacity(taken.len() + 1);
                 for connection in taken {
-                    let _ = TcpConnection::resume_source(connection.socket.as_fd());
+                    let _ = TcpConnection::resume_source(
+                        connection.socket.as_fd(),
+                        connection.image.settings.reuse_address,
+                    );
                     accepted.push(connection.socket);
                 }
                 accepted.push(socket);
@@ -1936,6 +1963,10 @@ mod tests {
         let started = Instant::now();
         let restored = in_repair.leave_repair().expect("leave repair");
         let leave_time = started.elapsed();
+        // Accepted from a listener with SO_REUSEADDR (std's): so is the
+        // restored connection, though leaving repair mode turns it off.
+        assert!(image.settings.reuse_address);
+        assert!(sockopt::socket_reuseaddr(restored.as_fd()).unwrap(), "SO_REUSEADDR as at the source");
         eprintln!("capture {capture_time:?}, restore in repair {restore_time:?}, leave repair {leave_time:?}");
         restore_egress(&lan.client, "eth0");
         let segment_size = tcp_info(restored.as_fd()).unwrap().tcpi_snd_mss;
@@ -1950,8 +1981,9 @@ mod tests {
     fn tcp_connection_goes_on_at_the_source_after_a_rollback() {
         let lan = Lan::new();
         let (client, app) = start_stream(&lan, 7001);
-        let (stream, state, _image, _) = freeze_and_capture(&lan, app);
-        TcpConnection::resume_source(stream.as_fd()).expect("resume");
+        let (stream, state, image, _) = freeze_and_capture(&lan, app);
+        TcpConnection::resume_source(stream.as_fd(), image.settings.reuse_address).expect("resume");
+        assert!(sockopt::socket_reuseaddr(stream.as_fd()).unwrap(), "SO_REUSEADDR as before the capture");
         restore_egress(&lan.client, "eth0");
         let app = EchoApp::start(stream, state);
         finish_stream(client, app);
