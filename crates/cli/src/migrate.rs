@@ -335,9 +335,12 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
                 // Queue numbers: 4000-4999 are the daemon's, these this
                 // command's.
                 let from = 5000 + (std::process::id() % 1000) as u16;
-                let (h, _) = lwk_node::hold::Hold::start_in(&flows, 5000..6000, from)
+                let (mut h, _) = lwk_node::hold::Hold::start_in(&flows, 5000..6000, from)
                     .map_err(|e| hold_error(format!("{e:#}")))?;
+                // Nothing here answers the peers any more either.
+                let silenced = h.silence(&flows);
                 held_here = Some(h);
+                silenced.map_err(|e| hold_error(format!("{e:#}")))?;
             }
         }
         Ok(())
@@ -408,6 +411,9 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         } else {
             ch.stream.shutdown(std::net::Shutdown::Write).ok();
         }
+        if let Some(h) = held_here.as_mut() {
+            h.speak();
+        }
         captured.resume().ok();
         let_in_here(held_here);
         return Err(e.context(format!("the migration of process {} to {to} failed; it goes on here", app.pid)));
@@ -451,6 +457,9 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
             if let Err(e) = lwk_node::address::add(a, dev) {
                 eprintln!("lwk: putting {a} back on {dev}: {e:#}");
             }
+        }
+        if let Some(h) = held_here.as_mut() {
+            h.speak();
         }
         captured.resume().ok();
         let_in_here(held_here);

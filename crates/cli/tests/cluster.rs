@@ -51,6 +51,23 @@ impl Sim {
         self.info["nodes"][k]["netns"].as_str().unwrap().to_string()
     }
 
+    /// TCP segments the nodes sent again, all together.
+    fn retransmitted(&self) -> u64 {
+        (0..self.info["nodes"].as_array().unwrap().len())
+            .map(|k| {
+                let o = Command::new("ip")
+                    .args(["netns", "exec", &self.node(k), "cat", "/proc/net/snmp"])
+                    .output()
+                    .unwrap();
+                let snmp = String::from_utf8(o.stdout).unwrap();
+                let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+                let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+                let i = names.split_whitespace().position(|n| n == "RetransSegs").unwrap();
+                values.split_whitespace().nth(i).unwrap().parse::<u64>().unwrap()
+            })
+            .sum()
+    }
+
     /// What node `k` sent from the service address.
     fn sent_by(&self, k: usize) -> u64 {
         let o = lwk_in(&self.node(k), &["cluster", "status", "--json"]);
@@ -141,8 +158,6 @@ struct Seen {
     /// Datagrams (flow:number) whose echo never came, or came twice.
     missing: Vec<String>,
     twice: Vec<String>,
-    /// The longest round: every connection's line out and back.
-    longest: Duration,
 }
 
 /// Clients of bench/src/cluster_service in the client namespace, sending
@@ -183,12 +198,11 @@ fn traffic(
             }
         }
     };
-    let (mut rounds, mut longest, mut after) = (0u32, Duration::ZERO, 0);
+    let (mut rounds, mut after) = (0u32, 0);
     while after < 20 {
         if stop.load(Ordering::SeqCst) {
             after += 1;
         }
-        let t = std::time::Instant::now();
         for (f, u) in udp.iter().enumerate() {
             u.send_to(rounds.to_string().as_bytes(), ("198.18.0.10", ports.1))
                 .unwrap_or_else(|e| panic!("flow {f}: {e}"));
@@ -202,7 +216,6 @@ fn traffic(
             c.read_exact(&mut got).unwrap_or_else(|e| panic!("connection {i}, round {rounds}: {e}"));
             assert_eq!(String::from_utf8_lossy(&got), want, "connection {i}: every byte, in order");
         }
-        longest = longest.max(t.elapsed());
         drain(&mut echoed);
         rounds += 1;
         std::thread::sleep(Duration::from_millis(5));
@@ -231,7 +244,6 @@ fn traffic(
         resets: snmp("Tcp", "EstabResets") - resets,
         missing,
         twice,
-        longest,
     }
 }
 
@@ -315,6 +327,7 @@ fn a_migration_inside_the_cluster_loses_no_packet_and_makes_no_client_send_again
     let o = migrate_in_cluster(&sim, 1, 2, pid);
     assert_eq!(o.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&o.stderr).contains("another network namespace"), "{o:?}");
+    let nodes_before = sim.retransmitted();
     let (seen, rest) = through(&sim, 200, 20, app, out, || {
         let o = migrate_in_cluster(&sim, 0, 1, pid);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -322,10 +335,14 @@ fn a_migration_inside_the_cluster_loses_no_packet_and_makes_no_client_send_again
     assert!(seen.rounds > 10, "{seen:?}");
     assert_eq!((seen.retransmitted, seen.resets), (0, 0), "no segment sent again, no reset: {seen:?}");
     assert_eq!((seen.missing.len(), seen.twice.len()), (0, 0), "every datagram echoed once: {seen:?}");
+    let nodes_retransmitted = sim.retransmitted() - nodes_before;
     assert!(rest.starts_with("ok\ntcp "), "its memory came whole: {rest}");
     let log = std::fs::read_to_string("/run/lwk/sim/n2.log").unwrap();
     assert!(log.contains("packets held during the freeze let in"), "{log}");
-    assert!(seen.longest < Duration::from_secs(1), "the longest stall a client saw: {seen:?}");
+    // Nor did the service: a node that answered the clients with its own
+    // timestamps after the move (the source's socket) would make them drop
+    // the destination's replies, which it would then send again.
+    assert_eq!(nodes_retransmitted, 0, "segments the nodes sent again: {seen:?}");
 }
 
 #[test]

@@ -725,11 +725,18 @@ impl TcpConnection {
     }
 
     /// Lets the source's connection go: puts the socket in repair mode (if
-    /// it is not already) and closes this descriptor. The socket closes
-    /// without FIN or RST when its last descriptor closes (the proxy's own
-    /// one too, when the application's proxy exits).
+    /// it is not already), disconnects it without FIN or RST (it is in no
+    /// lookup table any more, though the proxy's own descriptor stays open
+    /// until the application's proxy exits) and closes this descriptor.
     pub fn release_source(socket: OwnedFd) -> Result<()> {
         set_repair(socket.as_fd(), uapi::TCP_REPAIR_ON)?;
+        // Disconnected now (in repair mode: without a reset), not when the
+        // proxy's descriptor closes too: until then the socket would still
+        // be found for the peer's packets, and where they still come (a
+        // single-IP cluster: every node gets them) it would answer with
+        // its own timestamps, ahead of the destination's, and the peer
+        // would drop the destination's next segments as old (PAWS).
+        rustix::net::connect_unspec(socket.as_fd()).context(|| "connect(AF_UNSPEC) in repair mode".into())?;
         drop(socket);
         Ok(())
     }
@@ -1952,7 +1959,10 @@ mod tests {
 
         // The source goes silent, then loses the address.
         lan.cut_cable(&lan.node_a);
+        let proxys_own = stream.try_clone().unwrap();
         TcpConnection::release_source(OwnedFd::from(stream)).unwrap();
+        // Gone at once, though a descriptor (the proxy's) is still open.
+        assert_eq!(tcp_info(proxys_own.as_fd()).unwrap().tcpi_state, 7, "TCP_CLOSE");
         lan.remove_service_address(&lan.node_a);
         lan.reconnect_cable(&lan.node_a);
 

@@ -176,6 +176,53 @@ impl Hold {
         self.reader.take().expect("a reader").join().expect("the reader does not panic")
     }
 
+    /// Also keep this node's own sockets of the flows from sending (the
+    /// source's, from the freeze on): a socket being captured, or let go,
+    /// may still answer (a delayed acknowledgement) with its own TCP
+    /// timestamps, which run ahead of the restored socket's, and the peer
+    /// would then drop the destination's segments as old (PAWS) until it
+    /// sent them again. Until [`Hold::speak`], the release or the drop.
+    pub fn silence(&mut self, flows: &Flows) -> Result<()> {
+        let Some(addr) = flows.addr else { bail!("a hold needs the service address") };
+        for chunk in flows.tcp_ports.chunks(15) {
+            let list: Vec<String> = chunk.iter().map(u16::to_string).collect();
+            let rule: Vec<String> = [
+                "OUTPUT",
+                "-s",
+                &addr.to_string(),
+                "-p",
+                "tcp",
+                "-m",
+                "multiport",
+                "--sports",
+                &list.join(","),
+                "-m",
+                "comment",
+                "--comment",
+                &comment(),
+                "-j",
+                "DROP",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            iptables("-A", &rule)?;
+            self.rules.push(rule);
+        }
+        Ok(())
+    }
+
+    /// This node's sockets of the flows may send again (they go on here).
+    pub fn speak(&mut self) {
+        self.rules.retain(|rule| {
+            let output = rule[0] == "OUTPUT";
+            if output {
+                iptables("-D", rule).ok();
+            }
+            !output
+        });
+    }
+
     /// The source has captured its sockets' queues (and holds what comes
     /// there since): what comes from now on cannot be in them.
     pub fn cut(&self) {
@@ -303,9 +350,12 @@ fn run(program: &str, args: &[&str]) -> Result<String> {
 
 /// Remove hold rules whose process is gone (a holder that crashed).
 pub fn sweep() -> Result<usize> {
-    let listed = match run("iptables", &["-w", "-t", "raw", "-S", "PREROUTING"]) {
-        Ok(l) => l,
-        Err(_) => return Ok(0), // no iptables: no rules either
+    let listed = match (
+        run("iptables", &["-w", "-t", "raw", "-S", "PREROUTING"]),
+        run("iptables", &["-w", "-t", "raw", "-S", "OUTPUT"]),
+    ) {
+        (Ok(a), Ok(b)) => a + &b,
+        _ => return Ok(0), // no iptables: no rules either
     };
     let mut removed = 0;
     for line in listed.lines() {
@@ -397,6 +447,19 @@ mod tests {
         assert_eq!(&buf[..got], b"after");
         let rules = run("iptables", &["-t", "raw", "-S", "PREROUTING"]).unwrap();
         assert!(!rules.contains("lwk-hold"), "{rules}");
+        // Silenced: this node's end of the flows sends nothing (the server
+        // here: 127.0.0.1:9998), until it may speak again.
+        let mut hold = Hold::start(&flows, 7).unwrap();
+        hold.silence(&flows).unwrap();
+        client.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        server.write_all(b"unheard").unwrap();
+        assert!(client.read(&mut buf).is_err(), "the silenced end was heard");
+        hold.speak();
+        assert!(!run("iptables", &["-t", "raw", "-S", "OUTPUT"]).unwrap().contains("lwk-hold"));
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let got = client.read(&mut buf).expect("sent again once it may speak");
+        assert_eq!(&buf[..got], b"unheard");
+        hold.release(Vec::new()).unwrap();
         // Datagrams that the restored queue ends with are not let in twice:
         // the queue had "old", "a0", "a1" (the last two came after the
         // hold began); the hold has a0..a3.
