@@ -25,6 +25,16 @@ pub enum ClusterCmd {
         /// requests and pings for the service addresses.
         #[arg(long)]
         arp_owner: bool,
+        /// A TCP port whose new connections are spread over the nodes (each
+        /// runs a listener; one takes each connection, by a hash of the
+        /// client's address and port); more than once for several. Needs
+        /// --node.
+        #[arg(long, value_name = "PORT")]
+        spread: Vec<u16>,
+        /// This node's number K (from 1) of the N that share the spread
+        /// ports: K/N.
+        #[arg(long, value_name = "K/N", value_parser = parse_node)]
+        node: Option<(u32, u32)>,
     },
     /// Undo `lwk cluster up` on this node (also after a crash).
     Down,
@@ -52,6 +62,10 @@ pub enum SimCmd {
         /// Shape the cluster network between the daemons to RATE.
         #[arg(long, value_name = "RATE")]
         shape_cluster: Option<String>,
+        /// Spread new connections to this TCP port over the nodes (each
+        /// node's `lwk cluster up --spread PORT --node K/N`).
+        #[arg(long, value_name = "PORT")]
+        spread: Vec<u16>,
         /// Print the nodes, the client side and the service address as JSON.
         #[arg(long)]
         json: bool,
@@ -62,8 +76,8 @@ pub enum SimCmd {
 
 pub fn main(cmd: ClusterCmd) -> Result<i32> {
     match cmd {
-        ClusterCmd::Up { services, dev, mac, arp_owner } => {
-            lwk_cluster::node::up(&lwk_cluster::node::Setup { services, dev, mac, arp_owner })?;
+        ClusterCmd::Up { services, dev, mac, arp_owner, spread, node } => {
+            lwk_cluster::node::up(&lwk_cluster::node::Setup { services, dev, mac, arp_owner, spread, node })?;
             Ok(0)
         }
         ClusterCmd::Down => {
@@ -90,9 +104,10 @@ pub fn main(cmd: ClusterCmd) -> Result<i32> {
             }
             Ok(0)
         }
-        ClusterCmd::Sim { cmd: SimCmd::Up { nodes, shape_front, shape_cluster, json } } => {
+        ClusterCmd::Sim { cmd: SimCmd::Up { nodes, shape_front, shape_cluster, spread, json } } => {
             let lwk = std::env::current_exe().context("cannot find the lwk binary's own path")?;
-            let sim = lwk_cluster::sim::up(&lwk_cluster::sim::Options { nodes, shape_front, shape_cluster, lwk })?;
+            let options = lwk_cluster::sim::Options { nodes, shape_front, shape_cluster, spread, lwk };
+            let sim = lwk_cluster::sim::up(&options)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&sim)?);
             } else {
@@ -112,4 +127,15 @@ pub fn main(cmd: ClusterCmd) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// K/N: a node's number of N.
+fn parse_node(s: &str) -> Result<(u32, u32), String> {
+    let (k, n) = s.split_once('/').ok_or_else(|| format!("{s}: expected K/N, e.g. 2/3"))?;
+    let k: u32 = k.parse().map_err(|_| format!("{s}: K is not a number"))?;
+    let n: u32 = n.parse().map_err(|_| format!("{s}: N is not a number"))?;
+    if k == 0 || k > n {
+        return Err(format!("{s}: K counts from 1 to N"));
+    }
+    Ok((k, n))
 }

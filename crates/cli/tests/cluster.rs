@@ -36,9 +36,15 @@ impl Sim {
 
     /// With `env` for its daemons.
     fn up_with(nodes: usize, env: &[(&str, &str)]) -> Sim {
+        Sim::start(nodes, &[], env)
+    }
+
+    /// With more arguments to `sim up`, and `env` for its daemons.
+    fn start(nodes: usize, args: &[&str], env: &[(&str, &str)]) -> Sim {
         let alone = SIM.lock().unwrap_or_else(|e| e.into_inner());
         let o = Command::new(LWK)
             .args(["cluster", "sim", "up", &nodes.to_string(), "--json"])
+            .args(args)
             .envs(env.iter().copied())
             .output()
             .unwrap();
@@ -485,6 +491,74 @@ fn drain_moves_the_applications_of_two_nodes_to_a_third_and_the_drained_nodes_ta
     // The second node is still drained; sim down takes its mark too.
     drop(sim);
     assert_eq!(sim_leftovers(), Vec::<String>::new());
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, nftables)"]
+fn new_connections_to_a_spread_port_are_taken_by_exactly_one_node_each() {
+    use std::io::{Read, Write};
+    let sim = Sim::start(3, &["--spread", "7500"], &[]);
+    // The same service on every node, on the same TCP port.
+    let mut services: Vec<_> = (0..3).map(|k| start_service(&sim, k, (7500, 7510 + k as u16))).collect();
+    let client_ns = sim.info["client"]["netns"].as_str().unwrap().to_string();
+    let established = |k: usize| -> Vec<u16> {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &sim.node(k), "ss", "-Htn", "state", "established", "( sport = :7500 )"])
+            .output()
+            .unwrap();
+        // Each line's last column is the client's address and port.
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().last()?.rsplit_once(':')?.1.parse().ok())
+            .collect()
+    };
+    let (conns, resets) = std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(&client_ns);
+            let resets = snmp("Tcp", "EstabResets");
+            let mut conns: Vec<std::net::TcpStream> = (0..60)
+                .map(|i| {
+                    let mut c = std::net::TcpStream::connect("198.18.0.10:7500").unwrap();
+                    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    c.write_all(format!("hello {i}\n").as_bytes()).unwrap();
+                    c
+                })
+                .collect();
+            // Later packets of every connection too reach only its node.
+            for round in 0..3 {
+                for (i, c) in conns.iter_mut().enumerate() {
+                    let want = if round == 0 { format!("hello {i}\n") } else { format!("again {i}\n") };
+                    let mut got = vec![0u8; want.len()];
+                    c.read_exact(&mut got).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                    assert_eq!(String::from_utf8_lossy(&got), want);
+                    c.write_all(format!("again {i}\n").as_bytes()).unwrap();
+                }
+            }
+            (conns, snmp("Tcp", "EstabResets") - resets)
+        })
+        .join()
+        .unwrap()
+    });
+    assert_eq!(resets, 0, "no node's listener reset another's connection");
+    let ports: Vec<Vec<u16>> = (0..3).map(established).collect();
+    let counts: Vec<usize> = ports.iter().map(Vec::len).collect();
+    assert_eq!(counts.iter().sum::<usize>(), 60, "each connection on exactly one node: {counts:?}");
+    assert!(counts.iter().all(|&n| n > 0), "spread over every node: {counts:?}");
+    // Each service ends by a connection it took.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(&client_ns);
+            for node_ports in &ports {
+                let mut c = conns.iter().find(|c| node_ports.contains(&c.local_addr().unwrap().port())).unwrap();
+                c.write_all(b"end\n").unwrap();
+            }
+        });
+    });
+    for (app, out, _) in &mut services {
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).unwrap();
+        assert!(app.wait().unwrap().success() && rest.starts_with("ok\n"), "{rest}");
+    }
 }
 
 #[test]

@@ -14,6 +14,16 @@
 //!   has the socket. Pings are answered by the ARP owner only.
 //! * a counter of what this node sends from the service addresses
 //!   (`lwk cluster status`, and the tests' proof that one node answers).
+//! * ports spread over the nodes (`--spread PORT --node K/N`): every node
+//!   runs a listener there, and a new connection (a SYN) is taken by the
+//!   one node whose number is a hash of the client's address and port
+//!   (nftables' `jhash`, with a seed every node shares, modulo N: the same
+//!   answer on every node, so exactly one accepts). Later packets of a
+//!   connection pass only where connection tracking knows it (`ct state
+//!   established`), so no other node's listener answers them with a reset;
+//!   this chain runs after connection tracking (priority -150). A
+//!   connection restored by a migration is known there as soon as its
+//!   first packet leaves (tracking picks it up mid-stream).
 //!
 //! Exactly one node (`--arp-owner`) answers ARP requests for the service
 //! addresses: the others drop them in a table `lwk-cluster` of family arp.
@@ -50,7 +60,14 @@ pub struct Setup {
     pub mac: Option<String>,
     /// This node answers ARP requests (and pings) for the addresses.
     pub arp_owner: bool,
+    /// TCP ports whose new connections are spread over the nodes.
+    pub spread: Vec<u16>,
+    /// This node's number K (from 1) of N, for the spread.
+    pub node: Option<(u32, u32)>,
 }
+
+/// The seed of the spread's hash: the same on every node.
+const SPREAD_SEED: u32 = 0x006c_776b;
 
 /// What a node's `up` changed, to be undone.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -66,6 +83,11 @@ struct State {
     /// The interface was up before (`up` brings it up).
     #[serde(default)]
     was_up: bool,
+    #[serde(default)]
+    spread: Vec<u16>,
+    /// This node's K of N, for the spread.
+    #[serde(default)]
+    node: Option<(u32, u32)>,
 }
 
 /// The default shared hardware address of a cluster whose first service
@@ -87,6 +109,11 @@ pub fn up(s: &Setup) -> Result<()> {
     if s.services.is_empty() {
         bail!("name at least one service address (A.B.C.D/N)");
     }
+    match s.node {
+        Some((k, n)) if k == 0 || k > n => bail!("--node {k}/{n}: K counts from 1 to N"),
+        None if !s.spread.is_empty() => bail!("--spread needs this node's number: --node K/N"),
+        _ => {}
+    }
     let file = state_file()?;
     if file.exists() {
         bail!("this node is already configured ({}): `lwk cluster down` first", file.display());
@@ -105,6 +132,8 @@ pub fn up(s: &Setup) -> Result<()> {
         services: s.services.iter().map(|c| c.to_string()).collect(),
         arp_owner: s.arp_owner,
         was_up,
+        spread: s.spread.clone(),
+        node: s.node,
     };
     for c in &s.services {
         if !present.contains(&format!("inet {c} ")) {
@@ -150,6 +179,23 @@ fn filter_rules(s: &State) -> String {
          \t}}\n\
          }}\n"
     );
+    if let (false, Some((k, n))) = (s.spread.is_empty(), s.node) {
+        let ports: Vec<String> = s.spread.iter().map(u16::to_string).collect();
+        let to = format!("ip daddr {set} tcp dport {{ {} }}", ports.join(", "));
+        let syn = "tcp flags & (syn | ack) == syn";
+        let mine = k - 1;
+        rules += &format!(
+            "table inet {TABLE} {{\n\
+             \tchain spread {{\n\
+             \t\ttype filter hook prerouting priority -150; policy accept;\n\
+             \t\t{to} {syn} jhash ip saddr . tcp sport mod {n} seed {SPREAD_SEED:#x} == {mine} accept\n\
+             \t\t{to} {syn} drop\n\
+             \t\t{to} ct state established accept\n\
+             \t\t{to} drop\n\
+             \t}}\n\
+             }}\n"
+        );
+    }
     if !s.arp_owner {
         rules += &format!(
             "table arp {TABLE} {{\n\
@@ -204,6 +250,9 @@ pub struct Status {
     pub services: Vec<String>,
     pub mac: Option<String>,
     pub arp_owner: bool,
+    /// Ports whose new connections are spread, and this node's K of N.
+    pub spread: Vec<u16>,
+    pub node: Option<(u32, u32)>,
     /// Packets this node sent from the service addresses since `up`.
     pub packets_sent: u64,
 }
@@ -220,6 +269,8 @@ pub fn status() -> Result<Status> {
         services: state.as_ref().map_or(Vec::new(), |s| s.services.clone()),
         mac: state.as_ref().map(|s| s.mac.clone()),
         arp_owner: state.as_ref().is_some_and(|s| s.arp_owner),
+        spread: state.as_ref().map_or(Vec::new(), |s| s.spread.clone()),
+        node: state.as_ref().and_then(|s| s.node),
         packets_sent,
     })
 }

@@ -46,6 +46,8 @@ pub struct Options {
     /// cluster network.
     pub shape_front: Option<String>,
     pub shape_cluster: Option<String>,
+    /// TCP ports whose new connections are spread over the nodes.
+    pub spread: Vec<u16>,
     /// The lwk binary the node daemons run.
     pub lwk: PathBuf,
 }
@@ -143,6 +145,14 @@ fn build(o: &Options) -> Result<Sim> {
         cluster_up.extend(["--service", &service]);
         if k == 1 {
             cluster_up.push("--arp-owner");
+        }
+        let spread: Vec<String> = o.spread.iter().map(u16::to_string).collect();
+        let node = format!("{k}/{}", o.nodes);
+        for p in &spread {
+            cluster_up.extend(["--spread", p]);
+        }
+        if !spread.is_empty() {
+            cluster_up.extend(["--node", &node]);
         }
         ip(&cluster_up)?;
         let log = Path::new(DIR).join(format!("{name}.log"));
