@@ -13,8 +13,8 @@ both networks shaped to 1 Gbit/s with tc), starts cluster_service under
 `lwk run` on node 1 with MiB of memory (a writer rewriting RATE MiB/s of
 it), and a client (Python, in the client namespace) with CONNS established
 TCP connections and FLOWS UDP flows: each connection sends a numbered line
-every 500 ms and waits for its echo, each flow a numbered datagram every
-50 ms. After a few seconds the service is migrated to node 2, then back;
+every second and waits for its echo, each flow a numbered datagram every
+100 ms. After a few seconds the service is migrated to node 2, then back;
 the client goes on throughout and counts what it saw: request latencies
 (before, during and after the migrations), the longest stall, TCP
 retransmissions and resets (/proc/net/snmp of the client namespace) and
@@ -51,7 +51,7 @@ KEY = "/run/lwk/sim/cluster.key"
 # JSON object: per request (connection, sent at, latency), per flow the
 # numbers echoed, and the snmp counters' changes.
 CLIENT = r"""
-import json, selectors, socket, sys, time
+import heapq, json, selectors, socket, sys, time
 conns_n, flows_n, addr, tport, uport = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 def snmp():
     lines = [l.split() for l in open("/proc/net/snmp") if l.startswith("Tcp:")]
@@ -69,26 +69,34 @@ for f, u in enumerate(flows):
 sel.register(sys.stdin, selectors.EVENT_READ, ("stop", 0))
 print("connected", flush=True)
 before = snmp()
-TCP_EVERY, UDP_EVERY = 0.5, 0.05
+TCP_EVERY, UDP_EVERY = 1.0, 0.1
 start = time.time()
-nxt = [start + TCP_EVERY * i / max(conns_n, 1) for i in range(conns_n)]
+# What is due next, soonest first: ("t", connection) or ("u", flow).
+due = [(start + TCP_EVERY * i / max(conns_n, 1), "t", i) for i in range(conns_n)]
+due += [(start + UDP_EVERY * f / max(flows_n, 1), "u", f) for f in range(flows_n)]
+heapq.heapify(due)
 seq = [0] * conns_n; sent_at = [None] * conns_n; buf = [b""] * conns_n
-useq = [0] * flows_n; unext = [start + UDP_EVERY * f / max(flows_n, 1) for f in range(flows_n)]
+useq = [0] * flows_n
 echoed = [[] for _ in range(flows_n)]; usent = [[] for _ in range(flows_n)]
-requests = []; broken = []
+requests = []; broken = []; dead = set()
 stopping = None
 while True:
     now = time.time()
     if stopping and now > stopping:
         break
-    for i in range(conns_n):
-        if sent_at[i] is None and now >= nxt[i] and not stopping:
-            conns[i].send(b"%d %d\n" % (i, seq[i])); sent_at[i] = now
-    for f in range(flows_n):
-        if now >= unext[f] and not stopping:
-            flows[f].sendto(b"%d" % useq[f], (addr, uport)); usent[f].append((useq[f], now))
-            useq[f] += 1; unext[f] += UDP_EVERY
-    for key, _ in sel.select(timeout=0.002):
+    while due and due[0][0] <= now and not stopping:
+        _, kind, i = heapq.heappop(due)
+        if kind == "u":
+            flows[i].sendto(b"%d" % useq[i], (addr, uport)); usent[i].append((useq[i], now))
+            useq[i] += 1
+            heapq.heappush(due, (now + UDP_EVERY, "u", i))
+        elif i not in dead:
+            try:
+                conns[i].send(b"%d %d\n" % (i, seq[i])); sent_at[i] = now
+            except OSError as e:
+                broken.append("%d: send at %.3f: %s" % (i, now, e)); dead.add(i); sel.unregister(conns[i])
+    timeout = max(0.0, min(due[0][0] - time.time(), 0.01)) if due and not stopping else 0.01
+    for key, _ in sel.select(timeout=timeout):
         kind, i = key.data
         if kind == "stop":
             sys.stdin.readline(); sel.unregister(sys.stdin); stopping = time.time() + 1.0
@@ -104,9 +112,9 @@ while True:
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError as e:
-                broken.append("%d: %s" % (i, e)); sel.unregister(conns[i]); continue
+                broken.append("%d: recv at %.3f: %s" % (i, time.time(), e)); dead.add(i); sel.unregister(conns[i]); continue
             if not data:
-                broken.append("%d: closed" % i); sel.unregister(conns[i]); continue
+                broken.append("%d: closed at %.3f" % (i, time.time())); dead.add(i); sel.unregister(conns[i]); continue
             buf[i] += data
             want = b"%d %d\n" % (i, seq[i])
             if len(buf[i]) >= len(want):
@@ -114,13 +122,17 @@ while True:
                 if buf[i][:len(want)] != want:
                     broken.append("%d: got %r for %r" % (i, buf[i], want))
                 requests.append((sent_at[i], t - sent_at[i]))
-                buf[i] = buf[i][len(want):]; seq[i] += 1; sent_at[i] = None; nxt[i] = t + TCP_EVERY
+                buf[i] = buf[i][len(want):]; seq[i] += 1; sent_at[i] = None
+                heapq.heappush(due, (t + TCP_EVERY, "t", i))
 after = snmp()
-missing = sum(1 for f in range(flows_n) for n, _ in usent[f] if n not in set(echoed[f]))
-twice = sum(len(e) - len(set(e)) for e in echoed)
-lost_at = [t for f in range(flows_n) for n, t in usent[f] if n not in set(echoed[f])]
+got = [set(e) for e in echoed]
+lost_at = [t for f in range(flows_n) for n, t in usent[f] if n not in got[f]]
+missing = len(lost_at)
+twice = sum(len(e) - len(g) for e, g in zip(echoed, got))
 # The service ends when a connection sends "end".
-conns[-1].setblocking(True); conns[-1].sendall(b"end\n"); conns[-1].recv(16)
+alive = [c for i, c in enumerate(conns) if i not in dead]
+if alive:
+    alive[-1].setblocking(True); alive[-1].sendall(b"end\n"); alive[-1].recv(16)
 print(json.dumps({"requests": requests, "udp_sent": sum(map(len, usent)), "udp_missing": missing, "udp_twice": twice,
                   "udp_lost_at": lost_at, "retransmitted": after["RetransSegs"] - before["RetransSegs"],
                   "resets": after["EstabResets"] - before["EstabResets"], "broken": broken}), flush=True)
@@ -178,6 +190,16 @@ class Sim:
         return json.loads(r.stdout)
 
 
+def snmp(ns):
+    """A node's counters: TCP segments sent again, datagrams dropped for a
+    full receive buffer."""
+    text = sh("ip", "netns", "exec", ns, "cat", "/proc/net/snmp", capture_output=True, text=True).stdout
+    table = {}
+    for names, values in zip(*[iter([l.split() for l in text.splitlines()])] * 2):
+        table.update({f"{names[0]}{n}": int(v) for n, v in zip(names[1:], values[1:])})
+    return {"retransmitted": table["Tcp:RetransSegs"], "udp_buffer_full": table["Udp:RcvbufErrors"]}
+
+
 def pid_of(lwk, ns, service):
     apps = json.loads(sh("ip", "netns", "exec", ns, lwk, "ps", "--json", capture_output=True).stdout)
     return next(a["pid"] for a in apps if a["command"].startswith(str(service)))
@@ -220,6 +242,7 @@ def one_case(lwk, service, shaped, cluster, mib, rate, conns, flows):
             client.wait(timeout=60)
             check = app.stdout.readline().strip()
             app.wait(timeout=120)
+            nodes = [snmp(ns) for ns in sim.nodes]
         finally:
             for p in (app, client):
                 if p and p.poll() is None:
@@ -236,6 +259,9 @@ def one_case(lwk, service, shaped, cluster, mib, rate, conns, flows):
         "latency_during": percentiles([l for t, l in reqs if during(t)]),
         "latency_after": percentiles([l for t, l in reqs if t > windows[-1][1] + 0.5]),
         "longest_stall_ms": max((l for _, l in reqs), default=0) * 1e3,
+        "nodes_retransmitted": sum(n["retransmitted"] for n in nodes),
+        "nodes_udp_buffer_full": sum(n["udp_buffer_full"] for n in nodes),
+        "nodes": nodes,
         "requests": reqs,
         **{k: seen[k] for k in ("udp_sent", "udp_missing", "udp_twice", "udp_lost_at", "retransmitted", "resets",
                                 "broken")},
@@ -349,8 +375,8 @@ def main():
 Produced by `{cmd}` on {time.strftime('%Y-%m-%d')} (one run; the simulated cluster of `lwk cluster
 sim up 2` on one machine: a client side and two nodes on a front bridge that floods every frame, a
 cluster network between the daemons). A service under `lwk run` with {mib} MiB of memory (a writer
-rewriting {rate} MiB/s of it), {conns} established TCP connections (each a line every 500 ms, echoed)
-and {flows} UDP flows (each a numbered datagram every 50 ms, echoed) is migrated from node 1 to node 2
+rewriting {rate} MiB/s of it), {conns} established TCP connections (each a line every second, echoed)
+and {flows} UDP flows (each a numbered datagram every 100 ms, echoed) is migrated from node 1 to node 2
 and back while the client goes on. `lwk migrate --cluster`: the address stays on every node; the
 destination holds the flows' packets from the freeze until the sockets are live there. Baseline: the
 same without the cluster (issue 9's way): the address moves at the freeze and the peers' packets

@@ -73,10 +73,13 @@ int main(int argc, char **argv) {
                     epoll_ctl(ep, EPOLL_CTL_ADD, c, &cev);
                 }
             } else if (fd == u) {
-                struct sockaddr_in from;
-                socklen_t fl = sizeof from;
-                ssize_t got = recvfrom(u, buf, sizeof buf, MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
-                if (got >= 0) {
+                /* Every datagram waiting, not one per turn of the loop. */
+                for (;;) {
+                    struct sockaddr_in from;
+                    socklen_t fl = sizeof from;
+                    ssize_t got = recvfrom(u, buf, sizeof buf, MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
+                    if (got < 0)
+                        break;
                     sendto(u, buf, got, 0, (struct sockaddr *)&from, fl);
                     udp++;
                 }

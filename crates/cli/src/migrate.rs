@@ -119,6 +119,10 @@ struct Report {
     /// (`lwk_node::quiet`), just before the freeze: the peers' wait is
     /// this and the freeze.
     quiet_ms: f64,
+    /// In a single-IP cluster, in the freeze: until the destination held
+    /// the application's flows and this node held and silenced them
+    /// (part of `capture_ms`).
+    hold_ms: f64,
     /// The freeze as the application saw it: until the destination's gate
     /// opened.
     freeze_ms: f64,
@@ -300,10 +304,12 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let proxies: Vec<i32> = members.iter().map(|m| m.1).collect();
     let mut holding = false;
     let mut held_here: Option<lwk_node::hold::Hold> = None;
+    let mut hold_ms = 0.0;
     let mut hold_there = |d: &lwk_migrate::checkpoint::Descriptors| -> Result<(), CheckpointError> {
         let (Some(service), true) = (args.address, args.cluster) else { return Ok(()) };
         let hold_error = |what: String| CheckpointError::Hold { pid: app.pid, what };
         let tcp = tcp_endpoints(&proxies, &d.tables);
+        let th = Instant::now();
         if !holding {
             let ports = |eps: Vec<SocketAddr>| -> Vec<u16> {
                 let mut p: Vec<u16> = eps
@@ -342,6 +348,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
                 held_here = Some(h);
                 silenced.map_err(|e| hold_error(format!("{e:#}")))?;
             }
+            hold_ms = ms(th);
         }
         Ok(())
     };
@@ -355,6 +362,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
                     .context(format!("process {} cannot be migrated now; it goes on here", app.pid)));
             }
         };
+    report.hold_ms = hold_ms;
     report.stop_ms = captured.stop_ms;
     report.capture_ms = captured.capture_ms;
     report.busy_retries = captured.retries;

@@ -77,6 +77,9 @@ struct Shared {
     /// queue too ([`Hold::cut`]).
     cut: AtomicUsize,
     already: Mutex<Vec<Already>>,
+    /// The receive buffer (bytes) of the UDP socket on each port
+    /// ([`Hold::pace`]).
+    buffers: Mutex<std::collections::HashMap<u16, usize>>,
 }
 
 /// The comment on this process's rules.
@@ -101,6 +104,7 @@ impl Hold {
             came: AtomicUsize::new(0),
             cut: AtomicUsize::new(usize::MAX),
             already: Mutex::new(Vec::new()),
+            buffers: Mutex::new(std::collections::HashMap::new()),
         });
         let mut hold = Hold { rules: Vec::new(), shared: shared.clone(), reader: None };
         // The reader first: packets may come as soon as a rule is in.
@@ -223,6 +227,14 @@ impl Hold {
         });
     }
 
+    /// At the release, let datagrams for `port` in no faster than its
+    /// socket (whose receive buffer is `receive_buffer` bytes) takes them:
+    /// what was held during the freeze comes at once, and a burst larger
+    /// than the buffer would be dropped there.
+    pub fn pace(&self, port: u16, receive_buffer: usize) {
+        self.shared.buffers.lock().expect("not poisoned").insert(port, receive_buffer);
+    }
+
     /// The source has captured its sockets' queues (and holds what comes
     /// there since): what comes from now on cannot be in them.
     pub fn cut(&self) {
@@ -254,6 +266,7 @@ fn read(mut q: nfq::Queue, queue: u16, shared: &Shared) -> Result<usize> {
     let mut held: Vec<nfq::Message> = Vec::new();
     let mut count = 0;
     let mut deduplicated = false;
+    let mut room = Room::default();
     loop {
         let m = shared.mode.load(SeqCst);
         match q.recv() {
@@ -283,13 +296,84 @@ fn read(mut q: nfq::Queue, queue: u16, shared: &Shared) -> Result<usize> {
                 }
                 _ => Vec::new(),
             };
-            for (i, mut msg) in held.drain(..).enumerate() {
+            // Datagrams to paced sockets go last, each when there is room
+            // (in order among themselves): the rest (TCP) need not wait.
+            let buffers = shared.buffers.lock().expect("not poisoned").clone();
+            let paced = |m: &nfq::Message| datagram(m.get_payload()).is_some_and(|d| buffers.contains_key(&d.port));
+            let (later, now): (Vec<_>, Vec<_>) =
+                held.drain(..).enumerate().partition(|(i, msg)| m == PASSING && !twice.contains(i) && paced(msg));
+            for (i, mut msg) in now.into_iter().chain(later) {
                 let drop = m == DROPPING || twice.contains(&i);
+                if !drop {
+                    room.wait(&buffers, msg.get_payload());
+                }
                 msg.set_verdict(if drop { nfq::Verdict::Drop } else { nfq::Verdict::Accept });
                 q.verdict(msg).context("giving a netfilter queue verdict")?;
             }
         }
     }
+}
+
+/// What the paced UDP sockets hold, as last read, and what went in since;
+/// how long the release waited for each.
+#[derive(Default)]
+struct Room {
+    queued: std::collections::HashMap<u16, usize>,
+    waited: std::collections::HashMap<u16, Duration>,
+}
+
+/// How long the release waits, all in all, for one port's socket to make
+/// room: an application that does not read it would otherwise hold up
+/// everything behind (its datagrams then meet a full buffer, as they
+/// would have natively).
+const PACE_BUDGET: Duration = Duration::from_millis(250);
+
+impl Room {
+    /// Before a datagram for a paced port goes in: wait until its socket's
+    /// queue is under half its buffer (within [`PACE_BUDGET`]).
+    fn wait(&mut self, buffers: &std::collections::HashMap<u16, usize>, packet: &[u8]) {
+        let Some(d) = datagram(packet) else { return };
+        let Some(&buffer) = buffers.get(&d.port) else { return };
+        // A datagram costs its bytes and the kernel's bookkeeping (truesize).
+        let cost = d.data.len() + 1024;
+        let start = std::time::Instant::now();
+        let waited = *self.waited.get(&d.port).unwrap_or(&Duration::ZERO);
+        loop {
+            let queued = *self.queued.get(&d.port).unwrap_or(&0);
+            if queued + cost < buffer / 2 {
+                self.queued.insert(d.port, queued + cost);
+                break;
+            }
+            // Read what it holds now; give the application time to read.
+            match udp_receive_queue(d.port) {
+                Some(now) if now + cost < buffer / 2 => {
+                    self.queued.insert(d.port, now + cost);
+                    break;
+                }
+                _ if waited + start.elapsed() > PACE_BUDGET => break,
+                _ => std::thread::sleep(Duration::from_micros(200)),
+            }
+        }
+        self.waited.insert(d.port, waited + start.elapsed());
+    }
+}
+
+/// The bytes queued (kernel accounting) on this node's UDP sockets bound to
+/// `port`, the largest (/proc/net/udp's rx_queue).
+fn udp_receive_queue(port: u16) -> Option<usize> {
+    let table = std::fs::read_to_string("/proc/net/udp").ok()?;
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let local = f.nth(1)?;
+            let queues = f.nth(1)?;
+            let p = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
+            let rx = usize::from_str_radix(queues.split_once(':')?.1, 16).ok()?;
+            (p == port).then_some(rx)
+        })
+        .max()
 }
 
 /// The held packets (by index) that are datagrams a restored queue ends

@@ -338,6 +338,7 @@ fn receive(mut ch: Channel, config: &Config, peer: SocketAddr, to: Destination, 
                 let images: Vec<(i32, SocketImage)> = rec.json()?;
                 for (_, image) in images {
                     if let SocketImage::Udp(u) = image {
+                        h.pace(u.local.port(), u.settings.buffers.receive);
                         already.extend(u.queue.into_iter().map(|d| crate::hold::Already {
                             port: u.local.port(),
                             source: d.source,
@@ -390,10 +391,13 @@ fn receive(mut ch: Channel, config: &Config, peer: SocketAddr, to: Destination, 
             // them goes in now, in order.
             let mut release = |opened: &Reply| {
                 if let (Some(h), Reply::Opened { .. }) = (hold.take(), opened) {
-                    match h.release(std::mem::take(&mut already)) {
+                    // Paced to what the sockets take: the source need not
+                    // wait for it.
+                    let already = std::mem::take(&mut already);
+                    std::thread::spawn(move || match h.release(already) {
                         Ok(n) => log(&format!("{peer}: {n} packets held during the freeze let in")),
                         Err(e) => log(&format!("{peer}: letting the held packets in: {e:#}")),
-                    }
+                    });
                 }
             };
             if relay {
