@@ -108,17 +108,7 @@ fn one_node_answers_for_the_service_address_and_sim_down_leaves_nothing() {
     let sim = Sim::up(3);
     assert_eq!(sim.info["service"], "198.18.0.10");
     // net_target under lwk on the second node, on the service address.
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &sim.node(1), LWK, "run", "--"])
-        .arg(compiled("net_target"))
-        .args(["198.18.0.10", "7001", "7002"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
-    let mut app = only_standard_streams(&mut cmd).spawn().unwrap();
-    let mut out = BufReader::new(app.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line, "ready\n");
+    let (mut app, _out) = run_on(&sim, 1, "net_target", &["198.18.0.10", "7001", "7002"]);
     let before: Vec<u64> = (0..3).map(|k| sim.sent_by(k)).collect();
     // The client, from its side (this test's thread enters it).
     let client_ns = sim.info["client"]["netns"].as_str().unwrap().to_string();
@@ -257,10 +247,23 @@ fn start_service(
     k: usize,
     ports: (u16, u16),
 ) -> (std::process::Child, BufReader<std::process::ChildStdout>, i32) {
+    let (tcp, udp) = (ports.0.to_string(), ports.1.to_string());
+    let (app, out) = run_on(sim, k, "bench/src/cluster_service", &["198.18.0.10", &tcp, &udp, "16", "4"]);
+    let pid = lwk_migrate::app::App::attach(app.id() as i32).unwrap().pid;
+    (app, out, pid)
+}
+
+/// A test program under `lwk run` on node `k`, once it said "ready".
+fn run_on(
+    sim: &Sim,
+    k: usize,
+    program: &'static str,
+    args: &[&str],
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &sim.node(k), LWK, "run", "--"])
-        .arg(compiled("bench/src/cluster_service"))
-        .args(["198.18.0.10", &ports.0.to_string(), &ports.1.to_string(), "16", "4"])
+        .arg(compiled(program))
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     let mut app = only_standard_streams(&mut cmd).spawn().unwrap();
@@ -268,8 +271,7 @@ fn start_service(
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "ready\n");
-    let pid = lwk_migrate::app::App::attach(app.id() as i32).unwrap().pid;
-    (app, out, pid)
+    (app, out)
 }
 
 /// `lwk migrate PID --cluster` from node `from` to node `to`.

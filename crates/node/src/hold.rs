@@ -114,34 +114,13 @@ impl Hold {
                 let list: Vec<String> = chunk.iter().map(u16::to_string).collect();
                 // Not what a restore sends to put a socket's queued
                 // datagrams back (over the loopback, marked).
-                let rule: Vec<String> = [
+                let mark = format!("{:#x}", lwk_migrate::sockets::REINJECTED_MARK);
+                let rule = rule(
                     "PREROUTING",
-                    "-m",
-                    "mark",
-                    "!",
-                    "--mark",
-                    &format!("{:#x}", lwk_migrate::sockets::REINJECTED_MARK),
-                    "-d",
-                    &addr.to_string(),
-                    "-p",
-                    proto,
-                    "-m",
-                    "multiport",
-                    "--dports",
-                    &list.join(","),
-                    "-m",
-                    "comment",
-                    "--comment",
-                    &comment(),
-                    "-j",
-                    "NFQUEUE",
-                    "--queue-num",
-                    &queue.to_string(),
-                    "--queue-bypass",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+                    &["-m", "mark", "!", "--mark", &mark, "-d", &addr.to_string(), "-p", proto],
+                    &["--dports", &list.join(",")],
+                    &["NFQUEUE", "--queue-num", &queue.to_string(), "--queue-bypass"],
+                );
                 iptables("-A", &rule)?;
                 hold.rules.push(rule);
             }
@@ -190,26 +169,8 @@ impl Hold {
         let Some(addr) = flows.addr else { bail!("a hold needs the service address") };
         for chunk in flows.tcp_ports.chunks(15) {
             let list: Vec<String> = chunk.iter().map(u16::to_string).collect();
-            let rule: Vec<String> = [
-                "OUTPUT",
-                "-s",
-                &addr.to_string(),
-                "-p",
-                "tcp",
-                "-m",
-                "multiport",
-                "--sports",
-                &list.join(","),
-                "-m",
-                "comment",
-                "--comment",
-                &comment(),
-                "-j",
-                "DROP",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            let rule =
+                rule("OUTPUT", &["-s", &addr.to_string(), "-p", "tcp"], &["--sports", &list.join(",")], &["DROP"]);
             iptables("-A", &rule)?;
             self.rules.push(rule);
         }
@@ -411,6 +372,19 @@ fn datagram(packet: &[u8]) -> Option<Already> {
     let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
     let data = udp.get(8..len.max(8))?.to_vec();
     Some(Already { port: dport, source: std::net::SocketAddr::new(src.into(), sport), data })
+}
+
+/// A rule of `chain` (raw table): `matches`, the ports (`multiport`), this
+/// process's comment, then `-j` and `target`.
+fn rule(chain: &str, matches: &[&str], ports: &[&str], target: &[&str]) -> Vec<String> {
+    let comment = comment();
+    let mut rule = vec![chain];
+    rule.extend(matches);
+    rule.extend(["-m", "multiport"]);
+    rule.extend(ports);
+    rule.extend(["-m", "comment", "--comment", &comment, "-j"]);
+    rule.extend(target);
+    rule.into_iter().map(str::to_string).collect()
 }
 
 fn iptables(op: &str, rule: &[String]) -> Result<String> {
