@@ -89,7 +89,9 @@ int main(int argc, char **argv) {
                     close(fd);
                     continue;
                 }
-                if (got == 4 && memcmp(buf, "end\n", 4) == 0)
+                /* "end\n" as the last line of what came (it may come with
+                 * an earlier line in one read). */
+                if (got >= 4 && memcmp(buf + got - 4, "end\n", 4) == 0 && (got == 4 || buf[got - 5] == '\n'))
                     running = 0;
                 if (write(fd, buf, got) != got)
                     return 6;

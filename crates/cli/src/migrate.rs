@@ -325,6 +325,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
                 addr: Some(service.addr),
                 tcp_ports: ports(tcp.clone()),
                 udp_ports: ports(udp_endpoints(&proxies, &d.tables)),
+                neighbours: lwk_node::hold::neighbours(),
             };
             if !flows.tcp_ports.is_empty() || !flows.udp_ports.is_empty() {
                 w.json(RecordKind::Hold, &flows)?;
@@ -488,11 +489,9 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     }
     drop(stream);
     captured.end();
-    // Its sockets here are gone: in a cluster, what still comes for them
-    // is dropped by the filter (no socket), and the rule can go; what this
-    // node held, the destination let in.
+    // Its connections here are gone (disconnected); without the address,
+    // nothing comes for them any more.
     drop(quiet);
-    drop(held_here);
     if precopy.is_some() {
         report.resent_bytes = report.rounds.iter().skip(1).map(|r| r.bytes).sum::<u64>() + report.frozen_memory_bytes;
     }
@@ -529,7 +528,34 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
             report.total_ms,
         );
     }
+    // In a cluster, what this node held the destination let in; but the
+    // peers' packets still come here, and until the processes and proxies
+    // here are gone their listeners would answer them with resets: this
+    // node stays holding and silent until then.
+    if let Some(h) = held_here {
+        let pids: Vec<i32> = members.iter().flat_map(|&(a, p)| [a, p]).collect();
+        if !gone_within(&pids, Duration::from_secs(30)) {
+            eprintln!("lwk: the application's processes here outlived it by 30 s; its flows are let go anyway");
+        }
+        drop(h);
+    }
     Ok(0)
+}
+
+/// Whether every process of `pids` ended (a zombie counts) within `limit`.
+fn gone_within(pids: &[i32], limit: Duration) -> bool {
+    let t = Instant::now();
+    let ended = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+    };
+    while !pids.iter().all(ended) {
+        if t.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
 }
 
 /// The application goes on here after all: what this node held of its

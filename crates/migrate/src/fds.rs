@@ -590,7 +590,9 @@ pub fn capture(pid: i32) -> Result<FdTable> {
 pub enum Contents {
     Read,
     /// Only what the descriptors are (to see whether they can move, while
-    /// the process runs and its pipes change): every pipe listed empty.
+    /// the process runs and its pipes change): every pipe listed empty,
+    /// and epoll registrations not checked against the descriptors (one
+    /// may be closed between the two looks).
     Skip,
 }
 
@@ -618,10 +620,20 @@ pub fn capture_with(pid: i32, contents: Contents) -> Result<FdTable> {
             .map(|part| {
                 scope.spawn(move || {
                     part.iter()
-                        .map(|&fd| {
-                            let t = take(pid, pidfd, fd)?;
-                            let e = describe(pid, &t)?;
-                            Ok((t, e))
+                        .filter_map(|&fd| {
+                            let taken = take(pid, pidfd, fd).and_then(|t| Ok((describe(pid, &t)?, t)));
+                            match taken {
+                                Ok((e, t)) => Some(Ok((t, e))),
+                                // While the process runs (Skip), a descriptor
+                                // closed since the list is just gone.
+                                Err(_)
+                                    if contents == Contents::Skip
+                                        && !std::path::Path::new(&proc_path(pid, &format!("fd/{fd}"))).exists() =>
+                                {
+                                    None
+                                }
+                                Err(e) => Some(Err(e)),
+                            }
                         })
                         .collect()
                 })
@@ -643,7 +655,12 @@ pub fn capture_with(pid: i32, contents: Contents) -> Result<FdTable> {
         Contents::Read => capture_pipe_contents(pid, &taken, &fds)?,
         Contents::Skip => Vec::new(),
     };
-    check_epoll_registrations(&taken, &mut fds);
+    // While the process runs (Skip), a descriptor closed between the list
+    // and the epoll instance's own is no sign of anything: the capture in
+    // the freeze looks again.
+    if contents == Contents::Read {
+        check_epoll_registrations(&taken, &mut fds);
+    }
 
     Ok(FdTable { pid, fds, pipes, process: capture_process_fs(pid)? })
 }

@@ -32,6 +32,7 @@
 //! has the later copy taken for the earlier.
 
 use std::net::Ipv4Addr;
+use std::process::Command;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -45,6 +46,52 @@ pub struct Flows {
     pub addr: Option<Ipv4Addr>,
     pub tcp_ports: Vec<u16>,
     pub udp_ports: Vec<u16>,
+    /// The source's resolved neighbours (IPv4 address, hardware address):
+    /// the destination learns them before the restored connections send,
+    /// or a thousand connections' first packets would wait for one
+    /// address resolution, overflow its queue and be sent again later.
+    #[serde(default)]
+    pub neighbours: Vec<(Ipv4Addr, String)>,
+}
+
+/// This node's resolved IPv4 neighbours (/proc/net/arp, complete entries).
+pub fn neighbours() -> Vec<(Ipv4Addr, String)> {
+    let Ok(table) = std::fs::read_to_string("/proc/net/arp") else { return Vec::new() };
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // IP address, HW type, Flags (0x2: complete), HW address, ...
+            let complete = u32::from_str_radix(f.get(2)?.trim_start_matches("0x"), 16).ok()? & 0x2 != 0;
+            complete.then(|| Some((f[0].parse().ok()?, f.get(3)?.to_string())))?
+        })
+        .take(4096)
+        .collect()
+}
+
+/// Learn `neighbours` on `dev` (as stale entries: used at once, checked by
+/// the kernel when next used).
+pub fn learn(neighbours: &[(Ipv4Addr, String)], dev: &str) -> Result<()> {
+    if neighbours.is_empty() {
+        return Ok(());
+    }
+    let batch: String =
+        neighbours.iter().map(|(ip, mac)| format!("neigh replace {ip} lladdr {mac} dev {dev} nud stale\n")).collect();
+    let mut child = Command::new("ip")
+        .args(["-force", "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run ip")?;
+    std::io::Write::write_all(child.stdin.as_mut().expect("piped"), batch.as_bytes())?;
+    drop(child.stdin.take());
+    let o = child.wait_with_output()?;
+    if !o.status.success() {
+        bail!("ip neigh: {}", String::from_utf8_lossy(&o.stderr).trim());
+    }
+    Ok(())
 }
 
 /// A datagram a restored UDP socket's queue holds already.
@@ -109,6 +156,7 @@ impl Hold {
         let mut hold = Hold { rules: Vec::new(), shared: shared.clone(), reader: None };
         // The reader first: packets may come as soon as a rule is in.
         hold.reader = Some(std::thread::spawn(move || read(q, queue, &shared)));
+        let mut rules = Vec::new();
         for (proto, ports) in [("tcp", &flows.tcp_ports), ("udp", &flows.udp_ports)] {
             for chunk in ports.chunks(15) {
                 let list: Vec<String> = chunk.iter().map(u16::to_string).collect();
@@ -121,13 +169,15 @@ impl Hold {
                     &["--dports", &list.join(",")],
                     &["NFQUEUE", "--queue-num", &queue.to_string(), "--queue-bypass"],
                 );
-                iptables("-A", &rule)?;
-                hold.rules.push(rule);
+                rules.push(rule);
             }
         }
-        if hold.rules.is_empty() {
+        if rules.is_empty() {
             bail!("nothing to hold: no port named");
         }
+        // One command for all (it is the freeze's time).
+        iptables_all("-A", &rules)?;
+        hold.rules = rules;
         Ok(hold)
     }
 
@@ -203,8 +253,12 @@ impl Hold {
     }
 
     fn remove_rules(&mut self) {
-        for rule in std::mem::take(&mut self.rules) {
-            iptables("-D", &rule).ok();
+        let rules = std::mem::take(&mut self.rules);
+        if iptables_all("-D", &rules).is_err() {
+            // One at a time: those that are there go.
+            for rule in rules {
+                iptables("-D", &rule).ok();
+            }
         }
     }
 }
@@ -387,6 +441,33 @@ fn rule(chain: &str, matches: &[&str], ports: &[&str], target: &[&str]) -> Vec<S
     rule.into_iter().map(str::to_string).collect()
 }
 
+/// `op` (-A or -D) for each of `rules` (raw table), in one transaction
+/// (`iptables-restore --noflush`).
+fn iptables_all(op: &str, rules: &[Vec<String>]) -> Result<()> {
+    if rules.is_empty() {
+        return Ok(());
+    }
+    let mut text = String::from("*raw\n");
+    for rule in rules {
+        text += &format!("{op} {}\n", rule.join(" "));
+    }
+    text += "COMMIT\n";
+    let mut child = Command::new("iptables-restore")
+        .args(["-w", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run iptables-restore (Debian's iptables)")?;
+    std::io::Write::write_all(child.stdin.as_mut().expect("piped"), text.as_bytes())?;
+    drop(child.stdin.take());
+    let o = child.wait_with_output()?;
+    if !o.status.success() {
+        bail!("iptables-restore: {}", String::from_utf8_lossy(&o.stderr).trim());
+    }
+    Ok(())
+}
+
 fn iptables(op: &str, rule: &[String]) -> Result<String> {
     let mut args = vec!["-w", "-t", "raw", op];
     args.extend(rule.iter().map(String::as_str));
@@ -465,7 +546,8 @@ mod tests {
         let (mut server, _) = listener.accept().unwrap();
         server.set_nonblocking(true).unwrap();
         let retrans = retransmitted();
-        let flows = Flows { addr: Some(Ipv4Addr::LOCALHOST), tcp_ports: vec![9998], udp_ports: vec![9999] };
+        let flows =
+            Flows { addr: Some(Ipv4Addr::LOCALHOST), tcp_ports: vec![9998], udp_ports: vec![9999], neighbours: vec![] };
         let hold = Hold::start(&flows, 7).unwrap();
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         for i in 0..50u32 {

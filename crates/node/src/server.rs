@@ -328,9 +328,22 @@ fn receive(mut ch: Channel, config: &Config, peer: SocketAddr, to: Destination, 
                 let flows: crate::hold::Flows = rec.json()?;
                 let (h, queue) = crate::hold::Hold::start_in(&flows, 4000..5000, (stamp % 1000) as u16 + 4000)
                     .context("holding the application's packets")?;
-                log(&format!("{peer}: holding {flows:?} in queue {queue}"));
+                log(&format!(
+                    "{peer}: holding {:?} TCP {:?} UDP {:?} in queue {queue}",
+                    flows.addr, flows.tcp_ports, flows.udp_ports
+                ));
                 hold = Some(h);
                 ch.send(&Reply::Holding)?;
+                // The source's neighbours, before the restored connections
+                // send (while the restore goes on).
+                if let Some(dev) = config.service_dev.clone() {
+                    let neighbours = flows.neighbours;
+                    std::thread::spawn(move || {
+                        if let Err(e) = crate::hold::learn(&neighbours, &dev) {
+                            log(&format!("{peer}: learning the source's neighbours: {e:#}"));
+                        }
+                    });
+                }
             }
             if let (Some(lwk_migrate::image::RecordKind::Sockets), Some(h)) = (rec.kind(), &hold) {
                 use lwk_migrate::checkpoint::SocketImage;
