@@ -312,10 +312,10 @@ def chart(c, path):
            'font-size="12">', f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{L}" y="20" font-size="14">lwk migrate --cluster, {c["memory_mib"]} MiB, '
            f'{c["connections"]} TCP + {c["flows"]} UDP, {c["network"]}: one migration</text>']
-    # The freeze: it ends when lwk migrate's report says the gate opened.
-    fz_end = (t1 - t0) - (r["total_ms"] - r["precopy_ms"] - r["freeze_ms"]) / 1e3
-    fz_end = min(max(fz_end, r["precopy_ms"] / 1e3), t1 - t0)
-    fz_start = fz_end - r["freeze_ms"] / 1e3
+    # The freeze follows the pre-copy (the report's times are from the
+    # start of lwk migrate, within a few ms of t0).
+    fz_start = r["precopy_ms"] / 1e3
+    fz_end = fz_start + r["freeze_ms"] / 1e3
     for y0, y1 in (top, bot):
         out.append(f'<rect x="{x(fz_start):.1f}" y="{y0}" width="{max(x(fz_end) - x(fz_start), 1.5):.1f}" '
                    f'height="{y1 - y0}" fill="#f4a6a6"/>')
@@ -331,23 +331,35 @@ def chart(c, path):
                    f'height="{top[1] - ty(mib):.1f}" fill="#8fb3e0"/>')
         out.append(f'<rect x="{x(a):.1f}" y="{ty(dirty):.1f}" width="{max(x(b) - x(a), 1.5):.1f}" '
                    f'height="{top[1] - ty(dirty):.1f}" fill="#2a5caa"/>')
-        out.append(f'<text x="{x(a) + 2:.1f}" y="{ty(mib) - 4:.1f}">round {i + 1}: {mib:.0f} MiB</text>')
+        if x(b) - x(a) > 90:
+            out.append(f'<text x="{x(a) + 2:.1f}" y="{ty(mib) - 4:.1f}">round {i + 1}: {mib:.0f} MiB</text>')
         t = b
+    sizes = " + ".join(f"{rd['bytes'] / 2**20:.0f}" for rd in r["rounds"])
+
     out.append(f'<text x="10" y="{top[0] + 10}">MiB sent</text>')
-    out.append(f'<text x="{L}" y="{top[1] + 16}" fill="#2a5caa">dark: written since the round before '
-               '(dirty); light: all sent in the round</text>')
+    out.append(f'<text x="{L}" y="{top[1] + 16}" fill="#2a5caa">pre-copy rounds of {sizes} MiB; dark: written '
+               'since the round before (dirty); light: all sent in the round</text>')
     # Latency, log scale from 0.1 ms to the longest.
     import math
     lat = [(s - t0, l * 1e3) for s, l in c["requests"] if lo <= s - t0 <= hi]
     top_ms = max([l for _, l in lat] + [10])
     ly = lambda ms: bot[1] - (math.log10(max(ms, 0.1)) + 1) / (math.log10(top_ms) + 1) * (bot[1] - bot[0])
+    # Per 50 ms of send time: the range of latencies (a line from the
+    # shortest to the longest) and the median (a dot).
+    bins = {}
     for s, l in lat:
-        out.append(f'<circle cx="{x(s):.1f}" cy="{ly(l):.1f}" r="1.3" fill="#333"/>')
+        bins.setdefault(int(s / 0.05), []).append(l)
+    for b, ls in sorted(bins.items()):
+        ls.sort()
+        bx = x((b + 0.5) * 0.05)
+        out.append(f'<line x1="{bx:.1f}" x2="{bx:.1f}" y1="{ly(ls[0]):.1f}" y2="{ly(ls[-1]):.1f}" stroke="#999"/>')
+        out.append(f'<circle cx="{bx:.1f}" cy="{ly(ls[len(ls) // 2]):.1f}" r="1.6" fill="#222"/>')
     for ms in (0.1, 1, 10, 100, 1000):
         if ms <= top_ms:
             out.append(f'<line x1="{L}" x2="{W - R}" y1="{ly(ms):.1f}" y2="{ly(ms):.1f}" stroke="#ddd"/>')
             out.append(f'<text x="{L - 6}" y="{ly(ms) + 4:.1f}" text-anchor="end">{ms:g} ms</text>')
-    out.append(f'<text x="10" y="{bot[0] - 8}">client request latency (TCP echo), at the time it was sent</text>')
+    out.append(f'<text x="10" y="{bot[0] - 8}">client request latency (TCP echo) by when it was sent, per 50 ms: '
+               'range (line) and median (dot)</text>')
     for s in range(math.ceil(lo), math.floor(hi) + 1):
         out.append(f'<text x="{x(s):.1f}" y="{H - 30}" text-anchor="middle">{s}</text>')
     out.append(f'<text x="{W / 2}" y="{H - 10}" text-anchor="middle">seconds from the start of lwk migrate</text>')
@@ -399,7 +411,8 @@ either (from its start to half a second after its end), after the second.
 
 {clients}
 
-The chart (bench/cluster.svg) shows the first migration of the shaped `--cluster` case.
+The chart (bench/cluster.svg) shows the first migration of the shaped `--cluster` case. What the
+figures say, and what would lower the freeze: bench/RESULTS.md.
 """
     if args.quick:
         print(text)
