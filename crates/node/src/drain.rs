@@ -103,7 +103,7 @@ pub fn serve(ch: &mut Channel, config: &Config, ask: &Ask) -> Result<()> {
 /// What `lwk drain` asks.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Ask {
-    /// The nodes' daemons to move the applications to (HOST[:PORT]).
+    /// The nodes' daemons to move the applications to (`HOST[:PORT]`).
     pub to: Vec<String>,
     /// `lwk migrate --address`, and `--cluster`.
     pub address: Option<String>,
