@@ -6,7 +6,7 @@
 //!
 //! * at prerouting, before connection tracking and after the raw table
 //!   (priority -290: a migration's hold comes first, see
-//!   [`crate::hold`]), a packet for a service
+//!   [`lwk_node::hold`]), a packet for a service
 //!   address is accepted only when the kernel finds a local socket for it
 //!   (the `socket` expression: an established flow, or a listener for a
 //!   new connection); everything else for those addresses is dropped
