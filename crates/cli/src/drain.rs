@@ -20,15 +20,9 @@ pub struct DrainArgs {
     /// applications are dealt out in turn).
     #[arg(long, required = true)]
     to: Vec<String>,
-    /// The cluster key.
-    #[arg(long, default_value = DEFAULT_KEY_FILE)]
-    key: PathBuf,
-    /// The service address, as `lwk migrate --address` takes it.
-    #[arg(long)]
-    address: Option<lwk_node::address::Cidr>,
-    /// The nodes are of a single-IP cluster (`lwk migrate --cluster`).
-    #[arg(long, requires = "address")]
-    cluster: bool,
+    /// The key, and the address each application's `lwk migrate` is given.
+    #[command(flatten)]
+    service: crate::migrate::Service,
     /// How many applications move at once.
     #[arg(long, default_value_t = 1)]
     parallel: usize,
@@ -74,11 +68,11 @@ pub fn drain(args: DrainArgs) -> Result<i32> {
     if args.parallel == 0 {
         bail!("--parallel 0: at least one migration at a time");
     }
-    let mut ch = connect(&args.node, &args.key)?;
+    let mut ch = connect(&args.node, &args.service.key)?;
     let ask = lwk_node::drain::Ask {
         to: args.to.clone(),
-        address: args.address.map(|a| a.to_string()),
-        cluster: args.cluster,
+        address: args.service.address.map(|a| a.to_string()),
+        cluster: args.service.cluster,
         parallel: args.parallel,
     };
     ch.send(&Request::Drain(ask))?;

@@ -38,21 +38,8 @@ pub struct MigrateArgs {
     /// The destination node's daemon: `HOST[:PORT]` (port 7070 by default).
     #[arg(long)]
     to: String,
-    /// The cluster key.
-    #[arg(long, default_value = DEFAULT_KEY_FILE)]
-    key: PathBuf,
-    /// The application's service address (A.B.C.D/N): it leaves this node
-    /// at the commit and comes up on the destination's service interface,
-    /// so its TCP connections and UDP sockets go on there. Needed when it
-    /// has sockets.
-    #[arg(long)]
-    address: Option<lwk_node::address::Cidr>,
-    /// Both nodes are of a single-IP cluster that has the service address
-    /// (`lwk cluster up`): the address stays; the destination holds the
-    /// application's packets from the freeze until its sockets there are
-    /// live, so no peer has to send anything again.
-    #[arg(long, requires = "address")]
-    cluster: bool,
+    #[command(flatten)]
+    service: Service,
     /// Seconds the destination may stay silent before the migration fails
     /// (and the application goes on here).
     #[arg(long, default_value_t = 60)]
@@ -78,6 +65,27 @@ pub struct MigrateArgs {
     /// its memory faster than the link carries it.
     #[arg(long, value_name = "MS")]
     max_freeze: Option<u64>,
+}
+
+/// The cluster key and the service address: what `lwk migrate` and
+/// `lwk drain` are told alike.
+#[derive(clap::Args)]
+pub struct Service {
+    /// The cluster key.
+    #[arg(long, default_value = DEFAULT_KEY_FILE)]
+    pub key: PathBuf,
+    /// The application's service address (A.B.C.D/N): it leaves this node
+    /// at the commit and comes up on the destination's service interface,
+    /// so its TCP connections and UDP sockets go on there. Needed when it
+    /// has sockets.
+    #[arg(long)]
+    pub address: Option<lwk_node::address::Cidr>,
+    /// Both nodes are of a single-IP cluster that has the service address
+    /// (`lwk cluster up`): the address stays; the destination holds the
+    /// application's packets from the freeze until its sockets there are
+    /// live, so no peer has to send anything again.
+    #[arg(long, requires = "address")]
+    pub cluster: bool,
 }
 
 /// Pre-copy stops after this many rounds, or when a round leaves little
@@ -151,7 +159,7 @@ pub fn resolve(to: &str) -> Result<SocketAddr> {
 }
 
 pub fn main(args: MigrateArgs) -> Result<i32> {
-    let key = lwk_node::key::load(&args.key)?;
+    let key = lwk_node::key::load(&args.service.key)?;
     // The application's processes: the one `lwk run` started and those it
     // forked, each with its memory sent ahead (pre-copy).
     let tree = Tree::attach(args.pid)?;
@@ -161,7 +169,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     // Its address, the rules that keep its packets, are of its node: this
     // command must run there (in the same network namespace).
     let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
-    if args.address.is_some() && netns(&info.proxy_pid.to_string()) != netns("self") {
+    if args.service.address.is_some() && netns(&info.proxy_pid.to_string()) != netns("self") {
         bail!(
             "process {} has its sockets in another network namespace than this command: run lwk migrate in its node (for example with ip netns exec)",
             app.pid
@@ -204,10 +212,10 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     ch.send(&Request::Restore {
         command: info.command.clone(),
         memory_bytes: info.memory_bytes,
-        address: args.address.map(|a| a.to_string()),
+        address: args.service.address.map(|a| a.to_string()),
         relay: relay.is_some(),
         partition: PartitionSpec::of(&app.control().header).map(|p| serde_json::to_string(&p)).transpose()?,
-        cluster: args.cluster,
+        cluster: args.service.cluster,
     })?;
     match ch.recv::<Reply>()? {
         Reply::Ready => {}
@@ -284,13 +292,14 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     // In a single-IP cluster the address stays, and other applications
     // may share it: only this one's endpoints are kept out, from the
     // freeze on (below).
-    let mut quiet = match args.address.filter(|_| !args.cluster).map(|a| Quiet::start(a.addr)).transpose() {
-        Ok(q) => q,
-        Err(e) => {
-            ch.stream.shutdown(std::net::Shutdown::Write).ok();
-            return Err(e.context(format!("process {} cannot be migrated; it goes on here", app.pid)));
-        }
-    };
+    let mut quiet =
+        match args.service.address.filter(|_| !args.service.cluster).map(|a| Quiet::start(a.addr)).transpose() {
+            Ok(q) => q,
+            Err(e) => {
+                ch.stream.shutdown(std::net::Shutdown::Write).ok();
+                return Err(e.context(format!("process {} cannot be migrated; it goes on here", app.pid)));
+            }
+        };
     report.quiet_ms = ms(tq);
     let tf = Instant::now();
     // In a single-IP cluster, once the application is frozen: the
@@ -306,7 +315,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let mut held_here: Option<lwk_node::hold::Hold> = None;
     let mut hold_ms = 0.0;
     let mut hold_there = |d: &lwk_migrate::checkpoint::Descriptors| -> Result<(), CheckpointError> {
-        let (Some(service), true) = (args.address, args.cluster) else { return Ok(()) };
+        let (Some(service), true) = (args.service.address, args.service.cluster) else { return Ok(()) };
         let hold_error = |what: String| CheckpointError::Hold { pid: app.pid, what };
         let tcp = tcp_endpoints(&proxies, &d.tables);
         let th = Instant::now();
@@ -371,7 +380,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let mut image_sent = false;
     // Everything up to the go can fail: the application then goes on here.
     let outcome = (|| -> Result<()> {
-        if captured.sockets.iter().any(|s| !s.images.is_empty()) && args.address.is_none() {
+        if captured.sockets.iter().any(|s| !s.images.is_empty()) && args.service.address.is_none() {
             bail!("the application has TCP or UDP sockets: name the service address that moves with it (--address)");
         }
         let tt = Instant::now();
@@ -437,7 +446,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
     let mut moved_from = None;
     let tc = Instant::now();
     let committed = (|| -> Result<()> {
-        if let Some(a) = args.address.filter(|_| !args.cluster) {
+        if let Some(a) = args.service.address.filter(|_| !args.service.cluster) {
             moved_from = Some(lwk_node::address::remove(a)?);
             // Gone from here: what comes for it now is not this node's.
             if let Some(q) = quiet.take() {
@@ -462,7 +471,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
         Ok(())
     })();
     if let Err(e) = committed {
-        if let (Some(a), Some(dev)) = (args.address, &moved_from) {
+        if let (Some(a), Some(dev)) = (args.service.address, &moved_from) {
             if let Err(e) = lwk_node::address::add(a, dev) {
                 eprintln!("lwk: putting {a} back on {dev}: {e:#}");
             }
