@@ -30,6 +30,13 @@
 //! case that matching by content gets wrong: a sender that sends the same
 //! bytes twice within that window (one cluster round trip plus the capture)
 //! has the later copy taken for the earlier.
+//!
+//! The source holds the same flows too, from the destination's word on,
+//! with its own end silenced ([`Hold::silence`]): at the commit it drops
+//! what it held, at a rollback it lets it in ([`Hold::speak`] first). At
+//! the release the destination lets datagrams in no faster than their
+//! socket takes them ([`Hold::pace`]), TCP first; and it learns the
+//! source's [`neighbours`] ([`learn`]) before the restored sockets send.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
