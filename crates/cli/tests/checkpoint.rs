@@ -122,8 +122,19 @@ fn a_thread_that_no_signal_interrupts_fails_the_freeze_and_the_program_goes_on()
     let expected = native(&["vfork"]);
     let (mut child, mut out) = start(&["vfork"]);
     let app = App::attach(child.id() as i32).unwrap();
-    // The main thread waits for its vfork child (3 s), killable only.
-    std::thread::sleep(Duration::from_millis(300));
+    // The main thread waits for its vfork child (3 s), killable only:
+    // once that child is there (not after a fixed time: on a loaded
+    // machine the vfork may come late).
+    let has_child = || {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", app.pid)).unwrap();
+        tasks.flatten().any(|t| !std::fs::read_to_string(t.path().join("children")).unwrap_or_default().is_empty())
+    };
+    let t = std::time::Instant::now();
+    while !has_child() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no vfork child came");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
     match app.freeze(Duration::from_secs(5)) {
         Err(AppError::FreezeFailed { errno, .. }) => assert_eq!(errno, libc::EBUSY),
         Err(e) => panic!("unexpected error: {e}"),
