@@ -19,39 +19,4 @@
 pub mod node;
 pub mod sim;
 
-use std::process::{Command, Stdio};
-
-use anyhow::{bail, Context, Result};
-
-/// Run `program` with `args` (and `input` on its standard input); its
-/// standard output, or its error naming the command.
-fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String> {
-    use std::io::Write;
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run {program} (install {})", package_of(program)))?;
-    if let Some(text) = input {
-        child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(text.as_bytes())
-            .with_context(|| format!("talking to {program}"))?;
-    }
-    let o = child.wait_with_output()?;
-    if !o.status.success() {
-        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-}
-
-fn package_of(program: &str) -> &'static str {
-    match program {
-        "nft" => "nftables",
-        _ => "iproute2",
-    }
-}
+use lwk_node::command::run;

@@ -39,13 +39,14 @@
 //! source's [`neighbours`] ([`learn`]) before the restored sockets send.
 
 use std::net::Ipv4Addr;
-use std::process::Command;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+
+use crate::command::run;
 
 /// What to hold: packets to `addr` for these TCP and UDP ports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -85,19 +86,7 @@ pub fn learn(neighbours: &[(Ipv4Addr, String)], dev: &str) -> Result<()> {
     }
     let batch: String =
         neighbours.iter().map(|(ip, mac)| format!("neigh replace {ip} lladdr {mac} dev {dev} nud stale\n")).collect();
-    let mut child = Command::new("ip")
-        .args(["-force", "-batch", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("cannot run ip")?;
-    std::io::Write::write_all(child.stdin.as_mut().expect("piped"), batch.as_bytes())?;
-    drop(child.stdin.take());
-    let o = child.wait_with_output()?;
-    if !o.status.success() {
-        bail!("ip neigh: {}", String::from_utf8_lossy(&o.stderr).trim());
-    }
+    run("ip", &["-force", "-batch", "-"], Some(&batch))?;
     Ok(())
 }
 
@@ -459,46 +448,21 @@ fn iptables_all(op: &str, rules: &[Vec<String>]) -> Result<()> {
         text += &format!("{op} {}\n", rule.join(" "));
     }
     text += "COMMIT\n";
-    let mut child = Command::new("iptables-restore")
-        .args(["-w", "--noflush"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("cannot run iptables-restore (Debian's iptables)")?;
-    std::io::Write::write_all(child.stdin.as_mut().expect("piped"), text.as_bytes())?;
-    drop(child.stdin.take());
-    let o = child.wait_with_output()?;
-    if !o.status.success() {
-        bail!("iptables-restore: {}", String::from_utf8_lossy(&o.stderr).trim());
-    }
+    run("iptables-restore", &["-w", "--noflush"], Some(&text))?;
     Ok(())
 }
 
 fn iptables(op: &str, rule: &[String]) -> Result<String> {
     let mut args = vec!["-w", "-t", "raw", op];
     args.extend(rule.iter().map(String::as_str));
-    run("iptables", &args)
-}
-
-/// Run `program` with `args`: its standard output, or its error naming the
-/// command.
-fn run(program: &str, args: &[&str]) -> Result<String> {
-    let o = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program} (install {program})"))?;
-    if !o.status.success() {
-        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    run("iptables", &args, None)
 }
 
 /// Remove hold rules whose process is gone (a holder that crashed).
 pub fn sweep() -> Result<usize> {
     let listed = match (
-        run("iptables", &["-w", "-t", "raw", "-S", "PREROUTING"]),
-        run("iptables", &["-w", "-t", "raw", "-S", "OUTPUT"]),
+        run("iptables", &["-w", "-t", "raw", "-S", "PREROUTING"], None),
+        run("iptables", &["-w", "-t", "raw", "-S", "OUTPUT"], None),
     ) {
         (Ok(a), Ok(b)) => a + &b,
         _ => return Ok(0), // no iptables: no rules either
@@ -545,7 +509,7 @@ mod tests {
         // child, and the hold's reader thread are there too).
         // SAFETY: unshare of the calling thread's network namespace.
         assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "{}", std::io::Error::last_os_error());
-        run("ip", &["link", "set", "lo", "up"]).unwrap();
+        run("ip", &["link", "set", "lo", "up"], None).unwrap();
         let udp = std::net::UdpSocket::bind("127.0.0.1:9999").unwrap();
         udp.set_nonblocking(true).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:9998").unwrap();
@@ -592,7 +556,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         let got = server.read(&mut buf).unwrap();
         assert_eq!(&buf[..got], b"after");
-        let rules = run("iptables", &["-t", "raw", "-S", "PREROUTING"]).unwrap();
+        let rules = run("iptables", &["-t", "raw", "-S", "PREROUTING"], None).unwrap();
         assert!(!rules.contains("lwk-hold"), "{rules}");
         // Silenced: this node's end of the flows sends nothing (the server
         // here: 127.0.0.1:9998), until it may speak again.
@@ -602,7 +566,7 @@ mod tests {
         server.write_all(b"unheard").unwrap();
         assert!(client.read(&mut buf).is_err(), "the silenced end was heard");
         hold.speak();
-        assert!(!run("iptables", &["-t", "raw", "-S", "OUTPUT"]).unwrap().contains("lwk-hold"));
+        assert!(!run("iptables", &["-t", "raw", "-S", "OUTPUT"], None).unwrap().contains("lwk-hold"));
         client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let got = client.read(&mut buf).expect("sent again once it may speak");
         assert_eq!(&buf[..got], b"unheard");
@@ -647,7 +611,7 @@ mod tests {
         drop(hold);
         std::thread::sleep(Duration::from_millis(20));
         assert!(udp.recv(&mut buf).is_err(), "a dropped datagram came in");
-        let rules = run("iptables", &["-t", "raw", "-S", "PREROUTING"]).unwrap();
+        let rules = run("iptables", &["-t", "raw", "-S", "PREROUTING"], None).unwrap();
         assert!(!rules.contains("lwk-hold"), "{rules}");
         // A rule whose holder died is swept; a live holder's is not.
         let stale: Vec<String> = "PREROUTING -d 127.0.0.1 -p udp -m comment --comment lwk-hold-2147483646 -j NFQUEUE --queue-num 7 --queue-bypass"
@@ -657,7 +621,7 @@ mod tests {
         iptables("-A", &stale).unwrap();
         let live = Hold::start(&flows, 8).unwrap();
         assert_eq!(sweep().unwrap(), 1);
-        let rules = run("iptables", &["-t", "raw", "-S", "PREROUTING"]).unwrap();
+        let rules = run("iptables", &["-t", "raw", "-S", "PREROUTING"], None).unwrap();
         assert!(!rules.contains("2147483646") && rules.contains(&comment()), "{rules}");
         drop(live);
     }

@@ -13,6 +13,7 @@
 
 pub mod address;
 pub mod channel;
+pub mod command;
 pub mod drain;
 pub mod hold;
 pub mod key;
