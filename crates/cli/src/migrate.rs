@@ -554,10 +554,7 @@ pub fn main(args: MigrateArgs) -> Result<i32> {
 /// Whether every process of `pids` ended (a zombie counts) within `limit`.
 fn gone_within(pids: &[i32], limit: Duration) -> bool {
     let t = Instant::now();
-    let ended = |pid: &i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map_or(true, |s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
-    };
+    let ended = |pid: &i32| lwk_migrate::app::ended(&format!("/proc/{pid}/stat"));
     while !pids.iter().all(ended) {
         if t.elapsed() > limit {
             return false;

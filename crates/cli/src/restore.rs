@@ -971,11 +971,7 @@ impl AtGate<'_> {
         if i == 0 {
             return run::has_terminated(self.app);
         }
-        let stat = format!("/proc/{}/root/proc/{}/stat", self.proxy, self.ns_pids[i]);
-        match std::fs::read_to_string(stat) {
-            Ok(s) => s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-            Err(_) => true,
-        }
+        lwk_migrate::app::ended(&format!("/proc/{}/root/proc/{}/stat", self.proxy, self.ns_pids[i]))
     }
 }
 

@@ -423,6 +423,16 @@ pub fn parent_of(pid: i32) -> Option<i32> {
     stat_field(pid, 4)?.parse().ok()
 }
 
+/// Has the process whose proc(5) stat file is `stat` ended: gone, or a
+/// zombie its parent has not reaped yet?
+pub fn ended(stat: &str) -> bool {
+    match std::fs::read_to_string(stat) {
+        // pid (comm) state ...: comm may hold spaces and parentheses.
+        Ok(s) => s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
 /// Field `n` (counted from 1, as proc(5) does) of /proc/PID/stat, from the
 /// state (3) on.
 pub fn stat_field(pid: i32, n: usize) -> Option<String> {

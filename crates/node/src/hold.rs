@@ -474,9 +474,7 @@ pub fn sweep() -> Result<usize> {
             continue;
         };
         // A zombie is an ended holder too (its parent may be slow to reap).
-        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')));
-        if alive {
+        if !lwk_migrate::app::ended(&format!("/proc/{pid}/stat")) {
             continue;
         }
         let Some(rule) = line.strip_prefix("-A ") else { continue };
