@@ -117,15 +117,16 @@ pub struct Ask {
 fn roots() -> Vec<(i32, String)> {
     let here = std::fs::read_link("/proc/self/ns/net").ok();
     let mut roots: Vec<(i32, String)> = Vec::new();
+    // Every process of a tree already found: its tree is not walked again.
+    let mut seen = std::collections::HashSet::new();
     for app in lwk_migrate::app::App::list() {
-        if std::fs::read_link(format!("/proc/{}/ns/net", app.pid)).ok() != here {
+        if seen.contains(&app.pid) || std::fs::read_link(format!("/proc/{}/ns/net", app.pid)).ok() != here {
             continue;
         }
         let Ok(tree) = lwk_migrate::tree::Tree::attach(app.pid) else { continue };
+        seen.extend(tree.pids());
         let root = &tree.members[0];
-        if !roots.iter().any(|(p, _)| *p == root.app.pid) {
-            roots.push((root.app.pid, root.info.command.clone()));
-        }
+        roots.push((root.app.pid, root.info.command.clone()));
     }
     roots
 }
