@@ -172,16 +172,19 @@ fn freeze(uc: &mut UContext) -> Result<(), i64> {
     FREEZING.store(true, SeqCst);
     thread::stop_for_freeze();
     thread::signal_others(FREEZE_COOKIE);
-    let mut waited = 0;
+    // Measured, not counted in waits: on a loaded machine a 1 ms wait
+    // takes longer, and 2000 of them outlasted a vfork child's 3 s (the
+    // freeze then succeeded where it must fail).
+    let t0 = crate::handlers::monotonic_ns();
     while !thread::others().all(thread::is_parked) {
-        if waited == PARK_TIMEOUT_MS {
+        let waited = (crate::handlers::monotonic_ns() - t0) / 1_000_000;
+        if waited >= PARK_TIMEOUT_MS {
             let stuck = thread::others().find(|&s| !thread::is_parked(s)).map_or(0, thread::tid_of);
             lwk_rt::diag!("freeze: thread {} did not stop within {} ms; the application goes on", stuck, waited);
             end(fd);
             return Err(-EBUSY);
         }
         thread::wait_stop_change(1_000_000);
-        waited += 1;
     }
     let x = export();
     save_thread(&mut x.threads[me], uc);

@@ -179,7 +179,8 @@ fn sleep(nr: u64, a: [u64; 6], uc: &UContext) -> i64 {
     r
 }
 
-fn monotonic_ns() -> u64 {
+/// CLOCK_MONOTONIC, in nanoseconds.
+pub(crate) fn monotonic_ns() -> u64 {
     const CLOCK_MONOTONIC: u64 = 1;
     let mut ts = [0u64; 2];
     // SAFETY: the kernel writes one timespec into our own array.
