@@ -579,13 +579,18 @@ pub fn claim_stop_for_fork() -> Option<StopClaim> {
 /// Claim the stop for a freeze, waiting for a fork's copy to end; None
 /// after `ms` milliseconds.
 pub fn claim_stop_for_freeze(ms: u64) -> Option<StopClaim> {
-    for _ in 0..=ms {
+    // Measured time, as the freeze's own park timeout: counted 1 ms waits
+    // stretch on a loaded machine.
+    let t0 = crate::handlers::monotonic_ns();
+    loop {
         if STOPPER.compare_exchange(0, 1, SeqCst, Relaxed).is_ok() {
             return Some(StopClaim(()));
         }
+        if crate::handlers::monotonic_ns() - t0 > ms * 1_000_000 {
+            return None;
+        }
         futex_wait_timeout(&STOPPER, 1, 1_000_000);
     }
-    None
 }
 
 /// After the fork's copy: let the other threads go on.
